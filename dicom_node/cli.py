@@ -1,0 +1,166 @@
+"""The ``dicom-node`` command.
+
+Exit statuses: 0 success; 1 failure; 2 bad arguments or configuration; 3 study skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dicom_node import __version__
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError, JobStoreError, NodeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML configuration (default: $DICOM_NODE_CONFIG, else the embedded defaults)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="overrides storage.data_dir")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description="A DICOM node that runs a lung-CT AI model."
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="receive studies, analyse them, send the results")
+    _config_args(serve)
+    serve.add_argument("--port", type=int, default=None, help="overrides node.port")
+    serve.add_argument("--ae-title", default=None, help="overrides node.ae_title")
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("path", type=Path, nargs="?", default=None)
+
+    jobs = sub.add_parser("jobs", help="list studies and jobs with their states")
+    _config_args(jobs)
+    jobs.add_argument("--json", action="store_true", help="machine-readable output")
+
+    retry = sub.add_parser("retry", help="re-queue a dead (or failed) job")
+    _config_args(retry)
+    retry.add_argument("job", type=int)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path: Path | None = getattr(args, "config", None)
+    if path is None and os.environ.get("DICOM_NODE_CONFIG"):
+        path = Path(os.environ["DICOM_NODE_CONFIG"])
+    overrides: dict[str, Any] = {}
+    if getattr(args, "port", None) is not None:
+        overrides.setdefault("node", {})["port"] = args.port
+    if getattr(args, "ae_title", None) is not None:
+        overrides.setdefault("node", {})["ae_title"] = args.ae_title
+    if getattr(args, "data_dir", None) is not None:
+        overrides.setdefault("storage", {})["data_dir"] = str(args.data_dir)
+    return load_config(path, overrides=overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_node.logs import setup_logging
+    from dicom_node.service import Node
+
+    config = _load(args)
+    setup_logging(config.logging)
+    return Node(config).serve_forever()
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = args.path
+    if path is None and os.environ.get("DICOM_NODE_CONFIG"):
+        path = Path(os.environ["DICOM_NODE_CONFIG"])
+    load_config(path)
+    print(f"{path or 'embedded defaults'}: valid")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from dicom_node.service import open_store
+
+    config = _load(args)
+    store = open_store(config)
+    jobs = store.jobs()
+    studies = store.studies()
+    if args.json:
+        out = {
+            "studies": [asdict(s) for s in studies],
+            "jobs": [asdict(j) for j in jobs],
+            "counts": store.counts(),
+        }
+        print(json.dumps(out, indent=2, default=str))
+        return EXIT_OK
+    now = time.time()
+    print(f"{'STUDY':<40} {'STATE':<10} {'INSTANCES':>9} {'LAST':>6}")
+    for s in studies:
+        print(
+            f"{s.study_uid[-40:]:<40} {s.state:<10} {s.instances:>9}"
+            f" {_age(now - s.last_received):>6}"
+        )
+    print()
+    print(f"{'JOB':>5} {'STATE':<10} {'VER':>3} {'TRIES':>5} {'AGE':>6} {'STUDY':<40} LAST ERROR")
+    for j in jobs:
+        err = (j.last_error or "").splitlines()[0][:60] if j.last_error else ""
+        print(
+            f"{j.id:>5} {j.state:<10} {j.version:>3} {j.attempts:>5} {_age(now - j.created_at):>6}"
+            f" {j.study_uid[-40:]:<40} {err}"
+        )
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from dicom_node.service import open_store
+
+    job = open_store(_load(args)).retry_job(args.job)
+    print(f"job {job.id} queued again (study version {job.version})")
+    return EXIT_OK
+
+
+_COMMANDS = {"serve": _serve, "check-config": _check_config, "jobs": _jobs, "retry": _retry}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except JobStoreError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

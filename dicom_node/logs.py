@@ -1,0 +1,87 @@
+"""Structured logging, set up in one place; job and study context travel in context variables.
+
+Patient data stays out of the logs by default: studies are named by :func:`study_key`, a short
+digest of the Study Instance UID, unless ``logging.include_patient_data`` is on.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dicom_node.config import LoggingSettings
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039 - never mutated, only replaced
+_include_identifiers = False
+
+
+def study_key(study_uid: str) -> str:
+    """How logs name a study: the UID itself when identifiers are allowed, else a short digest."""
+    if _include_identifiers:
+        return study_uid
+    return "s-" + hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add fields (``job=12``, ``study=...``) to every record logged inside the block."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(_context.get())
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ctx = {**_context.get(), **(getattr(record, "fields", None) or {})}
+        if ctx:
+            text += " " + " ".join(f"{k}={v}" for k, v in ctx.items())
+        return text
+
+
+def setup_logging(settings: LoggingSettings) -> None:
+    """Install the one handler (stderr) on the root logger, replacing any earlier one."""
+    global _include_identifiers  # noqa: PLW0603 - set once at start, read by study_key
+    _include_identifiers = settings.include_patient_data
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if settings.format == "json" else _ConsoleFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level)
+    # pynetdicom logs every PDU at DEBUG and association chatter at INFO: keep it to warnings
+    # unless we are debugging.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+    )

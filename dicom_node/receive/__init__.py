@@ -1,0 +1,1 @@
+"""The DICOM listener: associations, C-ECHO and C-STORE into the spool."""

@@ -1,0 +1,339 @@
+"""The C-STORE SCP: associations, C-ECHO, and C-STORE of received instances into the spool.
+
+The handler is thin: it reads only the header fields that file an instance, writes the bytes as
+received to the spool (fsynced), records them in the job store and only then answers success.
+It never decodes pixels. This module is the one place where exceptions become DICOM statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import _STORAGE_CLASSES
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import MANUFACTURER
+from dicom_node.config import Config
+from dicom_node.errors import (
+    DatasetError,
+    DatasetMismatchError,
+    InvalidUIDError,
+    OutOfResourcesError,
+)
+from dicom_node.logs import study_key
+from dicom_node.metrics import ASSOCIATIONS, BYTES, INSTANCES
+from dicom_node.receive.identify import Identity, identify
+from dicom_node.receive.status import StoreStatus
+from dicom_node.store.jobs import InstanceRecord, JobStore, Recorded
+from dicom_node.store.spool import Spool
+from dicom_node.study.completion import Completion
+
+logger = logging.getLogger(__name__)
+
+#: SOP classes whose instances are spooled for analysis.
+ANALYSED_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
+#: What this node produces (Segmentation, Comprehensive 3D SR): recognised when routed back.
+OUTPUT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"})
+
+VERIFICATION = "1.2.840.10008.1.1"
+_DUL_POLL_SECONDS = 0.0002
+
+_UNCOMPRESSED = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+_COMPRESSED = (
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+def _same_content(path: Path, size: int, raw: bytes) -> bool:
+    """True when the spooled file holds exactly ``raw`` as its data set (an identical re-send)."""
+    if size != len(raw):
+        return False
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    return data.endswith(raw)
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """Transfer syntaxes accepted at negotiation: those whose pixel data this node can decode.
+
+    The uncompressed ones always; each compressed one only when a pydicom decoder plug-in for it
+    is installed (python-gdcm, pyjpegls, pylibjpeg-openjpeg, pylibjpeg-rle).
+    """
+    out = list(_UNCOMPRESSED)
+    for uid in _COMPRESSED:
+        decoder = get_decoder(uid)
+        if decoder.is_available:
+            out.append(uid)
+    return out
+
+
+class Receiver:
+    """The DICOM listener of the node.
+
+    Parameters
+    ----------
+    config
+        The node's configuration (``node`` and ``storage`` sections are used).
+    spool, store
+        Where instances go.
+    completion
+        Told of every filed instance and of every association's end.
+    """
+
+    def __init__(
+        self, config: Config, *, spool: Spool, store: JobStore, completion: Completion
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.store = store
+        self.completion = completion
+        self._server: ThreadedAssociationServer | None = None
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._own_root = config.uid_root + "." if config.uid_root != "2.25" else None
+        self.dropped: Counter[str] = Counter()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.maximum_associations = node.max_associations
+        ae.network_timeout = node.network_timeout_seconds
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.require_called_aet = True
+        syntaxes = decodable_transfer_syntaxes()
+        ae.add_supported_context(VERIFICATION)
+        for uid in _STORAGE_CLASSES.values():
+            ae.add_supported_context(uid, syntaxes)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("receiver not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind the port and start accepting associations (in background threads)."""
+        node = self.config.node
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers
+        )
+        logger.info(
+            "listening",
+            extra={"fields": {"ae_title": node.ae_title, "host": node.host, "port": self.port}},
+        )
+
+    def stop(self, *, drain_seconds: float = 10.0) -> None:
+        """Stop accepting associations; let open ones finish for up to ``drain_seconds``."""
+        server = self._server
+        if server is None:
+            return
+        # stops the accept loop and closes the listening socket; open associations go on
+        server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            logger.warning("aborting an association still open after the drain period")
+            assoc.abort()
+        self.ae.shutdown()
+        self._server = None
+
+    # -- association events ---------------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        # pynetdicom's DUL thread polls its socket and queues with a 1 ms sleep; on a C-STORE
+        # that latency is paid on every instance. A shorter poll costs a little CPU per open
+        # association and buys ~30% ingest throughput on one association (bench/ingest.py).
+        event.assoc.dul._run_loop_delay = _DUL_POLL_SECONDS
+        allowed = self.config.node.allowed_callers
+        if not allowed:
+            return
+        request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
+        calling = str(request.calling_ae_title).strip()
+        address = event.assoc.requestor.address
+        for caller in allowed:
+            if caller.ae_title.strip() == calling and caller.host in (None, address):
+                return
+        logger.warning(
+            "association rejected: calling AE not allowed",
+            extra={"fields": {"calling_ae": calling, "peer": address, "security": True}},
+        )
+        # rejected-permanent, service-user, calling AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        ASSOCIATIONS.labels("rejected").inc()
+        event.assoc.kill()  # waits for the DUL to send the A-ASSOCIATE-RJ before closing
+
+    def _on_established(self, event: Event) -> None:
+        ASSOCIATIONS.labels("established").inc()
+
+    def _on_rejected(self, event: Event) -> None:
+        ASSOCIATIONS.labels("rejected").inc()
+
+    def _on_released(self, event: Event) -> None:
+        ASSOCIATIONS.labels("released").inc()
+        self.completion.association_ended(id(event.assoc), released=True)
+
+    def _on_aborted(self, event: Event) -> None:
+        ASSOCIATIONS.labels("aborted").inc()
+        self.completion.association_ended(id(event.assoc), released=False)
+
+    # -- C-STORE --------------------------------------------------------------------------------
+
+    def _on_store(self, event: Event) -> Dataset:
+        req = cast(C_STORE, event.request)
+        raw = cast(BytesIO, req.DataSet).getvalue()
+        status, comment = self._store(event, raw)
+        rsp = Dataset()
+        rsp.Status = int(status)
+        if comment:
+            rsp.ErrorComment = comment[:64]
+        return rsp
+
+    def _store(  # noqa: PLR0911 - the one place where each error becomes its status
+        self, event: Event, raw: bytes
+    ) -> tuple[StoreStatus, str | None]:
+        req = cast(C_STORE, event.request)
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            ident = identify(
+                raw,
+                event.context.transfer_syntax,
+                command_sop_class=str(req.AffectedSOPClassUID),
+                command_sop_instance=str(req.AffectedSOPInstanceUID),
+            )
+            outcome = self._file(event, ident, raw, calling)
+        except OutOfResourcesError as exc:
+            return self._refuse("out_of_resources", raw, StoreStatus.OUT_OF_RESOURCES, exc, calling)
+        except DatasetMismatchError as exc:
+            return self._refuse("mismatch", raw, StoreStatus.DATASET_MISMATCH, exc, calling)
+        except InvalidUIDError as exc:
+            return self._refuse("invalid_uid", raw, StoreStatus.INVALID_IDENTIFIERS, exc, calling)
+        except DatasetError as exc:
+            return self._refuse("unparseable", raw, StoreStatus.CANNOT_PARSE, exc, calling)
+        except Exception as exc:
+            logger.exception("C-STORE failed", extra={"fields": {"calling_ae": calling}})
+            return self._refuse("error", raw, StoreStatus.PROCESSING_FAILURE, exc, calling)
+        INSTANCES.labels(outcome).inc()
+        BYTES.labels(outcome).inc(len(raw))
+        if outcome == "refused_not_ct":
+            return StoreStatus.SOP_CLASS_NOT_SUPPORTED, "only CT is accepted here"
+        return StoreStatus.SUCCESS, None
+
+    def _refuse(
+        self, outcome: str, raw: bytes, status: StoreStatus, exc: Exception, calling: str
+    ) -> tuple[StoreStatus, str]:
+        INSTANCES.labels(f"failed_{outcome}").inc()
+        BYTES.labels(f"failed_{outcome}").inc(len(raw))
+        if status != StoreStatus.PROCESSING_FAILURE:
+            logger.warning(
+                "C-STORE refused: %s",
+                exc,
+                extra={"fields": {"status": f"0x{status:04X}", "calling_ae": calling}},
+            )
+        return status, str(exc)
+
+    def _is_own_output(self, ident: Identity) -> bool:
+        if ident.manufacturer == MANUFACTURER:
+            return True
+        return self._own_root is not None and ident.sop_instance_uid.startswith(self._own_root)
+
+    def _file(self, event: Event, ident: Identity, raw: bytes, calling: str) -> str:
+        if ident.sop_class_uid not in ANALYSED_SOP_CLASSES:
+            if self._is_own_output(ident) or (
+                ident.sop_class_uid in OUTPUT_SOP_CLASSES and (ident.manufacturer == MANUFACTURER)
+            ):
+                reason = "dropped_own_output"
+            elif self.config.node.other_instances == "reject":
+                reason = "refused_not_ct"
+            else:
+                reason = "dropped_not_ct"
+            self.dropped[reason] += 1
+            logger.info(
+                "instance not kept (%s)",
+                reason.removeprefix("dropped_").removeprefix("refused_").replace("_", " "),
+                extra={"fields": {"sop_class": ident.sop_class_uid, "calling_ae": calling}},
+            )
+            return reason
+
+        path = self.spool.path_for(ident.study_uid, ident.series_uid, ident.sop_instance_uid)
+        stripe = self._stripes[hash(ident.sop_instance_uid) % len(self._stripes)]
+        with stripe:
+            known = self.store.instance_location(ident.sop_instance_uid)
+            if known is not None and _same_content(known[0], known[1], raw):
+                self.completion.instance_received(id(event.assoc), ident.study_uid)
+                return "duplicate"
+            self.spool.store(event.encoded_dataset(), path)
+            if known is not None and known[0] != path:
+                self.spool.remove(known[0])  # same instance, moved to another study or series
+            recorded = self.store.record_instance(
+                InstanceRecord(
+                    sop_instance_uid=ident.sop_instance_uid,
+                    study_uid=ident.study_uid,
+                    series_uid=ident.series_uid,
+                    sop_class_uid=ident.sop_class_uid,
+                    modality=ident.modality,
+                    path=path,
+                    size=len(raw),
+                    calling_ae=calling,
+                    received_at=time.time(),
+                )
+            )
+        self.completion.instance_received(id(event.assoc), ident.study_uid)
+        if recorded is Recorded.REPLACED:
+            logger.info(
+                "instance replaced by different content; study re-opened",
+                extra={"fields": {"study": study_key(ident.study_uid)}},
+            )
+            return "replaced"
+        return "stored"

@@ -1,0 +1,524 @@
+"""The job store: instances, studies and jobs in SQLite (WAL), the node's one source of truth.
+
+States
+------
+A study is ``receiving`` while instances arrive and ``complete`` once quiet (or forced). Each
+completion makes a job for the next *version* of the study. A job moves::
+
+    queued -> running -> done | skipped
+                      -> failed (retry at ``not_before``) -> running ... -> dead
+    queued | failed -> superseded   (a newer instance re-opened the study before it ran)
+
+``dicom-node retry`` moves a dead job back to ``queued``. Every change is recorded in
+``job_events``. After a crash, :meth:`JobStore.recover` puts ``running`` jobs back in the queue.
+
+Durability: WAL with ``synchronous=NORMAL`` survives any process crash (kill -9) without loss;
+after a power cut the last transactions may be missing, and :func:`dicom_node.recovery` re-indexes
+spooled files the database does not know, so an acknowledged instance is never lost.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import JobStoreError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    receiving_since REAL NOT NULL,
+    last_received REAL NOT NULL,
+    completed_at REAL,
+    completion_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    result TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    UNIQUE (study_uid, version)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+"""
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is in assembly."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(enum.StrEnum):
+    """Where a job is; see the module docstring for the transitions."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DEAD = "dead"
+    SUPERSEDED = "superseded"
+
+
+#: States a job never leaves on its own.
+FINAL_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.DEAD, JobState.SUPERSEDED})
+
+
+class Recorded(enum.Enum):
+    """What :meth:`JobStore.record_instance` did."""
+
+    NEW = "new"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One spooled instance, as the receiver files it."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str
+    path: Path
+    #: Bytes of the data set as received (the file holds File Meta, then these bytes).
+    size: int
+    calling_ae: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job row."""
+
+    id: int
+    study_uid: str
+    version: int
+    state: JobState
+    attempts: int
+    not_before: float
+    last_error: str | None
+    result: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRow:
+    """A study row with its instance count."""
+
+    study_uid: str
+    state: StudyState
+    first_received: float
+    last_received: float
+    completed_at: float | None
+    completion_reason: str | None
+    instances: int
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        study_uid=row["study_uid"],
+        version=row["version"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        not_before=row["not_before"],
+        last_error=row["last_error"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+class JobStore:
+    """Thread-safe access to the SQLite job store at ``path``.
+
+    One connection serialised by a lock: SQLite serialises writers anyway, and every operation
+    here is a short transaction (well under a millisecond).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise JobStoreError(
+                    f"job store {path} has schema {row['value']},"
+                    f" this version needs {SCHEMA_VERSION}"
+                )
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def writable(self) -> bool:
+        """True when a write transaction can be opened (for readiness checks)."""
+        try:
+            with self._tx() as db:
+                db.execute("UPDATE meta SET value=value WHERE key='schema'")
+        except sqlite3.Error:
+            return False
+        return True
+
+    # -- instances and studies ------------------------------------------------------------------
+
+    def instance_location(self, sop_instance_uid: str) -> tuple[Path, int] | None:
+        """Path and data-set size recorded for an instance, or ``None`` when it is unknown."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT path, size FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else (Path(row["path"]), int(row["size"]))
+
+    def record_instance(self, rec: InstanceRecord) -> Recorded:
+        """File a spooled instance and (re)open its study for completion.
+
+        A study that was complete goes back to ``receiving``; a job of it that has not started
+        yet (queued, or failed and waiting to retry) is superseded by the next version.
+        """
+        with self._tx() as db:
+            old = db.execute(
+                "SELECT study_uid, path FROM instances WHERE sop_instance_uid=?",
+                (rec.sop_instance_uid,),
+            ).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid,
+                    rec.study_uid,
+                    rec.series_uid,
+                    rec.sop_class_uid,
+                    rec.modality,
+                    str(rec.path),
+                    rec.size,
+                    rec.calling_ae,
+                    rec.received_at,
+                ),
+            )
+            self._touch_study(db, rec.study_uid, rec.received_at)
+        return Recorded.NEW if old is None else Recorded.REPLACED
+
+    def _touch_study(self, db: sqlite3.Connection, study_uid: str, now: float) -> None:
+        row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO studies (study_uid, state, first_received, receiving_since,"
+                " last_received) VALUES (?, 'receiving', ?, ?, ?)",
+                (study_uid, now, now, now),
+            )
+            return
+        if row["state"] == StudyState.RECEIVING:
+            db.execute("UPDATE studies SET last_received=? WHERE study_uid=?", (now, study_uid))
+            return
+        db.execute(
+            "UPDATE studies SET state='receiving', receiving_since=?, last_received=?,"
+            " completed_at=NULL, completion_reason=NULL WHERE study_uid=?",
+            (now, now, study_uid),
+        )
+        for job in db.execute(
+            "SELECT id FROM jobs WHERE study_uid=? AND state IN ('queued', 'failed')", (study_uid,)
+        ).fetchall():
+            self._set_state(db, job["id"], JobState.SUPERSEDED, "new instances re-opened the study")
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        """Every instance of a study, ordered by series and arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE study_uid=? ORDER BY series_uid, received_at",
+                (study_uid,),
+            ).fetchall()
+        return [
+            InstanceRecord(
+                sop_instance_uid=r["sop_instance_uid"],
+                study_uid=r["study_uid"],
+                series_uid=r["series_uid"],
+                sop_class_uid=r["sop_class_uid"],
+                modality=r["modality"],
+                path=Path(r["path"]),
+                size=r["size"],
+                calling_ae=r["calling_ae"],
+                received_at=r["received_at"],
+            )
+            for r in rows
+        ]
+
+    def known_paths(self) -> set[str]:
+        """Paths of every recorded instance (for reconciling the spool after a crash)."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances")}
+
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Drop an instance row whose file is gone."""
+        with self._tx() as db:
+            db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+
+    def studies(self) -> list[StudyRow]:
+        """Every study with its instance count, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS n"
+                " FROM studies s ORDER BY last_received DESC"
+            ).fetchall()
+        return [
+            StudyRow(
+                study_uid=r["study_uid"],
+                state=StudyState(r["state"]),
+                first_received=r["first_received"],
+                last_received=r["last_received"],
+                completed_at=r["completed_at"],
+                completion_reason=r["completion_reason"],
+                instances=r["n"],
+            )
+            for r in rows
+        ]
+
+    def receiving_studies(self) -> list[tuple[str, float, float]]:
+        """``(study_uid, receiving_since, last_received)`` of every study still receiving."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid, receiving_since, last_received FROM studies"
+                " WHERE state='receiving'"
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def complete_study(
+        self,
+        study_uid: str,
+        *,
+        reason: str,
+        now: float | None = None,
+        quiet_since: float | None = None,
+    ) -> Job | None:
+        """Mark a receiving study complete and queue a job for its next version.
+
+        ``quiet_since``: complete only if nothing arrived after this time (guards the quiet-period
+        scan against an instance that landed between its read and this write). Returns the new
+        job, or ``None`` when the study was not receiving (or not quiet) any more.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, last_received FROM studies WHERE study_uid=?", (study_uid,)
+            ).fetchone()
+            if row is None or row["state"] != StudyState.RECEIVING:
+                return None
+            if quiet_since is not None and row["last_received"] > quiet_since:
+                return None
+            db.execute(
+                "UPDATE studies SET state='complete', completed_at=?, completion_reason=?"
+                " WHERE study_uid=?",
+                (now, reason, study_uid),
+            )
+            version = db.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM jobs WHERE study_uid=?", (study_uid,)
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO jobs (study_uid, version, state, created_at, updated_at)"
+                " VALUES (?, ?, 'queued', ?, ?)",
+                (study_uid, version, now, now),
+            )
+            job_id = cur.lastrowid
+            assert job_id is not None
+            db.execute(
+                "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, 'queued', ?)",
+                (job_id, now, f"study complete ({reason})"),
+            )
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def _set_state(
+        self,
+        db: sqlite3.Connection,
+        job_id: int,
+        state: JobState,
+        detail: str | None,
+        **fields: Any,
+    ) -> None:
+        now = time.time()
+        sets = ", ".join(f"{k}=?" for k in fields)
+        db.execute(
+            f"UPDATE jobs SET state=?, updated_at=?{', ' + sets if sets else ''} WHERE id=?",  # noqa: S608 - keys are ours
+            (state.value, now, *fields.values(), job_id),
+        )
+        db.execute(
+            "INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)",
+            (job_id, now, state.value, detail),
+        )
+
+    def claim_next_job(self, now: float | None = None) -> Job | None:
+        """Take the oldest runnable job (queued, or failed and due) and mark it running."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state IN ('queued', 'failed') AND not_before <= ?"
+                " ORDER BY not_before, id LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id=?", (row["id"],))
+            self._set_state(db, row["id"], JobState.RUNNING, None, started_at=now)
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone())
+
+    def finish_job(
+        self,
+        job_id: int,
+        state: JobState,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        not_before: float = 0.0,
+    ) -> Job:
+        """Record a job's outcome: done/skipped (with result), failed (with retry time) or dead."""
+        if state not in (JobState.DONE, JobState.SKIPPED, JobState.FAILED, JobState.DEAD):
+            raise JobStoreError(f"a job cannot finish as {state}")
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JobStoreError(f"no job {job_id}")
+            if row["state"] != JobState.RUNNING:
+                raise JobStoreError(f"job {job_id} is {row['state']}, not running")
+            fields: dict[str, Any] = {"last_error": error, "not_before": not_before}
+            if result is not None:
+                fields["result"] = json.dumps(result, sort_keys=True)
+            if state in FINAL_STATES:
+                fields["finished_at"] = time.time()
+            self._set_state(db, job_id, state, error, **fields)
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def retry_job(self, job_id: int) -> Job:
+        """Put a dead or failed job back in the queue now, with a fresh attempt count."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JobStoreError(f"no job {job_id}")
+            if row["state"] not in (JobState.DEAD, JobState.FAILED):
+                raise JobStoreError(
+                    f"job {job_id} is {row['state']}; only dead or failed jobs are retried"
+                )
+            db.execute("UPDATE jobs SET attempts=0 WHERE id=?", (job_id,))
+            self._set_state(db, job_id, JobState.QUEUED, "retry requested", not_before=0.0)
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def recover(self) -> list[Job]:
+        """After a crash: jobs left ``running`` go back to the queue (their attempt counts)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE state='running'").fetchall()
+            for r in rows:
+                self._set_state(db, r["id"], JobState.QUEUED, "interrupted; resumed after restart")
+            return [
+                _job(db.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone())
+                for r in rows
+            ]
+
+    def job(self, job_id: int) -> Job:
+        """One job. Raises :class:`JobStoreError` when there is none."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise JobStoreError(f"no job {job_id}")
+        return _job(row)
+
+    def jobs(self, states: Sequence[JobState] | None = None) -> list[Job]:
+        """Jobs, newest first, optionally only in the given states."""
+        sql = "SELECT * FROM jobs"
+        args: tuple[str, ...] = ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args = tuple(s.value for s in states)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id DESC", args).fetchall()
+        return [_job(r) for r in rows]
+
+    def job_events(self, job_id: int) -> list[tuple[float, str, str | None]]:
+        """``(at, state, detail)`` of every change of a job, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, state, detail FROM job_events WHERE job_id=? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        with self._lock:
+            return {
+                r[0]: r[1]
+                for r in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            }

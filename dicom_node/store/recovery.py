@@ -1,0 +1,93 @@
+"""Start-up reconciliation of the spool with the job store, after any kind of crash."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+
+from dicom_node.store.jobs import InstanceRecord, JobStore
+from dicom_node.store.spool import Spool
+from dicom_node.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :func:`reconcile` found and did."""
+
+    resumed_jobs: int
+    reindexed_files: int
+    missing_files: int
+
+
+def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
+    """Make the job store and the spool agree again, and resume interrupted jobs.
+
+    - jobs left ``running`` go back to the queue;
+    - a spooled file the store does not know (its record was lost with the last transactions
+      of a power cut) is read and recorded, which re-opens its study;
+    - a record whose file is gone is dropped, with an error in the log.
+    """
+    resumed = store.recover()
+    known = store.known_paths()
+    reindexed = 0
+    on_disk: set[str] = set()
+    for path in spool.iter_files():
+        on_disk.add(str(path))
+        if str(path) in known:
+            continue
+        if _reindex(path, store):
+            reindexed += 1
+    missing = 0
+    for path_text in known - on_disk:
+        sop_uid = Path(path_text).stem
+        logger.error("a recorded instance's file is missing from the spool; record dropped")
+        store.forget_instance(sop_uid)
+        missing += 1
+    report = RecoveryReport(len(resumed), reindexed, missing)
+    if resumed or reindexed or missing:
+        logger.warning(
+            "recovered after an unclean stop",
+            extra={
+                "fields": {"resumed_jobs": len(resumed), "reindexed": reindexed, "missing": missing}
+            },
+        )
+    return report
+
+
+def _reindex(path: Path, store: JobStore) -> bool:
+    try:
+        data = path.read_bytes()
+        ds = dcmread(path, stop_before_pixels=True)
+        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    except Exception:  # a file we cannot read is not an instance we acknowledged intact
+        logger.exception("unreadable file in the spool left in place: %s", path.name)
+        return False
+    if not all(is_valid_uid(u) for u in uids):
+        return False
+    meta_end = _dataset_offset(path)
+    store.record_instance(
+        InstanceRecord(
+            sop_instance_uid=uids[2],
+            study_uid=uids[0],
+            series_uid=uids[1],
+            sop_class_uid=str(ds.SOPClassUID),
+            modality=str(ds.get("Modality", "")).upper(),
+            path=path,
+            size=len(data) - meta_end,
+            calling_ae="",
+            received_at=path.stat().st_mtime,
+        )
+    )
+    return True
+
+
+def _dataset_offset(path: Path) -> int:
+    """Byte offset where the data set starts, after the preamble and File Meta."""
+    # preamble (128) + "DICM" (4) + the group length element (12) + the group it counts
+    return 144 + int(read_file_meta_info(path).FileMetaInformationGroupLength)

@@ -1,0 +1,155 @@
+"""The spool: received instances as files, written so that an acknowledged one survives a crash.
+
+Layout under ``<data_dir>/spool``::
+
+    incoming/                    temporary files being written (same file system, for rename)
+    <study uid>/<series uid>/<sop instance uid>.dcm
+
+Each file holds exactly the bytes the peer sent, behind a File Meta header
+(``event.encoded_dataset()``). A file is written to ``incoming/``, flushed and fsynced, renamed
+into place and its directory fsynced before the receiver acknowledges it. Only UIDs that pass
+:func:`dicom_node.uids.is_valid_uid` become path parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from dicom_node.errors import InvalidUIDError, OutOfResourcesError
+from dicom_node.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+_INCOMING = "incoming"
+
+
+class Spool:
+    """Durable file storage of received instances.
+
+    Parameters
+    ----------
+    root
+        The spool folder; created if missing.
+    min_free_bytes
+        Writes that would leave less free space than this raise :class:`OutOfResourcesError`.
+    fsync
+        Flush files and directories to disk before :meth:`store` returns.
+    """
+
+    def __init__(self, root: Path, *, min_free_bytes: int, fsync: bool = True) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self._incoming = root / _INCOMING
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self._clean_incoming()
+
+    def _clean_incoming(self) -> None:
+        """Remove files left half-written by a crash: they were never acknowledged."""
+        for leftover in self._incoming.iterdir():
+            logger.info(
+                "removing an unacknowledged partial file left by a crash: %s", leftover.name
+            )
+            leftover.unlink(missing_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives. Raises :class:`InvalidUIDError` for a UID that is not valid."""
+        for name, uid in (
+            ("Study", study_uid),
+            ("Series", series_uid),
+            ("SOP Instance", sop_instance_uid),
+        ):
+            if not is_valid_uid(uid):
+                raise InvalidUIDError(f"{name} Instance UID is not a valid UID")
+        return self.root / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's file system, in bytes."""
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`OutOfResourcesError` when storing would go below the free-space floor."""
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfResourcesError(
+                f"free disk {free // 2**20} MiB is below the floor"
+                f" of {self.min_free_bytes // 2**20} MiB"
+            )
+
+    def store(self, data: bytes, dest: Path) -> None:
+        """Write ``data`` durably at ``dest`` (from :meth:`path_for`), replacing any older file.
+
+        Raises
+        ------
+        OutOfResourcesError
+            Below the free-space floor, or the disk filled while writing; nothing is left behind.
+        """
+        self.check_space(len(data))
+        tmp = self._incoming / f"{dest.name}.{threading.get_ident()}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            parent = dest.parent
+            new_dir = self._ensure_dir(parent)
+            tmp.replace(dest)
+            if self.fsync:
+                _fsync_dir(parent)
+                if new_dir:
+                    _fsync_dir(parent.parent)
+                    _fsync_dir(parent.parent.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfResourcesError(f"disk full while writing: {exc.strerror}") from exc
+            raise
+
+    def _ensure_dir(self, path: Path) -> bool:
+        with self._dirs_lock:
+            if path in self._known_dirs:
+                return False
+            created = not path.is_dir()
+            path.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(path)
+            return created
+
+    def remove(self, path: Path) -> None:
+        """Delete one spooled file (and its series/study folders once empty)."""
+        path.unlink(missing_ok=True)
+        for folder in (path.parent, path.parent.parent):
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            with self._dirs_lock:
+                self._known_dirs.discard(folder)
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every spooled instance file (for recovery after a crash)."""
+        for study in self.root.iterdir():
+            if study.name == _INCOMING or not study.is_dir():
+                continue
+            yield from study.glob("*/*.dcm")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

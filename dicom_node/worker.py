@@ -1,0 +1,120 @@
+"""The job worker: takes queued jobs and runs the study pipeline; its boundary sets job states.
+
+This is the one place where a pipeline's exceptions become job states: :class:`StudySkipped`
+→ ``skipped``; any other exception → ``failed`` with a retry after an exponential backoff with
+jitter, or ``dead`` once ``jobs.max_attempts`` attempts have failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from dicom_node.config import JobSettings
+from dicom_node.errors import StudySkipped
+from dicom_node.logs import log_context, study_key
+from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
+from dicom_node.pipeline import StudyInput, StudyPipeline
+from dicom_node.store.jobs import Job, JobState, JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempt: int, settings: JobSettings, rng: random.Random | None = None) -> float:
+    """Delay before the retry after failed attempt ``attempt`` (1-based), with ±20% jitter."""
+    base = min(settings.retry_base_seconds * 2.0 ** (attempt - 1), settings.retry_max_seconds)
+    jitter: float = (rng or random).uniform(0.8, 1.2)
+    return base * jitter
+
+
+class Worker:
+    """Runs jobs one at a time from the job store.
+
+    Parameters
+    ----------
+    store
+        The job store.
+    pipeline
+        What runs a study.
+    settings
+        The ``jobs`` section of the configuration.
+    work_root
+        Folder under which each job gets ``<job id>-v<version>/``.
+    """
+
+    def __init__(
+        self, store: JobStore, pipeline: StudyPipeline, settings: JobSettings, work_root: Path
+    ) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.settings = settings
+        self.work_root = work_root
+        self.wake = threading.Event()
+        self.busy = False
+        self.last_beat = time.monotonic()
+
+    def run_once(self) -> Job | None:
+        """Run the next due job, if any; returns the job as it finished."""
+        job = self.store.claim_next_job()
+        if job is None:
+            return None
+        self.busy = True
+        try:
+            return self._run(job)
+        finally:
+            self.busy = False
+
+    def _run(self, job: Job) -> Job:
+        work = self.work_root / f"{job.id}-v{job.version}"
+        if work.exists():
+            shutil.rmtree(work)  # left by an interrupted attempt; start clean
+        work.mkdir(parents=True)
+        study = StudyInput(
+            job_id=job.id,
+            study_uid=job.study_uid,
+            version=job.version,
+            instances=tuple(self.store.study_instances(job.study_uid)),
+            work_dir=work,
+        )
+        started = time.monotonic()
+        with log_context(job=job.id, study=study_key(job.study_uid), version=job.version):
+            logger.info("job started (attempt %d)", job.attempts)
+            # The boundary: every outcome of the pipeline becomes a job state here.
+            try:
+                result = self.pipeline(study)
+            except StudySkipped as exc:
+                done = self.store.finish_job(job.id, JobState.SKIPPED, error=str(exc))
+                logger.info("job skipped: %s", exc)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if job.attempts >= self.settings.max_attempts:
+                    done = self.store.finish_job(job.id, JobState.DEAD, error=reason)
+                    logger.exception("job dead after %d attempts", job.attempts)
+                else:
+                    delay = backoff_seconds(job.attempts, self.settings)
+                    done = self.store.finish_job(
+                        job.id, JobState.FAILED, error=reason, not_before=time.time() + delay
+                    )
+                    logger.exception("job failed; retry in %.0f s", delay)
+            else:
+                summary = dict(result.summary)
+                summary["outputs"] = [str(p) for p in result.outputs]
+                done = self.store.finish_job(job.id, JobState.DONE, result=summary)
+                logger.info(
+                    "job done", extra={"fields": {"seconds": round(time.monotonic() - started, 3)}}
+                )
+        JOB_SECONDS.observe(time.monotonic() - started)
+        JOBS_FINISHED.labels(done.state.value).inc()
+        return done
+
+    def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
+        """Run jobs until ``stop`` is set; finishes the job in hand before returning."""
+        while not stop.is_set():
+            self.last_beat = time.monotonic()
+            if self.run_once() is None:
+                self.wake.wait(poll_seconds)
+                self.wake.clear()

@@ -1,0 +1,63 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.peers import NodeProcess
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start ``dicom-node serve`` subprocesses; every one still running is killed at the end."""
+    started: list[NodeProcess] = []
+
+    def make(name: str = "node", **settings: Any) -> NodeProcess:
+        node = NodeProcess(root=tmp_path / name, settings=settings)
+        started.append(node)
+        return node.start()
+
+    yield make
+    for node in started:
+        if node.proc is not None:
+            node.kill()
+
+
+@pytest.fixture
+def write_study(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Write a small synthetic CT series (the project's own writer) and return its files."""
+    from dicom_node.training.ctseries import SeriesSpec, StudyIdentity, write_ct_series
+
+    counter = iter(range(1, 1000))
+
+    def make(
+        *,
+        study: Any = None,
+        slices: int = 8,
+        size: int = 32,
+        series_number: int = 1,
+        seed: int = 0,
+        out: Path | None = None,
+    ) -> list[Path]:
+        n = next(counter)
+        study = study or StudyIdentity.random(seed)
+        rng = np.random.default_rng(seed + n)
+        volume = rng.integers(-1000, 400, size=(slices, size, size), dtype=np.int16)
+        series = SeriesSpec(series_number=series_number)
+        return write_ct_series(
+            volume,
+            out or tmp_path / f"study-{n}",
+            spacing_mm=(2.0, 1.0, 1.0),
+            study=study,
+            series=series,
+        )
+
+    return make

@@ -1,0 +1,188 @@
+"""Real peers for the tests: the node as a subprocess, dcmtk's tools, free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DCMTK = Path("/usr/bin")
+#: dcmtk and Orthanc leave Nagle's algorithm on unless told; without this each C-STORE costs ~45 ms.
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, *, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until something listens on 127.0.0.1:port (or ``proc`` dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def storescu(
+    files: Sequence[Path] | Path,
+    port: int,
+    *,
+    called: str = "DICOM_NODE",
+    calling: str = "STORESCU",
+    extra: Sequence[str] = (),
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu: one association, proposing what the files need (-R), verbose."""
+    args = [
+        str(DCMTK / "storescu"),
+        "-v",
+        "-R",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        *extra,
+        "127.0.0.1",
+        str(port),
+    ]
+    if isinstance(files, Path):
+        args += ["+sd", str(files)]
+    else:
+        args += [str(f) for f in files]
+    return subprocess.run(
+        args, capture_output=True, text=True, env=PEER_ENV, timeout=timeout, check=False
+    )
+
+
+def echoscu(
+    port: int, *, called: str = "DICOM_NODE", calling: str = "ECHOSCU"
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk's echoscu."""
+    return subprocess.run(
+        [str(DCMTK / "echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=PEER_ENV,
+        timeout=30,
+        check=False,
+    )
+
+
+def node_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``dicom-node ARGS`` (the installed console script's module) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@dataclass
+class NodeProcess:
+    """``dicom-node serve`` in a subprocess on a free loopback port, with its own data folder."""
+
+    root: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "var"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "node.log"
+
+    def write_config(self) -> None:
+        cfg: dict[str, Any] = {
+            "node": {"host": "127.0.0.1", "port": self.port},
+            "storage": {"data_dir": str(self.data_dir), "min_free_disk_mb": 16},
+            "study": {"stable_seconds": 1.0, "max_wait_seconds": 120.0},
+            "jobs": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "retry_max_seconds": 2.0},
+            "destinations": [],
+            "logging": {"level": "INFO", "format": "json"},
+        }
+        for section, values in self.settings.items():
+            if isinstance(values, dict):
+                cfg.setdefault(section, {}).update(values)
+            else:
+                cfg[section] = values
+        self.config_path.write_text(yaml.safe_dump(cfg))
+
+    def start(self) -> NodeProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+        self.proc = None
+
+    def jobs(self) -> dict[str, Any]:
+        done = node_cli("jobs", "--json", "--config", str(self.config_path))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    def wait_jobs(self, predicate: Any, *, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll ``dicom-node jobs --json`` until ``predicate(listing)`` holds."""
+        deadline = time.monotonic() + timeout
+        listing = self.jobs()
+        while not predicate(listing):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met; last listing: {json.dumps(listing)[:2000]}")
+            time.sleep(0.2)
+            listing = self.jobs()
+        return listing
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def spooled(self) -> list[Path]:
+        return sorted((self.data_dir / "spool").glob("*/*/*.dcm"))

@@ -1,0 +1,97 @@
+"""Configuration: the documented file, the embedded defaults, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError
+from tests.peers import node_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_documented_file_equals_embedded_defaults() -> None:
+    """config.yaml at the top documents exactly the defaults the node runs on without it."""
+    assert load_config(ROOT / "config.yaml") == Config()
+
+
+def test_config_is_frozen() -> None:
+    """The loaded configuration cannot be changed after start."""
+    cfg = load_config(None)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("node: {port: 70000}", "node.port: 70000 is not a port (1-65535)"),
+        ("node: {ae_title: ''}", 'node.ae_title: "" is not an AE title (1-16 characters)'),
+        ("node: {ae_title: 'A\\\\B'}", "is not an AE title (no backslash or control characters)"),
+        ("node: {ae_title: '    '}", "is not an AE title (not all spaces)"),
+        ("node: {ae_title: SEVENTEEN_CHARS_X}", "is not an AE title (1-16 characters)"),
+        ("node: {prot: 1}", "node.prot: unknown key"),
+        ("storage: {min_free_disk_mb: -5}", "storage.min_free_disk_mb: -5 is invalid"),
+        ("study: {stable_seconds: 60, max_wait_seconds: 10}", "max_wait_seconds must be at least"),
+        (
+            "destinations: [{name: a, ae_title: A, host: h, port: 1},"
+            " {name: a, ae_title: B, host: h, port: 2}]",
+            "destination names must be unique",
+        ),
+        ("destinations: [{name: a, host: h, port: 1}]", "destinations[0].ae_title: missing"),
+        ("node: {allowed_callers: [{ae_title: 'X\\x01'}]}", "node.allowed_callers[0].ae_title"),
+        ("logging: {level: LOUD}", 'logging.level: "LOUD" is invalid'),
+        ("- just\n- a list", "the top level must be a mapping"),
+        ("node: [unclosed", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(
+    tmp_path: Path, yaml_text: str, expected: str
+) -> None:
+    """Each bad value is reported with its key's path, the value and what was expected."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert expected in str(err.value)
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    """Command-line overrides replace file values and get the same checks."""
+    path = tmp_path / "c.yaml"
+    path.write_text("node: {port: 4000, ae_title: FROMFILE}")
+    cfg = load_config(path, overrides={"node": {"port": 5000}})
+    assert (cfg.node.port, cfg.node.ae_title) == (5000, "FROMFILE")
+    with pytest.raises(ConfigError, match=r"node\.port: 0 is not a port"):
+        load_config(path, overrides={"node": {"port": 0}})
+
+
+def test_check_config_command_exit_codes(tmp_path: Path) -> None:
+    """check-config: 0 and 'valid' for a good file; 2 and the reasons for a bad one."""
+    good = node_cli("check-config", str(ROOT / "config.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: {port: 70000}\nstudy: {stable_seconds: -1}\n")
+    done = node_cli("check-config", str(bad))
+    assert done.returncode == 2
+    assert "node.port: 70000 is not a port (1-65535)" in done.stderr
+    assert "study.stable_seconds: -1 is invalid" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = node_cli("check-config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+
+
+def test_serve_with_bad_config_exits_2_before_binding(tmp_path: Path) -> None:
+    """serve refuses a bad file at start with the message and exit status 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: {port: 70000}\n")
+    done = node_cli("serve", "--config", str(bad))
+    assert done.returncode == 2
+    assert "node.port: 70000 is not a port (1-65535)" in done.stderr
+    flag = node_cli("serve", "--config", str(tmp_path / "nope.yaml"), "--ae-title", "X" * 17)
+    assert flag.returncode == 2
