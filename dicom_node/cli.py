@@ -13,13 +13,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node import __version__
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, JobStoreError, NodeError
 
+if TYPE_CHECKING:
+    from dicom_node.dispatch.scu import Peer
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """A command's arguments are wrong (exit status 2)."""
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +61,56 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="re-queue a dead (or failed) job")
     _config_args(retry)
     retry.add_argument("job", type=int)
+    send = sub.add_parser("send", help="C-STORE files to a configured destination now")
+    _config_args(send)
+    send.add_argument("files", type=Path, nargs="+", help="DICOM files or folders")
+    send.add_argument("--to", required=True, metavar="NAME", help="a destination's name")
+
+    echo = sub.add_parser("echo", help="C-ECHO a configured destination")
+    _config_args(echo)
+    echo.add_argument("name", help="a destination's name")
     return parser
+
+
+def _peer(config: Config, name: str) -> Peer:
+    from dicom_node.dispatch.routing import resolve
+
+    peer = resolve(config, name)
+    if peer is None:
+        known = ", ".join(d.name for d in config.destinations) or "none"
+        raise UsageError(f"no destination named {name!r} (configured: {known})")
+    return peer
+
+
+def _send(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch.scu import send_files
+
+    config = _load(args)
+    peer = _peer(config, args.to)
+    files: list[Path] = []
+    for item in args.files:
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file()))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    outcomes = send_files(peer, files, calling_ae=config.node.ae_title, settings=config.dispatch)
+    for o in outcomes:
+        print(f"{'ok ' if o.delivered else 'FAILED'} {o.path}: {o.detail}")
+    failed = sum(not o.delivered for o in outcomes)
+    print(f"{len(outcomes) - failed} of {len(outcomes)} delivered to {peer.name}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch.scu import echo
+
+    config = _load(args)
+    peer = _peer(config, args.name)
+    ok, detail = echo(peer, calling_ae=config.node.ae_title, settings=config.dispatch)
+    print(f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): {detail}")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -104,13 +160,17 @@ def _jobs(args: argparse.Namespace) -> int:
 
     config = _load(args)
     store = open_store(config)
+    from dicom_node.store.outbox import Outbox
+
     jobs = store.jobs()
     studies = store.studies()
+    deliveries = Outbox(store, config.dispatch).items()
     if args.json:
         out = {
             "studies": [asdict(s) for s in studies],
             "jobs": [asdict(j) for j in jobs],
             "counts": store.counts(),
+            "deliveries": [asdict(d) for d in deliveries],
         }
         print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
@@ -129,6 +189,16 @@ def _jobs(args: argparse.Namespace) -> int:
             f"{j.id:>5} {j.state:<10} {j.version:>3} {j.attempts:>5} {_age(now - j.created_at):>6}"
             f" {j.study_uid[-40:]:<40} {err}"
         )
+    if deliveries:
+        print()
+        head = f"{'JOB':>5} {'DESTINATION':<16} {'STATE':<10} {'TRIES':>5} {'NEXT':>6}"
+        print(head + " SOP CLASS / ERROR")
+        for d in deliveries:
+            nxt = _age(d.not_before - now) if d.state == "pending" and d.not_before > now else ""
+            print(
+                f"{d.job_id:>5} {d.destination[:16]:<16} {d.state:<10} {d.attempts:>5} {nxt:>6}"
+                f" {d.sop_class_uid} {d.last_error or ''}"
+            )
     return EXIT_OK
 
 
@@ -140,7 +210,14 @@ def _retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"serve": _serve, "check-config": _check_config, "jobs": _jobs, "retry": _retry}
+_COMMANDS = {
+    "serve": _serve,
+    "check-config": _check_config,
+    "jobs": _jobs,
+    "retry": _retry,
+    "send": _send,
+    "echo": _echo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except JobStoreError as exc:

@@ -37,3 +37,9 @@ JOB_SECONDS = Histogram(
     registry=REGISTRY,
 )
 FREE_DISK = Gauge("dicom_node_free_disk_bytes", "Free bytes on the spool's disk", registry=REGISTRY)
+SENDS = Counter(
+    "dicom_node_sends",
+    "Result deliveries by destination and outcome",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)

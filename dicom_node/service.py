@@ -18,11 +18,14 @@ from types import FrameType
 
 from dicom_node import __version__
 from dicom_node.config import Config
+from dicom_node.dispatch.dispatcher import Dispatcher
+from dicom_node.dispatch.routing import destinations_for
 from dicom_node.errors import NodeError
 from dicom_node.metrics import FREE_DISK
 from dicom_node.pipeline import InventoryPipeline, StudyPipeline
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.jobs import JobStore
+from dicom_node.store.outbox import Outbox
 from dicom_node.store.recovery import reconcile
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
@@ -58,8 +61,15 @@ class Node:
             min_free_bytes=config.storage.min_free_disk_mb * 2**20,
             fsync=config.storage.fsync,
         )
+        self.outbox = Outbox(self.store, config.dispatch)
+        self.dispatcher = Dispatcher(config, self.outbox)
         self.worker = Worker(
-            self.store, pipeline or InventoryPipeline(), config.jobs, data / "work"
+            self.store,
+            pipeline or InventoryPipeline(),
+            config.jobs,
+            data / "work",
+            route=lambda study: destinations_for(config, {i.calling_ae for i in study.instances}),
+            on_outputs=self.dispatcher.wake.set,
         )
         self.completion = Completion(
             self.store, config.study, on_job=lambda _job: self.worker.wake.set()
@@ -73,6 +83,7 @@ class Node:
     def start(self) -> None:
         """Recover from any earlier crash, bind the port, start the threads."""
         report = reconcile(self.spool, self.store)
+        self.outbox.recover()
         logger.info(
             "starting dicom-node %s",
             __version__,
@@ -86,6 +97,9 @@ class Node:
             threading.Thread(target=self._completion_loop, name="completion", daemon=True),
             threading.Thread(
                 target=self.worker.run_forever, args=(self._stop, poll), name="worker", daemon=True
+            ),
+            threading.Thread(
+                target=self.dispatcher.run_forever, args=(self._stop,), name="dispatch", daemon=True
             ),
         ]
         for t in self._threads:
@@ -111,8 +125,10 @@ class Node:
         self._stop.set()
         self.worker.wake.set()
         deadline = time.monotonic() + drain_seconds
+        self.dispatcher.wake.set()
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.dispatcher.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
             logger.warning("a job is still running; it is parked and resumes at the next start")
         else:

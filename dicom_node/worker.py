@@ -8,27 +8,32 @@ jitter, or ``dead`` once ``jobs.max_attempts`` attempts have failed.
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydicom.filereader import read_file_meta_info
+
+from dicom_node.backoff import backoff_delay
 from dicom_node.config import JobSettings
 from dicom_node.errors import StudySkipped
 from dicom_node.logs import log_context, study_key
 from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
 from dicom_node.pipeline import StudyInput, StudyPipeline
-from dicom_node.store.jobs import Job, JobState, JobStore
+from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile
 
 logger = logging.getLogger(__name__)
 
 
-def backoff_seconds(attempt: int, settings: JobSettings, rng: random.Random | None = None) -> float:
-    """Delay before the retry after failed attempt ``attempt`` (1-based), with ±20% jitter."""
-    base = min(settings.retry_base_seconds * 2.0 ** (attempt - 1), settings.retry_max_seconds)
-    jitter: float = (rng or random).uniform(0.8, 1.2)
-    return base * jitter
+def _output_file(path: Path) -> OutputFile:
+    meta = read_file_meta_info(path)
+    return OutputFile(
+        path=path,
+        sop_class_uid=str(meta.MediaStorageSOPClassUID),
+        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+    )
 
 
 class Worker:
@@ -47,8 +52,17 @@ class Worker:
     """
 
     def __init__(
-        self, store: JobStore, pipeline: StudyPipeline, settings: JobSettings, work_root: Path
+        self,
+        store: JobStore,
+        pipeline: StudyPipeline,
+        settings: JobSettings,
+        work_root: Path,
+        *,
+        route: Callable[[StudyInput], Sequence[str]] = lambda _study: (),
+        on_outputs: Callable[[], None] = lambda: None,
     ) -> None:
+        self.route = route
+        self.on_outputs = on_outputs
         self.store = store
         self.pipeline = pipeline
         self.settings = settings
@@ -95,7 +109,11 @@ class Worker:
                     done = self.store.finish_job(job.id, JobState.DEAD, error=reason)
                     logger.exception("job dead after %d attempts", job.attempts)
                 else:
-                    delay = backoff_seconds(job.attempts, self.settings)
+                    delay = backoff_delay(
+                        job.attempts,
+                        base_seconds=self.settings.retry_base_seconds,
+                        max_seconds=self.settings.retry_max_seconds,
+                    )
                     done = self.store.finish_job(
                         job.id, JobState.FAILED, error=reason, not_before=time.time() + delay
                     )
@@ -103,7 +121,14 @@ class Worker:
             else:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
-                done = self.store.finish_job(job.id, JobState.DONE, result=summary)
+                done = self.store.finish_with_outputs(
+                    job.id,
+                    result=summary,
+                    outputs=[_output_file(p) for p in result.outputs],
+                    destinations=self.route(study),
+                )
+                if done.state == JobState.SENDING:
+                    self.on_outputs()
                 logger.info(
                     "job done", extra={"fields": {"seconds": round(time.monotonic() - started, 3)}}
                 )

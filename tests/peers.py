@@ -186,3 +186,33 @@ class NodeProcess:
 
     def spooled(self) -> list[Path]:
         return sorted((self.data_dir / "spool").glob("*/*/*.dcm"))
+
+
+@dataclass
+class StoreSCP:
+    """dcmtk's storescp as the stand-in PACS, on a free loopback port, storing into ``out``."""
+
+    out: Path
+    options: Sequence[str] = ()
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreSCP:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-od", str(self.out), *self.options, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=PEER_ENV,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())

@@ -6,6 +6,7 @@ A study is ``receiving`` while instances arrive and ``complete`` once quiet (or 
 completion makes a job for the next *version* of the study. A job moves::
 
     queued -> running -> done | skipped
+                      -> sending (results in the outbox) -> done | dead (a delivery died)
                       -> failed (retry at ``not_before``) -> running ... -> dead
     queued | failed -> superseded   (a newer instance re-opened the study before it ran)
 
@@ -85,6 +86,24 @@ CREATE TABLE IF NOT EXISTS job_events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_status INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    delivered_at REAL,
+    UNIQUE (job_id, destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (destination, state, not_before);
 """
 
 
@@ -100,6 +119,7 @@ class JobState(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    SENDING = "sending"
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
@@ -132,6 +152,15 @@ class InstanceRecord:
     size: int
     calling_ae: str
     received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """A file a job produced, to be sent to each destination."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +246,12 @@ class JobStore:
             self._db.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), for the outbox's operations."""
+        with self._tx() as db:
+            yield db
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -294,7 +329,7 @@ class JobStore:
         for job in db.execute(
             "SELECT id FROM jobs WHERE study_uid=? AND state IN ('queued', 'failed')", (study_uid,)
         ).fetchall():
-            self._set_state(db, job["id"], JobState.SUPERSEDED, "new instances re-opened the study")
+            self.set_state(db, job["id"], JobState.SUPERSEDED, "new instances re-opened the study")
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
         """Every instance of a study, ordered by series and arrival."""
@@ -403,7 +438,7 @@ class JobStore:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def _set_state(
+    def set_state(
         self,
         db: sqlite3.Connection,
         job_id: int,
@@ -434,7 +469,7 @@ class JobStore:
             if row is None:
                 return None
             db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id=?", (row["id"],))
-            self._set_state(db, row["id"], JobState.RUNNING, None, started_at=now)
+            self.set_state(db, row["id"], JobState.RUNNING, None, started_at=now)
             return _job(db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone())
 
     def finish_job(
@@ -450,21 +485,68 @@ class JobStore:
         if state not in (JobState.DONE, JobState.SKIPPED, JobState.FAILED, JobState.DEAD):
             raise JobStoreError(f"a job cannot finish as {state}")
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise JobStoreError(f"no job {job_id}")
-            if row["state"] != JobState.RUNNING:
-                raise JobStoreError(f"job {job_id} is {row['state']}, not running")
-            fields: dict[str, Any] = {"last_error": error, "not_before": not_before}
-            if result is not None:
-                fields["result"] = json.dumps(result, sort_keys=True)
-            if state in FINAL_STATES:
-                fields["finished_at"] = time.time()
-            self._set_state(db, job_id, state, error, **fields)
-            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+            return self._finish(
+                db, job_id, state, result=result, error=error, not_before=not_before
+            )
+
+    def finish_with_outputs(
+        self,
+        job_id: int,
+        *,
+        result: dict[str, Any],
+        outputs: Sequence[OutputFile],
+        destinations: Sequence[str],
+    ) -> Job:
+        """A job produced files: queue each for each destination (state ``sending``) in the same
+        transaction; with nothing to send (or nowhere to send it) the job is ``done`` at once."""
+        now = time.time()
+        with self._tx() as db:
+            if not outputs or not destinations:
+                return self._finish(db, job_id, JobState.DONE, result=result)
+            for dest in destinations:
+                for out in outputs:
+                    db.execute(
+                        "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_class_uid,"
+                        " sop_instance_uid, state, created_at, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                        (
+                            job_id,
+                            dest,
+                            str(out.path),
+                            out.sop_class_uid,
+                            out.sop_instance_uid,
+                            now,
+                            now,
+                        ),
+                    )
+            return self._finish(db, job_id, JobState.SENDING, result=result)
+
+    def _finish(
+        self,
+        db: sqlite3.Connection,
+        job_id: int,
+        state: JobState,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        not_before: float = 0.0,
+    ) -> Job:
+        row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise JobStoreError(f"no job {job_id}")
+        if row["state"] != JobState.RUNNING:
+            raise JobStoreError(f"job {job_id} is {row['state']}, not running")
+        fields: dict[str, Any] = {"last_error": error, "not_before": not_before}
+        if result is not None:
+            fields["result"] = json.dumps(result, sort_keys=True)
+        if state in FINAL_STATES:
+            fields["finished_at"] = time.time()
+        self.set_state(db, job_id, state, error, **fields)
+        return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def retry_job(self, job_id: int) -> Job:
-        """Put a dead or failed job back in the queue now, with a fresh attempt count."""
+        """Put a dead or failed job back to work now: its dead deliveries are sent again, or (when
+        the analysis itself died) it is queued with a fresh attempt count."""
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
@@ -473,8 +555,16 @@ class JobStore:
                 raise JobStoreError(
                     f"job {job_id} is {row['state']}; only dead or failed jobs are retried"
                 )
-            db.execute("UPDATE jobs SET attempts=0 WHERE id=?", (job_id,))
-            self._set_state(db, job_id, JobState.QUEUED, "retry requested", not_before=0.0)
+            dead_sends = db.execute(
+                "UPDATE outbox SET state='pending', attempts=0, not_before=0, updated_at=?"
+                " WHERE job_id=? AND state='dead'",
+                (time.time(), job_id),
+            ).rowcount
+            if dead_sends:  # the analysis succeeded; only delivery died: send again
+                self.set_state(db, job_id, JobState.SENDING, f"re-sending {dead_sends} result(s)")
+            else:
+                db.execute("UPDATE jobs SET attempts=0 WHERE id=?", (job_id,))
+                self.set_state(db, job_id, JobState.QUEUED, "retry requested", not_before=0.0)
             return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def recover(self) -> list[Job]:
@@ -482,7 +572,7 @@ class JobStore:
         with self._tx() as db:
             rows = db.execute("SELECT id FROM jobs WHERE state='running'").fetchall()
             for r in rows:
-                self._set_state(db, r["id"], JobState.QUEUED, "interrupted; resumed after restart")
+                self.set_state(db, r["id"], JobState.QUEUED, "interrupted; resumed after restart")
             return [
                 _job(db.execute("SELECT * FROM jobs WHERE id=?", (r["id"],)).fetchone())
                 for r in rows

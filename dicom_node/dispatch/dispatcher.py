@@ -1,0 +1,89 @@
+"""The dispatcher: drains the outbox, one thread per destination with work due.
+
+Destinations are independent: a refusing or slow PACS only occupies its own thread, so it never
+holds back another destination or the analysis of other studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from dicom_node.config import Config
+from dicom_node.dispatch.routing import resolve
+from dicom_node.dispatch.scu import send_files
+from dicom_node.metrics import SENDS
+from dicom_node.store.outbox import DeliveryState, Outbox
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Sends outbox rows to their destinations, with retries handled by :class:`Outbox`."""
+
+    def __init__(self, config: Config, outbox: Outbox) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.wake = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Start a drain thread for each destination with rows due, until ``stop`` is set."""
+        while not stop.is_set():
+            self.kick(stop)
+            self.wake.wait(self.config.dispatch.poll_seconds)
+            self.wake.clear()
+
+    def kick(self, stop: threading.Event | None = None) -> None:
+        """Start draining every destination that has work due and no thread yet."""
+        for name in self.outbox.due_destinations():
+            with self._lock:
+                running = self._threads.get(name)
+                if running is not None and running.is_alive():
+                    continue
+                t = threading.Thread(
+                    target=self.drain, args=(name, stop), name=f"send-{name}", daemon=True
+                )
+                self._threads[name] = t
+                t.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the drain threads in flight (used at shutdown)."""
+        for t in list(self._threads.values()):
+            t.join(timeout)
+
+    def drain(self, name: str, stop: threading.Event | None = None) -> None:
+        """Send everything due for one destination, batch by batch."""
+        while stop is None or not stop.is_set():
+            items = self.outbox.claim(name)
+            if not items:
+                return
+            peer = resolve(self.config, name)
+            if peer is None:
+                for item in items:
+                    self.outbox.failed(item.id, f"destination {name!r} is no longer configured")
+                continue
+            outcomes = send_files(
+                peer,
+                [i.path for i in items],
+                calling_ae=self.config.node.ae_title,
+                settings=self.config.dispatch,
+            )
+            retry_later = False
+            for item, outcome in zip(items, outcomes, strict=True):
+                if outcome.delivered:
+                    self.outbox.delivered(item.id, outcome.status or 0)
+                    SENDS.labels(name, "delivered").inc()
+                    continue
+                state = self.outbox.failed(item.id, outcome.detail, outcome.status)
+                SENDS.labels(name, "dead" if state == DeliveryState.DEAD else "failed").inc()
+                logger.warning(
+                    "delivery failed (%s)%s",
+                    outcome.detail,
+                    "; dead-lettered" if state == DeliveryState.DEAD else "; will retry",
+                    extra={"fields": {"destination": name, "job": item.job_id}},
+                )
+                retry_later = True
+            if retry_later:
+                return  # the rest waits for its backoff; other destinations are unaffected

@@ -1,0 +1,138 @@
+"""The C-STORE and C-ECHO SCU: one association per batch, proposing exactly what it sends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.status import code_to_category
+
+from dicom_node.config import DispatchSettings
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Where to send: a DICOM application entity."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What happened to one file: ``delivered`` for success and warning statuses."""
+
+    path: Path
+    delivered: bool
+    status: int | None
+    detail: str
+
+
+def _ae(calling_ae: str, settings: DispatchSettings) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = settings.acse_timeout_seconds
+    ae.dimse_timeout = settings.dimse_timeout_seconds
+    ae.network_timeout = settings.network_timeout_seconds
+    ae.connection_timeout = settings.connect_timeout_seconds
+    return ae
+
+
+def _why_not_established(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "association rejected"
+    if getattr(assoc, "is_aborted", False):
+        return "association aborted"
+    return "no association (peer unreachable or timed out)"
+
+
+def send_files(
+    peer: Peer, files: Sequence[Path], *, calling_ae: str, settings: DispatchSettings
+) -> list[SendOutcome]:
+    """C-STORE ``files`` to ``peer`` in one association.
+
+    Proposes one presentation context per (SOP class, transfer syntax) the files need, and
+    nothing else. Never raises for a peer's behaviour: every file gets an outcome.
+    """
+    contexts: dict[tuple[str, str], None] = {}
+    metas = []
+    outcomes: list[SendOutcome] = []
+    for path in files:
+        try:
+            meta = read_file_meta_info(path)
+        except (OSError, InvalidDicomError) as exc:
+            outcomes.append(SendOutcome(path, False, None, f"cannot read file: {exc}"))
+            continue
+        contexts[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
+        metas.append(path)
+    if not metas:
+        return outcomes
+    ae = _ae(calling_ae, settings)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        why = _why_not_established(assoc)
+        return outcomes + [SendOutcome(p, False, None, why) for p in metas]
+    try:
+        for path in metas:
+            if _alive(assoc):
+                outcomes.append(_store_one(assoc, path, peer))
+            else:
+                outcomes.append(SendOutcome(path, False, None, "association ended early"))
+    finally:
+        if _alive(assoc):
+            assoc.release()
+    return outcomes
+
+
+def _alive(assoc: Association) -> bool:
+    return bool(assoc.is_established)
+
+
+def _store_one(assoc: Association, path: Path, peer: Peer) -> SendOutcome:
+    rsp = assoc.send_c_store(dcmread(path))
+    if "Status" not in rsp:
+        return SendOutcome(path, False, None, "no response (timeout or abort)")
+    status = int(rsp.Status)
+    category = code_to_category(status)
+    if category == "Warning":
+        logger.warning(
+            "peer stored a result with a warning",
+            extra={"fields": {"peer": peer.name, "status": f"0x{status:04X}"}},
+        )
+    if category in ("Success", "Warning"):
+        return SendOutcome(path, True, status, category.lower())
+    comment = str(rsp.get("ErrorComment", "") or "")
+    detail = f"{category.lower()} status 0x{status:04X}" + (f" ({comment})" if comment else "")
+    return SendOutcome(path, False, status, detail)
+
+
+def echo(peer: Peer, *, calling_ae: str, settings: DispatchSettings) -> tuple[bool, str]:
+    """C-ECHO ``peer``: ``(answered with success, detail)``."""
+    ae = _ae(calling_ae, settings)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        return False, _why_not_established(assoc)
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    status = int(rsp.Status) if "Status" in rsp else None
+    if status is None:
+        return False, "no response"
+    return status == 0, f"status 0x{status:04X}"

@@ -1,0 +1,247 @@
+"""Dispatch against dcmtk's storescp: delivery, refusal, retries, dead letters, restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.config import Config, load_config
+from dicom_node.dispatch.dispatcher import Dispatcher
+from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, OutputFile
+from dicom_node.store.outbox import DeliveryState, Outbox
+from tests.peers import StoreSCP, free_port, node_cli
+
+
+@pytest.fixture
+def scps(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    started: list[StoreSCP] = []
+
+    def make(name: str, *options: str, port: int | None = None) -> StoreSCP:
+        scp = StoreSCP(tmp_path / name, options)
+        if port is not None:
+            scp.port = port
+        started.append(scp)
+        return scp.start()
+
+    yield make
+    for scp in started:
+        scp.stop()
+
+
+def _config(tmp_path: Path, destinations: dict[str, int], **dispatch: object) -> Config:
+    return load_config(
+        None,
+        overrides={
+            "storage": {"data_dir": str(tmp_path / "var")},
+            "destinations": [
+                {"name": n, "ae_title": "PACS", "host": "127.0.0.1", "port": p}
+                for n, p in destinations.items()
+            ],
+            "dispatch": {
+                "retry_base_seconds": 0.2,
+                "retry_max_seconds": 0.5,
+                "connect_timeout_seconds": 3,
+                **dispatch,
+            },
+        },
+    )
+
+
+def _job_with_outputs(store: JobStore, outputs: list[Path], destinations: list[str]) -> int:
+    """A real job that 'produced' ``outputs`` (generated DICOM files)."""
+    ds = dcmread(outputs[0])
+    store.record_instance(
+        InstanceRecord(
+            sop_instance_uid="1.2.3.4.5",
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid="1.2.3.4",
+            sop_class_uid=str(ds.SOPClassUID),
+            modality="CT",
+            path=outputs[0],
+            size=1,
+            calling_ae="PACS",
+            received_at=time.time(),
+        )
+    )
+    job = store.complete_study(str(ds.StudyInstanceUID), reason="test")
+    assert job is not None
+    assert store.claim_next_job() is not None
+    files = [
+        OutputFile(p, str(dcmread(p).SOPClassUID), str(dcmread(p).SOPInstanceUID)) for p in outputs
+    ]
+    done = store.finish_with_outputs(job.id, result={}, outputs=files, destinations=destinations)
+    assert done.state == JobState.SENDING
+    return job.id
+
+
+def _drain_until(
+    dispatcher: Dispatcher, outbox: Outbox, done: Callable[[], bool], timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, [
+            (i.destination, i.state, i.last_error) for i in outbox.items()
+        ]
+        dispatcher.kick()
+        time.sleep(0.1)
+
+
+def test_delivers_to_every_destination_and_finishes_the_job(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """Each output reaches each destination; the job is done when the last is delivered."""
+    files = write_study(slices=3)
+    a, b = scps("a"), scps("b")
+    cfg = _config(tmp_path, {"a": a.port, "b": b.port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["a", "b"])
+    dispatcher = Dispatcher(cfg, outbox)
+    _drain_until(dispatcher, outbox, lambda: store.job(job_id).state == JobState.DONE)
+    assert len(a.received()) == len(b.received()) == 3
+    assert {dcmread(p).SOPInstanceUID for p in a.received()} == {
+        dcmread(f).SOPInstanceUID for f in files
+    }
+    assert all(i.state == DeliveryState.DELIVERED and i.last_status == 0 for i in outbox.items())
+
+
+def test_a_refusing_destination_retries_without_blocking_another(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """storescp --refuse: that destination retries with backoff and then dead-letters; the
+    other destination is delivered meanwhile; `retry` re-sends once the PACS accepts again."""
+    files = write_study(slices=2)
+    good = scps("good")
+    refusing = scps("refusing", "--refuse")
+    cfg = _config(tmp_path, {"good": good.port, "bad": refusing.port}, max_attempts=3)
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["good", "bad"])
+    dispatcher = Dispatcher(cfg, outbox)
+    _drain_until(
+        dispatcher,
+        outbox,
+        lambda: all(
+            i.state == DeliveryState.DEAD for i in outbox.items() if i.destination == "bad"
+        ),
+    )
+    assert store.job(job_id).state == JobState.DEAD
+    assert len(good.received()) == 2
+    bad = [i for i in outbox.items() if i.destination == "bad"]
+    assert all(i.state == DeliveryState.DEAD and i.attempts == 3 for i in bad)
+    assert "association rejected" in (bad[0].last_error or "")
+    job = store.job(job_id)
+    assert "delivery to bad failed" in (job.last_error or "")
+    # the PACS comes back on the same port; the operator re-sends the dead letters
+    port = refusing.port
+    refusing.stop()
+    back = scps("back", port=port)
+    assert store.retry_job(job_id).state == JobState.SENDING
+    _drain_until(dispatcher, outbox, lambda: store.job(job_id).state == JobState.DONE)
+    assert len(back.received()) == 2
+    assert len(good.received()) == 2  # delivered ones are not sent twice
+
+
+def test_outbox_survives_a_restart(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """Deliveries pending when the process stops are sent by the next process."""
+    files = write_study(slices=2)
+    port = free_port()  # nothing listens yet: the PACS is down
+    cfg = _config(tmp_path, {"pacs": port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["pacs"])
+    dispatcher = Dispatcher(cfg, outbox)
+    dispatcher.drain("pacs")
+    assert all(i.state == DeliveryState.PENDING and i.attempts == 1 for i in outbox.items())
+    # crash mid-send: claimed rows stay 'sending' in the file
+    outbox.claim("pacs", now=time.time() + 10)
+    del dispatcher, outbox, store
+    pacs = scps("pacs", port=port)
+    store2 = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox2 = Outbox(store2, cfg.dispatch)
+    assert outbox2.recover() == 2
+    _drain_until(
+        Dispatcher(cfg, outbox2), outbox2, lambda: store2.job(job_id).state == JobState.DONE
+    )
+    assert len(pacs.received()) == 2
+
+
+@pytest.mark.parametrize("option", ["--abort-during", "--abort-after"])
+def test_aborts_are_retried(
+    tmp_path: Path,
+    scps: Callable[..., StoreSCP],
+    write_study: Callable[..., list[Path]],
+    option: str,
+) -> None:
+    """A PACS that aborts during or after a C-STORE leaves the result pending for a retry."""
+    files = write_study(slices=1)
+    aborting = scps("aborting", option)
+    cfg = _config(tmp_path, {"pacs": aborting.port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["pacs"])
+    Dispatcher(cfg, outbox).drain("pacs")
+    [item] = outbox.items()
+    assert item.state == DeliveryState.PENDING
+    assert item.attempts == 1
+    assert store.job(job_id).state == JobState.SENDING
+
+
+def test_a_slow_pacs_times_out_and_is_retried(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """A PACS slower than our DIMSE timeout: the attempt fails and stays pending; a second
+    destination is served by its own thread meanwhile."""
+    files = write_study(slices=1)
+    slow = scps("slow", "--sleep-during", "5")
+    fast = scps("fast")
+    cfg = _config(tmp_path, {"slow": slow.port, "fast": fast.port}, dimse_timeout_seconds=1)
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    _job_with_outputs(store, files, ["slow", "fast"])
+    dispatcher = Dispatcher(cfg, outbox)
+    stop = threading.Event()
+    started = time.monotonic()
+    dispatcher.kick(stop)
+    deadline = time.monotonic() + 10
+    while not fast.received():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert time.monotonic() - started < 4, "the slow PACS must not hold back the fast one"
+    dispatcher.join(10)
+    slow_item = next(i for i in outbox.items() if i.destination == "slow")
+    assert slow_item.state == DeliveryState.PENDING
+    assert slow_item.attempts == 1
+
+
+def test_send_and_echo_commands(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """`dicom-node echo NAME` and `dicom-node send FILES --to NAME` for operators."""
+    files = write_study(slices=2)
+    pacs = scps("pacs")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"destinations: [{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs.port}}},"
+        f" {{name: down, ae_title: X, host: 127.0.0.1, port: {free_port()}}}]\n"
+        f"storage: {{data_dir: {tmp_path / 'var'}}}\n"
+    )
+    ok = node_cli("echo", "pacs", "--config", str(cfg))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "status 0x0000" in ok.stdout
+    down = node_cli("echo", "down", "--config", str(cfg))
+    assert down.returncode == 1
+    unknown = node_cli("echo", "nowhere", "--config", str(cfg))
+    assert unknown.returncode == 2
+    assert "no destination named 'nowhere'" in unknown.stderr
+    sent = node_cli("send", str(files[0].parent), "--to", "pacs", "--config", str(cfg))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "2 of 2 delivered to pacs" in sent.stdout
+    assert len(pacs.received()) == 2
