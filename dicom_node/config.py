@@ -139,6 +139,34 @@ class LoggingSettings(_Section):
     include_patient_data: bool = False
 
 
+class KnownPeer(_Section):
+    """A DICOM peer the node may reply to, looked up by the calling AE title it sends with."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class DispatchSettings(_Section):
+    """Sending results: retries, limits, timeouts, and replies to the sender."""
+
+    #: A delivery that failed this often, or is older than ``max_age_hours``, is dead-lettered.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 12
+    max_age_hours: Annotated[float, Field(gt=0)] = 72.0
+    #: Delay before retry n is ``retry_base_seconds * 2**(n-1)``, capped, with ±20% jitter.
+    retry_base_seconds: Seconds = 15.0
+    retry_max_seconds: Seconds = 1800.0
+    connect_timeout_seconds: Seconds = 15.0
+    acse_timeout_seconds: Seconds = 30.0
+    dimse_timeout_seconds: Seconds = 120.0
+    network_timeout_seconds: Seconds = 60.0
+    #: Also send results to the AE that sent the study, if it is in ``known_peers``. An unknown
+    #: calling AE is never replied to: its address is not trusted from the association.
+    reply_to_sender: bool = False
+    known_peers: tuple[KnownPeer, ...] = ()
+    poll_seconds: Seconds = 1.0
+
+
 class JobSettings(_Section):
     """The worker: retries of failed jobs."""
 
@@ -209,6 +237,136 @@ class LesionSettings(_Section):
     max_lesions: Annotated[int, Field(ge=1, le=1000)] = 50
 
 
+def _check_length_mm(value: float) -> float:
+    if not 0.0 < value < float("inf"):
+        raise ValueError("is not a length in mm (a positive number)")
+    return value
+
+
+def _check_angle_deg(value: float) -> float:
+    if not 0.0 <= value <= 90.0:
+        raise ValueError("is not an angle in degrees (0-90)")
+    return value
+
+
+def _check_tolerance_fraction(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ValueError("is not a fraction (between 0 and 1, both excluded)")
+    return value
+
+
+def _check_slice_count(value: int) -> int:
+    if value < 1:
+        raise ValueError("is not a number of slices (a whole number, at least 1)")
+    return value
+
+
+def _check_code_string(value: str) -> str:
+    if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value) or not value.strip(" "):
+        raise ValueError("is not a DICOM code string (1-16 of A-Z, 0-9, '_', space)")
+    return value
+
+
+def _check_sop_class_uid(value: str) -> str:
+    if not _UID_RE.match(value) or len(value) > 64:
+        raise ValueError("is not a UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def _check_pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"is not a regular expression ({exc})") from exc
+    return value
+
+
+LengthMM = Annotated[float, AfterValidator(_check_length_mm)]
+AngleDeg = Annotated[float, AfterValidator(_check_angle_deg)]
+CodeString = Annotated[str, AfterValidator(_check_code_string)]
+RegexPattern = Annotated[str, AfterValidator(_check_pattern)]
+
+
+class VolumeGeometrySettings(_Section):
+    """How regular a series' slices must be to form one volume (checked from headers alone)."""
+
+    #: A step between neighbouring slices may differ from the series' median step by this
+    #: fraction of it. A longer step is a missing slice, a shorter one uneven spacing, a step
+    #: of (nearly) zero a duplicate position; each refuses the series (never interpolated).
+    spacing_tolerance: Annotated[float, AfterValidator(_check_tolerance_fraction)] = 0.1
+    #: Largest angle between the slice normal and the line the slice positions run along. A
+    #: larger one is gantry tilt: the series is refused, as correcting it needs resampling.
+    max_gantry_tilt_deg: AngleDeg = 1.0
+    #: Largest angle between the slice normals of two images of one series; beyond it the
+    #: series has mixed orientations and is refused.
+    max_orientation_difference_deg: AngleDeg = 0.5
+
+
+class SelectionSettings(_Section):
+    """Which series of a study is analysed: the rules, as data, checked from headers alone."""
+
+    #: ``best``: the one qualifying series with the thinnest slice spacing, then the most slices,
+    #: then ORIGINAL\\PRIMARY; ``all``: every qualifying series.
+    policy: Literal["best", "all"] = "best"
+    #: Modality (0008,0060) values that qualify.
+    modalities: tuple[CodeString, ...] = ("CT",)
+    #: SOP classes that qualify: CT Image Storage and Enhanced CT Image Storage.
+    sop_classes: tuple[Annotated[str, AfterValidator(_check_sop_class_uid)], ...] = (
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+    )
+    #: Images with any of these Image Type (0008,0008) values are left out of their series (a
+    #: scout filed with the axial images); a series left with no image fails.
+    excluded_image_types: tuple[CodeString, ...] = ("LOCALIZER",)
+    #: ``true``: only ORIGINAL\\PRIMARY series qualify; ``false``: they are only preferred.
+    require_original_primary: bool = False
+    #: Fewest slices (frames of an Enhanced CT) a series needs.
+    min_slices: Annotated[int, AfterValidator(_check_slice_count)] = 20
+    #: Largest Slice Thickness (0018,0050) that qualifies, mm.
+    max_slice_thickness_mm: LengthMM = 2.5
+    #: Largest distance between neighbouring slices (measured from their positions), mm.
+    max_slice_spacing_mm: LengthMM = 2.5
+    #: Largest angle between the slice normal (from Image Orientation (Patient)) and the patient
+    #: z axis for a series to count as axial, degrees.
+    axial_tolerance_deg: AngleDeg = 10.0
+    #: Regular expressions (Python syntax, case-insensitive, matched anywhere in the value)
+    #: on Body Part Examined and Series Description. An empty include list admits every value
+    #: (a missing one too); a non-empty one admits only values that match one of its patterns.
+    #: A value matching any exclude pattern fails.
+    body_part_include: tuple[RegexPattern, ...] = ()
+    body_part_exclude: tuple[RegexPattern, ...] = ()
+    description_include: tuple[RegexPattern, ...] = ()
+    description_exclude: tuple[RegexPattern, ...] = ()
+    #: Lossy Image Compression "01" (a lossy transfer syntax, or lossy before) qualifies.
+    allow_lossy: bool = False
+    geometry: VolumeGeometrySettings = VolumeGeometrySettings()
+
+
+class ResultsSettings(_Section):
+    """The DICOM Segmentation and Structured Report the node writes for each analysed study.
+
+    Manufacturer is always ``dicom_node.MANUFACTURER`` (the node recognises its own output by
+    it); the UIDs live under the top-level ``uid_root``.
+    """
+
+    seg_series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 9101
+    sr_series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 9102
+    seg_series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI lung lesions (dicom-node)"
+    )
+    sr_series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI lung findings, not verified (dicom-node)"
+    )
+    #: ``binary``: one bit per voxel per lesion; ``fractional``: the model's probability
+    #: (8 bits, 255 = 1.0) over each lesion's voxels.
+    segmentation_type: Literal["binary", "fractional"] = "binary"
+    #: At most this many lesions (the largest) become SEG segments and SR measurement groups;
+    #: the SR still counts all of them.
+    max_segments: Annotated[int, Field(ge=1, le=255)] = 20
+    #: Device Serial Number (Enhanced General Equipment, Type 1 in a SEG): name this install.
+    device_serial_number: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+
+
 class Config(_Section):
     """The whole configuration. Build it with :func:`load_config`."""
 
@@ -220,9 +378,12 @@ class Config(_Section):
     )
     logging: LoggingSettings = LoggingSettings()
     jobs: JobSettings = JobSettings()
+    dispatch: DispatchSettings = DispatchSettings()
     model: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
     lesions: LesionSettings = LesionSettings()
+    results: ResultsSettings = ResultsSettings()
+    selection: SelectionSettings = SelectionSettings()
     #: Root of every UID this node makes; a 2.25 (UUID-derived) root by default.
     uid_root: UIDRoot = "2.25"
 

@@ -48,3 +48,14 @@ class ModelError(NodeError):
 
 class DeviceOutOfMemoryError(PipelineError):
     """The inference device ran out of memory even at batch size 1 (worth retrying later)."""
+
+
+class VolumeGeometryError(PipelineError):
+    """A series' slices do not form one regular volume: a gap, a duplicate position, gantry
+    tilt, mixed orientations or image sizes. The message says what and where (never patient
+    data)."""
+
+
+class VolumeDecodeError(PipelineError):
+    """A series' pixel data cannot be decoded: a transfer syntax without a decoder, corrupt or
+    truncated data, or frames that contradict the header."""

@@ -1,0 +1,443 @@
+"""Lesions: from a tumour probability map to labelled, measured lesions. Pure functions.
+
+The steps: threshold the probability map, find 3-D connected components (``cc3d``, 26-connected
+by default), drop components under a minimum volume, measure each, order them by volume
+(largest first) and relabel them 1..N.
+
+Measurements, per lesion:
+
+- **volume**: voxel count x voxel volume (mm³).
+- **long axis**: the longest in-plane diameter over the lesion's slices, measured on the slice
+  where it is longest as the maximum Feret diameter of the lesion's footprint on that slice (the
+  union of its pixel squares; computed on the convex hull of the boundary pixels' corners).
+- **short axis**: on the same slice, the longest chord of the footprint perpendicular to the long
+  axis (RECIST's "longest perpendicular diameter"; a chord runs through lesion pixels only).
+- **HU**: mean and maximum over the lesion's voxels.
+- **centroid**: mean voxel position in patient coordinates (LPS, mm).
+- **slice range**: first and last z index; **probability**: mean and maximum model probability.
+
+Geometry: arrays are (z, y, x). The in-plane (y, x) plane is the acquisition plane (axial for an
+axial series); distances in it use the pixel spacing. Patient coordinates follow ITK/SimpleITK:
+``position = origin + direction @ (x * sx, y * sy, z * sz)`` with index (x, y, z) and
+``direction`` a (3, 3) matrix whose columns are the LPS directions of the x, y and z index axes
+(``np.reshape(image.GetDirection(), (3, 3))``; for DICOM: row direction, column direction,
+slice normal).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cc3d
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+Point = tuple[float, float, float]
+
+#: Chords are sampled every this fraction of the smaller pixel spacing along the long axis.
+_CHORD_STEP = 0.5
+#: Intervals closer than this (mm) count as touching when chords are merged.
+_TOUCH_MM = 1e-6
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion: a connected component of the thresholded probability map.
+
+    Attributes
+    ----------
+    label
+        Its value in the label map (1 is the largest lesion).
+    voxel_count
+        Number of voxels.
+    volume_mm3
+        ``voxel_count`` x voxel volume, mm³.
+    long_axis_mm
+        Longest in-plane diameter (maximum Feret diameter on the slice where it is longest), mm.
+    short_axis_mm
+        Longest chord perpendicular to the long axis on that slice, mm.
+    axis_slice
+        z index of the slice the axes were measured on.
+    long_axis_lps, short_axis_lps
+        End points of the two axes in patient coordinates (LPS, mm).
+    mean_hu, max_hu
+        Hounsfield units over the lesion's voxels.
+    centroid_lps
+        Mean voxel position in patient coordinates (LPS, mm).
+    first_slice, last_slice
+        z indices of the lesion's first and last slice (inclusive).
+    mean_probability, max_probability
+        Model probability over the lesion's voxels, in [0, 1].
+    """
+
+    label: int
+    voxel_count: int
+    volume_mm3: float
+    long_axis_mm: float
+    short_axis_mm: float
+    axis_slice: int
+    long_axis_lps: tuple[Point, Point]
+    short_axis_lps: tuple[Point, Point]
+    mean_hu: float
+    max_hu: float
+    centroid_lps: Point
+    first_slice: int
+    last_slice: int
+    mean_probability: float
+    max_probability: float
+
+
+@dataclass(frozen=True, eq=False)
+class LesionMap:
+    """The lesions of one volume and their label map.
+
+    Attributes
+    ----------
+    labels
+        (z, y, x) uint16: 0 background, ``k`` the voxels of ``lesions[k - 1]``.
+    lesions
+        Largest first; ``lesions[k - 1].label == k``.
+    threshold
+        The probability threshold used.
+    dropped
+        Components left out: under the minimum volume, or beyond ``max_lesions``.
+    """
+
+    labels: npt.NDArray[np.uint16]
+    lesions: tuple[Lesion, ...]
+    threshold: float
+    dropped: int
+
+
+def find_lesions(
+    probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8],
+    hu: npt.NDArray[np.generic],
+    *,
+    spacing_mm: Sequence[float],
+    origin_lps: Sequence[float] = (0.0, 0.0, 0.0),
+    direction: npt.ArrayLike | None = None,
+    threshold: float = 0.5,
+    min_volume_mm3: float = 0.0,
+    connectivity: Literal[6, 18, 26] = 26,
+    max_lesions: int | None = None,
+) -> LesionMap:
+    """Threshold, label, filter, measure and order the lesions of a probability map.
+
+    Parameters
+    ----------
+    probability
+        (z, y, x) tumour probability: floats in [0, 1], or uint8 holding ``round(p * 255)``.
+    hu
+        (z, y, x) Hounsfield units on the same grid.
+    spacing_mm
+        (z, y, x) voxel spacing, mm.
+    origin_lps
+        Patient position (LPS, mm) of the centre of voxel (0, 0, 0).
+    direction
+        (3, 3) or 9 values, row-major: columns are the LPS directions of the x, y, z index
+        axes (ITK convention); identity when omitted.
+    threshold
+        Voxels with probability at or above it are lesion; in (0, 1].
+    min_volume_mm3
+        Components smaller than this are dropped.
+    connectivity
+        6, 18 or 26 (faces; + edges; + corners).
+    max_lesions
+        Keep at most this many (the largest); ``None`` keeps all.
+
+    Returns
+    -------
+    LesionMap
+        The relabelled map and the measured lesions, largest first.
+
+    Raises
+    ------
+    ValueError
+        Arrays that are not 3-D or differ in shape, a spacing that is not three positive
+        numbers, a direction that is not 3 x 3, a threshold outside (0, 1], a connectivity other
+        than 6/18/26, or ``max_lesions < 1``.
+    """
+    spacing, origin, matrix = _checked_geometry(spacing_mm, origin_lps, direction)
+    if probability.ndim != 3 or probability.shape != hu.shape:
+        raise ValueError(
+            f"probability {probability.shape} and HU {hu.shape} must be (z, y, x) of one shape"
+        )
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], not {threshold}")
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
+    if max_lesions is not None and max_lesions < 1:
+        raise ValueError(f"max_lesions must be at least 1, not {max_lesions}")
+
+    scale = 255.0 if probability.dtype == np.uint8 else 1.0
+    mask = probability >= threshold * scale
+    components, count = cc3d.connected_components(
+        mask, connectivity=connectivity, return_N=True, binary_image=True
+    )
+    labels = np.zeros(probability.shape, dtype=np.uint16)
+    if count == 0:
+        return LesionMap(labels=labels, lesions=(), threshold=threshold, dropped=0)
+
+    stats = cc3d.statistics(components)
+    voxel_counts = np.asarray(stats["voxel_counts"], dtype=np.int64)
+    boxes = stats["bounding_boxes"]
+    voxel_mm3 = float(np.prod(spacing))
+    candidates = [c for c in range(1, count + 1) if voxel_counts[c] * voxel_mm3 >= min_volume_mm3]
+    candidates.sort(key=lambda c: (-voxel_counts[c], c))  # largest first; ties in scan order
+    kept = candidates if max_lesions is None else candidates[:max_lesions]
+    dropped = count - len(kept)
+
+    lookup = np.zeros(count + 1, dtype=np.uint16)
+    lookup[kept] = np.arange(1, len(kept) + 1, dtype=np.uint16)
+    labels = lookup[components]
+
+    lesions = []
+    for new_label, old in enumerate(kept, start=1):
+        box = boxes[old]
+        lesions.append(
+            _measure(
+                components[box] == old,
+                offset=(box[0].start, box[1].start, box[2].start),
+                hu=hu[box],
+                probability=probability[box],
+                probability_scale=scale,
+                label=new_label,
+                spacing=spacing,
+                origin=origin,
+                direction=matrix,
+            )
+        )
+    if dropped:
+        logger.debug("lesions: kept %d of %d components", len(kept), count)
+    return LesionMap(labels=labels, lesions=tuple(lesions), threshold=threshold, dropped=dropped)
+
+
+# ---------------------------------------------------------------------- measuring one lesion
+
+
+def _measure(
+    mask: npt.NDArray[np.bool_],
+    *,
+    offset: tuple[int, int, int],
+    hu: npt.NDArray[np.generic],
+    probability: npt.NDArray[np.generic],
+    probability_scale: float,
+    label: int,
+    spacing: npt.NDArray[np.float64],
+    origin: npt.NDArray[np.float64],
+    direction: npt.NDArray[np.float64],
+) -> Lesion:
+    """Measure one lesion given its mask cropped to its bounding box (offset = box start)."""
+    sz, sy, sx = (float(v) for v in spacing)
+    index = np.nonzero(mask)
+    voxel_count = int(index[0].size)
+    values_hu = hu[mask].astype(np.float64)
+    values_p = probability[mask].astype(np.float64) / probability_scale
+    centroid_zyx = np.array([i.mean() for i in index]) + np.asarray(offset, dtype=np.float64)
+
+    def to_lps(z: float, y_mm: float, x_mm: float) -> Point:
+        """Patient position of in-plane mm (y, x) on slice z (an index in the full volume)."""
+        local = np.array([x_mm, y_mm, z * sz])
+        pos = origin + direction @ local
+        return (float(pos[0]), float(pos[1]), float(pos[2]))
+
+    best: tuple[float, int, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    for z in range(mask.shape[0]):
+        plane = mask[z]
+        if not plane.any():
+            continue
+        length, p, q = _feret(plane, sy, sx)
+        if best is None or length > best[0] + 1e-9:
+            best = (length, z, p, q)
+    assert best is not None  # a component has at least one voxel
+    long_mm, z_best, p, q = best
+    plane = mask[z_best]
+    short_mm, s_p, s_q = _perpendicular_chord(plane, sy, sx, p, q)
+    z_abs = z_best + offset[0]
+    shift = np.array([offset[1] * sy, offset[2] * sx])  # in-plane (y, x) mm of the crop's origin
+
+    def ends(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> tuple[Point, Point]:
+        ya, xa = a + shift
+        yb, xb = b + shift
+        return to_lps(z_abs, ya, xa), to_lps(z_abs, yb, xb)
+
+    return Lesion(
+        label=label,
+        voxel_count=voxel_count,
+        volume_mm3=voxel_count * sz * sy * sx,
+        long_axis_mm=long_mm,
+        short_axis_mm=short_mm,
+        axis_slice=z_abs,
+        long_axis_lps=ends(p, q),
+        short_axis_lps=ends(s_p, s_q),
+        mean_hu=float(values_hu.mean()),
+        max_hu=float(values_hu.max()),
+        centroid_lps=to_lps(
+            float(centroid_zyx[0]), float(centroid_zyx[1]) * sy, float(centroid_zyx[2]) * sx
+        ),
+        first_slice=int(index[0].min()) + offset[0],
+        last_slice=int(index[0].max()) + offset[0],
+        mean_probability=float(values_p.mean()),
+        max_probability=float(values_p.max()),
+    )
+
+
+# ---------------------------------------------------------------------- in-plane geometry
+
+
+def _feret(
+    plane: npt.NDArray[np.bool_], sy: float, sx: float
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Maximum Feret diameter (mm) of a 2-D mask's footprint and its two end points.
+
+    The footprint is the union of the pixel squares; its farthest points are corners on its
+    convex hull, which is the hull of the outer corners of each row's first and last pixel.
+    Points are (y, x) in mm, pixel (0, 0) centred at (0, 0).
+    """
+    rows = np.flatnonzero(plane.any(axis=1))
+    first = np.argmax(plane[rows], axis=1)
+    last = plane.shape[1] - 1 - np.argmax(plane[rows, ::-1], axis=1)
+    corners = np.concatenate(
+        [
+            np.stack([(rows + dy) * sy, (col + dx) * sx], axis=1)
+            for dy in (-0.5, 0.5)
+            for col, dx in ((first, -0.5), (last, 0.5))
+        ]
+    ).astype(np.float64)
+    hull = convex_hull(corners)
+    diff = hull[:, None, :] - hull[None, :, :]
+    dist2 = np.einsum("ijk,ijk->ij", diff, diff)
+    i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
+    return float(np.sqrt(dist2[i, j])), hull[i], hull[j]
+
+
+def _perpendicular_chord(
+    plane: npt.NDArray[np.bool_],
+    sy: float,
+    sx: float,
+    p: npt.NDArray[np.float64],
+    q: npt.NDArray[np.float64],
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Longest chord of the footprint perpendicular to the segment p-q, and its end points.
+
+    Lines perpendicular to p-q are sampled every ``_CHORD_STEP`` of the smaller pixel spacing;
+    on each, the footprint's pixel squares cut intervals whose touching runs are chords.
+    Points are (y, x) in mm as in :func:`_feret`.
+    """
+    ys, xs = np.nonzero(plane)
+    centres = np.stack([ys * sy, xs * sx], axis=1)
+    axis = q - p
+    length = float(np.hypot(*axis))
+    if length == 0.0:
+        return 0.0, p, p
+    u = axis / length
+    n = np.array([-u[1], u[0]])
+    half = np.array([sy / 2, sx / 2])
+    reach = float(half @ np.abs(u))  # half-extent of a pixel square along u
+    along = centres @ u
+    order = np.argsort(along)
+    along, centres = along[order], centres[order]
+    step = _CHORD_STEP * min(sy, sx)
+    best = (0.0, p, p)
+    for t in np.arange(along[0] - reach, along[-1] + reach + step, step):
+        lo_i = int(np.searchsorted(along, t - reach, side="left"))
+        hi_i = int(np.searchsorted(along, t + reach, side="right"))
+        if hi_i <= lo_i:
+            continue
+        found = _longest_run(centres[lo_i:hi_i], half, t * u, n)
+        if found is not None and found[0] > best[0] + 1e-9:
+            best = (found[0], t * u + found[1] * n, t * u + found[2] * n)
+    return best
+
+
+def _longest_run(
+    centres: npt.NDArray[np.float64],
+    half: npt.NDArray[np.float64],
+    base: npt.NDArray[np.float64],
+    n: npt.NDArray[np.float64],
+) -> tuple[float, float, float] | None:
+    """Longest run of touching intervals that squares cut on the line ``base + s * n``.
+
+    Returns ``(length, s_start, s_end)`` or ``None`` when the line misses every square.
+    """
+    lo = np.full(len(centres), -np.inf)
+    hi = np.full(len(centres), np.inf)
+    for k in range(2):  # the y and then the x slab of each square
+        if abs(n[k]) < 1e-12:
+            inside = np.abs(base[k] - centres[:, k]) <= half[k] + _TOUCH_MM
+            lo = np.where(inside, lo, np.inf)
+            hi = np.where(inside, hi, -np.inf)
+            continue
+        a = (centres[:, k] - half[k] - base[k]) / n[k]
+        b = (centres[:, k] + half[k] - base[k]) / n[k]
+        lo = np.maximum(lo, np.minimum(a, b))
+        hi = np.minimum(hi, np.maximum(a, b))
+    hit = lo <= hi + _TOUCH_MM
+    if not hit.any():
+        return None
+    lo, hi = lo[hit], hi[hit]
+    order = np.argsort(lo)
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi)
+    starts = np.ones(len(lo), dtype=bool)
+    starts[1:] = lo[1:] > reach[:-1] + _TOUCH_MM
+    first = np.flatnonzero(starts)
+    ends = np.maximum.reduceat(hi, first)
+    lengths = ends - lo[first]
+    k = int(np.argmax(lengths))
+    return float(lengths[k]), float(lo[first[k]]), float(ends[k])
+
+
+def convex_hull(points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Convex hull of 2-D points (Andrew's monotone chain), counter-clockwise, no repeats.
+
+    Parameters
+    ----------
+    points
+        (n, 2) coordinates, n >= 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        (h, 2) hull vertices; collinear points on edges are left out. For fewer than three
+        distinct points, those points.
+    """
+    pts = np.unique(points, axis=0)  # sorted by the first, then the second coordinate
+    if len(pts) < 3:
+        return pts
+
+    def half_hull(seq: npt.NDArray[np.float64]) -> list[npt.NDArray[np.float64]]:
+        out: list[npt.NDArray[np.float64]] = []
+        for pt in seq:
+            while len(out) >= 2:
+                o, a = out[-2], out[-1]
+                cross = (a[0] - o[0]) * (pt[1] - o[1]) - (a[1] - o[1]) * (pt[0] - o[0])
+                if cross > 0:
+                    break
+                out.pop()
+            out.append(pt)
+        return out
+
+    lower = half_hull(pts)
+    upper = half_hull(pts[::-1])
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def _checked_geometry(
+    spacing_mm: Sequence[float], origin_lps: Sequence[float], direction: npt.ArrayLike | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)
+    if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive numbers (z, y, x) in mm: {spacing_mm}")
+    origin = np.asarray(origin_lps, dtype=np.float64).reshape(-1)
+    if origin.size != 3 or not np.all(np.isfinite(origin)):
+        raise ValueError(f"origin must be three numbers (LPS, mm): {origin_lps}")
+    matrix = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+    if matrix.size != 9 or not np.all(np.isfinite(matrix)):
+        raise ValueError("direction must be 3 x 3 (or 9 values, row-major)")
+    return spacing, origin, matrix.reshape(3, 3)

@@ -1,0 +1,221 @@
+"""The network: a U-Net for lung-tumour segmentation and an MLP for a per-image cancer logit.
+
+One encoder pass feeds both heads::
+
+    slice (N, 1, H, W) ─▶ encoder (ResNet) ─┬─▶ U-Net decoder ─▶ seg head ─▶ (N, 1, H, W) logits
+                                            └─▶ deepest map ─▶ global avg pool ─▶ MLP ─▶ (N,) logits
+
+The encoder, decoder and segmentation head are those of ``segmentation_models_pytorch.Unet``
+and keep its parameter names (``encoder.*``, ``decoder.*``, ``segmentation_head.*``), so a plain
+smp U-Net checkpoint loads into the segmentation part unchanged; the MLP lives under
+``classifier.*``. ResNet50 (2048 channels at the deepest level) is the product encoder; smaller
+ResNets are accepted for tests and experiments, and the model card names the one a model uses.
+
+The network is always built with ``encoder_weights=None``: nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+import numpy as np
+import numpy.typing as npt
+import segmentation_models_pytorch as smp
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class Architecture(BaseModel):
+    """What to build: the ``architecture`` section of a model card.
+
+    The values decide every tensor name and shape of the weights, so a card and its weights
+    file must agree on them exactly (see :func:`dicom_node.analysis.weights.load_model`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Encoder of the U-Net; ``resnet50`` is the product, smaller ResNets serve tests.
+    encoder: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    #: Number of encoder stages (downsampling by ``2**encoder_depth`` at the deepest level).
+    encoder_depth: Annotated[int, Field(ge=3, le=5)] = 5
+    #: The decoder family; only the U-Net is built.
+    decoder: Literal["unet"] = "unet"
+    #: Channels of each decoder block, deepest first; one per encoder stage.
+    decoder_channels: tuple[Annotated[int, Field(ge=1, le=4096)], ...] = (256, 128, 64, 32, 16)
+    #: CT is one channel (normalised HU).
+    in_channels: Literal[1] = 1
+    #: One segmentation class (lung tumour) scored by a sigmoid.
+    classes: Literal[1] = 1
+    #: Width of the MLP's hidden layer.
+    mlp_hidden: Annotated[int, Field(ge=1, le=65536)] = 256
+    mlp_activation: Literal["relu", "gelu"] = "relu"
+    #: Dropout between the MLP's two layers (active in training only).
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _not_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("must list at least one channel count")
+        return value
+
+    @model_validator(mode="after")
+    def _one_block_per_stage(self) -> Architecture:
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth "
+                f"is {self.encoder_depth} (one decoder block per encoder stage)"
+            )
+        return self
+
+    @property
+    def output_stride(self) -> int:
+        """How much the deepest feature map is smaller than the input: ``2**encoder_depth``."""
+        return int(2**self.encoder_depth)
+
+
+class MLPHead(nn.Module):
+    """Global average pool, then Linear → activation → Dropout → Linear to one logit.
+
+    Parameters
+    ----------
+    in_features
+        Channels of the feature map it reads (2048 for the deepest ResNet50 stage).
+    hidden
+        Width of the hidden layer.
+    activation
+        ``"relu"`` or ``"gelu"``.
+    dropout
+        Dropout probability between the layers.
+    """
+
+    def __init__(
+        self, in_features: int, *, hidden: int, activation: Literal["relu", "gelu"], dropout: float
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Score a feature map.
+
+        Parameters
+        ----------
+        features
+            (N, C, h, w) deepest encoder features.
+
+        Returns
+        -------
+        torch.Tensor
+            (N,) logits.
+        """
+        pooled = self.pool(features).flatten(1)
+        out: torch.Tensor = self.fc2(self.drop(self.act(self.fc1(pooled))))
+        return out.squeeze(1)
+
+
+class LungCTNet(nn.Module):
+    """U-Net (segmentation) and MLP (per-image cancer logit) on one shared encoder.
+
+    Parameters
+    ----------
+    architecture
+        What to build; the product default (ResNet50 U-Net, 256-wide MLP) when omitted.
+
+    Notes
+    -----
+    The encoder runs once per forward; its deepest map feeds both the decoder and the MLP. Built
+    with random weights (``encoder_weights=None``); load trained ones with
+    :func:`dicom_node.analysis.weights.load_model`.
+    """
+
+    def __init__(self, architecture: Architecture | None = None) -> None:
+        super().__init__()
+        arch = architecture if architecture is not None else Architecture()
+        self.architecture = arch
+        unet = smp.Unet(
+            encoder_name=arch.encoder,
+            encoder_depth=arch.encoder_depth,
+            encoder_weights=None,
+            decoder_channels=arch.decoder_channels,
+            in_channels=arch.in_channels,
+            classes=arch.classes,
+            activation=None,
+        )
+        # Take the parts, not the wrapper, so that parameter names are smp's own.
+        self.encoder: nn.Module = unet.encoder
+        self.decoder: nn.Module = unet.decoder
+        self.segmentation_head: nn.Module = unet.segmentation_head
+        deepest = int(unet.encoder.out_channels[-1])
+        self.classifier = MLPHead(
+            deepest, hidden=arch.mlp_hidden, activation=arch.mlp_activation, dropout=arch.dropout
+        )
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the deepest encoder map, which the MLP reads (2048 for ResNet50)."""
+        return int(self.classifier.fc1.in_features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment and score a batch of slices.
+
+        Parameters
+        ----------
+        x
+            (N, 1, H, W) normalised slices; H and W multiples of ``architecture.output_stride``
+            (32 for depth 5).
+
+        Returns
+        -------
+        seg_logits : torch.Tensor
+            (N, 1, H, W) tumour logits per pixel.
+        class_logits : torch.Tensor
+            (N,) cancer logit per slice.
+        """
+        features = self.encoder(x)
+        seg: torch.Tensor = self.segmentation_head(self.decoder(features))
+        cls = self.classifier(features[-1])
+        return seg, cls
+
+
+def study_probability(image_probabilities: npt.ArrayLike, *, top_k: int) -> float:
+    """Combine per-image probabilities into one study-level probability.
+
+    The rule: the mean of the ``k`` largest image probabilities, with ``k = min(top_k, n)``.
+    A few confidently positive slices make a positive study (a nodule spans a handful of slices
+    in a scan of hundreds), while one outlier slice counts only ``1/k``.
+
+    Parameters
+    ----------
+    image_probabilities
+        (z,) probabilities in [0, 1], one per slice.
+    top_k
+        How many of the highest probabilities to average (at least 1).
+
+    Returns
+    -------
+    float
+        The study probability in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        No probabilities, ``top_k < 1``, or a value outside [0, 1] (NaN included).
+    """
+    probs = np.asarray(image_probabilities, dtype=np.float64).reshape(-1)
+    if probs.size == 0:
+        raise ValueError("no image probabilities to combine")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, not {top_k}")
+    if not np.all((probs >= 0.0) & (probs <= 1.0)):
+        raise ValueError("image probabilities must lie in [0, 1]")
+    k = min(top_k, probs.size)
+    top = np.partition(probs, probs.size - k)[probs.size - k :]
+    return float(top.mean())

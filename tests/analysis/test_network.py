@@ -1,0 +1,117 @@
+"""The network: shapes, one encoder pass, parameter names, architecture checks, study rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+from pydantic import ValidationError
+
+from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
+from tests.analysis.lungct_tiny import make_network
+
+
+def test_forward_returns_segmentation_and_class_logits() -> None:
+    """A (N, 1, H, W) batch gives (N, 1, H, W) segmentation logits and (N,) class logits."""
+    net = make_network()
+    with torch.inference_mode():
+        seg, cls = net(torch.zeros(2, 1, 64, 64))
+    assert seg.shape == (2, 1, 64, 64)
+    assert cls.shape == (2,)
+    assert seg.dtype == cls.dtype == torch.float32
+
+
+def test_encoder_runs_once_per_forward() -> None:
+    """Both heads share one encoder pass: the encoder's forward is called once per batch."""
+    net = make_network()
+    calls: list[int] = []
+    net.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        net(torch.zeros(1, 1, 64, 64))
+    assert len(calls) == 1
+
+
+def test_mlp_reads_the_pooled_deepest_map() -> None:
+    """The class logit depends only on the global average of the deepest encoder map."""
+    net = make_network()
+    seen: list[torch.Tensor] = []
+    net.classifier.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.inference_mode():
+        _seg, cls = net(torch.randn(2, 1, 64, 64))
+        deepest = seen[0]
+        assert deepest.shape == (2, 512, 2, 2)  # ResNet18: 512 channels at 1/32
+        head = net.classifier
+        expected = head.fc2(head.act(head.fc1(deepest.mean(dim=(2, 3))))).squeeze(1)
+    torch.testing.assert_close(cls, expected)
+
+
+def test_product_architecture_is_resnet50_with_2048_feature_mlp() -> None:
+    """The default architecture is a ResNet50 U-Net whose MLP reads 2048 channels (meta device)."""
+    with torch.device("meta"):
+        net = LungCTNet()
+    assert net.architecture.encoder == "resnet50"
+    assert net.feature_channels == 2048
+    assert net.classifier.fc1.out_features == 256
+    unet_params = sum(
+        p.numel() for n, p in net.named_parameters() if not n.startswith("classifier")
+    )
+    assert unet_params == 32_514_833  # smp.Unet("resnet50", in_channels=1, classes=1)
+
+
+def test_parameter_names_are_smp_unet_names() -> None:
+    """Apart from ``classifier.*`` the state dict has exactly smp.Unet's names and shapes."""
+    with torch.device("meta"):
+        net = LungCTNet()
+        unet = smp.Unet("resnet50", encoder_weights=None, in_channels=1, classes=1)
+    ours = {k: v.shape for k, v in net.state_dict().items() if not k.startswith("classifier.")}
+    theirs = {k: v.shape for k, v in unet.state_dict().items()}
+    assert ours == theirs
+
+
+def test_gelu_activation_and_dropout_are_built() -> None:
+    """``mlp_activation: gelu`` and ``dropout`` reach the MLP."""
+    arch = Architecture(encoder="resnet18", mlp_activation="gelu", dropout=0.3)
+    with torch.device("meta"):
+        net = LungCTNet(arch)
+    assert isinstance(net.classifier.act, torch.nn.GELU)
+    assert net.classifier.drop.p == 0.3
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"encoder_depth": 4}, "one decoder block per encoder stage"),
+        ({"classes": 2}, "classes"),
+        ({"encoder": "vgg16"}, "encoder"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"decoder_channels": []}, "decoder_channels"),
+    ],
+)
+def test_architecture_rejects_inconsistent_values(values: dict[str, object], fragment: str) -> None:
+    """Invalid architectures fail validation, naming the field or the rule."""
+    with pytest.raises(ValidationError, match=fragment):
+        Architecture.model_validate(values)
+
+
+def test_study_probability_is_mean_of_top_k() -> None:
+    """The study probability is the mean of the k highest image probabilities."""
+    probs = [0.1, 0.9, 0.2, 0.8, 0.7, 0.05]
+    assert study_probability(probs, top_k=3) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    assert study_probability(probs, top_k=1) == pytest.approx(0.9)
+
+
+def test_study_probability_clips_k_to_the_number_of_images() -> None:
+    """With fewer images than k, all images are averaged."""
+    assert study_probability([0.2, 0.4], top_k=5) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("probs", "top_k", "fragment"),
+    [([], 5, "no image probabilities"), ([0.5], 0, "top_k"), ([0.5, math.nan], 1, r"\[0, 1\]")],
+)
+def test_study_probability_rejects_bad_input(probs: list[float], top_k: int, fragment: str) -> None:
+    """Empty input, k < 1 and values outside [0, 1] (NaN) raise ValueError."""
+    with pytest.raises(ValueError, match=fragment):
+        study_probability(probs, top_k=top_k)
