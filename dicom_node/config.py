@@ -167,6 +167,16 @@ class DispatchSettings(_Section):
     poll_seconds: Seconds = 1.0
 
 
+class ServiceSettings(_Section):
+    """The process: health and metrics endpoint, systemd integration, shutdown."""
+
+    #: Prometheus metrics, /healthz and /readyz over HTTP; port 0 turns the endpoint off.
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    #: How long SIGTERM waits for open associations and the job in hand before parking it.
+    drain_seconds: Seconds = 30.0
+
+
 class JobSettings(_Section):
     """The worker: retries of failed jobs."""
 
@@ -176,6 +186,8 @@ class JobSettings(_Section):
     retry_max_seconds: Seconds = 900.0
     #: How often the worker and the completion scan look for work.
     poll_seconds: Seconds = 1.0
+    #: A job running longer than this counts as hung (the watchdog stops being pinged).
+    job_timeout_seconds: Seconds = 3600.0
 
 
 def _check_device(value: str) -> str:
@@ -306,7 +318,7 @@ class SelectionSettings(_Section):
     """Which series of a study is analysed: the rules, as data, checked from headers alone."""
 
     #: ``best``: the one qualifying series with the thinnest slice spacing, then the most slices,
-    #: then ORIGINAL\\PRIMARY; ``all``: every qualifying series.
+    #: then ORIGINAL\PRIMARY; ``all``: every qualifying series.
     policy: Literal["best", "all"] = "best"
     #: Modality (0008,0060) values that qualify.
     modalities: tuple[CodeString, ...] = ("CT",)
@@ -318,7 +330,7 @@ class SelectionSettings(_Section):
     #: Images with any of these Image Type (0008,0008) values are left out of their series (a
     #: scout filed with the axial images); a series left with no image fails.
     excluded_image_types: tuple[CodeString, ...] = ("LOCALIZER",)
-    #: ``true``: only ORIGINAL\\PRIMARY series qualify; ``false``: they are only preferred.
+    #: ``true``: only ORIGINAL\PRIMARY series qualify; ``false``: they are only preferred.
     require_original_primary: bool = False
     #: Fewest slices (frames of an Enhanced CT) a series needs.
     min_slices: Annotated[int, AfterValidator(_check_slice_count)] = 20
@@ -379,6 +391,7 @@ class Config(_Section):
     logging: LoggingSettings = LoggingSettings()
     jobs: JobSettings = JobSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    service: ServiceSettings = ServiceSettings()
     model: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
     lesions: LesionSettings = LesionSettings()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from dicom_node.store.jobs import JobStore
+    from dicom_node.store.outbox import Outbox
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -43,3 +52,38 @@ SENDS = Counter(
     ["destination", "outcome"],
     registry=REGISTRY,
 )
+
+
+class StoreCollector(Collector):
+    """Gauges read from the job store at scrape time: jobs by state, queue depth, deliveries."""
+
+    def __init__(self, store: JobStore, outbox: Outbox) -> None:
+        self.store = store
+        self.outbox = outbox
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
+        counts = self.store.counts()
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily(
+            "dicom_node_queue_depth", "Jobs waiting to run", value=counts.get("queued", 0)
+        )
+        deliveries = GaugeMetricFamily(
+            "dicom_node_deliveries",
+            "Outbox rows by destination and state",
+            labels=["destination", "state"],
+        )
+        tally: dict[tuple[str, str], int] = {}
+        for item in self.outbox.items():
+            key = (item.destination, item.state.value)
+            tally[key] = tally.get(key, 0) + 1
+        for (dest, state), n in sorted(tally.items()):
+            deliveries.add_metric([dest, state], n)
+        yield deliveries
+        yield GaugeMetricFamily(
+            "dicom_node_dead_letters",
+            "Deliveries dead-lettered",
+            value=sum(n for (_, state), n in tally.items() if state == "dead"),
+        )

@@ -7,6 +7,7 @@ finish (or parks it for the next start) and returns exit status 0.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -21,7 +22,9 @@ from dicom_node.config import Config
 from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.dispatch.routing import destinations_for
 from dicom_node.errors import NodeError
-from dicom_node.metrics import FREE_DISK
+from dicom_node.health import HealthServer
+from dicom_node.metrics import FREE_DISK, REGISTRY, StoreCollector
+from dicom_node.notify import Notifier
 from dicom_node.pipeline import InventoryPipeline, StudyPipeline
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.jobs import JobStore
@@ -79,6 +82,9 @@ class Node:
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.notifier = Notifier()
+        self.health: HealthServer | None = None
+        self._collector = StoreCollector(self.store, self.outbox)
 
     def start(self) -> None:
         """Recover from any earlier crash, bind the port, start the threads."""
@@ -92,6 +98,13 @@ class Node:
             },
         )
         self.receiver.start()
+        http = self.config.service
+        if http.http_port:
+            self.health = HealthServer(
+                http.http_host, http.http_port, live=self.live_checks, ready=self.ready_checks
+            )
+            self.health.start()
+        REGISTRY.register(self._collector)
         poll = self.config.jobs.poll_seconds
         self._threads = [
             threading.Thread(target=self._completion_loop, name="completion", daemon=True),
@@ -104,6 +117,35 @@ class Node:
         ]
         for t in self._threads:
             t.start()
+        self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        counts = self.store.counts()
+        return (
+            f"listening on {self.config.node.port}; "
+            f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running, "
+            f"{counts.get('sending', 0)} sending, {counts.get('dead', 0)} dead"
+        )
+
+    def live_checks(self) -> dict[str, bool]:
+        """Liveness: the receiver's accept loop and every worker thread are alive, and a job
+        in hand has not outlived its time limit."""
+        server = self.receiver.server_thread_alive()
+        threads = {t.name: t.is_alive() for t in self._threads}
+        return {"receiver": server, **threads, "worker_progress": self.worker.making_progress()}
+
+    def ready_checks(self) -> dict[str, bool]:
+        """Readiness: port bound, model loaded, disk above the floor, job store writable."""
+        try:
+            disk = self.spool.free_bytes() >= self.spool.min_free_bytes
+        except OSError:
+            disk = False
+        return {
+            "port_bound": self.receiver.server_thread_alive(),
+            "model_loaded": bool(getattr(self.worker.pipeline, "ready", True)),
+            "disk_above_floor": disk,
+            "job_store_writable": self.store.writable(),
+        }
 
     def _completion_loop(self) -> None:
         poll = min(self.config.jobs.poll_seconds, self.config.study.stable_seconds / 4)
@@ -121,6 +163,7 @@ class Node:
         start.
         """
         logger.info("stopping: no new associations")
+        self.notifier.stopping()
         self.receiver.stop(drain_seconds=min(drain_seconds, 10.0))
         self._stop.set()
         self.worker.wake.set()
@@ -133,6 +176,10 @@ class Node:
             logger.warning("a job is still running; it is parked and resumes at the next start")
         else:
             self.store.close()
+        if self.health is not None:
+            self.health.stop()
+        with contextlib.suppress(KeyError):  # start() never ran
+            REGISTRY.unregister(self._collector)
         os.close(self._lock_fd)
         logger.info("stopped")
 
@@ -147,9 +194,22 @@ class Node:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        while not stop.wait(0.5):
-            pass
-        self.stop()
+        interval = self.notifier.watchdog_interval or 5.0
+        tick = min(0.5, interval)
+        last = 0.0
+        while not stop.wait(tick):
+            now = time.monotonic()
+            if now - last < interval:
+                continue
+            last = now
+            live = self.live_checks()
+            if all(live.values()):
+                self.notifier.watchdog()  # no ping while unhealthy: systemd restarts us
+                self.notifier.status(self._status_line())
+            else:
+                failed = ", ".join(k for k, ok in live.items() if not ok)
+                logger.error("unhealthy (%s); withholding the watchdog ping", failed)
+        self.stop(drain_seconds=self.config.service.drain_seconds)
         return 0
 
 

@@ -71,6 +71,11 @@ class Worker:
         self.busy = False
         self.last_beat = time.monotonic()
 
+    def making_progress(self) -> bool:
+        """False when the worker loop has not come round for longer than a job may take."""
+        limit = self.settings.job_timeout_seconds + 60.0
+        return time.monotonic() - self.last_beat < limit
+
     def run_once(self) -> Job | None:
         """Run the next due job, if any; returns the job as it finished."""
         job = self.store.claim_next_job()

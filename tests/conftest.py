@@ -20,8 +20,8 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Start ``dicom-node serve`` subprocesses; every one still running is killed at the end."""
     started: list[NodeProcess] = []
 
-    def make(name: str = "node", **settings: Any) -> NodeProcess:
-        node = NodeProcess(root=tmp_path / name, settings=settings)
+    def make(name: str = "node", env: dict[str, str] | None = None, **settings: Any) -> NodeProcess:
+        node = NodeProcess(root=tmp_path / name, settings=settings, env=env or {})
         started.append(node)
         return node.start()
 

@@ -108,6 +108,8 @@ class NodeProcess:
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -130,6 +132,7 @@ class NodeProcess:
             "jobs": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "retry_max_seconds": 2.0},
             "destinations": [],
             "logging": {"level": "INFO", "format": "json"},
+            "service": {"http_port": self.http_port},
         }
         for section, values in self.settings.items():
             if isinstance(values, dict):
@@ -146,7 +149,7 @@ class NodeProcess:
             [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **self.env},
         )
         log.close()
         wait_for_port(self.port, proc=self.proc)

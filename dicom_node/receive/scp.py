@@ -127,6 +127,7 @@ class Receiver:
         self.store = store
         self.completion = completion
         self._server: ThreadedAssociationServer | None = None
+        self._accept: threading.Thread | None = None
         self._stripes = [threading.Lock() for _ in range(64)]
         self._own_root = config.uid_root + "." if config.uid_root != "2.25" else None
         self.dropped: Counter[str] = Counter()
@@ -165,13 +166,23 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers
+        server = self.ae.make_server(
+            (node.host, node.port), evt_handlers=handlers, server_class=ThreadedAssociationServer
         )
+        self._server = server
+        self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() know it
+        self._accept = threading.Thread(
+            target=self._server.serve_forever, name="dicom-accept", daemon=True
+        )
+        self._accept.start()
         logger.info(
             "listening",
             extra={"fields": {"ae_title": node.ae_title, "host": node.host, "port": self.port}},
         )
+
+    def server_thread_alive(self) -> bool:
+        """True while the listening socket is open and its accept loop runs."""
+        return self._server is not None and self._accept is not None and self._accept.is_alive()
 
     def stop(self, *, drain_seconds: float = 10.0) -> None:
         """Stop accepting associations; let open ones finish for up to ``drain_seconds``."""
@@ -180,6 +191,8 @@ class Receiver:
             return
         # stops the accept loop and closes the listening socket; open associations go on
         server.shutdown()
+        if self._accept is not None:
+            self._accept.join(5)
         deadline = time.monotonic() + drain_seconds
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -1,0 +1,91 @@
+"""The node as a service: sd_notify on a real notify socket, the HTTP endpoint, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.peers import NodeProcess, storescu
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as rsp:
+            return rsp.status, rsp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_sd_notify_ready_watchdog_status_stopping(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """READY=1 only once the port is bound; WATCHDOG=1 pings at half WatchdogSec; STATUS lines;
+    STOPPING=1 on SIGTERM, then exit 0 — all read from a real notify socket."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    node = node_factory(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    messages: list[str] = []
+
+    def read_until(key: str) -> None:
+        while not any(key in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+
+    read_until("READY=1")
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=listening on" in ready
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5):
+        pass  # the port was bound before READY
+    started = time.monotonic()
+    read_until("WATCHDOG=1")
+    pings = 1
+    while pings < 3:
+        if "WATCHDOG=1" in sock.recv(4096).decode():
+            pings += 1
+    assert time.monotonic() - started < 5  # every ~0.5 s
+    assert node.terminate() == 0
+    read_until("STOPPING=1")
+    sock.close()
+
+
+def test_http_metrics_health_and_readiness(
+    node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """/healthz and /readyz answer 200 with their checks; /metrics counts what was received."""
+    node = node_factory()
+    assert storescu(write_study(slices=3), node.port).returncode == 0
+    node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done")
+    code, body = _get(node.http_port, "/healthz")
+    assert code == 200, body
+    assert json.loads(body)["ok"] is True
+    code, body = _get(node.http_port, "/readyz")
+    assert code == 200, body
+    checks = json.loads(body)["checks"]
+    assert checks == {
+        "port_bound": True,
+        "model_loaded": True,
+        "disk_above_floor": True,
+        "job_store_writable": True,
+    }
+    code, body = _get(node.http_port, "/metrics")
+    text = body.decode()
+    assert code == 200
+    assert 'dicom_node_instances_received_total{outcome="stored"} 3.0' in text
+    assert 'dicom_node_jobs{state="done"} 1.0' in text
+    assert 'dicom_node_studies_completed_total{reason="quiet period"} 1.0' in text
+    assert "dicom_node_free_disk_bytes" in text
+    assert _get(node.http_port, "/nothing")[0] == 404
+
+
+def test_readiness_fails_below_the_disk_floor(node_factory: Callable[..., NodeProcess]) -> None:
+    """/readyz answers 503 and names the failed check when the disk is below the floor."""
+    node = node_factory(storage={"min_free_disk_mb": 1024 * 1024 * 1024})
+    code, body = _get(node.http_port, "/readyz")
+    assert code == 503
+    assert json.loads(body)["checks"]["disk_above_floor"] is False
