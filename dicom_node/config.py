@@ -137,6 +137,9 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
     include_patient_data: bool = False
+    #: The audit log (JSON lines: who sent what, what was sent where, security events).
+    #: Relative paths are inside storage.data_dir; ``null`` turns it off.
+    audit_path: Path | None = Path("audit.jsonl")
 
 
 class KnownPeer(_Section):

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from dicom_node import __version__
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.dispatch.routing import destinations_for
@@ -64,8 +65,10 @@ class Node:
             min_free_bytes=config.storage.min_free_disk_mb * 2**20,
             fsync=config.storage.fsync,
         )
+        audit_path = config.logging.audit_path
+        self.audit = AuditLog(None if audit_path is None else data / audit_path)
         self.outbox = Outbox(self.store, config.dispatch)
-        self.dispatcher = Dispatcher(config, self.outbox)
+        self.dispatcher = Dispatcher(config, self.outbox, self.audit)
         self.worker = Worker(
             self.store,
             pipeline or InventoryPipeline(),
@@ -78,7 +81,7 @@ class Node:
             self.store, config.study, on_job=lambda _job: self.worker.wake.set()
         )
         self.receiver = Receiver(
-            config, spool=self.spool, store=self.store, completion=self.completion
+            config, spool=self.spool, store=self.store, completion=self.completion, audit=self.audit
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -118,6 +121,12 @@ class Node:
         for t in self._threads:
             t.start()
         self.notifier.ready(self._status_line())
+        self.audit.application(
+            "start",
+            version=__version__,
+            ae_title=self.config.node.ae_title,
+            port=self.config.node.port,
+        )
 
     def _status_line(self) -> str:
         counts = self.store.counts()
@@ -180,6 +189,7 @@ class Node:
             self.health.stop()
         with contextlib.suppress(KeyError):  # start() never ran
             REGISTRY.unregister(self._collector)
+        self.audit.application("stop", version=__version__)
         os.close(self._lock_fd)
         logger.info("stopped")
 

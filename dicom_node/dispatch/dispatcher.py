@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
 from dicom_node.dispatch.scu import send_files
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 class Dispatcher:
     """Sends outbox rows to their destinations, with retries handled by :class:`Outbox`."""
 
-    def __init__(self, config: Config, outbox: Outbox) -> None:
+    def __init__(self, config: Config, outbox: Outbox, audit: AuditLog | None = None) -> None:
+        self.audit = audit or AuditLog(None)
         self.config = config
         self.outbox = outbox
         self.wake = threading.Event()
@@ -72,6 +74,16 @@ class Dispatcher:
             )
             retry_later = False
             for item, outcome in zip(items, outcomes, strict=True):
+                self.audit.sent(
+                    destination=name,
+                    ae_title=peer.ae_title,
+                    host=peer.host,
+                    port=peer.port,
+                    job=item.job_id,
+                    sop_instance_uid=item.sop_instance_uid,
+                    sop_class_uid=item.sop_class_uid,
+                    outcome="success" if outcome.delivered else outcome.detail,
+                )
                 if outcome.delivered:
                     self.outbox.delivered(item.id, outcome.status or 0)
                     SENDS.labels(name, "delivered").inc()

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import MANUFACTURER
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.errors import (
     DatasetError,
@@ -120,8 +121,16 @@ class Receiver:
     """
 
     def __init__(
-        self, config: Config, *, spool: Spool, store: JobStore, completion: Completion
+        self,
+        config: Config,
+        *,
+        spool: Spool,
+        store: JobStore,
+        completion: Completion,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit or AuditLog(None)
+        self._tally: dict[int, Counter[str]] = {}
         self.config = config
         self.spool = spool
         self.store = store
@@ -218,6 +227,9 @@ class Receiver:
         for caller in allowed:
             if caller.ae_title.strip() == calling and caller.host in (None, address):
                 return
+        self.audit.security(
+            "calling AE not allowed", calling_ae=calling, peer=address, called_ae=self.ae.ae_title
+        )
         logger.warning(
             "association rejected: calling AE not allowed",
             extra={"fields": {"calling_ae": calling, "peer": address, "security": True}},
@@ -233,12 +245,24 @@ class Receiver:
     def _on_rejected(self, event: Event) -> None:
         ASSOCIATIONS.labels("rejected").inc()
 
+    def _audit_association(self, event: Event, outcome: str) -> None:
+        tally = self._tally.pop(id(event.assoc), None)
+        if tally:
+            self.audit.received(
+                calling_ae=event.assoc.requestor.ae_title.strip(),
+                peer=event.assoc.requestor.address,
+                studies=dict(tally),
+                outcome=outcome,
+            )
+
     def _on_released(self, event: Event) -> None:
         ASSOCIATIONS.labels("released").inc()
+        self._audit_association(event, "success")
         self.completion.association_ended(id(event.assoc), released=True)
 
     def _on_aborted(self, event: Event) -> None:
         ASSOCIATIONS.labels("aborted").inc()
+        self._audit_association(event, "association aborted")
         self.completion.association_ended(id(event.assoc), released=False)
 
     # -- C-STORE --------------------------------------------------------------------------------
@@ -343,6 +367,7 @@ class Receiver:
                 )
             )
         self.completion.instance_received(id(event.assoc), ident.study_uid)
+        self._tally.setdefault(id(event.assoc), Counter())[ident.study_uid] += 1
         if recorded is Recorded.REPLACED:
             logger.info(
                 "instance replaced by different content; study re-opened",

@@ -33,7 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +61,7 @@ __all__ = [
     "SeriesSpec",
     "StudyIdentity",
     "ct_slice_dataset",
+    "derived_uid",
     "slice_positions_mm",
     "write_ct_series",
     "write_enhanced_ct",
@@ -158,8 +159,12 @@ def _check_length(value: str, limit: int, what: str) -> None:
         raise ValueError(f"{what} is longer than {limit} characters: {len(value)}")
 
 
-def _derived_uid(*parts: object) -> UID:
-    """A UID that depends only on ``parts`` (hashed under pydicom's root, never the node's)."""
+def derived_uid(*parts: object) -> UID:
+    """A UID that depends only on ``parts``: the same parts always give the same UID.
+
+    Hashed under pydicom's UID root, never the node's own root, so that synthetic inputs are
+    never mistaken for the node's output.
+    """
     return generate_uid(entropy_srcs=[_UID_SALT, *(str(p) for p in parts)])
 
 
@@ -224,7 +229,7 @@ class StudyIdentity:
                 ) from exc
 
     @classmethod
-    def random(cls, rng: np.random.Generator | int, **overrides: object) -> StudyIdentity:
+    def random(cls, rng: np.random.Generator | int, **overrides: Any) -> StudyIdentity:
         """A plausible, entirely invented identity, drawn from ``rng`` (a Generator or a seed).
 
         The same seed gives the same identity, UIDs included. ``overrides`` replace fields by
@@ -236,23 +241,22 @@ class StudyIdentity:
         study_day = datetime.date(2015, 1, 1) + datetime.timedelta(
             days=int(gen.integers(0, 365 * 10))
         )
-        values: dict[str, object] = {
-            "patient_name": f"{gen.choice(_LAST_NAMES)}^{gen.choice(_FIRST_NAMES)}",
-            "patient_id": f"PH{int(gen.integers(0, 10**8)):08d}",
-            "patient_birth_date": birth,
-            "patient_sex": [PatientSex.MALE, PatientSex.FEMALE][int(gen.integers(0, 2))],
-            "study_instance_uid": str(_derived_uid("study", token)),
-            "study_date": study_day,
-            "study_time": datetime.time(
+        identity = cls(
+            patient_name=f"{gen.choice(_LAST_NAMES)}^{gen.choice(_FIRST_NAMES)}",
+            patient_id=f"PH{int(gen.integers(0, 10**8)):08d}",
+            patient_birth_date=birth,
+            patient_sex=[PatientSex.MALE, PatientSex.FEMALE][int(gen.integers(0, 2))],
+            study_instance_uid=str(derived_uid("study", token)),
+            study_date=study_day,
+            study_time=datetime.time(
                 int(gen.integers(7, 19)), int(gen.integers(0, 60)), int(gen.integers(0, 60))
             ),
-            "accession_number": f"A{int(gen.integers(0, 10**9)):09d}",
-            "study_id": str(int(gen.integers(1, 10**6))),
-            "study_description": "CT CHEST",
-            "referring_physician_name": f"{gen.choice(_LAST_NAMES)}^{gen.choice(_FIRST_NAMES)}",
-        }
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+            accession_number=f"A{int(gen.integers(0, 10**9)):09d}",
+            study_id=str(int(gen.integers(1, 10**6))),
+            study_description="CT CHEST",
+            referring_physician_name=f"{gen.choice(_LAST_NAMES)}^{gen.choice(_FIRST_NAMES)}",
+        )
+        return replace(identity, **overrides) if overrides else identity
 
 
 @dataclass(frozen=True)
@@ -583,7 +587,7 @@ def _check_syntax(transfer_syntax: str) -> UID:
 def _instance_uid(seed: int | None, series_uid: str, index: int) -> UID:
     if seed is None:
         return generate_uid()
-    return _derived_uid("instance", seed, series_uid, index)
+    return derived_uid("instance", seed, series_uid, index)
 
 
 def _slice_dataset(
@@ -941,7 +945,7 @@ def _enhanced_shared_group(
         ]
     )
     shared.IrradiationEventIdentificationSequence = DicomSequence(
-        [_item(IrradiationEventUID=_derived_uid("irradiation", sop_uid))]
+        [_item(IrradiationEventUID=derived_uid("irradiation", sop_uid))]
     )
     shared.CTImageFrameTypeSequence = DicomSequence(
         [
@@ -1148,7 +1152,7 @@ def write_enhanced_ct(
     # Acquisition Context
     ds.AcquisitionContextSequence = DicomSequence()
     # Multi-frame Dimension: one dimension, the frame position
-    dim_uid = _derived_uid("dimension", sop_uid)
+    dim_uid = derived_uid("dimension", sop_uid)
     ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = DicomSequence(

@@ -89,3 +89,35 @@ def test_readiness_fails_below_the_disk_floor(node_factory: Callable[..., NodePr
     code, body = _get(node.http_port, "/readyz")
     assert code == 503
     assert json.loads(body)["checks"]["disk_above_floor"] is False
+
+
+def test_audit_log_records_who_sent_what_and_security_events(
+    node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """The audit log (JSON lines) has the start, each association's transfer with its study
+    and count, a rejected caller as a security alert, and the stop."""
+    from pydicom import dcmread
+
+    from tests.peers import echoscu
+
+    files = write_study(slices=4)
+    node = node_factory(node={"allowed_callers": [{"ae_title": "STORESCU"}]})
+    assert storescu(files, node.port).returncode == 0
+    assert echoscu(node.port, calling="STRANGER").returncode != 0
+    assert node.terminate() == 0
+    records = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+    events = [
+        (r["event"], r.get("action") or r.get("direction") or r.get("reason")) for r in records
+    ]
+    assert events == [
+        ("Application Activity", "start"),
+        ("DICOM Instances Transferred", "received"),
+        ("Security Alert", "calling AE not allowed"),
+        ("Application Activity", "stop"),
+    ]
+    transfer = records[1]
+    assert transfer["calling_ae"] == "STORESCU"
+    assert transfer["studies"] == {str(dcmread(files[0]).StudyInstanceUID): 4}
+    assert records[2]["calling_ae"] == "STRANGER"
+    # ordinary logs carry no Study Instance UID by default
+    assert str(dcmread(files[0]).StudyInstanceUID) not in node.log()

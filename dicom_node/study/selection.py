@@ -1,0 +1,368 @@
+"""Series selection: which series of a complete study the model analyses.
+
+The rules are data (the ``selection`` section of the configuration), checked on header
+summaries alone (:mod:`dicom_node.study.headers`), in this order, for each series:
+
+1. modality (``CT``) and SOP class (CT or Enhanced CT Image Storage);
+2. Image Type: images with an excluded value (``LOCALIZER``) are left out of their series, so a
+   scout filed with the axial images does not spoil them; a series left empty fails. With
+   ``require_original_primary`` only ORIGINAL\\PRIMARY series qualify (otherwise they are
+   preferred);
+3. Body Part Examined and Series Description against include / exclude regular expressions;
+4. not lossy compressed (unless allowed), a transfer syntax we decode, one sample per pixel;
+5. at least ``min_slices`` slices and at most ``max_slice_thickness_mm``;
+6. axial: the slice normal, computed from Image Orientation (Patient), within
+   ``axial_tolerance_deg`` of the patient z axis (never from a tag that claims a plane);
+7. the volume geometry (:func:`dicom_node.study.volume.plan_volume`: no gap, duplicate,
+   uneven spacing, tilt or mixed orientation), then at most ``max_slice_spacing_mm`` between
+   slices.
+
+Of the series that pass, policy ``best`` chooses one: the thinnest slice spacing, then the most
+slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all`` keeps all, in that
+order. If none passes, :class:`~dicom_node.errors.StudySkipped` says, for every series, every
+rule it failed (rules 1-6 are all reported; the geometry is checked only when they pass).
+
+Series are named in messages and logs by number and description, never by patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+from dicom_node.config import SelectionSettings
+from dicom_node.errors import PipelineError, StudySkipped, VolumeDecodeError, VolumeGeometryError
+from dicom_node.study.headers import InstanceHeader
+from dicom_node.study.volume import DECODABLE_TRANSFER_SYNTAXES, VolumePlan, _mm, plan_volume
+
+__all__ = [
+    "Selection",
+    "SeriesCandidate",
+    "SeriesRejection",
+    "select_series",
+    "series_label",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def series_label(number: int | None, description: str) -> str:
+    """How a series is named in messages: ``series 3 "Lung 1mm"``."""
+    shown_number = str(number) if number is not None else "(no number)"
+    shown_description = f'"{description}"' if description else "(no description)"
+    return f"series {shown_number} {shown_description}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesCandidate:
+    """A series that passed every rule, with its volume plan.
+
+    Attributes
+    ----------
+    series_instance_uid, series_number, series_description
+        Of the series.
+    instances
+        Its images that make the volume (those with an excluded Image Type left out).
+    plan
+        The volume plan; :func:`dicom_node.study.volume.load_volume` decodes it.
+    original_primary
+        Every image is ORIGINAL\\PRIMARY.
+    left_out
+        Images left out for their Image Type (a scout filed in the series).
+    """
+
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    instances: tuple[InstanceHeader, ...]
+    plan: VolumePlan
+    original_primary: bool
+    left_out: int = 0
+
+    @property
+    def label(self) -> str:
+        """``series N "description"``."""
+        return series_label(self.series_number, self.series_description)
+
+    @property
+    def number_of_slices(self) -> int:
+        """Slices (frames) in the volume."""
+        return len(self.plan.slices)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesRejection:
+    """A series that failed at least one rule, and why."""
+
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    reasons: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """``series N "description"``."""
+        return series_label(self.series_number, self.series_description)
+
+    def __str__(self) -> str:
+        return f"{self.label}: {', '.join(self.reasons)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """The outcome of selection for one study.
+
+    Attributes
+    ----------
+    chosen
+        The series to analyse, never empty: one with policy ``best``, all qualifying ones with
+        ``all``; best first.
+    passed_over
+        Series that qualified but were not chosen (policy ``best``).
+    rejected
+        Series that failed a rule, with the reasons.
+    """
+
+    chosen: tuple[SeriesCandidate, ...]
+    passed_over: tuple[SeriesCandidate, ...]
+    rejected: tuple[SeriesRejection, ...]
+
+
+def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSettings) -> Selection:
+    """Apply the selection rules to one study's instances.
+
+    Parameters
+    ----------
+    instances
+        Header summaries of every instance of one study (images and anything else).
+    settings
+        The ``selection`` section of the configuration.
+
+    Returns
+    -------
+    Selection
+        The chosen series (at least one) and why the others were not chosen.
+
+    Raises
+    ------
+    StudySkipped
+        No series qualifies; the message names every series and the rules it failed, e.g.
+        ``series 3 "Scout": localizer; series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm``.
+    PipelineError
+        The instances belong to more than one study.
+    """
+    by_series: dict[str, list[InstanceHeader]] = {}
+    studies: set[str] = set()
+    for inst in instances:
+        studies.add(inst.study_instance_uid)
+        by_series.setdefault(inst.series_instance_uid, []).append(inst)
+    if len(studies) > 1:
+        raise PipelineError(f"instances of {len(studies)} studies given to series selection")
+    if not by_series:
+        raise StudySkipped("no series qualifies for analysis: the study has no instances")
+
+    rules = _Rules(settings)
+    candidates: list[SeriesCandidate] = []
+    rejected: list[SeriesRejection] = []
+    for uid in sorted(by_series, key=lambda u: _series_order(by_series[u], u)):
+        outcome = rules.evaluate(uid, by_series[uid])
+        if isinstance(outcome, SeriesCandidate):
+            candidates.append(outcome)
+        else:
+            rejected.append(outcome)
+            logger.info("%s not selected: %s", outcome.label, ", ".join(outcome.reasons))
+
+    if not candidates:
+        raise StudySkipped(
+            "no series qualifies for analysis: " + "; ".join(str(r) for r in rejected)
+        )
+    candidates.sort(key=_preference)
+    if settings.policy == "best":
+        chosen, passed_over = tuple(candidates[:1]), tuple(candidates[1:])
+    else:
+        chosen, passed_over = tuple(candidates), ()
+    for c in chosen:
+        logger.info(
+            "%s selected: %d slices, %.3g mm apart%s",
+            c.label,
+            c.number_of_slices,
+            c.plan.spacing_mm[0],
+            f", {c.left_out} localizer images left out" if c.left_out else "",
+        )
+    return Selection(chosen=chosen, passed_over=passed_over, rejected=tuple(rejected))
+
+
+def _series_order(instances: Sequence[InstanceHeader], uid: str) -> tuple[bool, int, str]:
+    """Series in messages: by number (those without one last), then UID."""
+    number = instances[0].series_number
+    return (number is None, number or 0, uid)
+
+
+def _preference(c: SeriesCandidate) -> tuple[float, int, bool, float, str]:
+    """Sort key, best first: thinnest spacing, most slices, ORIGINAL\\PRIMARY, lowest number."""
+    return (
+        round(c.plan.spacing_mm[0], 3),
+        -c.number_of_slices,
+        not c.original_primary,
+        c.series_number if c.series_number is not None else math.inf,
+        c.series_instance_uid,
+    )
+
+
+def _plane(normal: Sequence[float]) -> str:
+    """Name the plane of a non-axial slice from its normal's largest component."""
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if axis == 2 or abs(normal[axis]) < math.cos(math.radians(30.0)):
+        return "oblique"
+    return "sagittal" if axis == 0 else "coronal"
+
+
+class _Rules:
+    """The configured rules, with their patterns compiled once."""
+
+    def __init__(self, settings: SelectionSettings) -> None:
+        self.settings = settings
+        flags = re.IGNORECASE
+        self.body_include = [re.compile(p, flags) for p in settings.body_part_include]
+        self.body_exclude = [re.compile(p, flags) for p in settings.body_part_exclude]
+        self.desc_include = [re.compile(p, flags) for p in settings.description_include]
+        self.desc_exclude = [re.compile(p, flags) for p in settings.description_exclude]
+
+    def evaluate(
+        self, uid: str, instances: Sequence[InstanceHeader]
+    ) -> SeriesCandidate | SeriesRejection:
+        first = instances[0]
+        number, description = first.series_number, first.series_description
+        kept, reasons = self._header_rules(instances)
+        plan: VolumePlan | None = None
+        if not reasons:
+            try:
+                plan = plan_volume(kept, settings=self.settings.geometry)
+            except (VolumeGeometryError, VolumeDecodeError) as exc:
+                reasons.append(str(exc))
+        if plan is not None and plan.spacing_mm[0] > self.settings.max_slice_spacing_mm:
+            reasons.append(
+                f"slice spacing {_mm(plan.spacing_mm[0])} > "
+                f"{_mm(self.settings.max_slice_spacing_mm)} mm"
+            )
+        if reasons or plan is None:
+            return SeriesRejection(
+                series_instance_uid=uid,
+                series_number=number,
+                series_description=description,
+                reasons=tuple(reasons),
+            )
+        return SeriesCandidate(
+            series_instance_uid=uid,
+            series_number=number,
+            series_description=description,
+            instances=tuple(kept),
+            plan=plan,
+            original_primary=all(i.is_original_primary for i in kept),
+            left_out=len(instances) - len(kept),
+        )
+
+    def _header_rules(
+        self, instances: Sequence[InstanceHeader]
+    ) -> tuple[list[InstanceHeader], list[str]]:
+        """Rules 1-6; return the images kept and the reasons the series fails."""
+        s = self.settings
+        reasons: list[str] = []
+        modalities = sorted({i.modality or "(none)" for i in instances} - set(s.modalities))
+        if modalities:
+            reasons.append("modality " + "/".join(modalities))
+        classes = sorted({i.sop_class_uid for i in instances} - set(s.sop_classes))
+        if classes:
+            reasons.append("SOP class " + " / ".join(UID(c).name for c in classes))
+
+        excluded = set(s.excluded_image_types)
+        kept = [i for i in instances if not excluded.intersection(i.image_type)]
+        if not kept:
+            hit = sorted(excluded.intersection(v for i in instances for v in i.image_type))
+            reasons.append("localizer" if hit == ["LOCALIZER"] else "image type " + "/".join(hit))
+            return kept, reasons
+        if s.require_original_primary and not all(i.is_original_primary for i in kept):
+            types = sorted({"\\".join(i.image_type[:2]) or "(none)" for i in kept})
+            reasons.append(f"not ORIGINAL\\PRIMARY ({', '.join(types)})")
+
+        first = kept[0]
+        reasons += _pattern_reasons(
+            "body part", first.body_part_examined, self.body_include, self.body_exclude
+        )
+        reasons += _pattern_reasons(
+            "series description", first.series_description, self.desc_include, self.desc_exclude
+        )
+
+        if not s.allow_lossy and any(i.lossy_compressed for i in kept):
+            reasons.append("lossy compressed")
+        syntaxes = sorted(
+            {i.transfer_syntax_uid for i in kept} - DECODABLE_TRANSFER_SYNTAXES,
+        )
+        if syntaxes:
+            names = " / ".join(UID(t).name for t in syntaxes)
+            reasons.append(f"transfer syntax {names} cannot be decoded")
+        if any(i.frames and i.samples_per_pixel != 1 for i in kept):
+            reasons.append("not a grayscale image")
+
+        frames = [f for i in kept for f in i.frames]
+        if not frames:
+            reasons.append("no image")
+            return kept, reasons
+        if len(frames) < s.min_slices:
+            reasons.append(f"{len(frames)} slices < {s.min_slices}")
+        thicknesses = [f.slice_thickness_mm for f in frames if f.slice_thickness_mm is not None]
+        if thicknesses and max(thicknesses) > s.max_slice_thickness_mm:
+            reasons.append(
+                f"slice thickness {_mm(max(thicknesses))} > {_mm(s.max_slice_thickness_mm)} mm"
+            )
+        reasons += self._orientation_reasons([f.orientation for f in frames])
+        return kept, reasons
+
+    def _orientation_reasons(self, orientations: Sequence[tuple[float, ...] | None]) -> list[str]:
+        """Axial within tolerance, from the normal of Image Orientation (Patient)."""
+        limit = self.settings.axial_tolerance_deg
+        missing = sum(o is None for o in orientations)
+        if missing:
+            return [f"no Image Orientation (Patient) on {missing} of {len(orientations)} images"]
+        off_axis: list[tuple[float, tuple[float, float, float]]] = []
+        for o in orientations:
+            assert o is not None
+            row, col = o[:3], o[3:]
+            normal = (
+                row[1] * col[2] - row[2] * col[1],
+                row[2] * col[0] - row[0] * col[2],
+                row[0] * col[1] - row[1] * col[0],
+            )
+            length = math.sqrt(sum(v * v for v in normal))
+            if length < 0.5:
+                return ["Image Orientation (Patient) is not two orthogonal unit vectors"]
+            normal = (normal[0] / length, normal[1] / length, normal[2] / length)
+            angle = math.degrees(math.acos(min(1.0, abs(normal[2]))))
+            if angle > limit:
+                off_axis.append((angle, normal))
+        if not off_axis:
+            return []
+        if len(off_axis) < len(orientations):
+            return [f"mixed orientations: {len(off_axis)} of {len(orientations)} images not axial"]
+        angle, normal = max(off_axis)
+        return [
+            f"{_plane(normal)}, not axial (slice normal {angle:.1f}° from the "
+            f"patient z axis, more than {limit:g}°)"
+        ]
+
+
+def _pattern_reasons(
+    what: str, value: str, include: Sequence[re.Pattern[str]], exclude: Sequence[re.Pattern[str]]
+) -> list[str]:
+    shown = f'"{value}"' if value else "(none)"
+    if include and not any(p.search(value) for p in include):
+        return [f"{what} {shown} matches no include pattern"]
+    for p in exclude:
+        if p.search(value):
+            return [f'{what} {shown} matches exclude pattern "{p.pattern}"']
+    return []

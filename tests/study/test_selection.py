@@ -1,0 +1,278 @@
+"""Series selection: the configured rules, the reasons a series fails, and the policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import SelectionSettings, load_config
+from dicom_node.errors import ConfigError, PipelineError, StudySkipped
+from dicom_node.study.headers import InstanceHeader, read_headers
+from dicom_node.study.selection import select_series
+from dicom_node.study.volume import load_volume
+from dicom_node.training.ctseries import (
+    CORONAL_ORIENTATION,
+    SeriesSpec,
+    StudyIdentity,
+    write_enhanced_ct,
+    write_localizer,
+)
+from tests.study.conftest import WriteSeries, hu_volume
+
+DEFAULTS = SelectionSettings()
+
+
+def _headers(*groups: list[Path]) -> list[InstanceHeader]:
+    return [h for paths in groups for h in read_headers(paths)]
+
+
+def _scout(tmp_path: Path, study: StudyIdentity, number: int = 3) -> list[Path]:
+    spec = SeriesSpec(series_number=number, series_description="Scout")
+    path = write_localizer(
+        hu_volume(20, 16, 16),
+        tmp_path / "scout",
+        spacing_mm=(5.0, 0.7, 0.7),
+        study=study,
+        series=spec,
+    )
+    return [path]
+
+
+def test_thin_series_chosen_over_localizer_and_thick(
+    write_series: WriteSeries, tmp_path: Path, study: StudyIdentity
+) -> None:
+    """Localizer + 5 mm + 1 mm recon: the 1 mm series is chosen; the others say why not."""
+    thin = write_series("thin", SeriesSpec(series_number=4, series_description="Lung 1mm"))
+    thick = write_series(
+        "thick",
+        SeriesSpec(series_number=5, series_description="Lung 5mm"),
+        n_slices=20,
+        spacing_mm=(5.0, 0.7, 0.7),
+    )
+    selection = select_series(_headers(_scout(tmp_path, study), thick, thin), settings=DEFAULTS)
+    (chosen,) = selection.chosen
+    assert chosen.label == 'series 4 "Lung 1mm"'
+    assert chosen.number_of_slices == 24
+    assert chosen.plan.spacing_mm[0] == pytest.approx(1.0)
+    assert [str(r) for r in selection.rejected] == [
+        'series 3 "Scout": localizer',
+        'series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm',
+    ]
+    # the plan is what the volume is decoded from: headers are not read again
+    volume = load_volume(chosen.plan)
+    assert volume.shape == (24, 16, 16)
+
+
+def test_only_failing_series_skip_the_study_with_one_reason_each(
+    write_series: WriteSeries, tmp_path: Path, study: StudyIdentity
+) -> None:
+    """No series qualifies: StudySkipped names every series and its failed rule, no patient data."""
+    thick = write_series(
+        "thick",
+        SeriesSpec(series_number=5, series_description="Lung 5mm"),
+        n_slices=20,
+        spacing_mm=(5.0, 0.7, 0.7),
+    )
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(thick, _scout(tmp_path, study)), settings=DEFAULTS)
+    message = str(err.value)
+    assert message == (
+        'no series qualifies for analysis: series 3 "Scout": localizer; '
+        'series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm'
+    )
+    for private in (study.patient_name, study.patient_id, study.accession_number):
+        assert private not in message
+
+
+def test_coronal_series_is_rejected_by_the_orientation_tolerance(
+    write_series: WriteSeries,
+) -> None:
+    """A coronal reformat fails 'axial', computed from Image Orientation (Patient)."""
+    spec = SeriesSpec(
+        series_number=7, series_description="Cor", image_orientation=CORONAL_ORIENTATION
+    )
+    paths = write_series("cor", spec)
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(paths), settings=DEFAULTS)
+    assert str(err.value).endswith(
+        'series 7 "Cor": coronal, not axial (slice normal 90.0° from the patient z axis, '
+        "more than 10°)"
+    )
+
+
+def test_oblique_axial_passes_or_fails_by_the_configured_tolerance(
+    write_series: WriteSeries,
+) -> None:
+    """An axial series tipped 5° qualifies at a 10° tolerance and fails at 2°."""
+    c, s = math.cos(math.radians(5.0)), math.sin(math.radians(5.0))
+    spec = SeriesSpec(image_orientation=(1.0, 0.0, 0.0, 0.0, c, s))
+    paths = write_series("obl", spec)
+    assert select_series(_headers(paths), settings=DEFAULTS).chosen
+    strict = SelectionSettings(axial_tolerance_deg=2.0)
+    with pytest.raises(StudySkipped, match=r"oblique, not axial \(slice normal 5\.0°"):
+        select_series(_headers(paths), settings=strict)
+
+
+def test_policy_all_returns_every_qualifying_series_best_first(
+    write_series: WriteSeries,
+) -> None:
+    """Two qualifying recons: ``best`` keeps the thinner, ``all`` keeps both, thinner first."""
+    two = write_series(
+        "two", SeriesSpec(series_number=2, series_description="2mm"), spacing_mm=(2.0, 0.7, 0.7)
+    )
+    one = write_series("one", SeriesSpec(series_number=3, series_description="1mm"))
+    headers = _headers(two, one)
+    best = select_series(headers, settings=DEFAULTS)
+    assert [c.series_number for c in best.chosen] == [3]
+    assert [c.series_number for c in best.passed_over] == [2]
+    every = select_series(headers, settings=SelectionSettings(policy="all"))
+    assert [c.series_number for c in every.chosen] == [3, 2]
+    assert every.passed_over == ()
+
+
+def test_ties_go_to_more_slices_then_original(write_series: WriteSeries) -> None:
+    """Same spacing: the series with more slices wins; same count: ORIGINAL\\PRIMARY wins."""
+    short = write_series("short", SeriesSpec(series_number=1), n_slices=22)
+    derived = write_series(
+        "derived",
+        SeriesSpec(series_number=2, image_type=("DERIVED", "SECONDARY", "AXIAL")),
+        n_slices=24,
+    )
+    original = write_series("original", SeriesSpec(series_number=3), n_slices=24)
+    chosen = select_series(_headers(short, derived, original), settings=DEFAULTS).chosen
+    assert chosen[0].series_number == 3
+    chosen = select_series(_headers(short, derived), settings=DEFAULTS).chosen
+    assert chosen[0].series_number == 2
+    strict = SelectionSettings(require_original_primary=True)
+    with pytest.raises(StudySkipped, match=r"not ORIGINAL\\PRIMARY \(DERIVED\\SECONDARY\)"):
+        select_series(_headers(derived), settings=strict)
+
+
+def test_scout_filed_inside_the_axial_series_is_left_out(
+    write_series: WriteSeries, tmp_path: Path, study: StudyIdentity
+) -> None:
+    """A localizer image with the axial series' UID is dropped; the axial images still qualify."""
+    spec = SeriesSpec(series_number=2, series_description="Chest")
+    axial = write_series("axial", spec)
+    scout = write_localizer(
+        hu_volume(20), tmp_path / "scout", spacing_mm=(1.0, 0.7, 0.7), study=study, series=spec
+    )
+    (chosen,) = select_series(_headers(axial, [scout]), settings=DEFAULTS).chosen
+    assert chosen.left_out == 1
+    assert chosen.number_of_slices == 24
+
+
+def test_gap_in_the_thin_series_falls_back_to_a_sound_one(write_series: WriteSeries) -> None:
+    """A thin series with a missing slice is rejected with the gap; a sound series is chosen."""
+    positions = [float(k) for k in range(25) if k != 12]
+    gappy = write_series(
+        "gappy", SeriesSpec(series_number=3, series_description="thin"), positions_mm=positions
+    )
+    sound = write_series(
+        "sound", SeriesSpec(series_number=4, series_description="2mm"), spacing_mm=(2.0, 0.7, 0.7)
+    )
+    selection = select_series(_headers(gappy, sound), settings=DEFAULTS)
+    assert selection.chosen[0].series_number == 4
+    (rejected,) = selection.rejected
+    assert str(rejected) == (
+        'series 3 "thin": missing slice: gap of 2.0 mm at z=11.0 mm, expected 1.0 mm'
+    )
+
+
+def test_spacing_and_slice_count_rules(write_series: WriteSeries) -> None:
+    """Too few slices, and slices farther apart than allowed, fail with the numbers."""
+    few = write_series("few", SeriesSpec(series_number=1, series_description="few"), n_slices=8)
+    sparse = write_series(
+        "sparse",
+        SeriesSpec(series_number=2, series_description="gapped", slice_thickness=1.0),
+        spacing_mm=(3.0, 0.7, 0.7),
+    )
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(few, sparse), settings=DEFAULTS)
+    assert str(err.value) == (
+        'no series qualifies for analysis: series 1 "few": 8 slices < 20; '
+        'series 2 "gapped": slice spacing 3.0 > 2.5 mm'
+    )
+
+
+def test_body_part_and_description_patterns(write_series: WriteSeries) -> None:
+    """Include and exclude patterns (case-insensitive) on body part and description."""
+    head = write_series(
+        "head", SeriesSpec(series_number=1, series_description="Head", body_part_examined="HEAD")
+    )
+    mip = write_series("mip", SeriesSpec(series_number=2, series_description="Lung MIP 1mm"))
+    settings = SelectionSettings(body_part_include=("chest|lung",), description_exclude=("mip",))
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(head, mip), settings=settings)
+    assert str(err.value) == (
+        'no series qualifies for analysis: series 1 "Head": body part "HEAD" matches no include '
+        'pattern; series 2 "Lung MIP 1mm": series description "Lung MIP 1mm" matches exclude '
+        'pattern "mip"'
+    )
+
+
+def test_enhanced_ct_counts_its_frames_as_slices(tmp_path: Path, study: StudyIdentity) -> None:
+    """An Enhanced CT file of 24 frames qualifies as a 24-slice series."""
+    path = write_enhanced_ct(
+        hu_volume(24),
+        tmp_path / "e.dcm",
+        spacing_mm=(1.0, 0.7, 0.7),
+        study=study,
+        series=SeriesSpec(series_number=9),
+    )
+    (chosen,) = select_series(read_headers([path]), settings=DEFAULTS).chosen
+    assert chosen.number_of_slices == 24
+
+
+def test_non_ct_instances_and_lossy_images_fail_their_rules(write_series: WriteSeries) -> None:
+    """Another modality or SOP class, and lossy compression, are reasons; all are listed."""
+    ct = read_headers(write_series("ct", SeriesSpec(series_number=1, series_description="CT")))
+    sr = dataclasses.replace(
+        ct[0],
+        series_instance_uid="1.2.3.4",
+        series_number=99,
+        series_description="Report",
+        modality="SR",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+        frames=(),
+    )
+    lossy = [dataclasses.replace(h, lossy_compressed=True) for h in ct]
+    with pytest.raises(StudySkipped) as err:
+        select_series([*lossy, sr], settings=DEFAULTS)
+    assert str(err.value) == (
+        'no series qualifies for analysis: series 1 "CT": lossy compressed; '
+        'series 99 "Report": modality SR, SOP class Comprehensive 3D SR Storage, no image'
+    )
+    assert select_series(lossy, settings=SelectionSettings(allow_lossy=True)).chosen
+
+
+def test_instances_of_two_studies_are_an_error(write_series: WriteSeries) -> None:
+    """Selection works on one study; instances of two are a pipeline error."""
+    headers = read_headers(write_series("a", SeriesSpec()))
+    other = dataclasses.replace(headers[0], study_instance_uid="1.2.3")
+    with pytest.raises(PipelineError, match="2 studies"):
+        select_series([*headers, other], settings=DEFAULTS)
+
+
+def test_selection_config_errors_name_the_key() -> None:
+    """Bad selection settings fail at load with the key's path, the value and what was expected."""
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            overrides={
+                "selection": {
+                    "max_slice_spacing_mm": -1,
+                    "description_exclude": ["("],
+                    "modalities": ["ct"],
+                    "geometry": {"spacing_tolerance": 2},
+                }
+            }
+        )
+    message = str(err.value)
+    assert "selection.max_slice_spacing_mm: -1 is not a length in mm (a positive number)" in message
+    assert 'selection.description_exclude[0]: "(" is not a regular expression' in message
+    assert 'selection.modalities[0]: "ct" is not a DICOM code string' in message
+    assert "selection.geometry.spacing_tolerance: 2 is not a fraction" in message
+    assert load_config().selection == SelectionSettings()
