@@ -61,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="re-queue a dead (or failed) job")
     _config_args(retry)
     retry.add_argument("job", type=int)
+    analyze = sub.add_parser(
+        "analyze", help="analyse a study from files; write findings and results"
+    )
+    _config_args(analyze)
+    analyze.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="DICOM files or folders"
+    )
+    analyze.add_argument("--out", type=Path, default=Path("analysis-out"), help="output folder")
+    analyze.add_argument(
+        "--model", type=Path, default=None, help="model folder (overrides model.path)"
+    )
+    analyze.add_argument("--json", action="store_true", help="print the findings as JSON")
+
     send = sub.add_parser("send", help="C-STORE files to a configured destination now")
     _config_args(send)
     send.add_argument("files", type=Path, nargs="+", help="DICOM files or folders")
@@ -70,6 +83,64 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(echo)
     echo.add_argument("name", help="a destination's name")
     return parser
+
+
+def _dicom_files(inputs: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file()))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    if not files:
+        raise UsageError("no files found in the inputs")
+    return files
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from dicom_node.analysis.pipeline import AnalysisPipeline
+    from dicom_node.errors import StudySkipped
+    from dicom_node.logs import setup_logging
+
+    config = _load(args)
+    setup_logging(config.logging.model_copy(update={"level": "WARNING", "format": "console"}))
+    if args.model is not None:
+        config = config.model_copy(
+            update={"model": config.model.model_copy(update={"path": args.model})}
+        )
+    files = _dicom_files(args.inputs)
+    progress = sys.stderr.isatty()
+    if progress:
+        print(f"loading the model; {len(files)} files to read", file=sys.stderr)
+    pipeline = AnalysisPipeline(config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        findings = pipeline.analyse(files, out_dir=args.out)
+    except StudySkipped as exc:
+        print(f"dicom-node: skipped: {exc}", file=sys.stderr)
+        return EXIT_SKIPPED
+    summary = {"series": [f.summary() for f in findings]}
+    (args.out / "findings.json").write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for f in findings:
+            verdict = "cancerous" if f.study_positive else "non-cancerous"
+            print(
+                f"{f.label}: {f.slices} slices, {len(f.lesions)} lesion(s), study probability"
+                f" {f.study_probability:.3f} ({verdict} at threshold {f.threshold:.2f})"
+            )
+            for les in f.lesions:
+                print(
+                    f"  lesion {les.label}: {les.volume_mm3:.0f} mm3, {les.long_axis_mm:.1f} x"
+                    f" {les.short_axis_mm:.1f} mm, mean {les.mean_hu:.0f} HU, slices"
+                    f" {les.first_slice}-{les.last_slice}"
+                )
+            for path in f.outputs:
+                print(f"  wrote {path}")
+    return EXIT_OK
 
 
 def _peer(config: Config, name: str) -> Peer:
@@ -87,14 +158,7 @@ def _send(args: argparse.Namespace) -> int:
 
     config = _load(args)
     peer = _peer(config, args.to)
-    files: list[Path] = []
-    for item in args.files:
-        if item.is_dir():
-            files.extend(sorted(p for p in item.rglob("*") if p.is_file()))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise UsageError(f"{item}: no such file or folder")
+    files = _dicom_files(args.files)
     outcomes = send_files(peer, files, calling_ae=config.node.ae_title, settings=config.dispatch)
     for o in outcomes:
         print(f"{'ok ' if o.delivered else 'FAILED'} {o.path}: {o.detail}")
@@ -216,6 +280,7 @@ _COMMANDS = {
     "jobs": _jobs,
     "retry": _retry,
     "send": _send,
+    "analyze": _analyze,
     "echo": _echo,
 }
 

@@ -210,7 +210,10 @@ def _check_batch_size(value: object) -> object:
 class ModelSettings(_Section):
     """The model folder the node loads at start (``model.yaml`` + ``weights.safetensors``)."""
 
-    path: Path = Path("./models/lung-ct")
+    #: Relative paths are looked up in the working folder, then in the project's root (where
+    #: the default model ships). ``null``: receive-only mode (jobs inventory each study's
+    #: series and produce no results), for testing the routing before the model is deployed.
+    path: Path | None = Path("models/lung-ct-unet-resnet50")
     #: Dtype the weights are held in on the device. ``float32`` lets ``inference.precision``
     #: choose the compute precision (autocast); a half dtype runs the whole network in it.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

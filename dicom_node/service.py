@@ -69,9 +69,11 @@ class Node:
         self.audit = AuditLog(None if audit_path is None else data / audit_path)
         self.outbox = Outbox(self.store, config.dispatch)
         self.dispatcher = Dispatcher(config, self.outbox, self.audit)
+        if pipeline is None:
+            pipeline = default_pipeline(config)
         self.worker = Worker(
             self.store,
-            pipeline or InventoryPipeline(),
+            pipeline,
             config.jobs,
             data / "work",
             route=lambda study: destinations_for(config, {i.calling_ae for i in study.instances}),
@@ -221,6 +223,16 @@ class Node:
                 logger.error("unhealthy (%s); withholding the watchdog ping", failed)
         self.stop(drain_seconds=self.config.service.drain_seconds)
         return 0
+
+
+def default_pipeline(config: Config) -> StudyPipeline:
+    """The model's analysis (loading the model now), or the inventory in receive-only mode."""
+    if config.model.path is None:
+        logger.warning("receive-only mode: no model configured; jobs only inventory studies")
+        return InventoryPipeline()
+    from dicom_node.analysis.pipeline import AnalysisPipeline
+
+    return AnalysisPipeline(config)
 
 
 def _lock_data_dir(data: Path) -> int:

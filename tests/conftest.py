@@ -61,3 +61,38 @@ def write_study(tmp_path: Path) -> Callable[..., list[Path]]:
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder of the tiny randomly initialised network (tests/analysis/lungct_tiny.py).
+
+    A test double for trained weights: the product's ResNet50 at 512² costs ~0.6 s a slice on
+    these CPUs, so whole-node tests run the same code path on a ResNet18 at 64² with random
+    weights. They check the machinery, never what a trained model finds.
+    """
+    import torch
+
+    from dicom_node.analysis.weights import save_model
+    from tests.analysis.lungct_tiny import make_card, make_network
+
+    path = tmp_path_factory.mktemp("models") / "lung-ct-tiny"
+    save_model(make_network(), make_card(), path, dtype=torch.float32)
+    return path
+
+
+@pytest.fixture
+def phantom_series(tmp_path: Path) -> Callable[..., list[Path]]:
+    """A small synthetic chest CT (the project's phantom generator) written as a DICOM series."""
+    from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
+
+    def make(*, seed: int = 1, slices: int = 24, size: int = 96, tumour: bool = True) -> list[Path]:
+        phantom = generate_phantom(
+            seed=seed,
+            shape_zyx=(slices, size, size),
+            spacing_mm=(2.0, 3.5, 3.5),
+            tumour_probability=1.0 if tumour else 0.0,
+        )
+        return write_phantom_dicom(phantom, tmp_path / f"phantom-{seed}-{slices}-{size}")
+
+    return make

@@ -133,6 +133,8 @@ class NodeProcess:
             "destinations": [],
             "logging": {"level": "INFO", "format": "json"},
             "service": {"http_port": self.http_port},
+            # receive-only unless a test gives a model folder (model: {path: ...})
+            "model": {"path": None},
         }
         for section, values in self.settings.items():
             if isinstance(values, dict):

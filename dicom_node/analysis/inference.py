@@ -37,7 +37,7 @@ from torch import nn
 from dicom_node.analysis.network import study_probability
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
 from dicom_node.config import InferenceSettings
-from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, PipelineError
+from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, ModelError, PipelineError
 
 if TYPE_CHECKING:
     from dicom_node.config import Config
@@ -330,6 +330,8 @@ class InferenceEngine:
             As :class:`InferenceEngine`.
         """
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if config.model.path is None:
+            raise ModelError("no model configured (model.path is null)")
         return cls(config.model.path, config.inference, model_dtype=dtypes[config.model.dtype])
 
     @property

@@ -1,0 +1,217 @@
+"""The study pipeline: a complete study's files in, findings and DICOM results out.
+
+Headers → series selection (rules in ``selection:``) → CT volume in HU → the model (ResNet50
+U-Net + MLP, :class:`~dicom_node.analysis.inference.InferenceEngine`) → lesions → a DICOM SEG
+and a TID 1500 SR per analysed series. The same code serves ``dicom-node serve`` (through the
+worker, as a :class:`~dicom_node.pipeline.StudyPipeline`) and ``dicom-node analyze``.
+
+The model is loaded when the pipeline is built, at node start: a missing, corrupt or mismatched
+model folder stops the node there, not at the first study.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.analysis.inference import InferenceEngine
+from dicom_node.analysis.lesions import Lesion, find_lesions
+from dicom_node.config import Config
+from dicom_node.errors import DatasetError, ModelError, PipelineError
+from dicom_node.pipeline import StudyInput, StudyResult
+from dicom_node.results.writer import write_results
+from dicom_node.study.headers import read_headers
+from dicom_node.study.selection import SeriesCandidate, select_series
+from dicom_node.study.volume import load_volume
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_model_path(path: Path) -> Path:
+    """A relative model path is taken from the working folder, else from the project's root
+    (where ``models/`` ships), so ``dicom-node`` finds its default model from anywhere."""
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
+
+
+@dataclass(frozen=True)
+class SeriesFindings:
+    """What the model found in one analysed series."""
+
+    series_instance_uid: str
+    label: str
+    slices: int
+    lesions: tuple[Lesion, ...]
+    study_probability: float
+    study_positive: bool
+    threshold: float
+    outputs: tuple[Path, ...]
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able form (no patient data)."""
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "series": self.label,
+            "slices": self.slices,
+            "study_probability": round(self.study_probability, 4),
+            "classification": "cancerous" if self.study_positive else "non-cancerous",
+            "threshold": self.threshold,
+            "lesions": [
+                {
+                    "label": les.label,
+                    "volume_mm3": round(les.volume_mm3, 1),
+                    "long_axis_mm": round(les.long_axis_mm, 1),
+                    "short_axis_mm": round(les.short_axis_mm, 1),
+                    "mean_hu": round(les.mean_hu, 1),
+                    "max_hu": round(les.max_hu, 1),
+                    "centroid_lps_mm": [round(v, 1) for v in les.centroid_lps],
+                    "slices": [les.first_slice, les.last_slice],
+                    "mean_probability": round(les.mean_probability, 3),
+                }
+                for les in self.lesions
+            ],
+            "outputs": [str(p) for p in self.outputs],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+class AnalysisPipeline:
+    """Runs the model on a study; one instance holds the model for the node's lifetime.
+
+    Parameters
+    ----------
+    config
+        The node's configuration (``selection``, ``model``, ``inference``, ``lesions``,
+        ``results``, ``uid_root``).
+    engine
+        A ready engine; built from ``config`` (loading the model) when not given.
+
+    Raises
+    ------
+    ModelError
+        The model folder is missing, corrupt or does not match its card.
+    """
+
+    def __init__(self, config: Config, *, engine: InferenceEngine | None = None) -> None:
+        self.config = config
+        if engine is None:
+            if config.model.path is None:
+                raise ModelError("no model configured (model.path is null)")
+            model = config.model.model_copy(update={"path": resolve_model_path(config.model.path)})
+            engine = InferenceEngine.from_config(config.model_copy(update={"model": model}))
+        self.engine = engine
+        self.ready = True
+
+    def __call__(self, study: StudyInput, /) -> StudyResult:
+        findings = self.analyse(
+            [i.path for i in study.instances], out_dir=study.work_dir, job_version=study.version
+        )
+        outputs = tuple(p for f in findings for p in f.outputs)
+        return StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
+
+    def analyse(
+        self, paths: Sequence[Path], *, out_dir: Path, job_version: int = 1
+    ) -> list[SeriesFindings]:
+        """Analyse the instances at ``paths`` (one study) and write the results to ``out_dir``.
+
+        Raises
+        ------
+        StudySkipped
+            No series qualifies (the message says which rule each series failed).
+        PipelineError
+            Anything that stops the analysis: unreadable files, bad geometry, model output with
+            NaN/Inf, ...
+        """
+        started = time.perf_counter()
+        try:
+            headers = read_headers(paths)
+        except DatasetError as exc:
+            raise PipelineError(f"unreadable instance: {exc}") from exc
+        selection = select_series(headers, settings=self.config.selection)
+        read_s = time.perf_counter() - started
+        out: list[SeriesFindings] = []
+        for candidate in selection.chosen:
+            findings = self._analyse_series(candidate, out_dir=out_dir, job_version=job_version)
+            findings.seconds["headers_and_selection"] = read_s
+            out.append(findings)
+        return out
+
+    def _analyse_series(
+        self, candidate: SeriesCandidate, *, out_dir: Path, job_version: int
+    ) -> SeriesFindings:
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        volume = load_volume(candidate.plan)
+        seconds["volume"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = self.engine.run(volume.hu, volume.spacing_mm)
+        seconds["model"] = time.perf_counter() - t
+        card = self.engine.card
+        threshold = self.config.lesions.threshold or card.thresholds.segmentation
+        t = time.perf_counter()
+        lesion_map = find_lesions(
+            result.probability,
+            volume.hu,
+            spacing_mm=volume.spacing_mm,
+            origin_lps=volume.origin_mm,
+            direction=volume.direction,
+            threshold=threshold,
+            min_volume_mm3=self.config.lesions.min_volume_mm3,
+            connectivity=self.config.lesions.connectivity,
+            max_lesions=self.config.lesions.max_lesions,
+        )
+        seconds["lesions"] = time.perf_counter() - t
+        t = time.perf_counter()
+        files = write_results(
+            source_files=list(volume.source_paths),
+            labels=lesion_map.labels,
+            probability=result.probability,
+            lesions=lesion_map.lesions,
+            study_probability=result.study_probability,
+            study_threshold=card.thresholds.study,
+            model_name=result.model_name,
+            model_version=result.model_version,
+            job_version=job_version,
+            settings=self.config.results,
+            uid_root=self.config.uid_root,
+            out_dir=out_dir,
+            image_probabilities=[float(p) for p in result.image_probabilities],
+        )
+        seconds["seg"] = files.seg_seconds
+        seconds["sr"] = files.sr_seconds + files.read_seconds
+        seconds["results_total"] = time.perf_counter() - t
+        outputs = tuple(p for p in (files.seg, files.sr) if p is not None)
+        findings = SeriesFindings(
+            series_instance_uid=volume.series_instance_uid,
+            label=candidate.label,
+            slices=volume.hu.shape[0],
+            lesions=lesion_map.lesions,
+            study_probability=result.study_probability,
+            study_positive=result.study_positive,
+            threshold=card.thresholds.study,
+            outputs=outputs,
+            seconds=seconds,
+        )
+        logger.info(
+            "series analysed",
+            extra={
+                "fields": {
+                    "slices": findings.slices,
+                    "lesions": len(findings.lesions),
+                    "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                }
+            },
+        )
+        del volume, result, lesion_map
+        gc.collect()
+        return findings

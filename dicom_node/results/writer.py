@@ -1,0 +1,224 @@
+"""Write a job's results: the SEG (when there is a lesion) and the SR, as DICOM files.
+
+:func:`write_results` is the one call the pipeline makes once the model and the lesion step
+are done. It reads the analysed series' headers (no pixel data), derives the job's UIDs, builds
+the Segmentation and then the Structured Report (which references the SEG), and writes both with
+``enforce_file_format=True`` (a 128-byte preamble, ``DICM`` and File Meta Information). Each
+file is written to a temporary name, flushed to disk and renamed, so a file under its final
+name is always whole. Writing twice for the same job gives files with the same UIDs and names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.analysis.lesions import Lesion
+from dicom_node.config import ResultsSettings
+from dicom_node.results.identity import Producer, ResultUIDs
+from dicom_node.results.seg import SegmentationType, build_segmentation, plan_segments
+from dicom_node.results.sr import build_report
+
+__all__ = ["ResultFiles", "read_headers", "write_results"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """What :func:`write_results` wrote.
+
+    Attributes
+    ----------
+    seg
+        The Segmentation file, or ``None`` when no lesion was found.
+    sr
+        The Structured Report file (always written: it also reports "no lesion").
+    uids
+        The UIDs the files carry.
+    read_seconds, seg_seconds, sr_seconds
+        Time spent reading the source headers, and building and writing each object.
+    """
+
+    seg: Path | None
+    sr: Path
+    uids: ResultUIDs
+    read_seconds: float
+    seg_seconds: float
+    sr_seconds: float
+
+
+def read_headers(source_files: Sequence[Path]) -> list[Dataset]:
+    """Read each file's header, stopping before the pixel data (in the order given).
+
+    Raises
+    ------
+    ValueError
+        No files, or files of more than one series.
+    pydicom.errors.InvalidDicomError, OSError
+        A file cannot be read.
+    """
+    if not source_files:
+        raise ValueError("no source files")
+    headers: list[Dataset] = [
+        pydicom.dcmread(path, stop_before_pixels=True) for path in source_files
+    ]
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
+    if len(series) != 1:
+        raise ValueError(f"the source files belong to {len(series)} series, not one")
+    return headers
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` to ``path`` whole or not at all (temporary file, fsync, rename)."""
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as handle:
+        pydicom.dcmwrite(handle, ds, enforce_file_format=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    partial.replace(path)
+
+
+def write_results(
+    *,
+    source_files: Sequence[Path],
+    labels: npt.NDArray[np.integer],
+    probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8] | None,
+    lesions: Sequence[Lesion],
+    study_probability: float,
+    study_threshold: float,
+    model_name: str,
+    model_version: str,
+    job_version: int,
+    settings: ResultsSettings,
+    uid_root: str,
+    out_dir: Path,
+    image_probabilities: Sequence[float] | None = None,
+    midline_x_mm: float | None = None,
+) -> ResultFiles:
+    """Build and write the SEG and SR of one analysed series.
+
+    Parameters
+    ----------
+    source_files
+        The analysed series' files in slice order: ``source_files[k]`` is slice ``labels[k]``.
+    labels
+        (z, y, x) uint16 label map: 0 background, ``lesion.label`` each lesion's voxels.
+    probability
+        (z, y, x) model probability (float in [0, 1], or uint8 ``round(p * 255)``); needed
+        when ``settings.segmentation_type`` is ``fractional``, else unused.
+    lesions
+        The measured lesions (largest first); the ``settings.max_segments`` largest become SEG
+        segments and SR measurement groups, and the SR counts all of them.
+    study_probability, study_threshold
+        The study-level probability of cancer and the threshold that classifies it.
+    model_name, model_version
+        From the model card: the algorithm's name and version in both objects.
+    job_version
+        The job's version; with the study, series and model version it determines every UID.
+    settings
+        The ``results`` section of the configuration.
+    uid_root
+        The configuration's ``uid_root``.
+    out_dir
+        Folder for the files (created if missing); they are named
+        ``SEG_<SOP Instance UID>.dcm`` and ``SR_<SOP Instance UID>.dcm``.
+    image_probabilities
+        Optional per-slice probability of cancer, (z,).
+    midline_x_mm
+        LPS x of the patient's midline for laterality; default: the field-of-view centre.
+
+    Returns
+    -------
+    ResultFiles
+
+    Raises
+    ------
+    ValueError
+        Inputs that do not fit together (see :func:`~dicom_node.results.seg.build_segmentation`
+        and :func:`~dicom_node.results.sr.build_report`), or source files of several series.
+    OSError
+        A file cannot be read or written.
+    """
+    started = time.perf_counter()
+    headers = read_headers(source_files)
+    read_seconds = time.perf_counter() - started
+    first = headers[0]
+    uids = ResultUIDs.derive(
+        root=uid_root,
+        study_instance_uid=str(first.StudyInstanceUID),
+        source_series_uid=str(first.SeriesInstanceUID),
+        job_version=job_version,
+        model_version=model_version,
+    )
+    producer = Producer(
+        model_name=model_name,
+        model_version=model_version,
+        device_serial_number=settings.device_serial_number,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    seg = build_segmentation(
+        headers,
+        labels,
+        lesions,
+        uids=uids,
+        producer=producer,
+        series_number=settings.seg_series_number,
+        series_description=settings.seg_series_description,
+        segmentation_type=SegmentationType(settings.segmentation_type.upper()),
+        probability=probability,
+        max_segments=settings.max_segments,
+    )
+    seg_path: Path | None = None
+    if seg is not None:
+        seg_path = out_dir / f"SEG_{uids.seg_instance}.dcm"
+        _save(seg, seg_path)
+    seg_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    segments = plan_segments(lesions, uids=uids, max_segments=settings.max_segments)
+    sr = build_report(
+        headers,
+        segments,
+        segmentation=seg,
+        lesion_count=len(lesions),
+        study_probability=study_probability,
+        study_threshold=study_threshold,
+        uids=uids,
+        producer=producer,
+        series_number=settings.sr_series_number,
+        series_description=settings.sr_series_description,
+        image_probabilities=image_probabilities,
+        midline_x_mm=midline_x_mm,
+    )
+    sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
+    _save(sr, sr_path)
+    sr_seconds = time.perf_counter() - started
+
+    logger.info(
+        "results written: %d lesions, %d segments; headers %.2f s, SEG %.2f s, SR %.2f s",
+        len(lesions),
+        len(segments) if seg is not None else 0,
+        read_seconds,
+        seg_seconds,
+        sr_seconds,
+    )
+    return ResultFiles(
+        seg=seg_path,
+        sr=sr_path,
+        uids=uids,
+        read_seconds=read_seconds,
+        seg_seconds=seg_seconds,
+        sr_seconds=sr_seconds,
+    )

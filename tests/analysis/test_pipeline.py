@@ -1,0 +1,103 @@
+"""The study pipeline and `dicom-node analyze` on generated chest CT, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.peers import node_cli
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _config(tmp_path: Path, model: Path, threshold: float) -> Path:
+    cfg = tmp_path / "analyze.yaml"
+    cfg.write_text(
+        f"model: {{path: {model}}}\n"
+        f"lesions: {{threshold: {threshold}, min_volume_mm3: 0}}\n"
+        "inference: {device: cpu, batch_size: 8}\n"
+    )
+    return cfg
+
+
+def test_analyze_writes_findings_seg_and_sr(
+    tmp_path: Path, tiny_model_dir: Path, phantom_series: Callable[..., list[Path]]
+) -> None:
+    """analyze: exit 0, findings JSON, and a SEG + SR in the source's study that re-read cleanly.
+
+    The tiny random model's probabilities hover near 0.5; a threshold of 0.5 turns some of its
+    output into lesions, which exercises the SEG path (what it finds means nothing)."""
+    files = phantom_series()
+    out = tmp_path / "out"
+    done = node_cli(
+        "analyze",
+        str(files[0].parent),
+        "--out",
+        str(out),
+        "--json",
+        "--config",
+        str(_config(tmp_path, tiny_model_dir, 0.5)),
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary == json.loads((out / "findings.json").read_text())
+    [series] = summary["series"]
+    assert series["slices"] == len(files)
+    assert series["classification"] in ("cancerous", "non-cancerous")
+    assert series["lesions"], "threshold 0.5 on the random model must yield lesions"
+    classes = sorted(str(dcmread(p).SOPClassUID) for p in series["outputs"])
+    assert classes == sorted([SEG, COMPREHENSIVE_3D_SR])
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    assert all(str(dcmread(p).StudyInstanceUID) == study for p in series["outputs"])
+    assert set(series["seconds"]) >= {"volume", "model", "lesions", "seg", "sr"}
+
+
+def test_analyze_without_lesions_writes_only_the_sr(
+    tmp_path: Path, tiny_model_dir: Path, phantom_series: Callable[..., list[Path]]
+) -> None:
+    """No lesion above the threshold: no SEG, an SR that says so."""
+    files = phantom_series(tumour=False)
+    out = tmp_path / "out"
+    done = node_cli(
+        "analyze",
+        *map(str, files),
+        "--out",
+        str(out),
+        "--json",
+        "--config",
+        str(_config(tmp_path, tiny_model_dir, 0.99)),
+    )
+    assert done.returncode == 0, done.stderr
+    [series] = json.loads(done.stdout)["series"]
+    assert series["lesions"] == []
+    [sr] = series["outputs"]
+    assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
+
+
+def test_analyze_exit_statuses(
+    tmp_path: Path, tiny_model_dir: Path, phantom_series: Callable[..., list[Path]]
+) -> None:
+    """3 when skipped (reason on stderr), 2 for bad arguments, 1 for a failure; no traceback."""
+    cfg = _config(tmp_path, tiny_model_dir, 0.5)
+    few = phantom_series(slices=8)  # below selection.min_slices
+    skipped = node_cli(
+        "analyze", str(few[0].parent), "--out", str(tmp_path / "o1"), "--config", str(cfg)
+    )
+    assert skipped.returncode == 3
+    assert "skipped" in skipped.stderr and "slices" in skipped.stderr
+    missing = node_cli("analyze", str(tmp_path / "nothing-here"), "--config", str(cfg))
+    assert missing.returncode == 2
+    assert "no such file or folder" in missing.stderr
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "weights.safetensors").write_bytes(b"not weights")
+    files = phantom_series()
+    failed = node_cli("analyze", str(files[0].parent), "--model", str(broken), "--config", str(cfg))
+    assert failed.returncode == 1
+    for result in (skipped, missing, failed):
+        assert "Traceback" not in result.stderr

@@ -1,0 +1,148 @@
+"""The whole node: study in over DICOM, SEG + SR out to a stand-in PACS (dcmtk's storescp).
+
+The node runs the tiny randomly initialised model (a test double for trained weights; see
+tests/conftest.py::tiny_model_dir). Every SEG and SR that arrives is checked with dciodvfy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.peers import NodeProcess, StoreSCP, free_port, storescu
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    done = subprocess.run(
+        ["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, check=False
+    )
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "pacs")
+    yield scp.start()
+    scp.stop()
+
+
+def _node(
+    node_factory: Callable[..., NodeProcess],
+    model: Path,
+    pacs_port: int,
+    threshold: float,
+    **extra: object,
+) -> NodeProcess:
+    return node_factory(
+        model={"path": str(model)},
+        lesions={"threshold": threshold, "min_volume_mm3": 0},
+        inference={"device": "cpu", "batch_size": 8},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+        dispatch={"retry_base_seconds": 0.5, "retry_max_seconds": 1.0},
+        **extra,
+    )
+
+
+def _references(ds: object) -> set[str]:
+    """Every Referenced SOP Instance UID anywhere in a dataset."""
+    found: set[str] = set()
+
+    def walk(d: object) -> None:
+        for elem in d:  # type: ignore[attr-defined]
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword == "ReferencedSOPInstanceUID":
+                found.add(str(elem.value))
+
+    walk(ds)
+    return found
+
+
+def test_study_in_seg_and_sr_out(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    pacs: StoreSCP,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """storescu sends a study; the PACS receives a SEG and an SR in the same study, valid per
+    dciodvfy, whose references resolve to the sent images; the job ends done."""
+    files = phantom_series()
+    node = _node(node_factory, tiny_model_dir, pacs.port, 0.5)
+    assert storescu(files, node.port).returncode == 0
+    listing = node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=120)
+    received = pacs.received()
+    classes = sorted(str(dcmread(p).SOPClassUID) for p in received)
+    assert classes == sorted([SEG, COMPREHENSIVE_3D_SR])
+    sent = {str(dcmread(f).SOPInstanceUID) for f in files}
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    for path in received:
+        ds = dcmread(path)
+        assert str(ds.StudyInstanceUID) == study
+        assert ds.PatientID == dcmread(files[0]).PatientID
+        assert ds.Manufacturer == "dicom-node"
+        assert _references(ds) & sent and _references(ds) <= sent | {
+            str(dcmread(p).SOPInstanceUID) for p in received
+        }
+        assert _dciodvfy_errors(path) == [], path
+    assert all(d["state"] == "delivered" for d in listing["deliveries"])
+
+
+def test_study_without_lesion_yields_only_the_sr(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    pacs: StoreSCP,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """No lesion found: only the SR reaches the PACS (no empty SEG)."""
+    files = phantom_series(tumour=False)
+    node = _node(node_factory, tiny_model_dir, pacs.port, 0.99)
+    assert storescu(files, node.port).returncode == 0
+    node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=120)
+    [sr] = pacs.received()
+    assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
+    assert _dciodvfy_errors(sr) == []
+
+
+def test_refusing_pacs_is_retried_across_a_restart(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """The PACS is down: results wait in the outbox, survive a node restart, and are delivered
+    once the PACS comes back; our own results sent back to the node are ignored."""
+    files = phantom_series()
+    port = free_port()
+    node = _node(node_factory, tiny_model_dir, port, 0.5)
+    assert storescu(files, node.port).returncode == 0
+    node.wait_jobs(
+        lambda j: (
+            j["jobs"]
+            and j["jobs"][0]["state"] == "sending"
+            and any(d["attempts"] >= 1 for d in j["deliveries"])
+        ),
+        timeout=120,
+    )
+    assert node.terminate() == 0
+    pacs = StoreSCP(tmp_path / "late-pacs", port=port).start()
+    try:
+        node.start()
+        listing = node.wait_jobs(lambda j: j["jobs"][0]["state"] == "done", timeout=60)
+        assert len(pacs.received()) == 2
+        assert len(listing["jobs"]) == 1
+        # the PACS routes our results back to the node: acknowledged, never processed
+        assert storescu(pacs.received(), node.port).returncode == 0
+        listing = node.jobs()
+        assert len(listing["jobs"]) == 1
+        assert len(listing["studies"]) == 1
+        assert "own output" in node.log()
+    finally:
+        pacs.stop()

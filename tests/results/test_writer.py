@@ -1,0 +1,108 @@
+"""Tests for ``write_results``: the files a job leaves, through bytes, readers and dciodvfy.
+
+dciodvfy (dicom3tools 1.00~20220618) reports no errors and no warnings on the SEG and SR files
+written here (BINARY and FRACTIONAL SEG; SR with and without lesions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from dicom_node.config import ResultsSettings
+from dicom_node.results import codes
+from dicom_node.results.writer import ResultFiles, write_results
+from tests.results.conftest import CTCase, Dciodvfy, make_case, report_content
+
+
+def _write(case: CTCase, out: Path, settings: ResultsSettings | None = None) -> ResultFiles:
+    return write_results(
+        source_files=case.files,
+        labels=case.lesion_map.labels,
+        probability=case.probability,
+        lesions=case.lesion_map.lesions,
+        study_probability=0.75,
+        study_threshold=0.5,
+        image_probabilities=[0.2] * len(case.files),
+        model_name="lung-ct",
+        model_version="1.2.0",
+        job_version=1,
+        settings=settings or ResultsSettings(),
+        uid_root="2.25",
+        out_dir=out,
+    )
+
+
+def _check_file(path: Path, dciodvfy: Dciodvfy) -> None:
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"  # enforce_file_format: preamble and File Meta
+    errors, warnings = dciodvfy(path)
+    assert errors == [], errors
+    assert warnings == [], warnings
+
+
+def test_writes_seg_and_sr_that_read_back(
+    two_lesions: CTCase, tmp_path: Path, dciodvfy: Dciodvfy
+) -> None:
+    """A job with lesions leaves a SEG and an SR, both whole DICOM files that pass dciodvfy,
+    in the configured series, named by their SOP Instance UIDs; no partial file remains."""
+    files = _write(two_lesions, tmp_path / "out")
+    assert files.seg is not None
+    assert files.seg.name == f"SEG_{files.uids.seg_instance}.dcm"
+    assert files.sr.name == f"SR_{files.uids.sr_instance}.dcm"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [files.seg.name, files.sr.name]
+    )
+    for path in (files.seg, files.sr):
+        _check_file(path, dciodvfy)
+
+    seg = hd.seg.segread(files.seg)
+    assert seg.SeriesNumber == 9101
+    assert seg.SeriesDescription == "AI lung lesions (dicom-node)"
+    assert seg.number_of_segments == 2
+    sr = hd.sr.srread(files.sr)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.SeriesNumber == 9102
+    assert len(report_content(sr).get_volumetric_roi_measurement_groups()) == 2
+    assert files.read_seconds >= 0 and files.seg_seconds > 0 and files.sr_seconds > 0
+
+
+def test_no_lesion_writes_only_the_sr(tmp_path: Path, dciodvfy: Dciodvfy) -> None:
+    """A job without lesions writes no SEG and an SR that says "no lesion"."""
+    case = make_case(tmp_path / "ct", [], slices=4, size=32)
+    files = _write(case, tmp_path / "out")
+    assert files.seg is None
+    _check_file(files.sr, dciodvfy)
+    sr = hd.sr.srread(files.sr)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    [group] = report_content(sr).get_image_measurement_groups()
+    [lesion] = group.get_qualitative_evaluations(name=codes.LESION)
+    assert lesion.value == codes.ABSENT
+
+
+def test_fractional_is_a_setting(two_lesions: CTCase, tmp_path: Path, dciodvfy: Dciodvfy) -> None:
+    """``segmentation_type: fractional`` writes a FRACTIONAL (probability) SEG."""
+    files = _write(two_lesions, tmp_path / "out", ResultsSettings(segmentation_type="fractional"))
+    assert files.seg is not None
+    _check_file(files.seg, dciodvfy)
+    ds = pydicom.dcmread(files.seg, stop_before_pixels=True)
+    assert ds.SegmentationType == "FRACTIONAL"
+    assert ds.BitsAllocated == 8
+
+
+def test_source_files_of_two_series_are_refused(two_lesions: CTCase, tmp_path: Path) -> None:
+    """Source files must form one series (the analysed one)."""
+    other = make_case(tmp_path / "other", [], slices=1, size=64)
+    mixed = CTCase(
+        files=[*two_lesions.files[:-1], other.files[0]],
+        headers=two_lesions.headers,
+        study=two_lesions.study,
+        hu=two_lesions.hu,
+        probability=two_lesions.probability,
+        lesion_map=two_lesions.lesion_map,
+    )
+    with pytest.raises(ValueError, match="series"):
+        _write(mixed, tmp_path / "out")
