@@ -95,3 +95,22 @@ def test_serve_with_bad_config_exits_2_before_binding(tmp_path: Path) -> None:
     assert "node.port: 70000 is not a port (1-65535)" in done.stderr
     flag = node_cli("serve", "--config", str(tmp_path / "nope.yaml"), "--ae-title", "X" * 17)
     assert flag.returncode == 2
+
+
+def _keys(value: object, prefix: str = "") -> set[str]:
+    if isinstance(value, dict):
+        out = set()
+        for k, v in value.items():
+            out |= {f"{prefix}{k}"} | _keys(v, f"{prefix}{k}.")
+        return out
+    return set()
+
+
+def test_documented_file_names_every_key() -> None:
+    """config.yaml spells out every key of every section (the reference an operator reads)."""
+    import yaml
+
+    documented = _keys(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    embedded = _keys(Config().model_dump(mode="json"))
+    assert embedded - documented == set()
+    assert documented - embedded == set()
