@@ -39,7 +39,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="overrides storage.data_dir")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's flags, in one place
     parser = argparse.ArgumentParser(
         prog="dicom-node", description="A DICOM node that runs a lung-CT AI model."
     )
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--json", action="store_true", help="print the findings as JSON")
 
+    purge = sub.add_parser("purge", help="delete the inputs and outputs of dead jobs")
+    _config_args(purge)
+    purge.add_argument(
+        "--older-than",
+        type=float,
+        default=0.0,
+        metavar="HOURS",
+        help="only jobs that died at least this long ago",
+    )
+
     send = sub.add_parser("send", help="C-STORE files to a configured destination now")
     _config_args(send)
     send.add_argument("files", type=Path, nargs="+", help="DICOM files or folders")
@@ -82,7 +92,79 @@ def _parser() -> argparse.ArgumentParser:
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     _config_args(echo)
     echo.add_argument("name", help="a destination's name")
+
+    train = sub.add_parser("train", help="train the lung-CT model (see docs/training.md)")
+    _dataset_args(train, first_seed=0, count=190, shift=0.0, tumour_probability=0.6)
+    train.add_argument("--output", type=Path, required=True, help="model folder to write")
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints, log, cache")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
+    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--test-fraction", type=float, default=0.0)
+    train.add_argument("--encoder", default="resnet50", help="resnet18/34/50/101/152")
+    train.add_argument("--encoder-weights", type=Path, default=None, help="local ResNet state dict")
+    train.add_argument("--input-size", type=int, default=256)
+    train.add_argument("--pixel-spacing", type=float, default=1.5, help="mm; 0: mode fit")
+    train.add_argument("--crop", type=int, default=160)
+    train.add_argument("--batch-size", type=int, default=6)
+    train.add_argument("--seg-steps", type=int, default=3000)
+    train.add_argument("--cls-epochs", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--name", default="lung-ct-unet-resnet50")
+    train.add_argument("--model-version", default="0.1.0")
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a dataset; JSON + PNG report")
+    _dataset_args(evaluate, first_seed=100000, count=40, shift=0.5, tumour_probability=0.5)
+    evaluate.add_argument("--model", type=Path, required=True, help="model folder")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
+    evaluate.add_argument("--split-name", default="test", help="split to score with --split")
+    evaluate.add_argument("--baseline", action="store_true", help="also a scikit-learn model")
+    evaluate.add_argument("--train-first-seed", type=int, default=0)
+    evaluate.add_argument("--train-phantoms", type=int, default=190)
+    evaluate.add_argument("--train-shift", type=float, default=0.0)
+    evaluate.add_argument(
+        "--train-eval-cases",
+        type=int,
+        default=20,
+        help="training cases scored for train vs held-out",
+    )
+    evaluate.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _dataset_args(
+    p: argparse.ArgumentParser,
+    *,
+    first_seed: int,
+    count: int,
+    shift: float,
+    tumour_probability: float,
+) -> None:
+    p.add_argument("--dataset", choices=("phantoms", "msd", "dicom-seg"), default="phantoms")
+    p.add_argument("--data", type=Path, default=None, help="folder (msd, dicom-seg)")
+    p.add_argument("--split", type=Path, default=None, help="patient-level split JSON file")
+    p.add_argument("--first-seed", type=int, default=first_seed, help="phantoms: first seed")
+    p.add_argument("--phantoms", type=int, default=count, help="phantoms: how many")
+    p.add_argument(
+        "--phantom-shape", type=int, nargs=3, default=(32, 256, 256), metavar=("Z", "Y", "X")
+    )
+    p.add_argument("--shift", type=float, default=shift, help="phantoms: site shift amount")
+    p.add_argument("--tumour-probability", type=float, default=tumour_probability)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dicom_node.training.train import run_from_args
+
+    return run_from_args(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dicom_node.training.evaluate import run_from_args
+
+    return run_from_args(args)
 
 
 def _dicom_files(inputs: Sequence[Path]) -> list[Path]:
@@ -266,6 +348,23 @@ def _jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _purge(args: argparse.Namespace) -> int:
+    from dicom_node.service import open_store
+    from dicom_node.store.retention import purge
+    from dicom_node.store.spool import Spool
+
+    config = _load(args)
+    data = config.storage.data_dir
+    removed = purge(
+        open_store(config),
+        Spool(data / "spool", min_free_bytes=0),
+        data / "work",
+        older_than_hours=args.older_than,
+    )
+    print(f"purged {removed.studies} dead studies ({removed.files} spooled files)")
+    return EXIT_OK
+
+
 def _retry(args: argparse.Namespace) -> int:
     from dicom_node.service import open_store
 
@@ -281,7 +380,10 @@ _COMMANDS = {
     "retry": _retry,
     "send": _send,
     "analyze": _analyze,
+    "purge": _purge,
     "echo": _echo,
+    "train": _train,
+    "evaluate": _evaluate,
 }
 
 

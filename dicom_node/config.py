@@ -105,6 +105,10 @@ class StorageSettings(_Section):
     #: fsync every received file (and its directory) before acknowledging it. Turn off only for
     #: throw-away test nodes: a power cut could then lose acknowledged instances.
     fsync: bool = True
+    #: A study's spooled instances and its job's work folder are deleted this long after its
+    #: newest job ended done or skipped (and its results were delivered). Failed and dead jobs
+    #: keep theirs until retried or purged (``dicom-node purge``). ``null``: keep forever.
+    keep_hours: Annotated[float, Field(ge=0)] | None = 24.0
 
 
 class StudySettings(_Section):

@@ -31,6 +31,7 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.store.jobs import JobStore
 from dicom_node.store.outbox import Outbox
 from dicom_node.store.recovery import reconcile
+from dicom_node.store.retention import apply_retention
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
 from dicom_node.worker import Worker
@@ -67,6 +68,7 @@ class Node:
         )
         audit_path = config.logging.audit_path
         self.audit = AuditLog(None if audit_path is None else data / audit_path)
+        self.work_root = data / "work"
         self.outbox = Outbox(self.store, config.dispatch)
         self.dispatcher = Dispatcher(config, self.outbox, self.audit)
         if pipeline is None:
@@ -160,10 +162,19 @@ class Node:
 
     def _completion_loop(self) -> None:
         poll = min(self.config.jobs.poll_seconds, self.config.study.stable_seconds / 4)
+        next_retention = 0.0
         while not self._stop.wait(poll):
             try:
                 self.completion.scan()
                 FREE_DISK.set(self.spool.free_bytes())
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + 60.0
+                    apply_retention(
+                        self.store,
+                        self.spool,
+                        self.work_root,
+                        keep_hours=self.config.storage.keep_hours,
+                    )
             except Exception:  # keep scanning: a transient SQLite error must not stop completion
                 logger.exception("completion scan failed; retrying")
 

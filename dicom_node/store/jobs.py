@@ -353,6 +353,21 @@ class JobStore:
             for r in rows
         ]
 
+    def forget_study(self, study_uid: str) -> list[Path]:
+        """Drop a study's instance and study rows (jobs stay, as history); returns the paths
+        the rows named, for the caller to delete. A study still receiving is left alone."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] == StudyState.RECEIVING:
+                return []
+            paths = [
+                Path(r[0])
+                for r in db.execute("SELECT path FROM instances WHERE study_uid=?", (study_uid,))
+            ]
+            db.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,))
+            db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,))
+            return paths
+
     def known_paths(self) -> set[str]:
         """Paths of every recorded instance (for reconciling the spool after a crash)."""
         with self._lock:

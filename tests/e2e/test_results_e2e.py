@@ -146,3 +146,36 @@ def test_refusing_pacs_is_retried_across_a_restart(
         assert "own output" in node.log()
     finally:
         pacs.stop()
+
+
+def test_results_reply_to_a_known_sender(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """With reply_to_sender, results go to the calling AE's address from known_peers."""
+    files = phantom_series(tumour=False)
+    sender_scp = StoreSCP(tmp_path / "modality").start()
+    try:
+        node = node_factory(
+            model={"path": str(tiny_model_dir)},
+            lesions={"threshold": 0.99},
+            inference={"device": "cpu", "batch_size": 8},
+            destinations=[],
+            dispatch={
+                "reply_to_sender": True,
+                "known_peers": [
+                    {"ae_title": "STORESCU", "host": "127.0.0.1", "port": sender_scp.port}
+                ],
+            },
+        )
+        assert storescu(files, node.port, calling="STORESCU").returncode == 0
+        listing = node.wait_jobs(
+            lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=120
+        )
+        assert [d["destination"] for d in listing["deliveries"]] == ["reply:STORESCU"]
+        [sr] = sender_scp.received()
+        assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
+    finally:
+        sender_scp.stop()

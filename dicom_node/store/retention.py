@@ -1,0 +1,95 @@
+"""Retention: what the node deletes, and when.
+
+- A study whose newest job ended ``done`` or ``skipped`` (all results delivered) more than
+  ``storage.keep_hours`` ago: its spooled instances, its rows in ``instances``/``studies``, and
+  the work folders (outputs) of its jobs. Job rows stay as history.
+- Failed and dead jobs keep everything until retried or purged by the operator
+  (:func:`purge`, ``dicom-node purge``).
+- A study still receiving, or whose newest job is queued/running/sending, is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.logs import study_key
+from dicom_node.store.jobs import Job, JobState, JobStore
+from dicom_node.store.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+_ENDED_WELL = (JobState.DONE, JobState.SKIPPED, JobState.SUPERSEDED)
+_ENDED_BADLY = (JobState.DEAD,)
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What one pass removed."""
+
+    studies: int
+    files: int
+
+
+def _newest_jobs(store: JobStore) -> dict[str, Job]:
+    newest: dict[str, Job] = {}
+    for job in store.jobs():  # newest first
+        newest.setdefault(job.study_uid, job)
+    return newest
+
+
+def _remove_study(store: JobStore, spool: Spool, work_root: Path, study_uid: str) -> int:
+    paths = store.forget_study(study_uid)
+    for path in paths:
+        spool.remove(path)
+    for job in store.jobs():
+        if job.study_uid == study_uid:
+            shutil.rmtree(work_root / f"{job.id}-v{job.version}", ignore_errors=True)
+    logger.info("study removed by retention", extra={"fields": {"study": study_key(study_uid)}})
+    return len(paths)
+
+
+def apply_retention(
+    store: JobStore,
+    spool: Spool,
+    work_root: Path,
+    *,
+    keep_hours: float | None,
+    now: float | None = None,
+) -> Removed:
+    """Delete what ``keep_hours`` says may go (see the module docstring)."""
+    if keep_hours is None:
+        return Removed(0, 0)
+    now = time.time() if now is None else now
+    cutoff = now - keep_hours * 3600
+    studies = files = 0
+    for uid, job in _newest_jobs(store).items():
+        if job.state in _ENDED_WELL and job.finished_at is not None and job.finished_at <= cutoff:
+            n = _remove_study(store, spool, work_root, uid)
+            if n:
+                studies += 1
+                files += n
+    return Removed(studies, files)
+
+
+def purge(
+    store: JobStore,
+    spool: Spool,
+    work_root: Path,
+    *,
+    older_than_hours: float = 0.0,
+    now: float | None = None,
+) -> Removed:
+    """Delete the inputs and outputs of studies whose newest job is dead (the operator gave up
+    on it), ended more than ``older_than_hours`` ago."""
+    now = time.time() if now is None else now
+    cutoff = now - older_than_hours * 3600
+    studies = files = 0
+    for uid, job in _newest_jobs(store).items():
+        if job.state in _ENDED_BADLY and (job.finished_at or job.updated_at) <= cutoff:
+            files += _remove_study(store, spool, work_root, uid)
+            studies += 1
+    return Removed(studies, files)
