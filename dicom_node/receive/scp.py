@@ -203,10 +203,16 @@ class Receiver:
         if self._accept is not None:
             self._accept.join(5)
         deadline = time.monotonic() + drain_seconds
-        while server.active_associations and time.monotonic() < deadline:
+        # established associations may finish what they send; a connection that never asked
+        # for an association (a port probe, a stalled peer) is not worth waiting for
+        while (
+            any(a.is_established for a in server.active_associations)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         for assoc in server.active_associations:
-            logger.warning("aborting an association still open after the drain period")
+            if assoc.is_established:
+                logger.warning("aborting an association still open after the drain period")
             assoc.abort()
         self.ae.shutdown()
         self._server = None

@@ -126,3 +126,38 @@ def test_complete_on_release(
     listing = node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=30)
     assert time.monotonic() - started < 30
     assert listing["studies"][0]["completion_reason"] == "association released"
+
+
+def test_sigterm_lets_an_open_association_finish(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """SIGTERM during a transfer: the open association is drained, every instance is stored,
+    storescu succeeds, and the node exits 0 without accepting new associations."""
+    files = _series(tmp_path / "study", slices=80, size=256)
+    node = node_factory()
+    sender = subprocess.Popen(
+        [
+            str(DCMTK / "storescu"),
+            "-v",
+            "-aec",
+            "DICOM_NODE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=PEER_ENV,
+    )
+    assert sender.stdout is not None
+    for line in sender.stdout:
+        if "Received Store Response (Success)" in line:
+            break
+    assert node.proc is not None
+    node.proc.terminate()
+    out = sender.stdout.read()
+    assert sender.wait(60) == 0, out
+    assert node.proc.wait(60) == 0
+    node.proc = None
+    assert len(node.spooled()) == len(files)
