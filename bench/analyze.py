@@ -88,9 +88,8 @@ def main() -> None:
             secs = series["seconds"]
             print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items()))
             model_s = secs["model"]
-            print(
-                f"model: {args.slices / model_s:.2f} slices/s; lesions found: {len(series['lesions'])}"
-            )
+            rate = args.slices / model_s
+            print(f"model: {rate:.2f} slices/s; lesions found: {len(series['lesions'])}")
         print(f"analyze wall time (incl. start-up and model load): {wall:.1f} s")
         print(f"peak RSS of analyze: {peak:.0f} MiB (probability map {args.probability_dtype})")
 
