@@ -167,6 +167,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+class _ProgressBar:
+    """A terminal progress bar over the slices the model has done (tqdm, on stderr)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None or self._bar.total != total:
+            self.close()
+            self._bar = tqdm(total=total, desc=label, unit="slice", file=sys.stderr)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def _dicom_files(inputs: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
@@ -198,11 +218,15 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"loading the model; {len(files)} files to read", file=sys.stderr)
     pipeline = AnalysisPipeline(config)
     args.out.mkdir(parents=True, exist_ok=True)
+    bar = _ProgressBar() if progress else None
     try:
-        findings = pipeline.analyse(files, out_dir=args.out)
+        findings = pipeline.analyse(files, out_dir=args.out, progress=bar)
     except StudySkipped as exc:
         print(f"dicom-node: skipped: {exc}", file=sys.stderr)
         return EXIT_SKIPPED
+    finally:
+        if bar is not None:
+            bar.close()
     summary = {"series": [f.summary() for f in findings]}
     (args.out / "findings.json").write_text(json.dumps(summary, indent=2))
     if args.json:

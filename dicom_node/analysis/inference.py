@@ -23,7 +23,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -345,6 +346,8 @@ class InferenceEngine:
         self,
         volume_hu: npt.NDArray[np.generic],
         spacing_mm: tuple[float, float, float],
+        *,
+        progress: Callable[[int, int], None] | None = None,
     ) -> InferenceResult:
         """Segment and score a CT volume.
 
@@ -368,14 +371,19 @@ class InferenceEngine:
             positive numbers; the volume or the model output contains NaN or Inf.
         DeviceOutOfMemoryError
             The device ran out of memory at batch size 1.
+
+        ``progress(done, total)`` is called after each batch with slices done so far.
         """
         with self._lock:
-            return self._run(volume_hu, spacing_mm)
+            return self._run(volume_hu, spacing_mm, progress)
 
     # ------------------------------------------------------------------ the run
 
     def _run(
-        self, volume: npt.NDArray[np.generic], spacing_mm: tuple[float, float, float]
+        self,
+        volume: npt.NDArray[np.generic],
+        spacing_mm: tuple[float, float, float],
+        progress: Callable[[int, int], None] | None = None,
     ) -> InferenceResult:
         started = time.perf_counter()
         volume = _checked_volume(volume, spacing_mm)
@@ -409,6 +417,8 @@ class InferenceEngine:
                     probability=probability,
                     image_probs=image_probs,
                 )
+                if progress is not None:
+                    progress(min(first + batch.shape[0], depth), depth)
 
         top_k = min(self.card.top_k, depth)
         study = study_probability(image_probs, top_k=top_k)
@@ -758,7 +768,9 @@ class _Loader:
             part = part.astype(np.float32)
         if not part.flags.c_contiguous or min(part.strides) < 0:  # torch needs positive strides
             part = part.copy(order="C")
-        source = torch.from_numpy(part)
+        with warnings.catch_warnings():  # a read-only volume: only read, copied just below
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            source = torch.from_numpy(part)
         batch = torch.empty(source.shape, dtype=torch.float32, pin_memory=self._pin)
         batch.copy_(source)
         if not bool(torch.isfinite(batch).all()):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +120,16 @@ class AnalysisPipeline:
         return StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
 
     def analyse(
-        self, paths: Sequence[Path], *, out_dir: Path, job_version: int = 1
+        self,
+        paths: Sequence[Path],
+        *,
+        out_dir: Path,
+        job_version: int = 1,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> list[SeriesFindings]:
         """Analyse the instances at ``paths`` (one study) and write the results to ``out_dir``.
+
+        ``progress(series_label, slices_done, slices_total)`` follows the model's progress.
 
         Raises
         ------
@@ -141,20 +148,32 @@ class AnalysisPipeline:
         read_s = time.perf_counter() - started
         out: list[SeriesFindings] = []
         for candidate in selection.chosen:
-            findings = self._analyse_series(candidate, out_dir=out_dir, job_version=job_version)
+            findings = self._analyse_series(
+                candidate, out_dir=out_dir, job_version=job_version, progress=progress
+            )
             findings.seconds["headers_and_selection"] = read_s
             out.append(findings)
         return out
 
     def _analyse_series(
-        self, candidate: SeriesCandidate, *, out_dir: Path, job_version: int
+        self,
+        candidate: SeriesCandidate,
+        *,
+        out_dir: Path,
+        job_version: int,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
         volume = load_volume(candidate.plan)
         seconds["volume"] = time.perf_counter() - t
         t = time.perf_counter()
-        result = self.engine.run(volume.hu, volume.spacing_mm)
+        label = candidate.label
+        result = self.engine.run(
+            volume.hu,
+            volume.spacing_mm,
+            progress=None if progress is None else lambda d, n: progress(label, d, n),
+        )
         seconds["model"] = time.perf_counter() - t
         card = self.engine.card
         threshold = self.config.lesions.threshold or card.thresholds.segmentation
