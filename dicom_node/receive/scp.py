@@ -48,9 +48,17 @@ from dicom_node.errors import (
     OutOfResourcesError,
 )
 from dicom_node.logs import study_key
-from dicom_node.metrics import ASSOCIATIONS, BYTES, INSTANCES
+from dicom_node.metrics import ASSOCIATIONS, BYTES, INSTANCES, SECURITY_EVENTS
+from dicom_node.receive.filemeta import file_meta_bytes
 from dicom_node.receive.identify import Identity, identify
+from dicom_node.receive.limits import (
+    Admission,
+    ConnectionLimits,
+    EventGate,
+    GuardedAssociationServer,
+)
 from dicom_node.receive.status import StoreStatus
+from dicom_node.receive.tls import server_context
 from dicom_node.store.jobs import InstanceRecord, JobStore, Recorded
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
@@ -140,13 +148,28 @@ class Receiver:
         self._stripes = [threading.Lock() for _ in range(64)]
         self._own_root = config.uid_root + "." if config.uid_root != "2.25" else None
         self.dropped: Counter[str] = Counter()
+        node = config.node
+        self.limits = ConnectionLimits(
+            max_pending=node.max_associations,
+            handshake_seconds=node.acse_timeout_seconds,
+            pdu_seconds=node.network_timeout_seconds,
+            max_pdata_bytes=node.max_pdu_bytes,
+        )
+        self._admission = Admission(
+            total=node.max_associations, per_caller=node.max_associations_per_caller
+        )
+        self._gate = EventGate()
+        # built now, so that a bad certificate or key fails the start before the port is bound
+        self._ssl = None if node.tls is None else server_context(node.tls)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu_bytes
-        ae.maximum_associations = node.max_associations
+        # the limits are ours (EVT_REQUESTED, GuardedAssociationServer); pynetdicom's own count
+        # includes connections not yet associated, so it only backs ours up
+        ae.maximum_associations = node.max_associations + self.limits.max_pending
         ae.network_timeout = node.network_timeout_seconds
         ae.acse_timeout = node.acse_timeout_seconds
         ae.dimse_timeout = node.dimse_timeout_seconds
@@ -176,7 +199,12 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         server = self.ae.make_server(
-            (node.host, node.port), evt_handlers=handlers, server_class=ThreadedAssociationServer
+            (node.host, node.port),
+            evt_handlers=handlers,
+            server_class=GuardedAssociationServer,
+            ssl_context=self._ssl,
+            limits=self.limits,
+            report=self.security_event,
         )
         self._server = server
         self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() know it
@@ -186,7 +214,14 @@ class Receiver:
         self._accept.start()
         logger.info(
             "listening",
-            extra={"fields": {"ae_title": node.ae_title, "host": node.host, "port": self.port}},
+            extra={
+                "fields": {
+                    "ae_title": node.ae_title,
+                    "host": node.host,
+                    "port": self.port,
+                    "tls": node.tls is not None,
+                }
+            },
         )
 
     def server_thread_alive(self) -> bool:
@@ -224,31 +259,74 @@ class Receiver:
         # that latency is paid on every instance. A shorter poll costs a little CPU per open
         # association and buys ~30% ingest throughput on one association (bench/ingest.py).
         event.assoc.dul._run_loop_delay = _DUL_POLL_SECONDS
-        allowed = self.config.node.allowed_callers
-        if not allowed:
-            return
         request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         calling = str(request.calling_ae_title).strip()
         address = event.assoc.requestor.address
-        for caller in allowed:
-            if caller.ae_title.strip() == calling and caller.host in (None, address):
-                return
-        self.audit.security(
-            "calling AE not allowed", calling_ae=calling, peer=address, called_ae=self.ae.ae_title
-        )
-        logger.warning(
-            "association rejected: calling AE not allowed",
-            extra={"fields": {"calling_ae": calling, "peer": address, "security": True}},
-        )
-        # rejected-permanent, service-user, calling AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        allowed = self.config.node.allowed_callers
+        if allowed and not any(
+            c.ae_title.strip() == calling and c.host in (None, address) for c in allowed
+        ):
+            self.security_event(
+                "caller_not_allowed",
+                "calling AE not allowed; association rejected",
+                audit_reason="calling AE not allowed",
+                calling_ae=calling,
+                peer=address,
+                called_ae=self.ae.ae_title,
+            )
+            # rejected-permanent, service-user, calling AE title not recognised
+            self._reject(event, 0x01, 0x01, 0x03)
+            return
+        refused = self._admission.admit(event.assoc, calling)
+        if refused is not None:
+            node = self.config.node
+            limit = (
+                node.max_associations
+                if refused == "association_limit"
+                else node.max_associations_per_caller
+            )
+            self.security_event(
+                refused,
+                f"{refused.replace('_', ' ')} reached; association rejected",
+                calling_ae=calling,
+                peer=address,
+                limit=limit,
+            )
+            # rejected-transient, service-provider (presentation), local-limit-exceeded
+            self._reject(event, 0x02, 0x03, 0x02)
+
+    def _reject(self, event: Event, result: int, source: int, reason: int) -> None:
+        event.assoc.acse.send_reject(result, source, reason)
         ASSOCIATIONS.labels("rejected").inc()
         event.assoc.kill()  # waits for the DUL to send the A-ASSOCIATE-RJ before closing
+
+    def security_event(
+        self, code: str, message: str, *, audit_reason: str | None = None, **fields: Any
+    ) -> None:
+        """Count, audit and log a security event (rejected caller, failed TLS, a limit hit).
+
+        ``code`` labels the ``dicom_node_security_events`` counter (every event counts); the
+        audit record and the log line are held back when one peer repeats one event more than
+        :class:`~dicom_node.receive.limits.EventGate` lets through.
+        """
+        SECURITY_EVENTS.labels(code).inc()
+        held = self._gate.allow(code, str(fields.get("peer")))
+        if held is None:
+            return
+        if held:
+            fields["held_back"] = held
+        self.audit.security(audit_reason or message, code=code, **fields)
+        logger.warning(
+            "security event: %s",
+            message,
+            extra={"fields": {"code": code, **fields, "security": True}},
+        )
 
     def _on_established(self, event: Event) -> None:
         ASSOCIATIONS.labels("established").inc()
 
     def _on_rejected(self, event: Event) -> None:
+        self._admission.leave(event.assoc)
         ASSOCIATIONS.labels("rejected").inc()
 
     def _audit_association(self, event: Event, outcome: str) -> None:
@@ -262,11 +340,13 @@ class Receiver:
             )
 
     def _on_released(self, event: Event) -> None:
+        self._admission.leave(event.assoc)
         ASSOCIATIONS.labels("released").inc()
         self._audit_association(event, "success")
         self.completion.association_ended(id(event.assoc), released=True)
 
     def _on_aborted(self, event: Event) -> None:
+        self._admission.leave(event.assoc)
         ASSOCIATIONS.labels("aborted").inc()
         self._audit_association(event, "association aborted")
         self.completion.association_ended(id(event.assoc), released=False)
@@ -356,7 +436,13 @@ class Receiver:
             if known is not None and _same_content(known[0], known[1], raw):
                 self.completion.instance_received(id(event.assoc), ident.study_uid)
                 return "duplicate"
-            self.spool.store(event.encoded_dataset(), path)
+            head = file_meta_bytes(
+                sop_class_uid=ident.sop_class_uid,
+                sop_instance_uid=ident.sop_instance_uid,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                source_ae_title=calling,
+            )
+            self.spool.store(raw, path, head=head)
             if known is not None and known[0] != path:
                 self.spool.remove(known[0])  # same instance, moved to another study or series
             recorded = self.store.record_instance(

@@ -83,22 +83,24 @@ class Spool:
                 f" of {self.min_free_bytes // 2**20} MiB"
             )
 
-    def store(self, data: bytes, dest: Path) -> None:
-        """Write ``data`` durably at ``dest`` (from :meth:`path_for`), replacing any older file.
+    def store(self, data: bytes, dest: Path, *, head: bytes = b"") -> None:
+        """Write ``head`` then ``data`` durably at ``dest`` (from :meth:`path_for`), replacing
+        any older file. Two parts so that a header goes in front without copying the data.
 
         Raises
         ------
         OutOfResourcesError
             Below the free-space floor, or the disk filled while writing; nothing is left behind.
         """
-        self.check_space(len(data))
+        self.check_space(len(head) + len(data))
         tmp = self._incoming / f"{dest.name}.{threading.get_ident()}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for part in (head, data):
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 if self.fsync:
                     os.fdatasync(fd)
             finally:
