@@ -45,11 +45,30 @@ JOB_SECONDS = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
+STAGE_SECONDS = Histogram(
+    "dicom_node_stage_seconds",
+    "Seconds per analysis stage (volume, model, lesions, seg, sr, ...)",
+    ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+    registry=REGISTRY,
+)
+INFERENCE_RATE = Gauge(
+    "dicom_node_inference_slices_per_second",
+    "Slices per second of the last model run",
+    registry=REGISTRY,
+)
 FREE_DISK = Gauge("dicom_node_free_disk_bytes", "Free bytes on the spool's disk", registry=REGISTRY)
 SENDS = Counter(
     "dicom_node_sends",
     "Result deliveries by destination and outcome",
     ["destination", "outcome"],
+    registry=REGISTRY,
+)
+SECURITY_EVENTS = Counter(
+    "dicom_node_security_events",
+    "Security events by reason (caller_not_allowed, tls_handshake_failed, association_limit,"
+    " caller_limit, connection_limit, pdu_too_long, peer_stalled)",
+    ["reason"],
     registry=REGISTRY,
 )
 

@@ -23,6 +23,7 @@ from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, find_lesions
 from dicom_node.config import Config
 from dicom_node.errors import DatasetError, ModelError, PipelineError
+from dicom_node.metrics import INFERENCE_RATE, STAGE_SECONDS
 from dicom_node.pipeline import StudyInput, StudyResult
 from dicom_node.results.writer import write_results
 from dicom_node.study.headers import read_headers
@@ -210,6 +211,10 @@ class AnalysisPipeline:
         seconds["sr"] = files.sr_seconds + files.read_seconds
         seconds["results_total"] = time.perf_counter() - t
         outputs = tuple(p for p in (files.seg, files.sr) if p is not None)
+        for stage, secs in seconds.items():
+            STAGE_SECONDS.labels(stage).observe(secs)
+        if seconds["model"] > 0:
+            INFERENCE_RATE.set(volume.hu.shape[0] / seconds["model"])
         findings = SeriesFindings(
             series_instance_uid=volume.series_instance_uid,
             label=candidate.label,

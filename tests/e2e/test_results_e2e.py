@@ -7,6 +7,7 @@ tests/conftest.py::tiny_model_dir). Every SEG and SR that arrives is checked wit
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def test_study_in_seg_and_sr_out(
         }
         assert _dciodvfy_errors(path) == [], path
     assert all(d["state"] == "delivered" for d in listing["deliveries"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10) as rsp:
+        metrics = rsp.read().decode()
+    assert 'dicom_node_stage_seconds_count{stage="model"} 1.0' in metrics
+    assert 'dicom_node_sends_total{destination="pacs",outcome="delivered"} 2.0' in metrics
+    assert "dicom_node_inference_slices_per_second" in metrics
 
 
 def test_study_without_lesion_yields_only_the_sr(
