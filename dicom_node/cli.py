@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -122,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     evaluate.add_argument("--train-first-seed", type=int, default=0)
     evaluate.add_argument("--train-phantoms", type=int, default=190)
     evaluate.add_argument("--train-shift", type=float, default=0.0)
+    evaluate.add_argument("--train-tumour-probability", type=float, default=0.6)
+    evaluate.add_argument(
+        "--train-split", type=Path, default=None, help="phantoms: keep only its training cases"
+    )
     evaluate.add_argument(
         "--train-eval-cases",
         type=int,
@@ -129,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         help="training cases scored for train vs held-out",
     )
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="keep phantoms here")
     return parser
 
 
@@ -315,22 +319,13 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
-
-
 def _jobs(args: argparse.Namespace) -> int:
+    from dicom_node.listing import render
     from dicom_node.service import open_store
+    from dicom_node.store.outbox import Outbox
 
     config = _load(args)
     store = open_store(config)
-    from dicom_node.store.outbox import Outbox
 
     jobs = store.jobs()
     studies = store.studies()
@@ -344,31 +339,7 @@ def _jobs(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
-    now = time.time()
-    print(f"{'STUDY':<40} {'STATE':<10} {'INSTANCES':>9} {'LAST':>6}")
-    for s in studies:
-        print(
-            f"{s.study_uid[-40:]:<40} {s.state:<10} {s.instances:>9}"
-            f" {_age(now - s.last_received):>6}"
-        )
-    print()
-    print(f"{'JOB':>5} {'STATE':<10} {'VER':>3} {'TRIES':>5} {'AGE':>6} {'STUDY':<40} LAST ERROR")
-    for j in jobs:
-        err = (j.last_error or "").splitlines()[0][:60] if j.last_error else ""
-        print(
-            f"{j.id:>5} {j.state:<10} {j.version:>3} {j.attempts:>5} {_age(now - j.created_at):>6}"
-            f" {j.study_uid[-40:]:<40} {err}"
-        )
-    if deliveries:
-        print()
-        head = f"{'JOB':>5} {'DESTINATION':<16} {'STATE':<10} {'TRIES':>5} {'NEXT':>6}"
-        print(head + " SOP CLASS / ERROR")
-        for d in deliveries:
-            nxt = _age(d.not_before - now) if d.state == "pending" and d.not_before > now else ""
-            print(
-                f"{d.job_id:>5} {d.destination[:16]:<16} {d.state:<10} {d.attempts:>5} {nxt:>6}"
-                f" {d.sop_class_uid} {d.last_error or ''}"
-            )
+    print(render(studies, jobs, deliveries))
     return EXIT_OK
 
 
