@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.peers import NodeProcess
+from tests.peers import dciodvfy as run_dciodvfy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,3 +97,9 @@ def phantom_series(tmp_path: Path) -> Callable[..., list[Path]]:
         return write_phantom_dicom(phantom, tmp_path / f"phantom-{seed}-{slices}-{size}")
 
     return make
+
+
+@pytest.fixture
+def dciodvfy() -> Callable[[Path], tuple[list[str], list[str]]]:
+    """Run dicom3tools' dciodvfy on a file; returns its (errors, warnings) lines."""
+    return run_dciodvfy

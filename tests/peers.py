@@ -21,6 +21,25 @@ DCMTK = Path("/usr/bin")
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """dicom3tools' dciodvfy on one file: its (errors, warnings) lines.
+
+    ``./quickstart test`` installs dicom3tools; without it this fails rather than skips, since a
+    conformance check that does not run checks nothing.
+    """
+    exe = Path("/usr/bin/dciodvfy")
+    if not exe.exists():
+        raise RuntimeError("dciodvfy is missing: ./quickstart test installs dicom3tools")
+    done = subprocess.run(
+        [str(exe), str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    return (
+        [line for line in lines if line.startswith("Error")],
+        [line for line in lines if line.startswith("Warning")],
+    )
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

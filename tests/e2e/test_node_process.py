@@ -25,21 +25,16 @@ def _series(out: Path, slices: int, size: int) -> list[Path]:
     )
 
 
-def test_kill_9_mid_study_loses_nothing_acknowledged(
-    node_factory: Callable[..., NodeProcess], tmp_path: Path
-) -> None:
-    """kill -9 while a study is arriving: every instance acknowledged before the kill is in the
-    spool and the job store after a restart, intact; re-sending completes the study once."""
-    files = _series(tmp_path / "study", slices=120, size=256)
-    node = node_factory(study={"stable_seconds": 2.0})
-    sender = subprocess.Popen(
+def _storescu_in_background(files: list[Path], port: int) -> subprocess.Popen[str]:
+    """dcmtk's storescu, verbose, its output readable line by line as it sends."""
+    return subprocess.Popen(
         [
             str(DCMTK / "storescu"),
             "-v",
             "-aec",
             "DICOM_NODE",
             "127.0.0.1",
-            str(node.port),
+            str(port),
             *map(str, files),
         ],
         stdout=subprocess.PIPE,
@@ -47,6 +42,16 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(
         text=True,
         env=PEER_ENV,
     )
+
+
+def test_kill_9_mid_study_loses_nothing_acknowledged(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """kill -9 while a study is arriving: every instance acknowledged before the kill is in the
+    spool and the job store after a restart, intact; re-sending completes the study once."""
+    files = _series(tmp_path / "study", slices=120, size=256)
+    node = node_factory(study={"stable_seconds": 2.0})
+    sender = _storescu_in_background(files, node.port)
     assert sender.stdout is not None
     acked: list[str] = []
     current = None
@@ -135,21 +140,7 @@ def test_sigterm_lets_an_open_association_finish(
     storescu succeeds, and the node exits 0 without accepting new associations."""
     files = _series(tmp_path / "study", slices=80, size=256)
     node = node_factory()
-    sender = subprocess.Popen(
-        [
-            str(DCMTK / "storescu"),
-            "-v",
-            "-aec",
-            "DICOM_NODE",
-            "127.0.0.1",
-            str(node.port),
-            *map(str, files),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=PEER_ENV,
-    )
+    sender = _storescu_in_background(files, node.port)
     assert sender.stdout is not None
     for line in sender.stdout:
         if "Received Store Response (Success)" in line:

@@ -6,7 +6,6 @@ tests/conftest.py::tiny_model_dir). Every SEG and SR that arrives is checked wit
 
 from __future__ import annotations
 
-import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,17 +13,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.peers import NodeProcess, StoreSCP, free_port, storescu
+from tests.peers import NodeProcess, StoreSCP, dciodvfy, free_port, storescu
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
-    done = subprocess.run(
-        ["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, check=False
-    )
-    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    return dciodvfy(path)[0]
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ right (LPS x < 0), lesion 2 on the left.
 from __future__ import annotations
 
 import datetime
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -26,7 +24,6 @@ from pydicom.dataset import Dataset
 from dicom_node.analysis.lesions import LesionMap, find_lesions
 from dicom_node.training.ctseries import SeriesSpec, StudyIdentity, write_ct_series
 
-DCIODVFY = "/usr/bin/dciodvfy"
 SPACING = (2.0, 0.8, 0.8)  # (z, y, x) mm
 ORIGIN = (-25.2, -25.2, 0.0)  # LPS centre of voxel (0, 0, 0); the FOV centre is x = 0
 PATIENT_NAME = "Müller-Łukasiewicz^Zoë=山田^太郎"
@@ -123,21 +120,3 @@ def report_content(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
 
 
 Dciodvfy = Callable[[Path], tuple[list[str], list[str]]]
-
-
-def _dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
-    done = subprocess.run(
-        [DCIODVFY, str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    lines = (done.stdout + done.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning")]
-    return errors, warnings
-
-
-@pytest.fixture
-def dciodvfy() -> Dciodvfy:
-    """Run dciodvfy on a file and return its (errors, warnings) lines."""
-    if shutil.which(DCIODVFY) is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    return _dciodvfy_messages
