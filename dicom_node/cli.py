@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     train.add_argument("--encoder-weights", type=Path, default=None, help="local ResNet state dict")
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--pixel-spacing", type=float, default=1.5, help="mm; 0: mode fit")
-    train.add_argument("--crop", type=int, default=160)
-    train.add_argument("--batch-size", type=int, default=6)
+    train.add_argument("--crop", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seg-steps", type=int, default=3000)
     train.add_argument("--cls-epochs", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="keep phantoms here")
+    evaluate.add_argument(
+        "--write-card", type=Path, default=None, help="write the model with held-out figures here"
+    )
     return parser
 
 

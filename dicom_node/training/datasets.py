@@ -1,0 +1,596 @@
+"""Datasets for training and evaluation: one interface, three sources, patient-level splits.
+
+A dataset is anything that satisfies :class:`CaseDataset`: it lists case ids, names the patient
+of each case and loads a case as a :class:`Case` (a CT volume in HU with its tumour mask). Three
+sources are provided:
+
+* :class:`MSDDataset` - the Medical Segmentation Decathlon layout (``dataset.json``,
+  ``imagesTr/*.nii.gz``, ``labelsTr/*.nii.gz``; Task06_Lung), read with SimpleITK;
+* :class:`DicomSegDataset` - DICOM CT series, each with a DICOM SEG ground truth whose frames
+  refer to the CT slices by SOP Instance UID (read with highdicom);
+* :class:`PhantomDataset` - seeded synthetic chest CTs from :mod:`dicom_node.training.phantom`,
+  drawn from a :class:`~dicom_node.training.phantom.SiteDistribution`, optionally shifted.
+
+:func:`split_cases` assigns whole patients to ``train`` / ``val`` / ``test``, so that no patient's
+slices are on both sides; :func:`write_split` and :func:`read_split` keep a split in a JSON file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from dicom_node.errors import DatasetError
+from dicom_node.training.phantom import SiteDistribution, generate_phantom
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+#: A phantom seed the generator fails on is replaced by ``seed + k * step`` (k = 1, 2, ...).
+_FALLBACK_SEED_STEP = 1_000_000_007
+_PHANTOM_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One CT volume with its tumour ground truth.
+
+    Attributes
+    ----------
+    case_id
+        Unique within its dataset.
+    patient_id
+        The patient the volume belongs to (splits never divide a patient).
+    hu
+        (z, y, x) Hounsfield units (int16 or float32).
+    tumour_mask
+        (z, y, x) uint8: 0 background, > 0 tumour (instance labels where the source has them).
+    spacing_mm
+        (dz, dy, dx) voxel spacing, mm.
+    origin_mm
+        LPS position (x, y, z) of voxel ``[0, 0, 0]``, mm.
+    """
+
+    case_id: str
+    patient_id: str
+    hu: npt.NDArray[np.int16] | npt.NDArray[np.float32]
+    tumour_mask: npt.NDArray[np.uint8]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    attributes: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3 or self.hu.shape != self.tumour_mask.shape:
+            raise DatasetError(
+                f"case {self.case_id}: volume {self.hu.shape} and mask "
+                f"{self.tumour_mask.shape} must be (z, y, x) of one shape"
+            )
+
+    @property
+    def has_tumour(self) -> bool:
+        """Whether any voxel is tumour."""
+        return bool(self.tumour_mask.any())
+
+    @property
+    def slice_labels(self) -> npt.NDArray[np.bool_]:
+        """(z,) whether each slice holds tumour voxels (the per-image ground truth)."""
+        return np.asarray(self.tumour_mask.reshape(self.tumour_mask.shape[0], -1).any(axis=1))
+
+
+@runtime_checkable
+class CaseDataset(Protocol):
+    """What every dataset offers: case ids, their patients, and loading a case."""
+
+    @property
+    def name(self) -> str:
+        """A short description (source and location) for logs and model cards."""
+        ...
+
+    def case_ids(self) -> list[str]:
+        """All case ids, in a stable order."""
+        ...
+
+    def patient_id(self, case_id: str) -> str:
+        """The patient of ``case_id`` (raises ``KeyError`` for an unknown id)."""
+        ...
+
+    def load(self, case_id: str) -> Case:
+        """Read one case (raises ``KeyError`` for an unknown id, ``DatasetError`` if unreadable)."""
+        ...
+
+
+def iter_cases(dataset: CaseDataset, case_ids: Sequence[str] | None = None) -> Iterator[Case]:
+    """Load the given cases (all when ``None``) one after another."""
+    for case_id in dataset.case_ids() if case_ids is None else case_ids:
+        yield dataset.load(case_id)
+
+
+# ---------------------------------------------------------------------- MSD (NIfTI)
+
+
+class MSDDataset:
+    """A Medical Segmentation Decathlon task folder (e.g. ``Task06_Lung``).
+
+    ``dataset.json`` lists the training pairs (``"training": [{"image": ..., "label": ...}]``,
+    paths relative to the folder); each image is a CT volume in HU and each label a mask (0
+    background, > 0 tumour). The case id is the image file's stem (``lung_001``); MSD has one
+    volume per patient, so the patient id is the case id.
+
+    Parameters
+    ----------
+    root
+        The task folder.
+
+    Raises
+    ------
+    DatasetError
+        ``dataset.json`` is missing or not the MSD layout.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        meta = self.root / "dataset.json"
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            pairs = info["training"]
+            self._pairs: dict[str, tuple[Path, Path]] = {}
+            for pair in pairs:
+                image = self.root / str(pair["image"])
+                label = self.root / str(pair["label"])
+                self._pairs[_nifti_stem(image)] = (image, label)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(
+                f"{meta}: not a Medical Segmentation Decathlon dataset ({exc})"
+            ) from exc
+
+    @property
+    def name(self) -> str:
+        return f"MSD {self.root}"
+
+    def case_ids(self) -> list[str]:
+        return sorted(self._pairs)
+
+    def patient_id(self, case_id: str) -> str:
+        if case_id not in self._pairs:
+            raise KeyError(case_id)
+        return case_id
+
+    def load(self, case_id: str) -> Case:
+        import SimpleITK as sitk  # noqa: N813 - the name SimpleITK's own documentation uses
+
+        image_path, label_path = self._pairs[case_id]
+        try:
+            image = sitk.ReadImage(str(image_path))
+            label = sitk.ReadImage(str(label_path))
+        except RuntimeError as exc:
+            raise DatasetError(f"case {case_id}: cannot read NIfTI ({exc})") from exc
+        raw_direction = image.GetDirection()  # type: ignore[no-untyped-call, unused-ignore]
+        direction = np.asarray(raw_direction, dtype=np.float64).reshape(3, 3)
+        if not np.allclose(np.abs(direction), np.eye(3), atol=1e-3):
+            logger.warning("case %s: oblique direction %s read as axial", case_id, direction)
+        hu = sitk.GetArrayFromImage(image)
+        mask = sitk.GetArrayFromImage(label)
+        # Bring both arrays to increasing z, y, x along the LPS axes as the node sees them.
+        for axis, sign in ((0, direction[2, 2]), (1, direction[1, 1]), (2, direction[0, 0])):
+            if sign < 0:
+                hu = np.flip(hu, axis=axis)
+                mask = np.flip(mask, axis=axis)
+        raw_spacing = image.GetSpacing()  # type: ignore[no-untyped-call, unused-ignore]
+        sx, sy, sz = (float(v) for v in raw_spacing)
+        hu_arr = (
+            np.ascontiguousarray(hu, dtype=np.int16)
+            if np.issubdtype(hu.dtype, np.integer) and hu.min() >= -32768 and hu.max() <= 32767
+            else np.ascontiguousarray(hu, dtype=np.float32)
+        )
+        # The origin is the position of the (possibly flipped) first voxel.
+        size = image.GetSize()  # type: ignore[no-untyped-call, unused-ignore]
+        first = tuple(
+            int(size[i]) - 1 if direction[i, i] < 0 else 0 for i in range(3)
+        )  # (x, y, z) index
+        raw_origin = image.TransformIndexToPhysicalPoint(first)  # type: ignore[no-untyped-call, unused-ignore]
+        origin = tuple(float(v) for v in raw_origin)
+        return Case(
+            case_id=case_id,
+            patient_id=case_id,
+            hu=hu_arr,
+            tumour_mask=np.ascontiguousarray(np.clip(mask, 0, 255), dtype=np.uint8),
+            spacing_mm=(sz, sy, sx),
+            origin_mm=(origin[0], origin[1], origin[2]),
+        )
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# ---------------------------------------------------------------------- DICOM CT + SEG
+
+
+class DicomSegDataset:
+    """DICOM CT series under a folder, each with a DICOM SEG that holds its tumour ground truth.
+
+    Every file under ``root`` is read once (headers only): CT images are grouped by Series
+    Instance UID, SEG instances are matched to the series their frames refer to. A case is a
+    series that has a SEG; the case id is its Series Instance UID and the patient its Patient ID.
+    The mask is the union of all segments (frames are placed on slices by their referenced SOP
+    Instance UID).
+
+    Parameters
+    ----------
+    root
+        Folder searched recursively for DICOM files.
+
+    Raises
+    ------
+    DatasetError
+        No CT series with a SEG under ``root``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        import pydicom
+
+        self.root = Path(root)
+        series: dict[str, list[Path]] = {}
+        patients: dict[str, str] = {}
+        segs: dict[str, Path] = {}
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (pydicom.errors.InvalidDicomError, OSError):
+                continue
+            modality = str(ds.get("Modality", ""))
+            if modality == "SEG":
+                for ref in ds.get("ReferencedSeriesSequence", []):
+                    segs[str(ref.SeriesInstanceUID)] = path
+            elif modality == "CT":
+                uid = str(ds.SeriesInstanceUID)
+                series.setdefault(uid, []).append(path)
+                patients[uid] = str(ds.get("PatientID", "")) or uid
+        self._series = {uid: paths for uid, paths in series.items() if uid in segs}
+        self._segs = segs
+        self._patients = patients
+        if not self._series:
+            raise DatasetError(f"{self.root}: no CT series with a DICOM SEG found")
+
+    @property
+    def name(self) -> str:
+        return f"DICOM+SEG {self.root}"
+
+    def case_ids(self) -> list[str]:
+        return sorted(self._series)
+
+    def patient_id(self, case_id: str) -> str:
+        if case_id not in self._series:
+            raise KeyError(case_id)
+        return self._patients[case_id]
+
+    def load(self, case_id: str) -> Case:
+        import highdicom as hd
+
+        from dicom_node.config import VolumeGeometrySettings
+        from dicom_node.study.volume import read_volume
+
+        paths = self._series[case_id]
+        volume = read_volume(paths, settings=VolumeGeometrySettings())
+        seg = hd.seg.segread(self._segs[case_id])
+        referenced = {str(entry[2]) for entry in seg.get_source_image_uids()}
+        unknown = referenced - set(volume.sop_instance_uids)
+        if unknown:
+            raise DatasetError(
+                f"case {case_id}: the SEG refers to {len(unknown)} instances not in the series"
+            )
+        # One plane per CT slice, in the volume's slice order; slices without a SEG frame
+        # (omitted empty frames) are zero. Segment numbers become the labels.
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(volume.sop_instance_uids),
+            combine_segments=True,
+            skip_overlap_checks=True,
+            assert_missing_frames_are_empty=True,
+        )
+        mask = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.uint8)
+        return Case(
+            case_id=case_id,
+            patient_id=self._patients[case_id],
+            hu=volume.hu,
+            tumour_mask=mask,
+            spacing_mm=volume.spacing_mm,
+            origin_mm=volume.origin_mm,
+        )
+
+
+# ---------------------------------------------------------------------- phantoms
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """How a :class:`PhantomDataset` makes its phantoms.
+
+    Attributes
+    ----------
+    first_seed, count
+        Phantom ``k`` (0-based) uses seed ``first_seed + k``.
+    shape_zyx
+        (slices, rows, columns) of each phantom; pixel spacing follows from the site's field of
+        view, slice spacing from the site.
+    shift
+        :meth:`SiteDistribution.shifted` amount (0: the training distribution).
+    tumour_probability
+        Probability that a phantom holds tumours.
+    """
+
+    first_seed: int = 0
+    count: int = 100
+    shape_zyx: tuple[int, int, int] = (32, 256, 256)
+    shift: float = 0.0
+    tumour_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.first_seed < 0:
+            raise ValueError("count must be at least 1 and first_seed not negative")
+        if min(self.shape_zyx) < 1:
+            raise ValueError("shape_zyx must be positive")
+
+    def describe(self) -> str:
+        """A one-line description for model cards."""
+        z, y, x = self.shape_zyx
+        return (
+            f"{self.count} phantoms, seeds {self.first_seed}-{self.first_seed + self.count - 1}, "
+            f"{z}x{y}x{x} voxels, SiteDistribution shifted by {self.shift:g}, "
+            f"tumour probability {self.tumour_probability:g}"
+        )
+
+
+class PhantomDataset:
+    """Synthetic chest CTs made on demand; one phantom is one patient.
+
+    Parameters
+    ----------
+    spec
+        Seeds, shape, site shift and tumour probability.
+    distribution
+        The site distribution before the shift (default :class:`SiteDistribution`).
+    """
+
+    def __init__(
+        self,
+        spec: PhantomSpec,
+        *,
+        distribution: SiteDistribution | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.spec = spec
+        base = distribution or SiteDistribution()
+        self.distribution = base.shifted(spec.shift) if spec.shift else base
+        #: Generated cases are kept here (``.npz``) and read back instead of regenerated.
+        self.cache_dir = cache_dir
+        self._cache_key = hashlib.sha256(
+            repr((spec.shape_zyx, spec.tumour_probability, self.distribution)).encode()
+        ).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"phantoms: {self.spec.describe()}"
+
+    def case_ids(self) -> list[str]:
+        return [f"phantom-{self.spec.first_seed + k:06d}" for k in range(self.spec.count)]
+
+    def _seed(self, case_id: str) -> int:
+        if not case_id.startswith("phantom-"):
+            raise KeyError(case_id)
+        seed = int(case_id.removeprefix("phantom-"))
+        if not self.spec.first_seed <= seed < self.spec.first_seed + self.spec.count:
+            raise KeyError(case_id)
+        return seed
+
+    def patient_id(self, case_id: str) -> str:
+        self._seed(case_id)
+        return case_id
+
+    def load(self, case_id: str) -> Case:
+        cached = self._cache_path(case_id)
+        if cached is not None and cached.exists():
+            with np.load(cached) as data:
+                return Case(
+                    case_id=case_id,
+                    patient_id=case_id,
+                    hu=data["hu"],
+                    tumour_mask=data["tumour_mask"],
+                    spacing_mm=_triple(data["spacing_mm"]),
+                    origin_mm=_triple(data["origin_mm"]),
+                )
+        case = self._generate(case_id)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(
+                tmp,
+                hu=case.hu,
+                tumour_mask=case.tumour_mask,
+                spacing_mm=np.array(case.spacing_mm),
+                origin_mm=np.array(case.origin_mm),
+            )
+            tmp.replace(cached)
+        return case
+
+    def _cache_path(self, case_id: str) -> Path | None:
+        self._seed(case_id)
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{case_id}-{self._cache_key}.npz"
+
+    def _generate(self, case_id: str) -> Case:
+        seed = self._seed(case_id)
+        phantom = None
+        for attempt in range(_PHANTOM_ATTEMPTS):
+            try:
+                phantom = generate_phantom(
+                    seed=seed + attempt * _FALLBACK_SEED_STEP,
+                    shape_zyx=self.spec.shape_zyx,
+                    site_distribution=self.distribution,
+                    tumour_probability=self.spec.tumour_probability,
+                )
+                break
+            except ValueError as exc:
+                # The generator fails on a few seeds (an empty fissure hit list in
+                # _paint_fissures); such a case is the phantom of a fixed fallback seed.
+                logger.warning("phantom seed %d failed (%s); using a fallback seed", seed, exc)
+        if phantom is None:
+            raise DatasetError(f"case {case_id}: the phantom generator failed")
+        return Case(
+            case_id=case_id,
+            patient_id=case_id,
+            hu=phantom.hu,
+            tumour_mask=phantom.tumour_mask,
+            spacing_mm=phantom.spacing_mm,
+            origin_mm=phantom.origin_mm,
+            attributes={
+                "site": phantom.site.name,
+                "tumour_diameters_mm": [t.diameter_mm for t in phantom.tumours],
+            },
+        )
+
+
+def _triple(values: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
+
+
+# ---------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class Split:
+    """Case ids by split name (``train``, ``val``, ``test``); a patient is in one split only."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def get(self, name: str) -> tuple[str, ...]:
+        """The case ids of split ``name``; ``ValueError`` for an unknown name."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r} (one of {', '.join(SPLIT_NAMES)})")
+        ids: tuple[str, ...] = getattr(self, name)
+        return ids
+
+
+def split_cases(
+    dataset: CaseDataset,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Split:
+    """Assign whole patients to train / val / test.
+
+    Patients are ordered by a hash of (seed, patient id) - stable whatever the listing order -
+    and cut by the fractions (at least one patient in val and test when there are three or more
+    patients and the fraction is positive).
+
+    Raises
+    ------
+    ValueError
+        Fractions outside [0, 1) or summing to 1 or more.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
+    by_patient: dict[str, list[str]] = {}
+    for case_id in dataset.case_ids():
+        by_patient.setdefault(dataset.patient_id(case_id), []).append(case_id)
+    patients = sorted(by_patient, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n = len(patients)
+
+    def count(fraction: float) -> int:
+        wanted = round(n * fraction)
+        return max(1, wanted) if fraction > 0 and n >= 3 else wanted
+
+    n_test = count(test_fraction)
+    n_val = count(val_fraction)
+    parts = {
+        "test": patients[:n_test],
+        "val": patients[n_test : n_test + n_val],
+        "train": patients[n_test + n_val :],
+    }
+    ids = {k: tuple(sorted(c for p in v for c in by_patient[p])) for k, v in parts.items()}
+    return Split(train=ids["train"], val=ids["val"], test=ids["test"])
+
+
+def write_split(split: Split, path: Path, *, patients: Mapping[str, str] | None = None) -> None:
+    """Write a split as JSON: ``{"train": [...], "val": [...], "test": [...]}``.
+
+    ``patients`` (case id to patient id), when given, is stored too so that the file can be
+    checked for patient leaks later.
+    """
+    payload: dict[str, object] = {name: list(split.get(name)) for name in SPLIT_NAMES}
+    if patients is not None:
+        payload["patients"] = dict(patients)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def read_split(path: Path) -> Split:
+    """Read a split file written by :func:`write_split`.
+
+    Raises
+    ------
+    DatasetError
+        The file is missing or malformed, a case is in two splits, or (when the file lists
+        patients) a patient is in two splits.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        parts = {name: tuple(str(c) for c in raw.get(name, [])) for name in SPLIT_NAMES}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise DatasetError(f"{path}: not a split file ({exc})") from exc
+    seen: dict[str, str] = {}
+    patients = raw.get("patients") if isinstance(raw.get("patients"), dict) else None
+    owner: dict[str, str] = {}
+    for name, ids in parts.items():
+        for case_id in ids:
+            if case_id in seen:
+                raise DatasetError(f"{path}: case {case_id} is in {seen[case_id]} and {name}")
+            seen[case_id] = name
+            if patients is not None and case_id in patients:
+                patient = str(patients[case_id])
+                if owner.setdefault(patient, name) != name:
+                    raise DatasetError(
+                        f"{path}: patient {patient} is in {owner[patient]} and {name}"
+                    )
+    return Split(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
+def open_dataset(
+    kind: str,
+    *,
+    path: Path | None = None,
+    phantoms: PhantomSpec | None = None,
+    cache_dir: Path | None = None,
+) -> CaseDataset:
+    """Open a dataset: ``phantoms`` (from ``phantoms``), ``msd`` or ``dicom-seg`` (at ``path``).
+
+    Raises
+    ------
+    DatasetError
+        Unknown kind, a missing path, or a folder that is not of that kind.
+    """
+    if kind == "phantoms":
+        return PhantomDataset(phantoms or PhantomSpec(), cache_dir=cache_dir)
+    if path is None:
+        raise DatasetError(f"dataset kind {kind!r} needs a path")
+    if kind == "msd":
+        return MSDDataset(path)
+    if kind == "dicom-seg":
+        return DicomSegDataset(path)
+    raise DatasetError(f"unknown dataset kind {kind!r} (phantoms, msd, dicom-seg)")

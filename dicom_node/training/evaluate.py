@@ -1,0 +1,520 @@
+"""Evaluating a model folder the way the node runs it: engine, lesions, metrics, report.
+
+Every case goes through :class:`~dicom_node.analysis.inference.InferenceEngine` and
+:func:`~dicom_node.analysis.lesions.find_lesions` with the node's lesion settings, so the figures
+describe exactly what the node would report. Per case:
+
+* per image (slice): truth = the slice holds tumour voxels; prediction = the MLP's probability at
+  or above the card's image threshold;
+* per study: truth = the volume holds tumour; prediction = the top-k mean at or above the card's
+  study threshold;
+* segmentation: Dice of the thresholded probability map (lesions after the node's filters) with
+  the ground truth, per volume and per ground-truth lesion;
+* detection: ground-truth lesions are the 26-connected components of the mask. A ground-truth
+  lesion is *detected* when at least one predicted lesion shares a voxel with it; a predicted
+  lesion that shares no voxel with any ground-truth lesion is a *false positive*. The Dice of a
+  ground-truth lesion is computed against the union of the predicted lesions touching it (0 when
+  missed). Its size is the diameter of the sphere of equal volume.
+
+Dice, detection and false positives use lesions of at least the configured minimum volume on
+the prediction side only; small ground-truth lesions are counted (and reported by size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cc3d
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from dicom_node.analysis.inference import InferenceEngine
+from dicom_node.analysis.lesions import find_lesions
+from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
+from dicom_node.config import InferenceSettings, LesionSettings
+from dicom_node.training.datasets import Case, CaseDataset, iter_cases
+from dicom_node.training.metrics import BinaryScores, binary_scores, dice, roc_curve
+
+logger = logging.getLogger(__name__)
+
+#: Lesions at least this large (equivalent-sphere diameter, mm) make the "large" Dice figure.
+LARGE_LESION_MM = 6.0
+
+
+@dataclass(frozen=True)
+class LesionOutcome:
+    """One ground-truth lesion: size, whether it was found, and its Dice."""
+
+    diameter_mm: float
+    volume_mm3: float
+    detected: bool
+    dice: float
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One slice to show in the report: HU, truth and predicted probability, (y, x) each."""
+
+    case_id: str
+    slice_index: int
+    hu: npt.NDArray[np.float32]
+    truth: npt.NDArray[np.bool_]
+    probability: npt.NDArray[np.float32]
+    image_probability: float
+
+
+@dataclass(frozen=True, eq=False)
+class CaseOutcome:
+    """What the model said about one case, against its truth."""
+
+    case_id: str
+    image_truth: npt.NDArray[np.bool_]
+    image_probability: npt.NDArray[np.float32]
+    study_truth: bool
+    study_probability: float
+    volume_dice: float
+    lesions: tuple[LesionOutcome, ...]
+    false_positive_lesions: int
+    predicted_lesions: int
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """Outcomes of many cases and the card they were scored with."""
+
+    card: ModelCard
+    cases: tuple[CaseOutcome, ...]
+    overlays: tuple[Overlay, ...] = field(default=())
+
+    def image_scores(self) -> BinaryScores:
+        """Per-image scores at the card's image threshold."""
+        truth = np.concatenate([c.image_truth for c in self.cases])
+        prob = np.concatenate([c.image_probability for c in self.cases])
+        return binary_scores(truth, prob >= self.card.thresholds.image, scores=prob)
+
+    def study_scores(self) -> BinaryScores:
+        """Per-study scores at the card's study threshold."""
+        truth = np.array([c.study_truth for c in self.cases])
+        prob = np.array([c.study_probability for c in self.cases])
+        return binary_scores(truth, prob >= self.card.thresholds.study, scores=prob)
+
+    def summary(self) -> dict[str, Any]:
+        """Every figure, JSON-ready."""
+        lesions = [les for c in self.cases for les in c.lesions]
+        large = [les for les in lesions if les.diameter_mm >= LARGE_LESION_MM]
+        tumour_free = [c for c in self.cases if not c.study_truth]
+        with_tumour = [c for c in self.cases if c.study_truth]
+
+        def mean(values: Sequence[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        return {
+            "cases": len(self.cases),
+            "studies_with_tumour": len(with_tumour),
+            "image": self.image_scores().as_dict(),
+            "study": self.study_scores().as_dict(),
+            "segmentation": {
+                "volume_dice_mean_tumour_studies": mean([c.volume_dice for c in with_tumour]),
+                "lesion_dice_mean": mean([les.dice for les in lesions]),
+                f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": mean([les.dice for les in large]),
+                f"lesion_dice_median_ge_{LARGE_LESION_MM:g}mm": (
+                    float(np.median([les.dice for les in large])) if large else None
+                ),
+                "tumour_free_studies_without_false_lesions": (
+                    sum(c.predicted_lesions == 0 for c in tumour_free) / len(tumour_free)
+                    if tumour_free
+                    else None
+                ),
+            },
+            "detection": {
+                "lesions": len(lesions),
+                f"lesions_ge_{LARGE_LESION_MM:g}mm": len(large),
+                "sensitivity": mean([float(les.detected) for les in lesions]),
+                f"sensitivity_ge_{LARGE_LESION_MM:g}mm": mean(
+                    [float(les.detected) for les in large]
+                ),
+                "false_positives_per_study": mean(
+                    [float(c.false_positive_lesions) for c in self.cases]
+                ),
+                "false_positives_per_tumour_free_study": mean(
+                    [float(c.false_positive_lesions) for c in tumour_free]
+                ),
+            },
+            "thresholds": self.card.thresholds.model_dump(),
+            "top_k": self.card.top_k,
+            "seconds_per_case": mean([c.seconds for c in self.cases]),
+        }
+
+    def roc(self, level: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+        """(fpr, tpr) of ``image`` or ``study`` probabilities; ``None`` with one class only."""
+        if level == "image":
+            truth = np.concatenate([c.image_truth for c in self.cases])
+            prob = np.concatenate([c.image_probability for c in self.cases])
+        else:
+            truth = np.array([c.study_truth for c in self.cases])
+            prob = np.array([c.study_probability for c in self.cases])
+        try:
+            fpr, tpr, _ = roc_curve(truth, prob)
+        except ValueError:
+            return None
+        return fpr, tpr
+
+
+def score_case(
+    case: Case,
+    probability: npt.NDArray[np.float32],
+    image_probability: npt.NDArray[np.float32],
+    study_probability: float,
+    *,
+    threshold: float,
+    lesion_settings: LesionSettings,
+    seconds: float = 0.0,
+) -> CaseOutcome:
+    """Compare one case's model outputs with its truth (see the module docstring).
+
+    Parameters
+    ----------
+    case
+        The volume and its tumour mask (z, y, x).
+    probability
+        (z, y, x) tumour probability in [0, 1].
+    image_probability
+        (z,) per-slice cancer probability.
+    study_probability
+        The study's probability.
+    threshold
+        Segmentation threshold (the card's, unless the configuration sets one).
+    lesion_settings
+        Minimum volume, connectivity and maximum count, as the node uses them.
+    """
+    lesion_map = find_lesions(
+        probability,
+        case.hu,
+        spacing_mm=case.spacing_mm,
+        threshold=threshold,
+        min_volume_mm3=lesion_settings.min_volume_mm3,
+        connectivity=lesion_settings.connectivity,
+        max_lesions=lesion_settings.max_lesions,
+    )
+    predicted = lesion_map.labels
+    truth_components, count = cc3d.connected_components(
+        case.tumour_mask > 0, connectivity=26, return_N=True, binary_image=True
+    )
+    voxel_mm3 = float(np.prod(case.spacing_mm))
+    outcomes = []
+    touched: set[int] = set()
+    for label in range(1, count + 1):
+        gt = truth_components == label
+        hits = np.unique(predicted[gt])
+        hits = hits[hits > 0]
+        touched.update(int(h) for h in hits)
+        found = np.isin(predicted, hits) if hits.size else np.zeros_like(gt)
+        volume = float(gt.sum()) * voxel_mm3
+        outcomes.append(
+            LesionOutcome(
+                diameter_mm=(6.0 * volume / math.pi) ** (1.0 / 3.0),
+                volume_mm3=volume,
+                detected=bool(hits.size),
+                dice=dice(gt, found),
+            )
+        )
+    n_pred = len(lesion_map.lesions)
+    return CaseOutcome(
+        case_id=case.case_id,
+        image_truth=case.slice_labels,
+        image_probability=np.asarray(image_probability, dtype=np.float32),
+        study_truth=case.has_tumour,
+        study_probability=float(study_probability),
+        volume_dice=dice(case.tumour_mask > 0, predicted > 0),
+        lesions=tuple(outcomes),
+        false_positive_lesions=n_pred - len(touched),
+        predicted_lesions=n_pred,
+        seconds=seconds,
+    )
+
+
+def evaluate(
+    model: LoadedModel | Path,
+    dataset: CaseDataset,
+    case_ids: Sequence[str],
+    *,
+    inference: InferenceSettings | None = None,
+    lesion_settings: LesionSettings | None = None,
+    overlays: int = 4,
+    progress: bool = False,
+) -> Evaluation:
+    """Run the node's engine and lesion finder over cases and score them.
+
+    Parameters
+    ----------
+    model
+        A model folder or a loaded model.
+    dataset, case_ids
+        The cases to score.
+    inference, lesion_settings
+        As in the node's configuration (defaults when omitted).
+    overlays
+        How many slices to keep for the report (tumour slices first, then the most suspicious
+        slices of tumour-free cases).
+    progress
+        Show a progress bar.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    engine = InferenceEngine(loaded, inference or InferenceSettings(device="cpu"))
+    settings = lesion_settings or LesionSettings()
+    threshold = settings.threshold or engine.card.thresholds.segmentation
+    outcomes: list[CaseOutcome] = []
+    shown: list[Overlay] = []
+    for case in tqdm(
+        iter_cases(dataset, case_ids), total=len(case_ids), disable=not progress, desc="evaluate"
+    ):
+        started = time.perf_counter()
+        result = engine.run(case.hu, case.spacing_mm)
+        prob = result.probability_float32()
+        outcome = score_case(
+            case,
+            prob,
+            result.image_probabilities,
+            result.study_probability,
+            threshold=threshold,
+            lesion_settings=settings,
+            seconds=time.perf_counter() - started,
+        )
+        outcomes.append(outcome)
+        # Up to overlays - 1 slices with tumour and one of a tumour-free case.
+        slots = overlays - 1 if case.has_tumour else min(1, overlays)
+        if sum(o.truth.any() == case.has_tumour for o in shown) < slots:
+            if case.has_tumour:
+                k = int(np.argmax((case.tumour_mask > 0).sum(axis=(1, 2))))
+            else:
+                k = int(np.argmax(result.image_probabilities))
+            shown.append(
+                Overlay(
+                    case_id=case.case_id,
+                    slice_index=k,
+                    hu=np.asarray(case.hu[k], dtype=np.float32),
+                    truth=np.asarray(case.tumour_mask[k] > 0),
+                    probability=prob[k].copy(),
+                    image_probability=float(result.image_probabilities[k]),
+                )
+            )
+    return Evaluation(card=engine.card, cases=tuple(outcomes), overlays=tuple(shown))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_evaluation(
+    out_dir: Path,
+    held_out: Evaluation,
+    *,
+    description: str,
+    train: Evaluation | None = None,
+    baseline: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``evaluation.json`` and ``report.png`` into ``out_dir``; return both paths."""
+    from dicom_node.training.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "model": {"name": held_out.card.name, "version": held_out.card.version},
+        "dataset": description,
+        "definitions": {
+            "image_truth": "slice holds tumour voxels",
+            "study_truth": "volume holds tumour voxels",
+            "lesion_match": "a predicted lesion and a ground-truth component share a voxel",
+            "lesion_size": "diameter of the sphere of equal volume (mm)",
+            "dice_empty": "1 when truth and prediction are both empty",
+            "mcc_degenerate": "0 when a marginal of the confusion matrix is 0",
+        },
+        "held_out": held_out.summary(),
+        "per_case": [
+            {
+                "case_id": c.case_id,
+                "study_truth": c.study_truth,
+                "study_probability": c.study_probability,
+                "volume_dice": c.volume_dice,
+                "false_positive_lesions": c.false_positive_lesions,
+                "lesions": [asdict(les) for les in c.lesions],
+            }
+            for c in held_out.cases
+        ],
+    }
+    if train is not None:
+        payload["train"] = train.summary()
+    if baseline is not None:
+        payload["baseline"] = baseline
+    json_path = out_dir / "evaluation.json"
+    json_path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n", encoding="utf-8")
+    png_path = write_report(
+        out_dir / "report.png", held_out, train=train, baseline=baseline, description=description
+    )
+    return json_path, png_path
+
+
+def card_figures(
+    held_out: Evaluation,
+    *,
+    train: Evaluation | None = None,
+    baseline: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The figures a model card carries: held-out (``heldout_*``), train and baseline scores."""
+    s = held_out.summary()
+    seg, det = s["segmentation"], s["detection"]
+    figures: dict[str, Any] = {
+        "heldout_cases": s["cases"],
+        "heldout_image_accuracy": s["image"]["accuracy"],
+        "heldout_image_sensitivity": s["image"]["sensitivity"],
+        "heldout_image_specificity": s["image"]["specificity"],
+        "heldout_image_f1": s["image"]["f1"],
+        "heldout_image_mcc": s["image"]["mcc"],
+        "heldout_image_kappa": s["image"]["kappa"],
+        "heldout_image_auc": s["image"]["roc_auc"],
+        "heldout_study_accuracy": s["study"]["accuracy"],
+        "heldout_study_mcc": s["study"]["mcc"],
+        "heldout_study_kappa": s["study"]["kappa"],
+        "heldout_study_auc": s["study"]["roc_auc"],
+        "heldout_volume_dice": seg["volume_dice_mean_tumour_studies"],
+        "heldout_lesion_dice_ge_6mm": seg[f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm"],
+        "heldout_detection_sensitivity": det["sensitivity"],
+        "heldout_detection_sensitivity_ge_6mm": det[f"sensitivity_ge_{LARGE_LESION_MM:g}mm"],
+        "heldout_fp_lesions_per_tumour_free_study": det["false_positives_per_tumour_free_study"],
+    }
+    if train is not None:
+        t = train.summary()
+        figures["train_image_accuracy"] = t["image"]["accuracy"]
+        figures["train_image_mcc"] = t["image"]["mcc"]
+    if baseline is not None:
+        figures["baseline_train_image_accuracy"] = baseline["train"]["accuracy"]
+        figures["baseline_train_image_mcc"] = baseline["train"]["mcc"]
+        figures["baseline_heldout_image_accuracy"] = baseline["held_out"]["accuracy"]
+        figures["baseline_heldout_image_mcc"] = baseline["held_out"]["mcc"]
+    return {k: float(v) for k, v in figures.items() if v is not None}
+
+
+def card_with_figures(
+    card: ModelCard,
+    held_out: Evaluation,
+    *,
+    description: str,
+    train: Evaluation | None = None,
+    baseline: dict[str, Any] | None = None,
+) -> ModelCard:
+    """The card with the evaluation's figures merged in and the held-out set named."""
+    note = f" Held-out evaluation (metrics heldout_*): {description}."
+    text = card.description if note in card.description else card.description + note
+    return card.model_copy(
+        update={
+            "description": text,
+            "metrics": {
+                **card.metrics,
+                **card_figures(held_out, train=train, baseline=baseline),
+            },
+        }
+    )
+
+
+def run_from_args(args: Any) -> int:
+    """The ``dicom-node evaluate`` command (``args`` from its argparse subcommand)."""
+    import torch
+
+    from dicom_node.training.datasets import PhantomSpec, open_dataset, read_split
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    spec = PhantomSpec(
+        first_seed=args.first_seed,
+        count=args.phantoms,
+        shape_zyx=tuple(args.phantom_shape),
+        shift=args.shift,
+        tumour_probability=args.tumour_probability,
+    )
+    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
+    train_dataset: CaseDataset
+    if args.split is not None:
+        split = read_split(args.split)
+        held_out_ids = list(split.get(args.split_name))
+        train_ids = list(split.train)
+        train_dataset = dataset
+    else:
+        held_out_ids = dataset.case_ids()
+        train_dataset = open_dataset(
+            args.dataset,
+            path=args.data,
+            phantoms=PhantomSpec(
+                first_seed=args.train_first_seed,
+                count=args.train_phantoms,
+                shape_zyx=tuple(args.phantom_shape),
+                shift=args.train_shift,
+                tumour_probability=args.train_tumour_probability,
+            ),
+            cache_dir=args.cache_dir,
+        )
+        train_ids = train_dataset.case_ids() if args.dataset == "phantoms" else []
+        if args.train_split is not None:  # only the cases the network was trained on
+            trained = set(read_split(args.train_split).train)
+            train_ids = [c for c in train_ids if c in trained]
+    progress = not args.no_progress
+    loaded = load_model(args.model)
+    inference = InferenceSettings(device="cpu" if args.device == "auto" else args.device)
+    if args.device == "auto" and torch.cuda.is_available():
+        inference = InferenceSettings(device="auto")
+    held_out = evaluate(loaded, dataset, held_out_ids, inference=inference, progress=progress)
+    train_eval = None
+    if train_ids and args.train_eval_cases > 0:
+        train_eval = evaluate(
+            loaded,
+            train_dataset,
+            train_ids[: args.train_eval_cases],
+            inference=inference,
+            overlays=0,
+            progress=progress,
+        )
+    baseline = None
+    if args.baseline:
+        from dicom_node.training.baseline import compare_baseline
+
+        baseline = compare_baseline(
+            train_dataset, train_ids, dataset, held_out_ids, seed=args.seed, progress=progress
+        )
+    description = f"{dataset.name}: {len(held_out_ids)} cases"
+    json_path, png_path = write_evaluation(
+        args.out, held_out, description=description, train=train_eval, baseline=baseline
+    )
+    if args.write_card is not None:
+        card = card_with_figures(
+            loaded.card, held_out, description=description, train=train_eval, baseline=baseline
+        )
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        written = save_model(
+            loaded.network, card, args.write_card, dtype=dtypes[loaded.card.weights.dtype]
+        )
+        logger.info("model with held-out figures written to %s", args.write_card)
+        if written.weights.sha256 != loaded.card.weights.sha256:
+            logger.warning("the weights changed in the round trip (sha256 differs)")
+    summary = held_out.summary()
+    print(
+        json.dumps(
+            _jsonable({"json": str(json_path), "report": str(png_path), **summary}), indent=2
+        )
+    )
+    return 0

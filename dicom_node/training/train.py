@@ -1,0 +1,1276 @@
+"""Training the lung-CT network in two stages, as in the method the node implements.
+
+Stage 1 (segmentation): the U-Net learns tumour masks from 2-D slices on the model's grid,
+with positive oversampling (a share of each batch is centred on tumour) and augmentation
+(:mod:`dicom_node.training.augment`); loss BCE + soft Dice; AdamW with linear warm-up and a
+cosine schedule; early stopping on the validation Dice.
+
+Stage 2 (classification): the encoder is frozen; its deepest map, average-pooled, is computed
+once for every training slice (clean and augmented views) and the MLP head (dropout, weight
+decay) learns "slice holds tumour" from it; early stopping on the validation loss.
+
+Operating points (image and study thresholds) are chosen on the validation cases; the model
+folder is written with :func:`dicom_node.analysis.weights.save_model` at the end only.
+
+Slices go to the model's grid exactly as the inference engine puts them there (window, then
+resample to the card's pixel spacing or size, then centre pad with air or crop). A run is
+seeded; with ``--max-minutes`` the schedule follows whichever is further along, steps or time,
+and each stage stops at its share of the budget (the card records the steps actually done).
+Checkpoints in the work folder make a run resumable (``resume=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documentation uses
+from tqdm import tqdm
+
+from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
+from dicom_node.analysis.weights import (
+    Classes,
+    ClassInfo,
+    Code,
+    InputSpec,
+    ModelCard,
+    Normalisation,
+    Thresholds,
+    save_model,
+)
+from dicom_node.errors import ModelError
+from dicom_node.training.augment import AugmentConfig, augment_batch
+from dicom_node.training.datasets import CaseDataset, Split, iter_cases
+from dicom_node.training.metrics import binary_scores, choose_threshold
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Settings a checkpoint does not depend on: the run's budget and machine, and everything
+#: that only stage 2 or the card uses (they may change when a run is resumed).
+_NOT_IN_CHECKPOINT_KEY = frozenset(
+    {
+        "max_minutes",
+        "threads",
+        "progress",
+        "device",
+        "feature_views",
+        "clean_first_view",
+        "cls_epochs",
+        "cls_lr",
+        "cls_weight_decay",
+        "cls_patience",
+        "stage2_share",
+        "top_k",
+        "name",
+        "version",
+    }
+)
+#: Stage 2 trains at least this many MLP epochs, whatever the budget says.
+_MIN_CLS_EPOCHS = 20
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (besides the data).
+
+    Attributes
+    ----------
+    architecture
+        The network; the product is a ResNet50 U-Net.
+    input_size, input_mode, pixel_spacing_mm
+        The card's input section: square size, ``fit`` or ``spacing``, and the pixel spacing
+        (mm) in ``spacing`` mode.
+    window
+        (low, high) HU window, normalised to [0, 1].
+    crop
+        Side of the square crops stage 1 trains on (a multiple of the output stride; the full
+        slice when not smaller than ``input_size``).
+    batch_size
+        Crops per stage-1 step.
+    positive_fraction
+        Share of each batch centred on a tumour pixel.
+    seg_steps, seg_lr, seg_weight_decay, warmup_steps
+        Stage-1 length and AdamW settings.
+    val_every, patience
+        Validate every ``val_every`` steps; stop after ``patience`` validations without a better
+        Dice.
+    val_slices
+        At most this many validation slices (all with tumour first, then others) per check.
+    cls_epochs, cls_lr, cls_weight_decay, cls_patience, feature_views, clean_first_view
+        Stage-2 MLP training: epochs, AdamW settings, early stopping patience (epochs), the
+        number of views per training slice, and whether the first is left clean (the others
+        are augmented as in stage 1).
+    freeze_encoder
+        Stage 2 trains the MLP only (the two-stage method); ``False`` is not offered yet.
+    top_k
+        Slices averaged into the study probability.
+    seed
+        Seeds numpy and torch.
+    max_minutes
+        Wall-clock budget of the whole run (``None``: unbounded); stage 1 gets
+        ``1 - stage2_share`` of it.
+    device
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; AMP (bf16) on CUDA.
+    threads
+        torch CPU threads (``None`` leaves torch's choice).
+    checkpoint_every
+        Steps between stage-1 checkpoints.
+    encoder_weights
+        A local torchvision- or timm-format ResNet state dict loaded into the encoder.
+    name, version
+        Of the model card.
+    """
+
+    architecture: Architecture = field(default_factory=Architecture)
+    input_size: int = 256
+    input_mode: Literal["fit", "spacing"] = "spacing"
+    pixel_spacing_mm: float | None = 1.5
+    window: tuple[float, float] = (-1000.0, 400.0)
+    crop: int = 128
+    batch_size: int = 8
+    positive_fraction: float = 0.5
+    seg_steps: int = 3000
+    seg_lr: float = 1e-3
+    seg_weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    val_every: int = 250
+    patience: int = 5
+    val_slices: int = 160
+    cls_epochs: int = 200
+    cls_lr: float = 1e-3
+    cls_weight_decay: float = 1e-2
+    cls_patience: int = 25
+    feature_views: int = 1
+    clean_first_view: bool = False
+    freeze_encoder: bool = True
+    top_k: int = 3
+    seed: int = 0
+    max_minutes: float | None = None
+    stage2_share: float = 0.15
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_every: int = 100
+    encoder_weights: Path | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    name: str = "lung-ct-unet-resnet50"
+    version: str = "0.1.0"
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        stride = self.architecture.output_stride
+        if self.input_size % stride or self.crop % stride:
+            raise ValueError(f"input_size and crop must be multiples of {stride}")
+        if self.input_mode == "spacing" and self.pixel_spacing_mm is None:
+            raise ValueError("input_mode 'spacing' needs pixel_spacing_mm")
+        if not self.freeze_encoder:
+            raise ValueError("stage 2 trains the MLP on a frozen encoder (freeze_encoder=True)")
+        if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
+            raise ValueError("batch_size must be positive, step and epoch counts not negative")
+
+    def input_spec(self) -> InputSpec:
+        """The card's input section."""
+        return InputSpec(
+            size=self.input_size,
+            mode=self.input_mode,
+            pixel_spacing_mm=self.pixel_spacing_mm if self.input_mode == "spacing" else None,
+            interpolation="bilinear",
+        )
+
+    def normalisation(self) -> Normalisation:
+        """The card's normalisation section (min-max over the window)."""
+        return Normalisation(
+            window_low_hu=self.window[0], window_high_hu=self.window[1], method="minmax"
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced.
+
+    Attributes
+    ----------
+    card
+        The card as written (``None`` if no output folder was written).
+    seg_steps_done, cls_epochs_done
+        Work done in each stage.
+    seconds
+        Wall time of this invocation plus earlier ones of a resumed run.
+    validation
+        Validation figures (also in the card's metrics).
+    stopped_by
+        Why stage 1 ended: ``steps``, ``early_stopping`` or ``time``.
+    """
+
+    card: ModelCard | None
+    seg_steps_done: int
+    cls_epochs_done: int
+    seconds: float
+    validation: dict[str, float]
+    stopped_by: str
+
+
+# ---------------------------------------------------------------------- model grid
+
+
+def to_model_grid(
+    hu: npt.NDArray[np.generic],
+    spacing_yx_mm: tuple[float, float],
+    *,
+    spec: InputSpec,
+    window: tuple[float, float],
+    mask: npt.NDArray[np.generic] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Put slices on the model's grid the way the inference engine does.
+
+    Parameters
+    ----------
+    hu
+        (z, y, x) HU.
+    spacing_yx_mm
+        In-plane pixel spacing (dy, dx), mm.
+    spec
+        The card's input section.
+    window
+        (low, high) HU; values are clipped to it before resampling.
+    mask
+        (z, y, x) tumour mask (> 0 tumour), resampled bilinearly and thresholded at 0.5.
+
+    Returns
+    -------
+    hu : torch.Tensor
+        (z, 1, S, S) float32 clipped HU; padding is ``window[0]`` (air).
+    mask : torch.Tensor or None
+        (z, 1, S, S) float32 in {0, 1}.
+    """
+    from dicom_node.analysis.inference import _resize
+
+    depth, height, width = hu.shape
+    size = spec.size
+    if spec.mode == "spacing":
+        assert spec.pixel_spacing_mm is not None  # the card's validator requires it
+        new_h = max(1, round(height * spacing_yx_mm[0] / spec.pixel_spacing_mm))
+        new_w = max(1, round(width * spacing_yx_mm[1] / spec.pixel_spacing_mm))
+    else:
+        new_h = new_w = size
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    pad = (left, size - new_w - left, top, size - new_h - top)
+    x = torch.from_numpy(np.asarray(hu, dtype=np.float32)).unsqueeze(1).clamp(*window)
+    if (new_h, new_w) != (height, width):
+        x = _resize(x, (new_h, new_w), spec.interpolation)
+    x = F.pad(x, pad, value=window[0])
+    m: torch.Tensor | None = None
+    if mask is not None:
+        m = torch.from_numpy((np.asarray(mask) > 0).astype(np.float32)).unsqueeze(1)
+        if (new_h, new_w) != (height, width):
+            m = _resize(m, (new_h, new_w), "bilinear")
+        m = (F.pad(m, pad, value=0.0) >= 0.5).float()
+    del depth
+    return x, m
+
+
+@dataclass(frozen=True, eq=False)
+class SliceBank:
+    """Slices of many cases on the model grid, held in memory.
+
+    Attributes
+    ----------
+    hu
+        (n, S, S) int16 clipped HU.
+    masks
+        (n, S, S) uint8 tumour mask on the model grid.
+    labels
+        (n,) bool: the slice holds tumour on its original grid (the per-image ground truth).
+    case_index
+        (n,) index into ``case_ids`` of each slice's case.
+    case_ids
+        The cases, in bank order.
+    """
+
+    hu: npt.NDArray[np.int16]
+    masks: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.bool_]
+    case_index: npt.NDArray[np.int64]
+    case_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.hu.shape[0])
+
+
+def build_bank(
+    dataset: CaseDataset,
+    case_ids: Sequence[str],
+    *,
+    spec: InputSpec,
+    window: tuple[float, float],
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> SliceBank:
+    """Load cases and put every slice on the model grid (cached in ``cache_dir`` when given)."""
+    key = hashlib.sha256(
+        json.dumps(
+            [dataset.name, list(case_ids), spec.model_dump(mode="json"), list(window)]
+        ).encode()
+    ).hexdigest()[:16]
+    cache = cache_dir / f"bank-{key}.npz" if cache_dir is not None else None
+    if cache is not None and cache.exists():
+        with np.load(cache) as data:
+            logger.info("slice bank %s read from %s", key, cache)
+            return SliceBank(
+                hu=data["hu"],
+                masks=data["masks"],
+                labels=data["labels"],
+                case_index=data["case_index"],
+                case_ids=tuple(str(c) for c in data["case_ids"]),
+            )
+    hus, masks, labels, index = [], [], [], []
+    cases = iter_cases(dataset, case_ids)
+    for k, case in enumerate(
+        tqdm(cases, total=len(case_ids), desc="cases", disable=not progress, mininterval=10)
+    ):
+        x, m = to_model_grid(
+            case.hu, case.spacing_mm[1:], spec=spec, window=window, mask=case.tumour_mask
+        )
+        assert m is not None
+        hus.append(x[:, 0].round().to(torch.int16).numpy())
+        masks.append(m[:, 0].to(torch.uint8).numpy())
+        labels.append(case.slice_labels)
+        index.append(np.full(case.hu.shape[0], k, dtype=np.int64))
+    bank = SliceBank(
+        hu=np.concatenate(hus),
+        masks=np.concatenate(masks),
+        labels=np.concatenate(labels),
+        case_index=np.concatenate(index),
+        case_ids=tuple(case_ids),
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            hu=bank.hu,
+            masks=bank.masks,
+            labels=bank.labels,
+            case_index=bank.case_index,
+            case_ids=np.array(bank.case_ids),
+        )
+        tmp.replace(cache)
+    return bank
+
+
+# ---------------------------------------------------------------------- encoder weights
+
+
+def load_encoder_weights(network: LungCTNet, path: Path) -> None:
+    """Load a local torchvision- or timm-format ResNet state dict into the network's encoder.
+
+    Accepted: a plain state dict, or one under ``state_dict`` / ``model``; key prefixes
+    ``module.``, ``encoder.`` and ``backbone.`` are stripped; the classifier (``fc.*``) is
+    dropped. A 3-channel ``conv1`` is summed over its RGB channels for the one CT channel
+    (as smp does for ``in_channels=1``).
+
+    Raises
+    ------
+    ModelError
+        The file cannot be read, is not a state dict, or its tensors do not match the encoder.
+    """
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read encoder weights ({exc})") from exc
+    if isinstance(raw, dict):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in raw and isinstance(raw[wrapper], dict):
+                raw = raw[wrapper]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in raw.items():
+        key = str(name)
+        for prefix in ("module.", "encoder.", "backbone."):
+            key = key.removeprefix(prefix)
+        if key.startswith("fc."):
+            continue
+        state[key] = tensor
+    conv1 = state.get("conv1.weight")
+    wanted = network.encoder.state_dict()
+    if conv1 is not None and "conv1.weight" in wanted:
+        channels = wanted["conv1.weight"].shape[1]
+        if conv1.shape[1] != channels and channels == 1:
+            state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+    try:
+        network.encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelError(
+            f"{path}: the weights do not fit the {network.architecture.encoder} encoder ({first})"
+        ) from exc
+    logger.info("encoder weights loaded from %s (%d tensors)", path, len(state))
+
+
+# ---------------------------------------------------------------------- losses and steps
+
+
+def bce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0
+) -> torch.Tensor:
+    """BCE with logits plus soft Dice loss over the whole batch.
+
+    Parameters
+    ----------
+    logits, target
+        (N, 1, H, W); target in {0, 1}.
+    smooth
+        Added to numerator and denominator of the Dice (so a batch without tumour and without
+        predicted tumour has Dice 1).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+    prob = torch.sigmoid(logits.float())
+    intersection = (prob * target).sum()
+    soft_dice = (2 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
+    return bce + (1.0 - soft_dice)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Sampler:
+    """Draws stage-1 crops: a share centred near tumour pixels, the rest anywhere."""
+
+    def __init__(self, bank: SliceBank, *, crop: int, positive_fraction: float) -> None:
+        self.bank = bank
+        self.crop = min(crop, bank.hu.shape[-1])
+        self.positive_fraction = positive_fraction
+        flat = bank.masks.reshape(len(bank), -1)
+        self.positive = np.flatnonzero(flat.any(axis=1))
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.bank.hu.shape[-1]
+        c = self.crop
+        hus, masks = [], []
+        for _ in range(n):
+            if self.positive.size and rng.uniform() < self.positive_fraction:
+                k = int(rng.choice(self.positive))
+                ys, xs = np.nonzero(self.bank.masks[k])
+                j = int(rng.integers(ys.size))
+                jitter = rng.integers(-c // 3, c // 3 + 1, size=2)
+                cy, cx = int(ys[j] + jitter[0]), int(xs[j] + jitter[1])
+            else:
+                k = int(rng.integers(len(self.bank)))
+                cy, cx = (int(v) for v in rng.integers(c // 2, size - c // 2 + 1, size=2))
+            y0 = int(np.clip(cy - c // 2, 0, size - c))
+            x0 = int(np.clip(cx - c // 2, 0, size - c))
+            hus.append(self.bank.hu[k, y0 : y0 + c, x0 : x0 + c])
+            masks.append(self.bank.masks[k, y0 : y0 + c, x0 : x0 + c])
+        hu = torch.from_numpy(np.stack(hus).astype(np.float32)).unsqueeze(1)
+        mask = torch.from_numpy(np.stack(masks).astype(np.float32)).unsqueeze(1)
+        return hu, mask
+
+
+def _val_indices(bank: SliceBank, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """Validation slices: those with tumour first, then others, at most ``limit``."""
+    positive = np.flatnonzero(bank.masks.reshape(len(bank), -1).any(axis=1))
+    negative = np.setdiff1d(np.arange(len(bank)), positive)
+    positive = rng.permutation(positive)[: limit // 2]
+    negative = rng.permutation(negative)[: limit - positive.size]
+    return np.sort(np.concatenate([positive, negative])).astype(np.int64)
+
+
+def _normalise(hu: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    scale, shift = config.normalisation().scale_shift()
+    return hu.clamp(*config.window) * scale + shift
+
+
+def _batches(indices: npt.NDArray[np.int64], size: int) -> Iterator[npt.NDArray[np.int64]]:
+    for start in range(0, indices.size, size):
+        yield indices[start : start + size]
+
+
+def _validate_seg(
+    network: LungCTNet,
+    bank: SliceBank,
+    indices: npt.NDArray[np.int64],
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    thresholds: Sequence[float] = (0.5,),
+) -> dict[str, float]:
+    """Mean loss and pooled Dice on the validation slices (full slices).
+
+    Returns ``val_loss``, ``val_dice`` (at the first threshold) and ``val_dice@T`` for each
+    threshold ``T`` (probabilities at or above ``T`` are tumour).
+    """
+    network.eval()
+    losses: list[float] = []
+    inter = np.zeros(len(thresholds))
+    total_p = np.zeros(len(thresholds))
+    total_t = 0.0
+    logit_cuts = [math.log(t / (1.0 - t)) for t in thresholds]
+    with torch.inference_mode():
+        for chunk in _batches(indices, 8):
+            x = _normalise(torch.from_numpy(bank.hu[chunk].astype(np.float32)).unsqueeze(1), config)
+            t = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1).to(device)
+            with _autocast(device):
+                seg, _ = network(x.to(device))
+            losses.append(float(bce_dice_loss(seg, t)))
+            total_t += float(t.sum())
+            for i, cut in enumerate(logit_cuts):
+                pred = (seg.float() >= cut).float()
+                inter[i] += float((pred * t).sum())
+                total_p[i] += float(pred.sum())
+    network.train()
+    out = {"val_loss": float(np.mean(losses))}
+    for i, threshold in enumerate(thresholds):
+        denominator = total_p[i] + total_t
+        out[f"val_dice@{threshold:g}"] = 1.0 if denominator == 0 else 2 * inter[i] / denominator
+    out["val_dice"] = out[f"val_dice@{thresholds[0]:g}"]
+    return out
+
+
+#: Segmentation thresholds tried on the validation slices at the end of stage 1.
+SEG_THRESHOLDS = (0.5, 0.2, 0.3, 0.4, 0.6, 0.7)
+
+
+def _features(
+    network: LungCTNet,
+    bank: SliceBank,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    augmented: bool,
+    generator: torch.Generator,
+    progress: bool,
+) -> torch.Tensor:
+    """(n, C) pooled deepest encoder features of every bank slice (full slices)."""
+    network.eval()
+    out = []
+    indices = np.arange(len(bank), dtype=np.int64)
+    scale_shift = config.normalisation().scale_shift()
+    with torch.inference_mode():
+        for chunk in tqdm(
+            list(_batches(indices, 16)),
+            desc="features" + (" (augmented)" if augmented else ""),
+            disable=not progress,
+            mininterval=10,
+        ):
+            hu = torch.from_numpy(bank.hu[chunk].astype(np.float32)).unsqueeze(1)
+            if augmented:
+                m = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1)
+                x, _ = augment_batch(
+                    hu,
+                    m,
+                    config=config.augment,
+                    generator=generator,
+                    window=config.window,
+                    scale_shift=scale_shift,
+                )
+            else:
+                x = _normalise(hu, config)
+            with _autocast(device):
+                feats = network.encoder(x.to(device))[-1]
+            out.append(feats.float().mean(dim=(2, 3)).cpu())
+    return torch.cat(out)
+
+
+def _mlp_logits(network: LungCTNet, pooled: torch.Tensor) -> torch.Tensor:
+    """MLP logits (n,) from pooled features (n, C) (a 1x1 map pools to itself)."""
+    logits: torch.Tensor = network.classifier(pooled[:, :, None, None])
+    return logits
+
+
+# ---------------------------------------------------------------------- checkpoints and logs
+
+
+class _Log:
+    """Appends JSON lines to the metrics log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.02 over ``progress``."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------------- the run
+
+
+class _Run:
+    """The state of one training run: network, optimiser, randomness, progress, budget."""
+
+    def __init__(
+        self, config: TrainConfig, *, work_dir: Path, started: float, device: torch.device
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.started = started
+        self.log = _Log(work_dir / METRICS_FILE)
+        self.ckpt_path = work_dir / CHECKPOINT_FILE
+        self.config_key = hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in asdict(config).items() if k not in _NOT_IN_CHECKPOINT_KEY},
+                default=str,
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.network = LungCTNet(config.architecture)
+        if config.encoder_weights is not None:
+            load_encoder_weights(self.network, config.encoder_weights)
+        self.network.to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=config.seg_lr, weight_decay=config.seg_weight_decay
+        )
+        self.step = 0
+        self.best_dice = -1.0
+        self.since_best = 0
+        self.stage = "seg"
+        self.stopped_by = "steps"
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.elapsed_before = 0.0
+        budget = None if config.max_minutes is None else config.max_minutes * 60.0
+        self.budget_s = budget
+        self.seg_budget_s = None if budget is None else budget * (1.0 - config.stage2_share)
+
+    def reserve_stage2(self, train_bank: SliceBank, val_bank: SliceBank) -> None:
+        """Leave stage 2 the larger of its share of the budget and its measured need.
+
+        The need is the encoder's time for one batch of 16 slices, scaled to every view of
+        every training and validation slice, with 30 % and a minute to spare.
+        """
+        if self.budget_s is None:
+            return
+        probe = SliceBank(
+            hu=train_bank.hu[:16],
+            masks=train_bank.masks[:16],
+            labels=train_bank.labels[:16],
+            case_index=train_bank.case_index[:16],
+            case_ids=train_bank.case_ids,
+        )
+        began = time.monotonic()
+        _features(
+            self.network,
+            probe,
+            self.config,
+            self.device,
+            augmented=False,
+            generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )
+        self.network.train()
+        per_slice = (time.monotonic() - began) / len(probe)
+        # Every view of every training slice and each validation slice through the encoder;
+        # the threshold search runs the whole network (about 3 encoders) on val_slices.
+        slices = (
+            len(train_bank) * max(1, self.config.feature_views)
+            + len(val_bank)
+            + 3 * self.config.val_slices
+        )
+        need = 1.3 * per_slice * slices + 60.0
+        reserve = max(self.config.stage2_share * self.budget_s, need)
+        self.seg_budget_s = max(0.0, self.budget_s - reserve)
+        logger.info(
+            "stage 2 reserve %.1f min (%.3f s per slice, %d slices); stage 1 ends by %.1f min",
+            reserve / 60.0,
+            per_slice,
+            slices,
+            self.seg_budget_s / 60.0,
+        )
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, earlier invocations of a resumed run included."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        """Write the checkpoint (atomically)."""
+        _save_checkpoint(
+            self.ckpt_path,
+            {
+                "config_key": self.config_key,
+                "model": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "best_dice": self.best_dice,
+                "since_best": self.since_best,
+                "stage": self.stage,
+                "stopped_by": self.stopped_by,
+                "best_state": self.best_state,
+                "elapsed_s": self.elapsed(),
+                "numpy_rng": self.rng.bit_generator.state,
+                "torch_rng": self.generator.get_state(),
+                "torch_global_rng": torch.get_rng_state(),
+            },
+        )
+
+    def restore(self) -> None:
+        """Continue from the checkpoint, which must come from the same configuration."""
+        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["config_key"] != self.config_key:
+            raise ModelError(
+                f"{self.ckpt_path}: the checkpoint was made with another configuration"
+            )
+        self.network.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.best_dice = ckpt["step"], ckpt["best_dice"]
+        self.since_best, self.stage = ckpt["since_best"], ckpt["stage"]
+        self.stopped_by, self.best_state = ckpt["stopped_by"], ckpt["best_state"]
+        self.elapsed_before = float(ckpt["elapsed_s"])
+        self.rng.bit_generator.state = ckpt["numpy_rng"]
+        self.generator.set_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_global_rng"])
+        logger.info("resumed from %s at stage %s step %d", self.ckpt_path, self.stage, self.step)
+
+    # ------------------------------------------------------------ stage 1
+
+    def _progress(self) -> float:
+        progress = self.step / max(1, self.config.seg_steps)
+        if self.seg_budget_s is not None:
+            spent = self.elapsed() / self.seg_budget_s if self.seg_budget_s > 0 else 1.0
+            progress = max(progress, spent)
+        return progress
+
+    def _seg_step(self, sampler: _Sampler) -> float:
+        """One optimiser step on a fresh augmented batch; returns the loss."""
+        config = self.config
+        lr = config.seg_lr * _lr_factor(self._progress(), self.step, config.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        hu, mask = sampler.draw(self.rng, config.batch_size)
+        x, target = augment_batch(
+            hu,
+            mask,
+            config=config.augment,
+            generator=self.generator,
+            window=config.window,
+            scale_shift=config.normalisation().scale_shift(),
+        )
+        with _autocast(self.device):
+            seg, _ = self.network(x.to(self.device))
+        loss = bce_dice_loss(seg, target.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def _validate(self, val_bank: SliceBank, val_idx: npt.NDArray[np.int64]) -> None:
+        scores = _validate_seg(self.network, val_bank, val_idx, self.config, self.device)
+        if scores["val_dice"] > self.best_dice:
+            self.best_dice, self.since_best = scores["val_dice"], 0
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()
+            }
+        else:
+            self.since_best += 1
+        self.log.write(
+            stage="seg_val",
+            step=self.step,
+            elapsed_s=self.elapsed(),
+            best_dice=self.best_dice,
+            **scores,
+        )
+        logger.info(
+            "step %d: val dice %.3f (best %.3f), val loss %.3f",
+            self.step,
+            scores["val_dice"],
+            self.best_dice,
+            scores["val_loss"],
+        )
+        if self.since_best >= self.config.patience:
+            self.stopped_by, self.stage = "early_stopping", "cls"
+
+    def segmentation(self, train_bank: SliceBank, val_bank: SliceBank) -> None:
+        """Stage 1 until the steps, the patience or the stage's share of the budget run out."""
+        config = self.config
+        val_idx = _val_indices(val_bank, config.val_slices, np.random.default_rng(config.seed + 1))
+        sampler = _Sampler(train_bank, crop=config.crop, positive_fraction=config.positive_fraction)
+        self.network.train()
+        bar = tqdm(
+            total=config.seg_steps,
+            initial=self.step,
+            desc="stage 1 (segmentation)",
+            disable=not config.progress or self.stage != "seg",
+            mininterval=15,
+        )
+        running: list[float] = []
+        while self.stage == "seg":
+            if self.step >= config.seg_steps or self._progress() >= 1.0:
+                self.stopped_by = "steps" if self.step >= config.seg_steps else "time"
+                self.stage = "cls"
+                break
+            running.append(self._seg_step(sampler))
+            bar.update(1)
+            if self.step % config.log_every == 0:
+                self.log.write(
+                    stage="seg",
+                    step=self.step,
+                    loss=float(np.mean(running)),
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    elapsed_s=self.elapsed(),
+                )
+                bar.set_postfix(loss=f"{np.mean(running):.3f}")
+                running = []
+            if self.step % config.val_every == 0 or self.step == config.seg_steps:
+                self._validate(val_bank, val_idx)
+            if self.step % config.checkpoint_every == 0 or self.stage != "seg":
+                self.save()
+        bar.close()
+        if self.best_state is None:  # no validation ran (very few steps): score what we have
+            scores = _validate_seg(self.network, val_bank, val_idx, config, self.device)
+            self.best_dice = scores["val_dice"]
+        else:
+            self.network.load_state_dict(self.best_state)
+        self.save()
+        logger.info(
+            "stage 1 ended after %d steps (%s); val dice %.3f",
+            self.step,
+            self.stopped_by,
+            self.best_dice,
+        )
+
+    def segmentation_threshold(self, val_bank: SliceBank) -> tuple[float, float]:
+        """The threshold of :data:`SEG_THRESHOLDS` with the best pooled validation Dice.
+
+        Ties go to the earlier entry (0.5 first). Returns (threshold, its Dice).
+        """
+        config = self.config
+        val_idx = _val_indices(val_bank, config.val_slices, np.random.default_rng(config.seed + 1))
+        scores = _validate_seg(
+            self.network, val_bank, val_idx, config, self.device, thresholds=SEG_THRESHOLDS
+        )
+        best = max(
+            SEG_THRESHOLDS, key=lambda t: (scores[f"val_dice@{t:g}"], -SEG_THRESHOLDS.index(t))
+        )
+        self.network.eval()
+        self.log.write(stage="seg_threshold", threshold=best, elapsed_s=self.elapsed(), **scores)
+        logger.info(
+            "segmentation threshold %.2f: validation Dice %.3f (0.5: %.3f)",
+            best,
+            scores[f"val_dice@{best:g}"],
+            scores["val_dice@0.5"],
+        )
+        return best, float(scores[f"val_dice@{best:g}"])
+
+    # ------------------------------------------------------------ stage 2
+
+    def classification(self, train_bank: SliceBank, val_bank: SliceBank) -> tuple[int, Any]:
+        """Stage 2: the MLP on frozen pooled features; returns (epochs, validation features)."""
+        config, network = self.config, self.network
+        for p in network.parameters():
+            p.requires_grad_(False)
+        views: list[torch.Tensor] = []
+        for v in range(max(1, config.feature_views)):
+            began = time.monotonic()
+            views.append(
+                _features(
+                    network,
+                    train_bank,
+                    config,
+                    self.device,
+                    augmented=v > 0 or not config.clean_first_view,
+                    generator=self.generator,
+                    progress=config.progress,
+                )
+            )
+            took = time.monotonic() - began
+            left = None if self.budget_s is None else self.budget_s - self.elapsed()
+            if left is not None and v + 1 < config.feature_views and left < 1.5 * took + 60.0:
+                logger.warning("stage 2: %d feature view(s) only, for the time budget", v + 1)
+                break
+        train_x = torch.cat(views)
+        train_y = torch.from_numpy(np.tile(train_bank.labels, len(views)).astype(np.float32))
+        val_x = _features(
+            network,
+            val_bank,
+            config,
+            self.device,
+            augmented=False,
+            generator=self.generator,
+            progress=False,
+        )
+        val_y = torch.from_numpy(val_bank.labels.astype(np.float32))
+        head = network.classifier
+        for p in head.parameters():
+            p.requires_grad_(True)
+        head.cpu()
+        optimizer = torch.optim.AdamW(
+            head.parameters(), lr=config.cls_lr, weight_decay=config.cls_weight_decay
+        )
+        best_loss, best_head, bad, epochs_done = math.inf, copy.deepcopy(head.state_dict()), 0, 0
+        deadline = None if self.budget_s is None else self.budget_s - 30.0
+        for epoch in range(config.cls_epochs):
+            # Epochs take well under a second; the budget cuts them only after a minimum.
+            if epoch >= _MIN_CLS_EPOCHS and deadline is not None and self.elapsed() > deadline:
+                logger.warning("stage 2 stopped by the time budget after %d epochs", epoch)
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = config.cls_lr * _lr_factor(epoch / max(1, config.cls_epochs), 1, 0)
+            head.train()
+            order = torch.randperm(train_x.shape[0], generator=self.generator)
+            for chunk in torch.split(order, 256):
+                loss = F.binary_cross_entropy_with_logits(
+                    _mlp_logits(network, train_x[chunk]), train_y[chunk]
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+            head.eval()
+            with torch.no_grad():
+                val_loss = float(
+                    F.binary_cross_entropy_with_logits(_mlp_logits(network, val_x), val_y)
+                )
+            epochs_done = epoch + 1
+            if val_loss < best_loss - 1e-5:
+                best_loss, best_head, bad = val_loss, copy.deepcopy(head.state_dict()), 0
+            else:
+                bad += 1
+            if epoch % 10 == 0:
+                self.log.write(
+                    stage="cls", epoch=epoch, val_loss=val_loss, elapsed_s=self.elapsed()
+                )
+            if bad >= config.cls_patience:
+                break
+        head.load_state_dict(best_head)
+        network.eval()
+        return epochs_done, val_x
+
+
+def _operating_points(
+    network: LungCTNet, val_x: torch.Tensor, val_bank: SliceBank, *, top_k: int
+) -> tuple[float, float, dict[str, float]]:
+    """Image and study thresholds (best MCC on validation) and the validation figures there."""
+    with torch.no_grad():
+        val_probs = torch.sigmoid(_mlp_logits(network.cpu(), val_x)).float().numpy()
+    labels = val_bank.labels
+    image_threshold = choose_threshold(labels, val_probs)
+    study_probs, study_labels = [], []
+    for k in range(len(val_bank.case_ids)):
+        rows = val_bank.case_index == k
+        study_probs.append(study_probability(val_probs[rows], top_k=top_k))
+        study_labels.append(bool(labels[rows].any()))
+    s_prob, s_truth = np.array(study_probs), np.array(study_labels)
+    study_threshold = choose_threshold(s_truth, s_prob)
+    image_scores = binary_scores(labels, val_probs >= image_threshold, scores=val_probs)
+    study_scores = binary_scores(s_truth, s_prob >= study_threshold, scores=s_prob)
+    figures: dict[str, float | None] = {
+        "val_image_accuracy": image_scores.accuracy,
+        "val_image_mcc": image_scores.mcc,
+        "val_image_kappa": image_scores.kappa,
+        "val_image_auc": image_scores.roc_auc,
+        "val_study_accuracy": study_scores.accuracy,
+    }
+    return (
+        image_threshold,
+        study_threshold,
+        {k: float(v) for k, v in figures.items() if v is not None},
+    )
+
+
+def train(
+    dataset: CaseDataset,
+    split: Split,
+    *,
+    config: TrainConfig,
+    output: Path | None,
+    work_dir: Path,
+    resume: bool = False,
+    training_data: str | None = None,
+) -> TrainResult:
+    """Train the network on ``split.train``, validate on ``split.val``, write a model folder.
+
+    Parameters
+    ----------
+    dataset
+        Where the cases come from.
+    split
+        Patient-level split; ``test`` is not touched.
+    config
+        Hyper-parameters, budget and device.
+    output
+        The model folder to write at the end (``None``: write nothing, e.g. in tests).
+    work_dir
+        Checkpoint, metrics log (JSON lines) and cached slices.
+    resume
+        Continue from ``work_dir``'s checkpoint (its config must match).
+    training_data
+        What the card says the model was trained on (a description of ``dataset`` otherwise).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ValueError
+        The split has no training or no validation cases.
+    ModelError
+        Encoder weights cannot be loaded, the checkpoint is from another config, or the model
+        folder cannot be written.
+    """
+    started = time.monotonic()
+    if not split.train or not split.val:
+        raise ValueError("the split needs training and validation cases")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(config, work_dir=work_dir, started=started, device=_resolve_device(config.device))
+    spec, window = config.input_spec(), config.window
+    train_bank = build_bank(
+        dataset, split.train, spec=spec, window=window, cache_dir=work_dir, progress=config.progress
+    )
+    val_bank = build_bank(
+        dataset, split.val, spec=spec, window=window, cache_dir=work_dir, progress=config.progress
+    )
+    logger.info(
+        "training on %d slices of %d cases (%d with tumour), validating on %d cases",
+        len(train_bank),
+        len(split.train),
+        int(train_bank.labels.sum()),
+        len(split.val),
+    )
+    if resume and run.ckpt_path.exists():
+        run.restore()
+    if run.stage == "seg":
+        run.reserve_stage2(train_bank, val_bank)
+    run.segmentation(train_bank, val_bank)
+    seg_threshold, seg_dice = run.segmentation_threshold(val_bank)
+    epochs_done, val_x = run.classification(train_bank, val_bank)
+    image_threshold, study_threshold, figures = _operating_points(
+        run.network, val_x, val_bank, top_k=config.top_k
+    )
+    validation = {
+        **figures,
+        "val_dice_slices": seg_dice,
+        "val_seg_threshold": seg_threshold,
+        "seg_steps": float(run.step),
+        "cls_epochs": float(epochs_done),
+        "train_minutes": run.elapsed() / 60.0,
+    }
+    run.log.write(
+        stage="done",
+        elapsed_s=run.elapsed(),
+        image_threshold=image_threshold,
+        study_threshold=study_threshold,
+        stopped_by=run.stopped_by,
+        **validation,
+    )
+    card = make_card(
+        config,
+        thresholds=Thresholds(
+            segmentation=seg_threshold, image=image_threshold, study=study_threshold
+        ),
+        metrics=validation,
+        training_data=training_data
+        or f"{dataset.name}; train {len(split.train)} cases, validation {len(split.val)} cases",
+        stopped_by=run.stopped_by,
+    )
+    written: ModelCard | None = None
+    if output is not None:
+        written = save_model(run.network.cpu(), card, output, dtype=torch.float16)
+    logger.info("training done in %.1f min: %s", run.elapsed() / 60.0, validation)
+    return TrainResult(
+        card=written,
+        seg_steps_done=run.step,
+        cls_epochs_done=epochs_done,
+        seconds=run.elapsed(),
+        validation=validation,
+        stopped_by=run.stopped_by,
+    )
+
+
+def make_card(
+    config: TrainConfig,
+    *,
+    thresholds: Thresholds,
+    metrics: dict[str, float],
+    training_data: str,
+    stopped_by: str,
+) -> ModelCard:
+    """The model card of a trained network (metrics are the validation figures)."""
+    arch = config.architecture
+    return ModelCard(
+        name=config.name,
+        version=config.version,
+        description=(
+            f"{arch.encoder} U-Net (tumour segmentation) with an MLP on the pooled deepest "
+            f"encoder features (per-image cancer probability), trained in two stages on "
+            f"{config.input_size}x{config.input_size} slices ({config.input_mode}"
+            + (f", {config.pixel_spacing_mm} mm pixels" if config.input_mode == "spacing" else "")
+            + f"); stage 1 ended by {stopped_by}. Research prototype: NOT FOR CLINICAL USE."
+        ),
+        architecture=arch,
+        input=config.input_spec(),
+        normalisation=config.normalisation(),
+        thresholds=thresholds,
+        top_k=config.top_k,
+        classes=Classes(
+            finding=ClassInfo(
+                name="lung tumour", code=Code(scheme="SCT", value="108369006", meaning="Neoplasm")
+            ),
+            positive=ClassInfo(
+                name="cancerous", code=Code(scheme="SCT", value="21594007", meaning="Malignant")
+            ),
+            negative=ClassInfo(
+                name="non-cancerous", code=Code(scheme="SCT", value="30807003", meaning="Benign")
+            ),
+        ),
+        intended_use=(
+            "Research and integration testing of the dicom-node pipeline on synthetic data. "
+            "Not a medical device; not for clinical use or any diagnostic decision."
+        ),
+        training_data=training_data,
+        metrics=metrics,
+    )
+
+
+def with_metrics(card: ModelCard, metrics: dict[str, float]) -> ModelCard:
+    """The card with ``metrics`` merged into its metrics."""
+    return card.model_copy(update={"metrics": {**card.metrics, **metrics}})
+
+
+__all__ = [
+    "AugmentConfig",
+    "SliceBank",
+    "TrainConfig",
+    "TrainResult",
+    "bce_dice_loss",
+    "build_bank",
+    "load_encoder_weights",
+    "make_card",
+    "to_model_grid",
+    "train",
+    "with_metrics",
+]
+
+
+def run_from_args(args: Any) -> int:
+    """The ``dicom-node train`` command: build the dataset, split and config from ``args``.
+
+    ``args`` is the argparse namespace of the ``train`` subcommand (see ``dicom_node.cli``).
+    Returns the exit status (0).
+    """
+    from dicom_node.training.datasets import (
+        PhantomSpec,
+        open_dataset,
+        read_split,
+        split_cases,
+        write_split,
+    )
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    spec = PhantomSpec(
+        first_seed=args.first_seed,
+        count=args.phantoms,
+        shape_zyx=tuple(args.phantom_shape),
+        shift=args.shift,
+        tumour_probability=args.tumour_probability,
+    )
+    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
+    work_dir: Path = args.work_dir or args.output.with_name(args.output.name + "-work")
+    split_path: Path = args.split or work_dir / "split.json"
+    if split_path.exists():
+        split = read_split(split_path)
+    else:
+        split = split_cases(
+            dataset,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+        write_split(
+            split,
+            split_path,
+            patients={c: dataset.patient_id(c) for c in dataset.case_ids()},
+        )
+    arch = Architecture(encoder=args.encoder)
+    if args.encoder != "resnet50":
+        logger.warning("encoder %s: the product model is resnet50", args.encoder)
+    config = TrainConfig(
+        architecture=arch,
+        input_size=args.input_size,
+        input_mode="spacing" if args.pixel_spacing else "fit",
+        pixel_spacing_mm=args.pixel_spacing,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        seg_steps=args.seg_steps,
+        cls_epochs=args.cls_epochs,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        threads=args.threads,
+        encoder_weights=args.encoder_weights,
+        name=args.name,
+        version=args.model_version,
+        progress=not args.no_progress,
+    )
+    what = (
+        f"synthetic chest-CT phantoms (dicom_node.training.phantom): {spec.describe()}"
+        if args.dataset == "phantoms"
+        else dataset.name
+    )
+    result = train(
+        dataset,
+        split,
+        config=config,
+        output=args.output,
+        work_dir=work_dir,
+        resume=args.resume,
+        training_data=(
+            f"{what}; patient-level split {split_path.name}: {len(split.train)} training and "
+            f"{len(split.val)} validation cases. No real patient data."
+        ),
+    )
+    print(
+        json.dumps(
+            {
+                "output": str(args.output),
+                "seg_steps": result.seg_steps_done,
+                "cls_epochs": result.cls_epochs_done,
+                "minutes": round(result.seconds / 60.0, 1),
+                "stopped_by": result.stopped_by,
+                "validation": result.validation,
+            },
+            indent=2,
+        )
+    )
+    return 0

@@ -1,0 +1,206 @@
+"""Tests of the dataset loaders (MSD, DICOM + SEG, phantoms) and patient-level splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.sr.codedict import codes
+
+from dicom_node.errors import DatasetError
+from dicom_node.training.datasets import (
+    Case,
+    CaseDataset,
+    DicomSegDataset,
+    MSDDataset,
+    PhantomDataset,
+    PhantomSpec,
+    Split,
+    read_split,
+    split_cases,
+    write_split,
+)
+from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
+
+SMALL = (16, 64, 64)
+
+
+def _write_msd(root: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    training = []
+    for name, (hu, label) in volumes.items():
+        for array, folder in ((hu, "imagesTr"), (label, "labelsTr")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((0.8, 0.7, 2.5))  # type: ignore[no-untyped-call, unused-ignore]
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(image, str(root / folder / f"{name}.nii.gz"))
+        training.append(
+            {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+        )
+    (root / "dataset.json").write_text(json.dumps({"name": "Lung", "training": training}))
+
+
+def test_msd_loader_reads_volumes_masks_and_spacing(tmp_path: Path) -> None:
+    """An MSD folder yields each pair as (z, y, x) HU and mask with (dz, dy, dx) spacing."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 400, size=(4, 6, 8)).astype(np.int16)
+    label = np.zeros((4, 6, 8), dtype=np.uint8)
+    label[2, 1:3, 4:6] = 1
+    _write_msd(tmp_path, {"lung_001": (hu, label), "lung_002": (hu, np.zeros_like(label))})
+    ds = MSDDataset(tmp_path)
+    assert isinstance(ds, CaseDataset)
+    assert ds.case_ids() == ["lung_001", "lung_002"]
+    case = ds.load("lung_001")
+    np.testing.assert_array_equal(case.hu, hu)
+    np.testing.assert_array_equal(case.tumour_mask, label)
+    assert case.spacing_mm == pytest.approx((2.5, 0.7, 0.8))
+    assert case.slice_labels.tolist() == [False, False, True, False]
+    assert not ds.load("lung_002").has_tumour
+    with pytest.raises(KeyError):
+        ds.load("lung_999")
+
+
+def test_msd_loader_refuses_a_folder_without_dataset_json(tmp_path: Path) -> None:
+    """A folder that is not MSD raises DatasetError naming dataset.json."""
+    with pytest.raises(DatasetError, match=r"dataset\.json"):
+        MSDDataset(tmp_path)
+
+
+def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path) -> None:
+    """SEG frames land on the CT slices they reference, giving back the phantom's mask."""
+    phantom = generate_phantom(seed=3, shape_zyx=SMALL, tumour_probability=1.0)
+    assert phantom.has_tumour
+    files = write_phantom_dicom(phantom, tmp_path / "ct")
+    sources = [pydicom.dcmread(f) for f in files]
+    mask = phantom.tumour_mask > 0
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="tumour",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Neoplasm,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    seg.save_as(tmp_path / "seg.dcm")
+    ds = DicomSegDataset(tmp_path)
+    (case_id,) = ds.case_ids()
+    case = ds.load(case_id)
+    assert case.hu.shape == phantom.hu.shape
+    np.testing.assert_array_equal(case.hu, phantom.hu)
+    np.testing.assert_array_equal(case.tumour_mask > 0, mask)
+    assert ds.patient_id(case_id) == str(sources[0].PatientID)
+
+
+def test_dicom_seg_loader_needs_a_seg(tmp_path: Path) -> None:
+    """CT series without any SEG give no cases: DatasetError."""
+    phantom = generate_phantom(seed=4, shape_zyx=SMALL)
+    write_phantom_dicom(phantom, tmp_path)
+    with pytest.raises(DatasetError, match="no CT series with a DICOM SEG"):
+        DicomSegDataset(tmp_path)
+
+
+def test_phantom_dataset_is_seeded_and_shiftable() -> None:
+    """The same seed gives the same case; a shifted distribution changes the sites drawn."""
+    spec = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, tumour_probability=1.0)
+    ds = PhantomDataset(spec)
+    assert ds.case_ids() == ["phantom-000010", "phantom-000011"]
+    a, b = ds.load("phantom-000010"), ds.load("phantom-000010")
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert a.has_tumour
+    shifted = PhantomDataset(PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, shift=1.0))
+    assert shifted.distribution.noise_sd_hu[0] > ds.distribution.noise_sd_hu[0]
+    with pytest.raises(KeyError):
+        ds.load("phantom-000012")
+
+
+class _Listed:
+    """An in-memory dataset with several cases per patient (for split tests)."""
+
+    name = "listed"
+
+    def __init__(self, patients: dict[str, str]) -> None:
+        self._patients = patients
+
+    def case_ids(self) -> list[str]:
+        return sorted(self._patients)
+
+    def patient_id(self, case_id: str) -> str:
+        return self._patients[case_id]
+
+    def load(self, case_id: str) -> Case:
+        zeros = np.zeros((1, 2, 2), dtype=np.int16)
+        return Case(case_id, self._patients[case_id], zeros, zeros.astype(np.uint8), (1, 1, 1))
+
+
+def test_split_keeps_each_patient_on_one_side(tmp_path: Path) -> None:
+    """No patient's cases are in two splits; the split survives a JSON round trip."""
+    patients = {f"case-{i:02d}": f"patient-{i // 3}" for i in range(30)}
+    ds = _Listed(patients)
+    split = split_cases(ds, val_fraction=0.2, test_fraction=0.2, seed=1)
+    sides = {name: {patients[c] for c in split.get(name)} for name in ("train", "val", "test")}
+    assert not sides["train"] & sides["val"]
+    assert not sides["train"] & sides["test"]
+    assert not sides["val"] & sides["test"]
+    assert sum(len(split.get(n)) for n in ("train", "val", "test")) == 30
+    assert split.val and split.test
+    path = tmp_path / "split.json"
+    write_split(split, path, patients=patients)
+    assert read_split(path) == split
+
+
+def test_read_split_refuses_a_patient_on_two_sides(tmp_path: Path) -> None:
+    """A split file that puts one patient in train and test is refused."""
+    path = tmp_path / "split.json"
+    write_split(Split(train=("a",), val=(), test=("b",)), path, patients={"a": "p", "b": "p"})
+    with pytest.raises(DatasetError, match="patient p"):
+        read_split(path)
+
+
+def test_phantom_cache_returns_the_generated_case(tmp_path: Path) -> None:
+    """A cached phantom is written once and read back identical (volume, mask, geometry)."""
+    spec = PhantomSpec(first_seed=7, count=1, shape_zyx=SMALL)
+    first = PhantomDataset(spec, cache_dir=tmp_path).load("phantom-000007")
+    (cached,) = tmp_path.glob("phantom-000007-*.npz")
+    again = PhantomDataset(spec, cache_dir=tmp_path).load("phantom-000007")
+    np.testing.assert_array_equal(first.hu, again.hu)
+    np.testing.assert_array_equal(first.tumour_mask, again.tumour_mask)
+    assert again.spacing_mm == pytest.approx(first.spacing_mm)
+    assert again.origin_mm == pytest.approx(first.origin_mm)
+    assert cached.stat().st_size > 0
+
+
+def test_msd_loader_flips_ras_stored_volumes_to_increasing_lps(tmp_path: Path) -> None:
+    """A volume whose x and y axes point right/anterior is flipped; the origin follows."""
+    hu = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    label = np.zeros_like(hu, dtype=np.uint8)
+    label[1, 0, 0] = 1
+    _write_msd(tmp_path, {"lung_001": (hu, label)})
+    for folder in ("imagesTr", "labelsTr"):
+        path = tmp_path / folder / "lung_001.nii.gz"
+        image = sitk.ReadImage(str(path))
+        image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # type: ignore[no-untyped-call, unused-ignore]
+        image.SetOrigin((10.0, 20.0, 30.0))  # type: ignore[no-untyped-call, unused-ignore]
+        sitk.WriteImage(image, str(path))
+    case = MSDDataset(tmp_path).load("lung_001")
+    np.testing.assert_array_equal(case.hu, hu[:, ::-1, ::-1])
+    assert case.tumour_mask[1, -1, -1] == 1
+    # The new first voxel is the old (x=3, y=2): 10 - 3 * 0.8, 20 - 2 * 0.7.
+    assert case.origin_mm == pytest.approx((10.0 - 2.4, 20.0 - 1.4, 30.0))

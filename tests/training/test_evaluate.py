@@ -1,0 +1,154 @@
+"""Tests of the evaluation: case scoring by hand-made outputs, JSON and PNG report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.analysis.weights import load_model, save_model
+from dicom_node.config import LesionSettings
+from dicom_node.training.datasets import Case, PhantomDataset, PhantomSpec
+from dicom_node.training.evaluate import evaluate, score_case, write_evaluation
+from tests.analysis.lungct_tiny import make_card, make_network
+
+
+def _case() -> Case:
+    hu = np.full((6, 32, 32), -850, dtype=np.int16)
+    mask = np.zeros((6, 32, 32), dtype=np.uint8)
+    mask[2:4, 10:16, 10:16] = 1  # 72 voxels of 1 mm³
+    return Case("c1", "p1", hu, mask, (1.0, 1.0, 1.0))
+
+
+def test_a_perfect_prediction_scores_dice_one_and_no_false_positives() -> None:
+    """Probability equal to the truth: Dice 1, the lesion detected, no false positives."""
+    case = _case()
+    prob = case.tumour_mask.astype(np.float32)
+    out = score_case(
+        case,
+        prob,
+        np.array([0, 0, 1, 1, 0, 0], dtype=np.float32),
+        1.0,
+        threshold=0.5,
+        lesion_settings=LesionSettings(min_volume_mm3=10.0),
+    )
+    assert out.volume_dice == 1.0
+    assert len(out.lesions) == 1 and out.lesions[0].detected and out.lesions[0].dice == 1.0
+    assert out.false_positive_lesions == 0
+    assert out.lesions[0].diameter_mm == pytest.approx((6 * 72 / np.pi) ** (1 / 3))
+
+
+def test_a_distant_blob_is_a_false_positive_and_a_tiny_one_is_ignored() -> None:
+    """A separate predicted blob counts as a false positive; one below the minimum is dropped."""
+    case = _case()
+    prob = np.zeros(case.hu.shape, dtype=np.float32)
+    prob[2:4, 10:13, 10:16] = 0.9  # half the tumour
+    prob[0:3, 25:30, 25:30] = 0.9  # 75 mm³ elsewhere
+    prob[5, 0, 0] = 0.9  # 1 mm³, under the minimum volume
+    out = score_case(
+        case,
+        prob,
+        np.zeros(6, dtype=np.float32),
+        0.1,
+        threshold=0.5,
+        lesion_settings=LesionSettings(min_volume_mm3=10.0),
+    )
+    assert out.false_positive_lesions == 1
+    assert out.predicted_lesions == 2
+    assert out.lesions[0].detected
+    assert out.lesions[0].dice == pytest.approx(2 * 36 / (72 + 36))
+
+
+def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
+    """Evaluating a (random) tiny model on phantoms writes evaluation.json and report.png."""
+    torch.set_num_threads(1)
+    model_dir = tmp_path / "model"
+    save_model(make_network(), make_card(), model_dir, dtype=torch.float32)
+    ds = PhantomDataset(
+        PhantomSpec(first_seed=5, count=3, shape_zyx=(16, 64, 64), tumour_probability=0.7)
+    )
+    result = evaluate(model_dir, ds, ds.case_ids(), overlays=2)
+    assert len(result.cases) == 3
+    baseline = {
+        "train": result.image_scores().as_dict(),
+        "held_out": result.image_scores().as_dict(),
+        "roc_held_out": None,
+    }
+    json_path, png_path = write_evaluation(
+        tmp_path / "out", result, description="tiny", train=result, baseline=baseline
+    )
+    payload = json.loads(json_path.read_text())
+    for key in ("image", "study", "segmentation", "detection"):
+        assert key in payload["held_out"]
+    assert {"accuracy", "f1", "mcc", "kappa", "roc_auc", "confusion"} <= set(
+        payload["held_out"]["image"]
+    )
+    assert payload["held_out"]["cases"] == 3 and len(payload["per_case"]) == 3
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_path.stat().st_size > 20_000
+
+
+def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
+    """``dicom-node train`` writes a model folder; ``evaluate --baseline`` scores it."""
+    from dicom_node.cli import main
+
+    small = ["--phantom-shape", "16", "64", "64", "--threads", "1", "--no-progress"]
+    status = main(
+        [
+            "train",
+            "--phantoms",
+            "4",
+            "--val-fraction",
+            "0.25",
+            "--encoder",
+            "resnet18",
+            "--input-size",
+            "64",
+            "--pixel-spacing",
+            "6",
+            "--crop",
+            "64",
+            "--batch-size",
+            "2",
+            "--seg-steps",
+            "2",
+            "--cls-epochs",
+            "2",
+            "--output",
+            str(tmp_path / "model"),
+            *small,
+        ]
+    )
+    assert status == 0
+    split = json.loads((tmp_path / "model-work" / "split.json").read_text())
+    assert len(split["train"]) == 3 and len(split["val"]) == 1
+    status = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "model"),
+            "--phantoms",
+            "2",
+            "--train-phantoms",
+            "2",
+            "--train-eval-cases",
+            "1",
+            "--baseline",
+            "--out",
+            str(tmp_path / "eval"),
+            "--write-card",
+            str(tmp_path / "model"),
+            *small,
+        ]
+    )
+    assert status == 0
+    card = load_model(tmp_path / "model").card
+    assert "heldout_image_accuracy" in card.metrics and "val_image_accuracy" in card.metrics
+    assert "Held-out evaluation" in card.description
+    payload = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert {"held_out", "train", "baseline"} <= set(payload)
+    assert "accuracy" in payload["baseline"]["held_out"]
+    assert (tmp_path / "eval" / "report.png").exists()

@@ -1,0 +1,196 @@
+"""Tests of the training run: loss, resume, encoder weights, model folder (tiny network)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from dicom_node.analysis.network import Architecture, LungCTNet
+from dicom_node.analysis.weights import load_model
+from dicom_node.errors import ModelError
+from dicom_node.training import augment
+from dicom_node.training import train as train_module
+from dicom_node.training.datasets import PhantomDataset, PhantomSpec, split_cases
+from dicom_node.training.train import (
+    TrainConfig,
+    bce_dice_loss,
+    load_encoder_weights,
+    to_model_grid,
+    train,
+)
+
+TINY = Architecture(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), mlp_hidden=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Two cores are shared by several test runs here: one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(**overrides: Any) -> TrainConfig:
+    values: dict[str, Any] = {
+        "architecture": TINY,
+        "input_size": 64,
+        "input_mode": "spacing",
+        "pixel_spacing_mm": 6.0,
+        "crop": 64,
+        "batch_size": 2,
+        "seg_steps": 4,
+        "val_every": 2,
+        "val_slices": 8,
+        "checkpoint_every": 2,
+        "log_every": 2,
+        "cls_epochs": 3,
+        "feature_views": 1,
+        "progress": False,
+        "name": "lung-ct-tiny",
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> PhantomDataset:
+    """Four tiny phantoms, most with tumours."""
+    return PhantomDataset(
+        PhantomSpec(first_seed=0, count=4, shape_zyx=(16, 64, 64), tumour_probability=0.8)
+    )
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch() -> None:
+    """Five AdamW steps on one batch lower the BCE + Dice loss."""
+    torch.manual_seed(0)
+    net = LungCTNet(TINY).train()
+    x = torch.rand(2, 1, 64, 64)
+    target = torch.zeros(2, 1, 64, 64)
+    target[:, :, 20:30, 20:30] = 1.0
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        seg, _ = net(x)
+        loss = bce_dice_loss(seg, target)
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_model_grid_follows_the_card_spacing() -> None:
+    """Spacing mode resamples to the card's pixel size and pads with air around the slice."""
+    from dicom_node.analysis.weights import InputSpec
+
+    hu = np.full((2, 32, 32), 50, dtype=np.int16)
+    spec = InputSpec(size=64, mode="spacing", pixel_spacing_mm=2.0)
+    x, m = to_model_grid(hu, (1.0, 1.0), spec=spec, window=(-1000.0, 400.0), mask=hu > 0)
+    assert x.shape == (2, 1, 64, 64)
+    assert m is not None and int(m[0, 0].sum()) == 16 * 16
+    assert float(x[0, 0, 0, 0]) == -1000.0
+    assert float(x[0, 0, 32, 32]) == pytest.approx(50.0)
+
+
+def test_training_writes_a_loadable_model_folder(phantoms: PhantomDataset, tmp_path: Path) -> None:
+    """A tiny run ends with a model folder that load_model accepts, with validation figures."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    result = train(
+        phantoms, split, config=_config(), output=tmp_path / "model", work_dir=tmp_path / "work"
+    )
+    assert result.seg_steps_done == 4
+    loaded = load_model(tmp_path / "model")
+    assert loaded.card.architecture == TINY
+    assert "val_image_accuracy" in loaded.card.metrics
+    assert "NOT FOR CLINICAL USE" in loaded.card.description
+    assert (tmp_path / "work" / "metrics.jsonl").read_text().count('"stage": "seg"') >= 1
+
+
+def test_resume_continues_where_an_interrupted_run_stopped(
+    phantoms: PhantomDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed after its step-2 checkpoint and resumed ends with the same weights."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    whole = train(phantoms, split, config=_config(), output=None, work_dir=tmp_path / "a")
+    assert whole.seg_steps_done == 4
+
+    real = augment.augment_batch
+    calls = {"n": 0}
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3, after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(phantoms, split, config=_config(), output=None, work_dir=tmp_path / "b")
+    monkeypatch.setattr(train_module, "augment_batch", real)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    resumed = train(
+        phantoms,
+        split,
+        config=_config(),
+        output=tmp_path / "model",
+        work_dir=tmp_path / "b",
+        resume=True,
+    )
+    assert resumed.seg_steps_done == 4
+    assert resumed.validation["val_dice_slices"] == pytest.approx(
+        whole.validation["val_dice_slices"]
+    )
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name, tensor in a.items():
+        if not name.startswith("classifier"):
+            torch.testing.assert_close(tensor, b[name])
+
+
+def test_encoder_weights_load_from_a_torchvision_state_dict(tmp_path: Path) -> None:
+    """A torchvision ResNet18 state dict loads into the encoder; conv1 is summed over RGB."""
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference, path)
+    net = LungCTNet(TINY)
+    load_encoder_weights(net, path)
+    got = net.encoder.state_dict()
+    torch.testing.assert_close(got["conv1.weight"], reference["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(got["layer4.1.conv2.weight"], reference["layer4.1.conv2.weight"])
+
+    wrapped = tmp_path / "timm-style.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.items()}}, wrapped)
+    load_encoder_weights(LungCTNet(TINY), wrapped)
+
+
+def test_encoder_weights_of_another_resnet_are_refused(tmp_path: Path) -> None:
+    """ResNet34 weights do not fit a ResNet18 encoder: ModelError."""
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(ModelError, match="do not fit"):
+        load_encoder_weights(LungCTNet(TINY), path)
+
+
+def test_a_spent_budget_ends_stage_one_and_still_trains_the_mlp(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """With no time left for segmentation steps, stage 1 stops by time and stage 2 still runs."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    result = train(
+        phantoms,
+        split,
+        config=_config(max_minutes=0.05, cls_epochs=25),
+        output=None,
+        work_dir=tmp_path / "work",
+    )
+    assert result.stopped_by == "time"
+    assert result.seg_steps_done == 0
+    assert result.cls_epochs_done >= 20
