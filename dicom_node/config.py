@@ -77,6 +77,50 @@ class AllowedCaller(_Section):
     host: str | None = None
 
 
+class TLSSettings(_Section):
+    """DICOM TLS for the listener (PS3.15 secure transport, BCP 195): TLS 1.2 or newer only.
+
+    With it the port speaks TLS alone: plaintext peers are refused. Files are PEM; relative
+    paths are relative to the working folder.
+    """
+
+    #: This node's certificate (chain: leaf first, then intermediates).
+    cert: Path
+    #: Its private key, unencrypted; readable only by the node's user.
+    key: Path
+    #: CA certificates that client certificates must chain to.
+    ca: Path | None = None
+    #: Refuse every peer without a certificate that chains to ``ca`` (mutual TLS).
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _client_certs_need_ca(self) -> TLSSettings:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError(
+                "require_client_cert: true needs ca (the CA bundle client certificates are"
+                " checked against)"
+            )
+        return self
+
+
+class DestinationTLS(_Section):
+    """DICOM TLS towards one destination: its certificate is checked against ``ca``."""
+
+    #: CA certificates the destination's certificate must chain to.
+    ca: Path
+    #: This node's client certificate and key, for a destination that requires one.
+    cert: Path | None = None
+    key: Path | None = None
+    #: Also require the certificate to name ``host`` (DNS name or IP address).
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> DestinationTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (give both or neither)")
+        return self
+
+
 class NodeSettings(_Section):
     """The DICOM listener."""
 
@@ -86,6 +130,8 @@ class NodeSettings(_Section):
     #: Empty: any calling AE may associate. Otherwise only these (A-ASSOCIATE-RJ for the rest).
     allowed_callers: tuple[AllowedCaller, ...] = ()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    #: Concurrent associations one calling AE title may hold; ``None``: only the total counts.
+    max_associations_per_caller: Annotated[int, Field(ge=1, le=1000)] | None = None
     #: Largest P-DATA PDU we advertise; large PDUs cut per-PDU overhead on big CT slices.
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 1024 * 1024
     network_timeout_seconds: Seconds = 60.0
@@ -94,6 +140,8 @@ class NodeSettings(_Section):
     #: Instances that are not CT / Enhanced CT: ``accept`` acknowledges and drops them (counted and
     #: logged); ``reject`` answers them with a failure status.
     other_instances: Literal["accept", "reject"] = "accept"
+    #: DICOM TLS on the listening port; ``None``: plain TCP.
+    tls: TLSSettings | None = None
 
 
 class StorageSettings(_Section):
@@ -133,6 +181,8 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    #: DICOM TLS to this destination; ``None``: plain TCP.
+    tls: DestinationTLS | None = None
 
 
 class LoggingSettings(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
-from dicom_node.config import DispatchSettings
+from dicom_node.config import DestinationTLS, DispatchSettings
+from dicom_node.errors import ConfigError
+from dicom_node.receive.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    #: DICOM TLS to this peer (``None``: plain TCP).
+    tls: DestinationTLS | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,14 @@ def _ae(calling_ae: str, settings: DispatchSettings) -> AE:
     ae.network_timeout = settings.network_timeout_seconds
     ae.connection_timeout = settings.connect_timeout_seconds
     return ae
+
+
+def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``peer``: a fresh context (certificates re-read from disk,
+    so renewed ones take effect) and the host name its certificate must carry."""
+    if peer.tls is None:
+        return None
+    return client_context(peer.tls, destination=peer.name), peer.host
 
 
 def _why_not_established(assoc: object) -> str:
@@ -79,10 +92,14 @@ def send_files(
         metas.append(path)
     if not metas:
         return outcomes
+    try:
+        tls_args = _tls_args(peer)
+    except ConfigError as exc:
+        return outcomes + [SendOutcome(p, False, None, str(exc)) for p in metas]
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = _why_not_established(assoc)
         return outcomes + [SendOutcome(p, False, None, why) for p in metas]
@@ -122,9 +139,13 @@ def _store_one(assoc: Association, path: Path, peer: Peer) -> SendOutcome:
 
 def echo(peer: Peer, *, calling_ae: str, settings: DispatchSettings) -> tuple[bool, str]:
     """C-ECHO ``peer``: ``(answered with success, detail)``."""
+    try:
+        tls_args = _tls_args(peer)
+    except ConfigError as exc:
+        return False, str(exc)
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return False, _why_not_established(assoc)
     try:

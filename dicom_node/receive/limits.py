@@ -303,7 +303,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         sock: socket.socket = request
         try:
             try:
-                sock = self._secure(sock)
+                if self.ssl_context is not None:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                    handshake(sock, timeout=self.limits.handshake_seconds)
             except OSError as exc:  # ssl.SSLError, TimeoutError, a reset connection
                 self.report(
                     "tls_handshake_failed",
@@ -321,18 +325,6 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 self.shutdown_request(sock)
         finally:
             self._handshake_done()
-
-    def _secure(self, sock: socket.socket) -> socket.socket:
-        context = self.ssl_context
-        if context is None:
-            return sock
-        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        try:
-            handshake(tls, timeout=self.limits.handshake_seconds)
-        except OSError:
-            self.shutdown_request(tls)
-            raise
-        return tls
 
     def _handshake_done(self) -> None:
         with self._lock:

@@ -150,7 +150,8 @@ class Receiver:
         self.dropped: Counter[str] = Counter()
         node = config.node
         self.limits = ConnectionLimits(
-            max_pending=node.max_associations,
+            # a TCP probe that connects and closes holds its slot until the ACSE timeout
+            max_pending=2 * node.max_associations,
             handshake_seconds=node.acse_timeout_seconds,
             pdu_seconds=node.network_timeout_seconds,
             max_pdata_bytes=node.max_pdu_bytes,
