@@ -80,8 +80,10 @@ def setup_logging(settings: LoggingSettings) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
-    # pynetdicom logs every PDU at DEBUG and association chatter at INFO: keep it to warnings
-    # unless we are debugging.
+    # pynetdicom logs every PDU at DEBUG, association chatter at INFO, and every reset or
+    # stalled peer at ERROR with a traceback. The node logs what matters of those itself
+    # (refusals, security events, failed deliveries, with context), so pynetdicom speaks only
+    # when we debug.
     logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+        logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
     )

@@ -36,5 +36,5 @@ def resolve(config: Config, name: str) -> Peer | None:
         return None
     for d in config.destinations:
         if d.name == name:
-            return Peer(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port)
+            return Peer(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port, tls=d.tls)
     return None

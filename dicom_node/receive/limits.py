@@ -22,6 +22,7 @@ turns it into an audit record, a log line and the ``dicom_node_security_events``
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import struct
@@ -221,6 +222,7 @@ class GuardedRequestHandler(RequestHandler):
             report=self.server.report,
             peer=str(self.client_address[0]),
         )
+        self.server.handed_over(assoc)
         return assoc
 
 
@@ -249,7 +251,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.limits = limits
         self.report = report
         self._lock = threading.Lock()
-        self._handshaking = 0
+        # every connection without an association yet, exactly once: token -> its association
+        # once made (None before: in the TLS handshake, or its thread not yet running)
+        self._pending: dict[int, Association | None] = {}
+        self._tokens: dict[int, int] = {}  # id(accepted socket) -> token, until its thread runs
+        self._next_token = itertools.count()
+        self._local = threading.local()
         super().__init__(
             ae,
             address,
@@ -261,11 +268,25 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         )
 
     def pending_connections(self) -> int:
-        """Connections without an association yet: in the TLS handshake or before their
-        A-ASSOCIATE-RQ (an association thread whose request has not arrived)."""
-        waiting = sum(1 for a in self.active_associations if a.requestor.primitive is None)
+        """Connections without an association yet: in the TLS handshake, or waiting for their
+        A-ASSOCIATE-RQ (pynetdicom keeps a closed one's thread until the ACSE timeout; it
+        counts until then)."""
         with self._lock:
-            return self._handshaking + waiting
+            for token, assoc in list(self._pending.items()):
+                if assoc is None:
+                    continue
+                requested = assoc.requestor.primitive is not None
+                ended = assoc.ident is not None and not assoc.is_alive()
+                if requested or ended:
+                    del self._pending[token]
+            return len(self._pending)
+
+    def handed_over(self, assoc: Association) -> None:
+        """The connection of this thread now has ``assoc`` (called by the request handler)."""
+        token = getattr(self._local, "token", None)
+        if token is not None:
+            with self._lock:
+                self._pending[token] = assoc
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; nothing else happens here (no TLS: that waits on the peer)."""
@@ -286,7 +307,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             )
             return False
         with self._lock:
-            self._handshaking += 1
+            token = next(self._next_token)
+            self._pending[token] = None
+            self._tokens[id(request)] = token
         return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -294,13 +317,24 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._handshake_done()
+            self._forget(self._token_of(request), keep_handed_over=False)
             raise
+
+    def _token_of(self, request: Any) -> int | None:
+        with self._lock:
+            return self._tokens.pop(id(request), None)
+
+    def _forget(self, token: int | None, *, keep_handed_over: bool) -> None:
+        with self._lock:
+            if token is not None and not (keep_handed_over and self._pending.get(token)):
+                self._pending.pop(token, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """In the connection's thread: TLS handshake (if any) by its deadline, then the
         association. A failed handshake is reported and the connection closed."""
         sock: socket.socket = request
+        token = self._token_of(request)
+        self._local.token = token
         try:
             try:
                 if self.ssl_context is not None:
@@ -324,11 +358,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 self.handle_error(sock, client_address)
                 self.shutdown_request(sock)
         finally:
-            self._handshake_done()
-
-    def _handshake_done(self) -> None:
-        with self._lock:
-            self._handshaking -= 1
+            self._local.token = None
+            # an association made of this connection counts on until its request arrives
+            self._forget(token, keep_handed_over=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log an unexpected error of one connection (socketserver would print it)."""
