@@ -18,18 +18,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
-    JPEG2000,
     UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -62,6 +51,7 @@ from dicom_node.receive.tls import server_context
 from dicom_node.store.jobs import InstanceRecord, JobStore, Recorded
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
+from dicom_node.study.volume import DECODING_PLUGINS
 
 logger = logging.getLogger(__name__)
 
@@ -72,22 +62,6 @@ OUTPUT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5
 
 VERIFICATION = "1.2.840.10008.1.1"
 _DUL_POLL_SECONDS = 0.0002
-
-_UNCOMPRESSED = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-)
-_COMPRESSED = (
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
 
 
 def _same_content(path: Path, size: int, raw: bytes) -> bool:
@@ -102,17 +76,17 @@ def _same_content(path: Path, size: int, raw: bytes) -> bool:
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
-    """Transfer syntaxes accepted at negotiation: those whose pixel data this node can decode.
+    """Transfer syntaxes accepted at negotiation: those whose pixel data the node decodes.
 
-    The uncompressed ones always; each compressed one only when a pydicom decoder plug-in for it
-    is installed (python-gdcm, pyjpegls, pylibjpeg-openjpeg, pylibjpeg-rle).
+    :data:`~dicom_node.study.volume.DECODING_PLUGINS` pins the decoder of each; a compressed
+    syntax is accepted only while its pinned plug-in is installed, so a study is never
+    acknowledged in an encoding the analysis cannot read.
     """
-    out = list(_UNCOMPRESSED)
-    for uid in _COMPRESSED:
-        decoder = get_decoder(uid)
-        if decoder.is_available:
-            out.append(uid)
-    return out
+    return [
+        UID(uid)
+        for uid, plugin in DECODING_PLUGINS.items()
+        if not plugin or plugin in get_decoder(uid).available_plugins
+    ]
 
 
 class Receiver:

@@ -228,3 +228,46 @@ def test_disk_floor_answers_out_of_resources(
     assert "Refused: OutOfResources" in done.stdout + done.stderr  # 0xA700
     assert node.spooled() == []
     assert list((node.data_dir / "spool" / "incoming").iterdir()) == []
+
+
+def test_compressed_syntaxes_are_negotiated_only_when_decodable(
+    node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]], tmp_path: Path
+) -> None:
+    """JPEG-LS, RLE and JPEG Lossless arrive as sent (not recompressed) and decode to the HU of
+    the original; lossy baseline JPEG, which the analysis would not read, is refused at
+    negotiation."""
+    import subprocess
+
+    import numpy as np
+
+    from dicom_node.config import SelectionSettings
+    from dicom_node.study.volume import read_volume
+
+    [original] = write_study(slices=1, size=64)
+    node = node_factory()
+    for tool, flags, propose, name in (
+        ("dcmcjpls", ["+el"], ["-xt"], "jls.dcm"),
+        ("dcmcrle", [], ["-xr"], "rle.dcm"),
+        ("dcmcjpeg", ["+e1"], ["-xs"], "jpll.dcm"),
+    ):
+        out = tmp_path / name
+        subprocess.run(["/usr/bin/" + tool, *flags, str(original), str(out)], check=True)
+        done = storescu([out], node.port, extra=propose)
+        assert done.returncode == 0, done.stdout + done.stderr
+        [stored] = [p for p in node.spooled() if p.stem == str(dcmread(out).SOPInstanceUID)]
+        assert (
+            dcmread(stored).file_meta.TransferSyntaxUID == dcmread(out).file_meta.TransferSyntaxUID
+        )
+        assert dcmread(stored).PixelData == dcmread(out).PixelData
+        geometry = SelectionSettings().geometry
+        np.testing.assert_array_equal(
+            read_volume([stored], settings=geometry).hu,
+            read_volume([original], settings=geometry).hu,
+        )
+    lossy = tmp_path / "baseline.dcm"
+    subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(original), str(lossy)], check=True)
+    refused = storescu([lossy], node.port, extra=["-xy"])
+    assert refused.returncode != 0
+    # the node accepted only the uncompressed alternatives for it: storescu had to convert
+    assert "Converting transfer syntax: JPEG Baseline" in refused.stdout + refused.stderr
+    assert str(dcmread(lossy).SOPInstanceUID) not in {p.stem for p in node.spooled()}
