@@ -17,9 +17,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import (
-    UID,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -82,11 +80,14 @@ def decodable_transfer_syntaxes() -> list[UID]:
     syntax is accepted only while its pinned plug-in is installed, so a study is never
     acknowledged in an encoding the analysis cannot read.
     """
-    return [
+    usable = [
         UID(uid)
         for uid, plugin in DECODING_PLUGINS.items()
         if not plugin or plugin in get_decoder(uid).available_plugins
     ]
+    # pynetdicom accepts, of the syntaxes a peer proposes in one context, the first in this
+    # list: explicit VR little endian first, as most senders expect
+    return sorted(usable, key=lambda uid: uid != ExplicitVRLittleEndian)
 
 
 class Receiver:
