@@ -76,6 +76,8 @@ def _run_peer(kind: str, series: Path, work: Path, expected: int) -> float:
             f"storage: {{data_dir: {out / 'var'}, fsync: true, min_free_disk_mb: 64}}\n"
             "study: {stable_seconds: 600, max_wait_seconds: 900}\n"
             "logging: {level: WARNING}\ndestinations: []\n"
+            # receive-only: this measures ingest, not the model
+            "model: {path: null}\nservice: {http_port: 0}\n"
         )
         cmd = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
