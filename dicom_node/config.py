@@ -411,6 +411,9 @@ class SelectionSettings(_Section):
     description_exclude: tuple[RegexPattern, ...] = ()
     #: Lossy Image Compression "01" (a lossy transfer syntax, or lossy before) qualifies.
     allow_lossy: bool = False
+    #: A series whose body holds less lung-density tissue than this fraction (a head or an
+    #: abdomen sent by mistake) is skipped: "no lung in the field of view". 0 turns it off.
+    min_lung_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     geometry: VolumeGeometrySettings = VolumeGeometrySettings()
 
 

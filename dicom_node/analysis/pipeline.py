@@ -22,10 +22,11 @@ from typing import Any
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, find_lesions
 from dicom_node.config import Config
-from dicom_node.errors import DatasetError, ModelError, PipelineError
+from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
 from dicom_node.metrics import INFERENCE_RATE, STAGE_SECONDS
 from dicom_node.pipeline import StudyInput, StudyResult
 from dicom_node.results.writer import write_results
+from dicom_node.study.coverage import lung_coverage
 from dicom_node.study.headers import read_headers
 from dicom_node.study.selection import SeriesCandidate, select_series
 from dicom_node.study.volume import load_volume
@@ -168,6 +169,15 @@ class AnalysisPipeline:
         t = time.perf_counter()
         volume = load_volume(candidate.plan)
         seconds["volume"] = time.perf_counter() - t
+        minimum = self.config.selection.min_lung_fraction
+        if minimum > 0:
+            coverage = lung_coverage(volume.hu)
+            if coverage.lung_fraction < minimum:
+                raise StudySkipped(
+                    f"{candidate.label}: no lung in the field of view (lung-density tissue"
+                    f" {100 * coverage.lung_fraction:.1f}% of the body, expected at least"
+                    f" {100 * minimum:.0f}%)"
+                )
         t = time.perf_counter()
         label = candidate.label
         result = self.engine.run(
