@@ -1561,7 +1561,8 @@ def _paint_fissures(scene: _Scene) -> list[_FissureHit]:
             hits.append((k, region & (np.abs(zf - z) <= max(t, grid.spacing[1]) / 2)))
         if hits:
             pts = [np.column_stack([np.full(int(m.sum()), zs[k]), *np.nonzero(m)]) for k, m in hits]
-            allp = np.vstack([p for p in pts if p.size])
+            nonempty = [p for p in pts if p.size]
+            allp = np.vstack(nonempty) if nonempty else np.empty((0, 3))
             if allp.size:
                 mid = allp[len(allp) // 2]
                 centre = np.array([mid[0], grid.axis(1)[int(mid[1])], grid.axis(2)[int(mid[2])]])
