@@ -293,7 +293,7 @@ class InferenceSettings(_Section):
     #: Batches prepared ahead of the device by the loader thread.
     prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
     #: Storage of the probability map: ``float32``, or ``uint8`` (p * 255, a quarter the memory).
-    probability_dtype: Literal["float32", "uint8"] = "float32"
+    probability_dtype: Literal["float32", "uint8"] = "uint8"
 
 
 class LesionSettings(_Section):

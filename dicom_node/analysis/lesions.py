@@ -179,9 +179,10 @@ def find_lesions(
     components, count = cc3d.connected_components(
         mask, connectivity=connectivity, return_N=True, binary_image=True
     )
-    labels = np.zeros(probability.shape, dtype=np.uint16)
+    del mask  # (z, y, x) bools: 150 MB on a 600-slice 512² study
     if count == 0:
-        return LesionMap(labels=labels, lesions=(), threshold=threshold, dropped=0)
+        empty = np.zeros(probability.shape, dtype=np.uint16)
+        return LesionMap(labels=empty, lesions=(), threshold=threshold, dropped=0)
 
     stats = cc3d.statistics(components)
     voxel_counts = np.asarray(stats["voxel_counts"], dtype=np.int64)

@@ -54,7 +54,12 @@ def _volume(
 
 
 def _engine(model: LoadedModel | Path, **settings: object) -> InferenceEngine:
-    return InferenceEngine(model, InferenceSettings.model_validate({"device": "cpu", **settings}))
+    return InferenceEngine(
+        model,
+        InferenceSettings.model_validate(
+            {"device": "cpu", "probability_dtype": "float32", **settings}
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +334,13 @@ def test_cuda_matches_cpu_fp32(
     engine = InferenceEngine(
         saved_model_dir,
         InferenceSettings.model_validate(
-            {"device": "cuda", "precision": precision, "batch_size": 2, "compile": compile_}
+            {
+                "device": "cuda",
+                "precision": precision,
+                "batch_size": 2,
+                "compile": compile_,
+                "probability_dtype": "float32",
+            }
         ),
     )
     result = engine.run(_volume(), SPACING)
