@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e import SHIPPED, _random_model  # noqa: E402
+from bench.e2e import SHIPPED, _peak_rss_mib, _random_model  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--random-model", action="store_true")
-    parser.add_argument("--probability-dtype", choices=["float32", "uint8"], default="float32")
+    parser.add_argument("--probability-dtype", choices=["float32", "uint8"], default="uint8")
     args = parser.parse_args()
 
     from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
@@ -62,7 +61,9 @@ def main() -> None:
             f"inference: {{device: cpu, probability_dtype: {args.probability_dtype}}}\n"
         )
         t = time.perf_counter()
-        done = subprocess.run(
+        # The child's own peak (VmHWM, which exec resets): RUSAGE_CHILDREN would count the
+        # pages a fork shares with this process, which just made a large phantom.
+        child = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -75,14 +76,18 @@ def main() -> None:
                 str(cfg),
             ],
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            check=False,
         )
+        peak = 0.0
+        while child.poll() is None:
+            peak = max(peak, _peak_rss_mib(child.pid))
+            time.sleep(0.1)
+        stderr = child.stderr.read() if child.stderr else ""
         wall = time.perf_counter() - t
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        if done.returncode != 0:
-            sys.exit(f"analyze failed ({done.returncode}): {done.stderr[-2000:]}")
+        if child.returncode != 0:
+            sys.exit(f"analyze failed ({child.returncode}): {stderr[-2000:]}")
         findings = json.loads((work / "out" / "findings.json").read_text())
         for series in findings["series"]:
             secs = series["seconds"]
