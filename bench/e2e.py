@@ -37,10 +37,10 @@ def _random_model(path: Path, size: int) -> Path:
     import torch
 
     from dicom_node.analysis.network import Architecture, LungCTNet
-    from dicom_node.analysis.weights import ModelCard, read_card, save_model
+    from dicom_node.analysis.weights import CARD_FILE, ModelCard, read_card, save_model
 
     if SHIPPED.exists():
-        card = read_card(SHIPPED).model_copy(update={"name": "random-resnet50"})
+        card = read_card(SHIPPED / CARD_FILE).model_copy(update={"name": "random-resnet50"})
     else:
         card = ModelCard.model_validate(
             {
@@ -73,6 +73,30 @@ def _random_model(path: Path, size: int) -> Path:
     torch.manual_seed(0)
     save_model(LungCTNet(Architecture(encoder="resnet50")), card, path, dtype=torch.float16)
     return path
+
+
+def start_node(
+    work: Path, *, port: int, model: Path, destination: dict[str, object]
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """`dicom-node serve` for a benchmark: complete_on_release, fast polling, one destination.
+
+    Returns its configuration file and process (not yet listening: wait for ``port``)."""
+    cfg = work / "node.yaml"
+    cfg.write_text(
+        f"node: {{host: 127.0.0.1, port: {port}}}\n"
+        f"storage: {{data_dir: {work / 'var'}, min_free_disk_mb: 64}}\n"
+        "study: {stable_seconds: 600, max_wait_seconds: 900, complete_on_release: true}\n"
+        f"destinations: [{json.dumps(destination)}]\n"
+        f"model: {{path: {model}}}\nservice: {{http_port: {free_port()}}}\n"
+        "jobs: {poll_seconds: 0.1}\ndispatch: {poll_seconds: 0.1}\nlogging: {level: WARNING}\n"
+    )
+    node = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+        env={**PEER_ENV, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return cfg, node
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -120,22 +144,9 @@ def main() -> None:
         )
 
         pacs = StoreSCP(work / "pacs").start()
-        port, http = free_port(), free_port()
-        cfg = work / "node.yaml"
-        cfg.write_text(
-            f"node: {{host: 127.0.0.1, port: {port}}}\n"
-            f"storage: {{data_dir: {work / 'var'}, min_free_disk_mb: 64}}\n"
-            "study: {stable_seconds: 600, max_wait_seconds: 900, complete_on_release: true}\n"
-            f"destinations: [{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs.port}}}]\n"
-            f"model: {{path: {model}}}\nservice: {{http_port: {http}}}\n"
-            "jobs: {poll_seconds: 0.1}\ndispatch: {poll_seconds: 0.1}\nlogging: {level: WARNING}\n"
-        )
-        node = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-            env={**PEER_ENV, "HF_HUB_OFFLINE": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        port = free_port()
+        dest = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+        cfg, node = start_node(work, port=port, model=model, destination=dest)
         try:
             wait_for_port(port, proc=node, timeout=120)
             t0 = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e import SHIPPED, _random_model  # noqa: E402
+from bench.e2e import SHIPPED, _random_model, start_node  # noqa: E402
 from dicom_node.testing.orthanc import (  # noqa: E402
     COMPREHENSIVE_3D_SR_STORAGE,
     SEGMENTATION_STORAGE,
     OrthancPacs,
 )
-from tests.peers import PEER_ENV, free_port, node_cli, wait_for_port  # noqa: E402
+from tests.peers import free_port, node_cli, wait_for_port  # noqa: E402
 
 
 def main() -> None:
@@ -60,24 +59,10 @@ def main() -> None:
         files = write_phantom_dicom(phantom, work / "study")
         study_uid = str(__import__("pydicom").dcmread(files[0]).StudyInstanceUID)
         del phantom
-        port, http = free_port(), free_port()
+        port = free_port()
         with OrthancPacs(root=work / "orthanc", node_port=port) as pacs:
-            dest = pacs.destination("orthanc")
-            cfg = work / "node.yaml"
-            cfg.write_text(
-                f"node: {{host: 127.0.0.1, port: {port}}}\n"
-                f"storage: {{data_dir: {work / 'var'}, min_free_disk_mb: 64}}\n"
-                "study: {stable_seconds: 600, max_wait_seconds: 900, complete_on_release: true}\n"
-                f"destinations: [{json.dumps(dest)}]\n"
-                f"model: {{path: {model}}}\nservice: {{http_port: {http}}}\n"
-                "jobs: {poll_seconds: 0.1}\ndispatch: {poll_seconds: 0.1}\n"
-                "logging: {level: WARNING}\n"
-            )
-            node = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-                env={**PEER_ENV, "HF_HUB_OFFLINE": "1"},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            cfg, node = start_node(
+                work, port=port, model=model, destination=pacs.destination("orthanc")
             )
             try:
                 wait_for_port(port, proc=node, timeout=180)
