@@ -121,3 +121,42 @@ def test_audit_log_records_who_sent_what_and_security_events(
     assert records[2]["calling_ae"] == "STRANGER"
     # ordinary logs carry no Study Instance UID by default
     assert str(dcmread(files[0]).StudyInstanceUID) not in node.log()
+
+
+def test_frozen_process_stops_watchdog_pings(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """H4: while the node is frozen (SIGSTOP) no WATCHDOG=1 arrives, so systemd's WatchdogSec
+    restarts it; after SIGCONT the pings resume. No thread pings on a loop's behalf."""
+    import signal
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    node = node_factory(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    assert node.proc is not None
+
+    def pings_within(seconds: float) -> int:
+        count, deadline = 0, time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                count += sock.recv(4096).decode().count("WATCHDOG=1")
+            except TimeoutError:
+                break
+        return count
+
+    assert pings_within(2.0) >= 2
+    node.proc.send_signal(signal.SIGSTOP)
+    try:
+        while True:  # drain what was sent before the stop took effect
+            sock.settimeout(0.3)
+            try:
+                sock.recv(4096)
+            except TimeoutError:
+                break
+        assert pings_within(2.5) == 0
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+    assert pings_within(2.0) >= 2
+    sock.close()
