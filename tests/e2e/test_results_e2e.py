@@ -181,3 +181,54 @@ def test_results_reply_to_a_known_sender(
         assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
     finally:
         sender_scp.stop()
+
+
+def test_kill_9_during_inference_and_during_sending(
+    node_factory: Callable[..., NodeProcess],
+    tmp_path: Path,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """H2: kill -9 while the model runs, then again while results wait to be sent: each restart
+    resumes the job; the PACS finally gets one SEG/SR set whose UIDs are the ones first made."""
+    import sqlite3
+    import time
+
+    files = phantom_series(slices=40, size=160)
+    port = free_port()
+    node = node_factory(
+        inference={"device": "cpu", "batch_size": 2},  # the shipped model: seconds of inference
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        dispatch={"retry_base_seconds": 0.5, "retry_max_seconds": 1.0},
+        model={"path": "models/lung-ct-unet-resnet50"},
+    )
+    db = node.data_dir / "jobs.sqlite"
+
+    def job_state() -> str | None:
+        with sqlite3.connect(db) as con:
+            row = con.execute("SELECT state FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
+    assert storescu(files, node.port).returncode == 0
+    deadline = time.monotonic() + 120
+    while job_state() != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    node.kill()  # mid-inference
+    node.start()
+    listing = node.wait_jobs(
+        lambda j: (
+            j["jobs"][0]["state"] == "sending" and any(d["attempts"] >= 1 for d in j["deliveries"])
+        ),
+        timeout=180,
+    )
+    assert listing["jobs"][0]["attempts"] == 2  # the interrupted attempt counts
+    made = {d["sop_instance_uid"] for d in listing["deliveries"]}
+    node.kill()  # results made, not yet sent
+    pacs = StoreSCP(tmp_path / "pacs", port=port).start()
+    try:
+        node.start()
+        node.wait_jobs(lambda j: j["jobs"][0]["state"] == "done", timeout=120)
+        assert {str(dcmread(p).SOPInstanceUID) for p in pacs.received()} == made
+        assert len(node.jobs()["jobs"]) == 1
+    finally:
+        pacs.stop()
