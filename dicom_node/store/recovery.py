@@ -62,7 +62,6 @@ def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
 
 def _reindex(path: Path, store: JobStore) -> bool:
     try:
-        data = path.read_bytes()
         ds = dcmread(path, stop_before_pixels=True)
         uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     except Exception:  # a file we cannot read is not an instance we acknowledged intact
@@ -79,7 +78,7 @@ def _reindex(path: Path, store: JobStore) -> bool:
             sop_class_uid=str(ds.SOPClassUID),
             modality=str(ds.get("Modality", "")).upper(),
             path=path,
-            size=len(data) - meta_end,
+            size=path.stat().st_size - meta_end,
             calling_ae="",
             received_at=path.stat().st_mtime,
         )

@@ -83,3 +83,30 @@ def test_purge_removes_dead_studies_only(tmp_path: Path) -> None:
     _study(store, spool, "1.2")  # the PACS sends it again
     job = store.complete_study("1.2", reason="test")
     assert job is not None and job.version == 2
+
+
+def test_reconcile_reindexes_a_spooled_file_the_store_lost(
+    tmp_path: Path, write_study: object
+) -> None:
+    """After a power cut the store may lack the last records: a spooled file it does not know is
+    read and recorded (with its data-set size), and its study re-opened."""
+    import shutil
+
+    from pydicom import dcmread
+    from pydicom.filereader import read_file_meta_info
+
+    from dicom_node.store.recovery import reconcile
+
+    [src] = write_study(slices=1)  # type: ignore[operator]
+    ds = dcmread(src)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    dest = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    dest.parent.mkdir(parents=True)
+    shutil.copy(src, dest)
+    report = reconcile(spool, store)
+    assert report.reindexed_files == 1
+    [rec] = store.study_instances(str(ds.StudyInstanceUID))
+    meta_len = 144 + int(read_file_meta_info(src).FileMetaInformationGroupLength)
+    assert rec.size == src.stat().st_size - meta_len
+    assert store.studies()[0].state == "receiving"
