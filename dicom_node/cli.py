@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     echo.add_argument("name", help="a destination's name")
 
     train = sub.add_parser("train", help="train the lung-CT model (see docs/training.md)")
-    _dataset_args(train, first_seed=0, count=190, shift=0.0, tumour_probability=0.6)
+    _dataset_args(train, first_seed=0, count=300, shift=0.0, tumour_probability=0.6, widen=1.0)
     train.add_argument("--output", type=Path, required=True, help="model folder to write")
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints, log, cache")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -102,6 +102,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     train.add_argument("--test-fraction", type=float, default=0.0)
     train.add_argument("--encoder", default="resnet50", help="resnet18/34/50/101/152")
     train.add_argument("--encoder-weights", type=Path, default=None, help="local ResNet state dict")
+    train.add_argument(
+        "--mlp-pooling",
+        choices=("lesion", "average"),
+        default="lesion",
+        help="what the MLP reads from the encoder (see docs/training.md)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 on CUDA and on CPUs with bf16 instructions",
+    )
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--pixel-spacing", type=float, default=1.5, help="mm; 0: mode fit")
     train.add_argument("--crop", type=int, default=128)
@@ -119,8 +131,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     evaluate.add_argument("--split-name", default="test", help="split to score with --split")
     evaluate.add_argument("--baseline", action="store_true", help="also a scikit-learn model")
     evaluate.add_argument("--train-first-seed", type=int, default=0)
-    evaluate.add_argument("--train-phantoms", type=int, default=190)
+    evaluate.add_argument("--train-phantoms", type=int, default=300)
     evaluate.add_argument("--train-shift", type=float, default=0.0)
+    evaluate.add_argument("--train-widen", type=float, default=1.0)
     evaluate.add_argument("--train-tumour-probability", type=float, default=0.6)
     evaluate.add_argument(
         "--train-split", type=Path, default=None, help="phantoms: keep only its training cases"
@@ -146,6 +159,7 @@ def _dataset_args(
     count: int,
     shift: float,
     tumour_probability: float,
+    widen: float = 0.0,
 ) -> None:
     p.add_argument("--dataset", choices=("phantoms", "msd", "dicom-seg"), default="phantoms")
     p.add_argument("--data", type=Path, default=None, help="folder (msd, dicom-seg)")
@@ -156,6 +170,12 @@ def _dataset_args(
         "--phantom-shape", type=int, nargs=3, default=(32, 256, 256), metavar=("Z", "Y", "X")
     )
     p.add_argument("--shift", type=float, default=shift, help="phantoms: site shift amount")
+    p.add_argument(
+        "--widen",
+        type=float,
+        default=widen,
+        help="phantoms: widen every site range by this many widths (domain randomisation)",
+    )
     p.add_argument("--tumour-probability", type=float, default=tumour_probability)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

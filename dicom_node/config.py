@@ -301,8 +301,12 @@ class LesionSettings(_Section):
 
     #: Voxels at or above this probability are lesion; unset: the model card's threshold.
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    #: Components smaller than this are dropped (a 3 mm sphere is 14 mm³).
-    min_volume_mm3: Annotated[float, Field(ge=0.0)] = 10.0
+    #: Components smaller than this are dropped (a 3 mm sphere is 14 mm³); unset: the model
+    #: card's ``lesion_min_volume_mm3``.
+    min_volume_mm3: Annotated[float, Field(ge=0.0)] | None = None
+    #: A component is a lesion only when its highest probability reaches this; unset: the
+    #: model card's ``lesion_peak`` (none there: every component).
+    min_peak: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     #: Voxel connectivity of a component (26: faces, edges and corners).
     connectivity: Literal[6, 18, 26] = 26
     #: At most this many lesions are reported (the largest).

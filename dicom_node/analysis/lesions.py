@@ -29,11 +29,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cc3d
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
+
+if TYPE_CHECKING:
+    from dicom_node.analysis.weights import Thresholds
+    from dicom_node.config import LesionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,45 @@ class LesionMap:
     dropped: int
 
 
+@dataclass(frozen=True)
+class LesionRule:
+    """How a probability map becomes lesions: the model card's operating point, where the
+    configuration's ``lesions`` section does not set its own.
+
+    Attributes
+    ----------
+    threshold
+        Voxel probability at or above which a voxel is lesion.
+    min_volume_mm3
+        Smaller components are dropped.
+    min_peak
+        Components whose highest probability is below this are dropped (``None``: none).
+    connectivity, max_lesions
+        As :func:`find_lesions` takes them.
+    """
+
+    threshold: float = 0.5
+    min_volume_mm3: float = 10.0
+    min_peak: float | None = None
+    connectivity: Literal[6, 18, 26] = 26
+    max_lesions: int | None = None
+
+    @classmethod
+    def resolve(cls, settings: LesionSettings, thresholds: Thresholds) -> LesionRule:
+        """The configuration's values where set, else the card's."""
+        return cls(
+            threshold=settings.threshold or thresholds.segmentation,
+            min_volume_mm3=(
+                settings.min_volume_mm3
+                if settings.min_volume_mm3 is not None
+                else thresholds.lesion_min_volume_mm3
+            ),
+            min_peak=settings.min_peak if settings.min_peak is not None else thresholds.lesion_peak,
+            connectivity=settings.connectivity,
+            max_lesions=settings.max_lesions,
+        )
+
+
 def find_lesions(
     probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8],
     hu: npt.NDArray[np.generic],
@@ -123,6 +167,7 @@ def find_lesions(
     direction: npt.ArrayLike | None = None,
     threshold: float = 0.5,
     min_volume_mm3: float = 0.0,
+    min_peak: float | None = None,
     connectivity: Literal[6, 18, 26] = 26,
     max_lesions: int | None = None,
 ) -> LesionMap:
@@ -145,6 +190,9 @@ def find_lesions(
         Voxels with probability at or above it are lesion; in (0, 1].
     min_volume_mm3
         Components smaller than this are dropped.
+    min_peak
+        Components whose highest probability is below this are dropped (hysteresis: the
+        threshold draws the outline, the peak decides whether it is a lesion); ``None``: none.
     connectivity
         6, 18 or 26 (faces; + edges; + corners).
     max_lesions
@@ -189,6 +237,12 @@ def find_lesions(
     boxes = stats["bounding_boxes"]
     voxel_mm3 = float(np.prod(spacing))
     candidates = [c for c in range(1, count + 1) if voxel_counts[c] * voxel_mm3 >= min_volume_mm3]
+    if min_peak is not None and min_peak > threshold and candidates:
+        peaks = ndimage.maximum(probability, labels=components, index=candidates)
+        cut = min_peak * scale
+        candidates = [
+            c for c, peak in zip(candidates, np.atleast_1d(peaks), strict=True) if peak >= cut
+        ]
     candidates.sort(key=lambda c: (-voxel_counts[c], c))  # largest first; ties in scan order
     kept = candidates if max_lesions is None else candidates[:max_lesions]
     dropped = count - len(kept)

@@ -3,7 +3,13 @@
 One encoder pass feeds both heads::
 
     slice (N, 1, H, W) ─▶ encoder (ResNet) ─┬─▶ U-Net decoder ─▶ seg head ─▶ (N, 1, H, W) logits
-                                            └─▶ deepest map ─▶ global avg pool ─▶ MLP ─▶ (N,) logits
+                                            └─▶ deepest map ─▶ pooling ─▶ MLP ─▶ (N,) logits
+
+The pooling (``architecture.mlp_pooling``) is ``average`` (global average of the deepest map)
+or ``lesion``: the global average, the global maximum and the average weighted by the
+segmentation probability of the deepest map, with two figures of that probability map (its
+maximum and the log of its sum). A small tumour covers a fraction of one cell of the deepest
+map; the global average dilutes it, the maximum and the lesion-weighted average keep it.
 
 The encoder, decoder and segmentation head are those of ``segmentation_models_pytorch.Unet``
 and keep its parameter names (``encoder.*``, ``decoder.*``, ``segmentation_head.*``), so a plain
@@ -23,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documentation uses
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
@@ -55,6 +62,10 @@ class Architecture(BaseModel):
     mlp_activation: Literal["relu", "gelu"] = "relu"
     #: Dropout between the MLP's two layers (active in training only).
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    #: What the MLP reads: ``average`` (global average pool of the deepest encoder map) or
+    #: ``lesion`` (average, maximum and segmentation-weighted average of that map, plus the
+    #: maximum and log-sum of the segmentation probability).
+    mlp_pooling: Literal["average", "lesion"] = "average"
 
     @field_validator("decoder_channels")
     @classmethod
@@ -79,7 +90,7 @@ class Architecture(BaseModel):
 
 
 class MLPHead(nn.Module):
-    """Global average pool, then Linear → activation → Dropout → Linear to one logit.
+    """Pooling, then Linear → activation → Dropout → Linear to one logit.
 
     Parameters
     ----------
@@ -91,34 +102,82 @@ class MLPHead(nn.Module):
         ``"relu"`` or ``"gelu"``.
     dropout
         Dropout probability between the layers.
+    pooling
+        ``"average"`` or ``"lesion"`` (see :class:`Architecture`).
     """
 
     def __init__(
-        self, in_features: int, *, hidden: int, activation: Literal["relu", "gelu"], dropout: float
+        self,
+        in_features: int,
+        *,
+        hidden: int,
+        activation: Literal["relu", "gelu"],
+        dropout: float,
+        pooling: Literal["average", "lesion"] = "average",
     ) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.pooling = pooling
+        self.channels = in_features
+        width = in_features if pooling == "average" else 3 * in_features + 2
+        self.fc1 = nn.Linear(width, hidden)
         self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.GELU()
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, 1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def pool(self, features: torch.Tensor, seg_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The vector the MLP reads.
+
+        Parameters
+        ----------
+        features
+            (N, C, h, w) deepest encoder features.
+        seg_logits
+            (N, 1, H, W) segmentation logits; needed by ``lesion`` pooling.
+
+        Returns
+        -------
+        torch.Tensor
+            (N, C) for ``average``, (N, 3C + 2) for ``lesion``; float32.
+        """
+        features = features.float()
+        average = features.mean(dim=(2, 3))
+        if self.pooling == "average":
+            return average
+        if seg_logits is None:
+            raise ValueError("lesion pooling needs the segmentation logits")
+        prob = torch.sigmoid(seg_logits.float())
+        weight = F.adaptive_avg_pool2d(prob, (int(features.shape[-2]), int(features.shape[-1])))
+        lesion = (features * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
+        peak = prob.amax(dim=(1, 2, 3))
+        area = torch.log1p(prob.sum(dim=(1, 2, 3)))
+        return torch.cat(
+            [average, features.amax(dim=(2, 3)), lesion, peak[:, None], area[:, None]], dim=1
+        )
+
+    def score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N,) logits from pooled vectors (N, D)."""
+        out: torch.Tensor = self.fc2(self.drop(self.act(self.fc1(pooled))))
+        return out.squeeze(1)
+
+    def forward(
+        self, features: torch.Tensor, seg_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Score a feature map.
 
         Parameters
         ----------
         features
             (N, C, h, w) deepest encoder features.
+        seg_logits
+            (N, 1, H, W) segmentation logits (``lesion`` pooling).
 
         Returns
         -------
         torch.Tensor
             (N,) logits.
         """
-        pooled = self.pool(features).flatten(1)
-        out: torch.Tensor = self.fc2(self.drop(self.act(self.fc1(pooled))))
-        return out.squeeze(1)
+        pooled = self.pool(features, seg_logits).to(self.fc1.weight.dtype)
+        return self.score(pooled)
 
 
 class LungCTNet(nn.Module):
@@ -155,13 +214,17 @@ class LungCTNet(nn.Module):
         self.segmentation_head: nn.Module = unet.segmentation_head
         deepest = int(unet.encoder.out_channels[-1])
         self.classifier = MLPHead(
-            deepest, hidden=arch.mlp_hidden, activation=arch.mlp_activation, dropout=arch.dropout
+            deepest,
+            hidden=arch.mlp_hidden,
+            activation=arch.mlp_activation,
+            dropout=arch.dropout,
+            pooling=arch.mlp_pooling,
         )
 
     @property
     def feature_channels(self) -> int:
         """Channels of the deepest encoder map, which the MLP reads (2048 for ResNet50)."""
-        return int(self.classifier.fc1.in_features)
+        return self.classifier.channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment and score a batch of slices.
@@ -181,7 +244,7 @@ class LungCTNet(nn.Module):
         """
         features = self.encoder(x)
         seg: torch.Tensor = self.segmentation_head(self.decoder(features))
-        cls = self.classifier(features[-1])
+        cls = self.classifier(features[-1], seg)
         return seg, cls
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.analysis.inference import InferenceEngine
-from dicom_node.analysis.lesions import Lesion, find_lesions
+from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
 from dicom_node.config import Config
 from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
 from dicom_node.metrics import INFERENCE_RATE, STAGE_SECONDS
@@ -187,7 +187,7 @@ class AnalysisPipeline:
         )
         seconds["model"] = time.perf_counter() - t
         card = self.engine.card
-        threshold = self.config.lesions.threshold or card.thresholds.segmentation
+        rule = LesionRule.resolve(self.config.lesions, card.thresholds)
         t = time.perf_counter()
         lesion_map = find_lesions(
             result.probability,
@@ -195,10 +195,11 @@ class AnalysisPipeline:
             spacing_mm=volume.spacing_mm,
             origin_lps=volume.origin_mm,
             direction=volume.direction,
-            threshold=threshold,
-            min_volume_mm3=self.config.lesions.min_volume_mm3,
-            connectivity=self.config.lesions.connectivity,
-            max_lesions=self.config.lesions.max_lesions,
+            threshold=rule.threshold,
+            min_volume_mm3=rule.min_volume_mm3,
+            min_peak=rule.min_peak,
+            connectivity=rule.connectivity,
+            max_lesions=rule.max_lesions,
         )
         seconds["lesions"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -145,6 +145,11 @@ class Thresholds(_CardSection):
     image: Probability = 0.5
     #: A study is "positive" at or above this probability.
     study: Probability = 0.5
+    #: A lesion is kept only when its highest voxel probability reaches this (unset: every
+    #: component above the segmentation threshold is a lesion).
+    lesion_peak: Probability | None = None
+    #: Lesions smaller than this (mm³) are dropped.
+    lesion_min_volume_mm3: Annotated[float, Field(ge=0.0)] = 10.0
 
 
 class WeightsInfo(_CardSection):

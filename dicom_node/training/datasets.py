@@ -325,7 +325,10 @@ class PhantomSpec:
         (slices, rows, columns) of each phantom; pixel spacing follows from the site's field of
         view, slice spacing from the site.
     shift
-        :meth:`SiteDistribution.shifted` amount (0: the training distribution).
+        :meth:`SiteDistribution.shifted` amount (0: the default distribution).
+    widen
+        :meth:`SiteDistribution.widened` amount, applied after the shift (domain
+        randomisation for training; 0: none).
     tumour_probability
         Probability that a phantom holds tumours.
     """
@@ -335,10 +338,13 @@ class PhantomSpec:
     shape_zyx: tuple[int, int, int] = (32, 256, 256)
     shift: float = 0.0
     tumour_probability: float = 0.5
+    widen: float = 0.0
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.first_seed < 0:
             raise ValueError("count must be at least 1 and first_seed not negative")
+        if self.widen < 0:
+            raise ValueError("widen must not be negative")
         if min(self.shape_zyx) < 1:
             raise ValueError("shape_zyx must be positive")
 
@@ -347,8 +353,9 @@ class PhantomSpec:
         z, y, x = self.shape_zyx
         return (
             f"{self.count} phantoms, seeds {self.first_seed}-{self.first_seed + self.count - 1}, "
-            f"{z}x{y}x{x} voxels, SiteDistribution shifted by {self.shift:g}, "
-            f"tumour probability {self.tumour_probability:g}"
+            f"{z}x{y}x{x} voxels, SiteDistribution shifted by {self.shift:g}"
+            + (f" and widened by {self.widen:g}" if self.widen else "")
+            + f", tumour probability {self.tumour_probability:g}"
         )
 
 
@@ -372,7 +379,8 @@ class PhantomDataset:
     ) -> None:
         self.spec = spec
         base = distribution or SiteDistribution()
-        self.distribution = base.shifted(spec.shift) if spec.shift else base
+        shifted = base.shifted(spec.shift) if spec.shift else base
+        self.distribution = shifted.widened(spec.widen) if spec.widen else shifted
         #: Generated cases are kept here (``.npz``) and read back instead of regenerated.
         self.cache_dir = cache_dir
         self._cache_key = hashlib.sha256(

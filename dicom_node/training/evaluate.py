@@ -37,7 +37,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from dicom_node.analysis.inference import InferenceEngine
-from dicom_node.analysis.lesions import find_lesions
+from dicom_node.analysis.lesions import LesionRule, find_lesions
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
 from dicom_node.config import InferenceSettings, LesionSettings
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
@@ -175,8 +175,7 @@ def score_case(
     image_probability: npt.NDArray[np.float32],
     study_probability: float,
     *,
-    threshold: float,
-    lesion_settings: LesionSettings,
+    rule: LesionRule,
     seconds: float = 0.0,
 ) -> CaseOutcome:
     """Compare one case's model outputs with its truth (see the module docstring).
@@ -191,19 +190,19 @@ def score_case(
         (z,) per-slice cancer probability.
     study_probability
         The study's probability.
-    threshold
-        Segmentation threshold (the card's, unless the configuration sets one).
-    lesion_settings
-        Minimum volume, connectivity and maximum count, as the node uses them.
+    rule
+        Threshold, minimum volume and peak, connectivity and maximum count, as the node uses
+        them (:meth:`LesionRule.resolve`).
     """
     lesion_map = find_lesions(
         probability,
         case.hu,
         spacing_mm=case.spacing_mm,
-        threshold=threshold,
-        min_volume_mm3=lesion_settings.min_volume_mm3,
-        connectivity=lesion_settings.connectivity,
-        max_lesions=lesion_settings.max_lesions,
+        threshold=rule.threshold,
+        min_volume_mm3=rule.min_volume_mm3,
+        min_peak=rule.min_peak,
+        connectivity=rule.connectivity,
+        max_lesions=rule.max_lesions,
     )
     predicted = lesion_map.labels
     truth_components, count = cc3d.connected_components(
@@ -270,8 +269,7 @@ def evaluate(
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     engine = InferenceEngine(loaded, inference or InferenceSettings(device="cpu"))
-    settings = lesion_settings or LesionSettings()
-    threshold = settings.threshold or engine.card.thresholds.segmentation
+    rule = LesionRule.resolve(lesion_settings or LesionSettings(), engine.card.thresholds)
     outcomes: list[CaseOutcome] = []
     shown: list[Overlay] = []
     for case in tqdm(
@@ -285,8 +283,7 @@ def evaluate(
             prob,
             result.image_probabilities,
             result.study_probability,
-            threshold=threshold,
-            lesion_settings=settings,
+            rule=rule,
             seconds=time.perf_counter() - started,
         )
         outcomes.append(outcome)
@@ -447,6 +444,7 @@ def run_from_args(args: Any) -> int:
         shape_zyx=tuple(args.phantom_shape),
         shift=args.shift,
         tumour_probability=args.tumour_probability,
+        widen=args.widen,
     )
     dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
     train_dataset: CaseDataset
@@ -466,6 +464,7 @@ def run_from_args(args: Any) -> int:
                 shape_zyx=tuple(args.phantom_shape),
                 shift=args.train_shift,
                 tumour_probability=args.train_tumour_probability,
+                widen=args.train_widen,
             ),
             cache_dir=args.cache_dir,
         )

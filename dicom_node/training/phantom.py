@@ -287,6 +287,36 @@ class SiteDistribution:
             breath_depth_mean=u(self.breath_depth_mean),
         )
 
+    def widened(self, amount: float = 1.0) -> SiteDistribution:
+        """This distribution with every range grown by ``amount`` range widths on each side.
+
+        Domain randomisation for training: a model that has seen thinner and thicker slices,
+        smoother and sharper kernels, less and more noise, larger calibration errors and a
+        wider spread of patients than any one site shows should not depend on the generator's
+        defaults. Calibration ranges (HU offset and gain) grow by ``1 + 2 * amount``; every range
+        stays within physical limits. ``amount=0`` returns an equal distribution.
+        """
+
+        def grow(r: Range, lo: float, hi: float) -> Range:
+            width = (r[1] - r[0]) * amount
+            return (min(hi, max(lo, r[0] - width)), min(hi, max(lo, r[1] + width)))
+
+        def scale(r: Range) -> Range:
+            return (r[0] * (1.0 + 2.0 * amount), r[1] * (1.0 + 2.0 * amount))
+
+        return replace(
+            self,
+            fov_mm=grow(self.fov_mm, 200.0, 500.0),
+            slice_thickness_mm=grow(self.slice_thickness_mm, 0.5, 10.0),
+            kernel_sharpness=grow(self.kernel_sharpness, 0.0, 1.0),
+            noise_sd_hu=grow(self.noise_sd_hu, 2.0, 200.0),
+            hu_offset=scale(self.hu_offset),
+            hu_gain=scale(self.hu_gain),
+            kvp=grow(self.kvp, 70.0, 140.0),
+            patient_scale_mean=grow(self.patient_scale_mean, 0.7, 1.4),
+            breath_depth_mean=grow(self.breath_depth_mean, 0.75, 1.15),
+        )
+
     def shifted(self, amount: float = 1.0) -> SiteDistribution:
         """This distribution moved by ``amount`` range widths toward unseen conditions.
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documentation uses
 from tqdm import tqdm
 
+from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
 from dicom_node.analysis.weights import (
     Classes,
@@ -52,7 +53,8 @@ from dicom_node.analysis.weights import (
 )
 from dicom_node.errors import ModelError
 from dicom_node.training.augment import AugmentConfig, augment_batch
-from dicom_node.training.datasets import CaseDataset, Split, iter_cases
+from dicom_node.training.datasets import Case, CaseDataset, Split, iter_cases
+from dicom_node.training.evaluate import LARGE_LESION_MM, score_case
 from dicom_node.training.metrics import binary_scores, choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ _NOT_IN_CHECKPOINT_KEY = frozenset(
         "cls_lr",
         "cls_weight_decay",
         "cls_patience",
+        "cls_max_slices",
+        "precision",
         "stage2_share",
         "top_k",
         "name",
@@ -114,6 +118,9 @@ class TrainConfig:
         Stage-2 MLP training: epochs, AdamW settings, early stopping patience (epochs), the
         number of views per training slice, and whether the first is left clean (the others
         are augmented as in stage 1).
+    cls_max_slices
+        Stage 2 reads at most this many training slices: every slice with tumour, then
+        tumour-free slices drawn at random.
     freeze_encoder
         Stage 2 trains the MLP only (the two-stage method); ``False`` is not offered yet.
     top_k
@@ -124,7 +131,10 @@ class TrainConfig:
         Wall-clock budget of the whole run (``None``: unbounded); stage 1 gets
         ``1 - stage2_share`` of it.
     device
-        ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; AMP (bf16) on CUDA.
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+    precision
+        ``auto``: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16 or AMX;
+        about twice as fast as fp32 there), fp32 elsewhere; or ``fp32`` / ``bf16``.
     threads
         torch CPU threads (``None`` leaves torch's choice).
     checkpoint_every
@@ -135,7 +145,7 @@ class TrainConfig:
         Of the model card.
     """
 
-    architecture: Architecture = field(default_factory=Architecture)
+    architecture: Architecture = field(default_factory=lambda: Architecture(mlp_pooling="lesion"))
     input_size: int = 256
     input_mode: Literal["fit", "spacing"] = "spacing"
     pixel_spacing_mm: float | None = 1.5
@@ -154,6 +164,7 @@ class TrainConfig:
     cls_lr: float = 1e-3
     cls_weight_decay: float = 1e-2
     cls_patience: int = 25
+    cls_max_slices: int = 6000
     feature_views: int = 1
     clean_first_view: bool = False
     freeze_encoder: bool = True
@@ -162,6 +173,7 @@ class TrainConfig:
     max_minutes: float | None = None
     stage2_share: float = 0.15
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = None
     checkpoint_every: int = 100
     encoder_weights: Path | None = None
@@ -283,6 +295,20 @@ def to_model_grid(
     return x, m
 
 
+def model_grid_spacing(
+    shape_zyx: tuple[int, ...], spacing_mm: tuple[float, float, float], spec: InputSpec
+) -> tuple[float, float, float]:
+    """(z, y, x) voxel spacing of a case once :func:`to_model_grid` has resampled it."""
+    if spec.mode == "spacing":
+        assert spec.pixel_spacing_mm is not None
+        return (spacing_mm[0], spec.pixel_spacing_mm, spec.pixel_spacing_mm)
+    return (
+        spacing_mm[0],
+        spacing_mm[1] * shape_zyx[1] / spec.size,
+        spacing_mm[2] * shape_zyx[2] / spec.size,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class SliceBank:
     """Slices of many cases on the model grid, held in memory.
@@ -299,6 +325,8 @@ class SliceBank:
         (n,) index into ``case_ids`` of each slice's case.
     case_ids
         The cases, in bank order.
+    spacing_zyx
+        (cases, 3) voxel spacing of each case on the model grid, mm.
     """
 
     hu: npt.NDArray[np.int16]
@@ -306,6 +334,7 @@ class SliceBank:
     labels: npt.NDArray[np.bool_]
     case_index: npt.NDArray[np.int64]
     case_ids: tuple[str, ...]
+    spacing_zyx: npt.NDArray[np.float64]
 
     def __len__(self) -> int:
         return int(self.hu.shape[0])
@@ -323,7 +352,7 @@ def build_bank(
     """Load cases and put every slice on the model grid (cached in ``cache_dir`` when given)."""
     key = hashlib.sha256(
         json.dumps(
-            [dataset.name, list(case_ids), spec.model_dump(mode="json"), list(window)]
+            [dataset.name, list(case_ids), spec.model_dump(mode="json"), list(window), 2]
         ).encode()
     ).hexdigest()[:16]
     cache = cache_dir / f"bank-{key}.npz" if cache_dir is not None else None
@@ -336,8 +365,9 @@ def build_bank(
                 labels=data["labels"],
                 case_index=data["case_index"],
                 case_ids=tuple(str(c) for c in data["case_ids"]),
+                spacing_zyx=data["spacing_zyx"],
             )
-    hus, masks, labels, index = [], [], [], []
+    hus, masks, labels, index, spacings = [], [], [], [], []
     cases = iter_cases(dataset, case_ids)
     for k, case in enumerate(
         tqdm(cases, total=len(case_ids), desc="cases", disable=not progress, mininterval=10)
@@ -350,12 +380,14 @@ def build_bank(
         masks.append(m[:, 0].to(torch.uint8).numpy())
         labels.append(case.slice_labels)
         index.append(np.full(case.hu.shape[0], k, dtype=np.int64))
+        spacings.append(model_grid_spacing(case.hu.shape, case.spacing_mm, spec))
     bank = SliceBank(
         hu=np.concatenate(hus),
         masks=np.concatenate(masks),
         labels=np.concatenate(labels),
         case_index=np.concatenate(index),
         case_ids=tuple(case_ids),
+        spacing_zyx=np.array(spacings, dtype=np.float64).reshape(-1, 3),
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -367,6 +399,7 @@ def build_bank(
             labels=bank.labels,
             case_index=bank.case_index,
             case_ids=np.array(bank.case_ids),
+            spacing_zyx=bank.spacing_zyx,
         )
         tmp.replace(cache)
     return bank
@@ -451,9 +484,30 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16; Linux only)."""
+    try:
+        with Path("/proc/cpuinfo").open(encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
+
+
+def _use_bf16(device: torch.device, precision: str) -> bool:
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    return device.type == "cuda" or cpu_has_bf16()
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    if _use_bf16(device, precision):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -533,7 +587,7 @@ def _validate_seg(
         for chunk in _batches(indices, 8):
             x = _normalise(torch.from_numpy(bank.hu[chunk].astype(np.float32)).unsqueeze(1), config)
             t = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1).to(device)
-            with _autocast(device):
+            with _autocast(device, config.precision):
                 seg, _ = network(x.to(device))
             losses.append(float(bce_dice_loss(seg, t)))
             total_t += float(t.sum())
@@ -563,12 +617,22 @@ def _features(
     augmented: bool,
     generator: torch.Generator,
     progress: bool,
-) -> torch.Tensor:
-    """(n, C) pooled deepest encoder features of every bank slice (full slices)."""
+    indices: npt.NDArray[np.int64] | None = None,
+    keep_probability: bool = False,
+) -> tuple[torch.Tensor, npt.NDArray[np.uint8] | None]:
+    """The MLP's pooled input for bank slices (full slices), and optionally their seg maps.
+
+    Returns (n, D) float32 pooled vectors (see :meth:`MLPHead.pool`) of ``indices`` (every
+    slice when ``None``) and, with ``keep_probability``, their (n, S, S) tumour probabilities
+    as ``round(p * 255)``.
+    """
     network.eval()
-    out = []
-    indices = np.arange(len(bank), dtype=np.int64)
+    out: list[torch.Tensor] = []
+    maps: list[npt.NDArray[np.uint8]] = []
+    if indices is None:
+        indices = np.arange(len(bank), dtype=np.int64)
     scale_shift = config.normalisation().scale_shift()
+    needs_seg = keep_probability or network.classifier.pooling != "average"
     with torch.inference_mode():
         for chunk in tqdm(
             list(_batches(indices, 16)),
@@ -589,16 +653,31 @@ def _features(
                 )
             else:
                 x = _normalise(hu, config)
-            with _autocast(device):
-                feats = network.encoder(x.to(device))[-1]
-            out.append(feats.float().mean(dim=(2, 3)).cpu())
-    return torch.cat(out)
+            with _autocast(device, config.precision):
+                feats = network.encoder(x.to(device))
+                seg = network.segmentation_head(network.decoder(feats)) if needs_seg else None
+            out.append(network.classifier.pool(feats[-1], seg).cpu())
+            if keep_probability and seg is not None:
+                prob = torch.sigmoid(seg.float())[:, 0].mul(255.0).round().to(torch.uint8)
+                maps.append(prob.cpu().numpy())
+    probability = np.concatenate(maps) if keep_probability else None
+    return torch.cat(out), probability
 
 
 def _mlp_logits(network: LungCTNet, pooled: torch.Tensor) -> torch.Tensor:
-    """MLP logits (n,) from pooled features (n, C) (a 1x1 map pools to itself)."""
-    logits: torch.Tensor = network.classifier(pooled[:, :, None, None])
-    return logits
+    """MLP logits (n,) from pooled vectors (n, D)."""
+    return network.classifier.score(pooled)
+
+
+def _stage2_indices(bank: SliceBank, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """Stage-2 training slices: every one with tumour, then tumour-free ones, ``limit`` in all."""
+    positive = np.flatnonzero(bank.labels)
+    if len(bank) <= limit:
+        return np.arange(len(bank), dtype=np.int64)
+    negative = np.flatnonzero(~bank.labels)
+    keep = max(0, limit - positive.size)
+    chosen = np.concatenate([positive, rng.permutation(negative)[:keep]])
+    return np.sort(chosen).astype(np.int64)
 
 
 # ---------------------------------------------------------------------- checkpoints and logs
@@ -665,6 +744,8 @@ class _Run:
         self.stage = "seg"
         self.stopped_by = "steps"
         self.best_state: dict[str, torch.Tensor] | None = None
+        #: Validation tumour probabilities (uint8), filled by stage 2.
+        self.val_probability: npt.NDArray[np.uint8] = np.zeros((0, 0, 0), dtype=np.uint8)
         self.elapsed_before = 0.0
         budget = None if config.max_minutes is None else config.max_minutes * 60.0
         self.budget_s = budget
@@ -684,6 +765,7 @@ class _Run:
             labels=train_bank.labels[:16],
             case_index=train_bank.case_index[:16],
             case_ids=train_bank.case_ids,
+            spacing_zyx=train_bank.spacing_zyx,
         )
         began = time.monotonic()
         _features(
@@ -694,15 +776,16 @@ class _Run:
             augmented=False,
             generator=torch.Generator().manual_seed(0),
             progress=False,
+            keep_probability=True,
         )
         self.network.train()
         per_slice = (time.monotonic() - began) / len(probe)
-        # Every view of every training slice and each validation slice through the encoder;
-        # the threshold search runs the whole network (about 3 encoders) on val_slices.
+        # Every view of the stage-2 training slices and each validation slice through the
+        # whole network; the threshold search runs it again on val_slices.
         slices = (
-            len(train_bank) * max(1, self.config.feature_views)
+            min(len(train_bank), self.config.cls_max_slices) * max(1, self.config.feature_views)
             + len(val_bank)
-            + 3 * self.config.val_slices
+            + self.config.val_slices
         )
         need = 1.3 * per_slice * slices + 60.0
         reserve = max(self.config.stage2_share * self.budget_s, need)
@@ -782,7 +865,7 @@ class _Run:
             window=config.window,
             scale_shift=config.normalisation().scale_shift(),
         )
-        with _autocast(self.device):
+        with _autocast(self.device, config.precision):
             seg, _ = self.network(x.to(self.device))
         loss = bce_dice_loss(seg, target.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
@@ -897,6 +980,9 @@ class _Run:
         for p in network.parameters():
             p.requires_grad_(False)
         views: list[torch.Tensor] = []
+        chosen = _stage2_indices(
+            train_bank, config.cls_max_slices, np.random.default_rng(config.seed + 2)
+        )
         for v in range(max(1, config.feature_views)):
             began = time.monotonic()
             views.append(
@@ -908,7 +994,8 @@ class _Run:
                     augmented=v > 0 or not config.clean_first_view,
                     generator=self.generator,
                     progress=config.progress,
-                )
+                    indices=chosen,
+                )[0]
             )
             took = time.monotonic() - began
             left = None if self.budget_s is None else self.budget_s - self.elapsed()
@@ -916,8 +1003,10 @@ class _Run:
                 logger.warning("stage 2: %d feature view(s) only, for the time budget", v + 1)
                 break
         train_x = torch.cat(views)
-        train_y = torch.from_numpy(np.tile(train_bank.labels, len(views)).astype(np.float32))
-        val_x = _features(
+        train_y = torch.from_numpy(
+            np.tile(train_bank.labels[chosen], len(views)).astype(np.float32)
+        )
+        val_x, val_prob = _features(
             network,
             val_bank,
             config,
@@ -925,7 +1014,10 @@ class _Run:
             augmented=False,
             generator=self.generator,
             progress=False,
+            keep_probability=True,
         )
+        assert val_prob is not None
+        self.val_probability = val_prob
         val_y = torch.from_numpy(val_bank.labels.astype(np.float32))
         head = network.classifier
         for p in head.parameters():
@@ -971,6 +1063,81 @@ class _Run:
         head.load_state_dict(best_head)
         network.eval()
         return epochs_done, val_x
+
+
+#: Lesion rules tried on the validation cases at the end of training: voxel thresholds, peak
+#: probabilities (``None``: no peak rule) and minimum volumes (mm³; 65 mm³ is a 5 mm sphere).
+LESION_THRESHOLDS = (0.5, 0.7, 0.85)
+LESION_PEAKS: tuple[float | None, ...] = (None, 0.9, 0.95, 0.98)
+LESION_MIN_VOLUMES_MM3 = (10.0, 30.0, 65.0)
+#: The chosen rule may leave at most this many false-positive lesions per tumour-free
+#: validation case; among those that do, the best mean Dice of tumours >= 6 mm wins.
+LESION_FP_LIMIT = 0.25
+
+
+def _lesion_operating_point(
+    val_bank: SliceBank, val_probability: npt.NDArray[np.uint8]
+) -> tuple[LesionRule, dict[str, float]]:
+    """The lesion rule (threshold, peak, minimum volume) chosen on the validation cases.
+
+    Every case's slices, on the model grid, go through :func:`find_lesions` under each rule of
+    :data:`LESION_THRESHOLDS` x :data:`LESION_PEAKS` x :data:`LESION_MIN_VOLUMES_MM3` and are
+    scored as ``dicom-node evaluate`` scores them. The rule with the best mean Dice of tumours
+    of at least 6 mm among those within :data:`LESION_FP_LIMIT` false positives per tumour-free
+    case is chosen (the fewest false positives when none is).
+    """
+    cases = []
+    for k, case_id in enumerate(val_bank.case_ids):
+        rows = val_bank.case_index == k
+        z, y, x = (float(v) for v in val_bank.spacing_zyx[k])
+        case = Case(
+            case_id=case_id,
+            patient_id=case_id,
+            hu=val_bank.hu[rows],
+            tumour_mask=val_bank.masks[rows],
+            spacing_mm=(z, y, x),
+        )
+        cases.append((case, val_probability[rows].astype(np.float32) / 255.0))
+    tried: list[tuple[LesionRule, float, float, float]] = []
+    for threshold in LESION_THRESHOLDS:
+        for peak in LESION_PEAKS:
+            if peak is not None and peak <= threshold:
+                continue
+            for volume in LESION_MIN_VOLUMES_MM3:
+                rule = LesionRule(threshold=threshold, min_volume_mm3=volume, min_peak=peak)
+                outcomes = [
+                    score_case(case, prob, np.zeros(prob.shape[0], np.float32), 0.0, rule=rule)
+                    for case, prob in cases
+                ]
+                large = [
+                    les for o in outcomes for les in o.lesions if les.diameter_mm >= LARGE_LESION_MM
+                ]
+                free = [o for o in outcomes if not o.study_truth]
+                dice = float(np.mean([les.dice for les in large])) if large else 0.0
+                found = float(np.mean([les.detected for les in large])) if large else 0.0
+                fp = float(np.mean([o.false_positive_lesions for o in free])) if free else 0.0
+                tried.append((rule, dice, fp, found))
+    within = [t for t in tried if t[2] <= LESION_FP_LIMIT]
+    if within:
+        best = max(within, key=lambda t: (t[1], -t[2]))
+    else:
+        best = min(tried, key=lambda t: (t[2], -t[1]))
+    rule, dice, fp, found = best
+    logger.info(
+        "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3: validation Dice (>= 6 mm) "
+        "%.3f, detection %.3f, %.2f false positives per tumour-free case",
+        rule.threshold,
+        "none" if rule.min_peak is None else f"{rule.min_peak:.2f}",
+        rule.min_volume_mm3,
+        dice,
+        found,
+        fp,
+    )
+    return rule, {
+        "val_lesion_dice_ge_6mm": dice,
+        "val_detection_sensitivity_ge_6mm": found,
+        "val_fp_lesions_per_tumour_free_study": fp,
+    }
 
 
 def _operating_points(
@@ -1076,8 +1243,10 @@ def train(
     image_threshold, study_threshold, figures = _operating_points(
         run.network, val_x, val_bank, top_k=config.top_k
     )
+    rule, lesion_figures = _lesion_operating_point(val_bank, run.val_probability)
     validation = {
         **figures,
+        **lesion_figures,
         "val_dice_slices": seg_dice,
         "val_seg_threshold": seg_threshold,
         "seg_steps": float(run.step),
@@ -1095,7 +1264,11 @@ def train(
     card = make_card(
         config,
         thresholds=Thresholds(
-            segmentation=seg_threshold, image=image_threshold, study=study_threshold
+            segmentation=rule.threshold,
+            image=image_threshold,
+            study=study_threshold,
+            lesion_peak=rule.min_peak,
+            lesion_min_volume_mm3=rule.min_volume_mm3,
         ),
         metrics=validation,
         training_data=training_data
@@ -1204,6 +1377,7 @@ def run_from_args(args: Any) -> int:
         shape_zyx=tuple(args.phantom_shape),
         shift=args.shift,
         tumour_probability=args.tumour_probability,
+        widen=args.widen,
     )
     dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
     work_dir: Path = args.work_dir or args.output.with_name(args.output.name + "-work")
@@ -1222,7 +1396,7 @@ def run_from_args(args: Any) -> int:
             split_path,
             patients={c: dataset.patient_id(c) for c in dataset.case_ids()},
         )
-    arch = Architecture(encoder=args.encoder)
+    arch = Architecture(encoder=args.encoder, mlp_pooling=args.mlp_pooling)
     if args.encoder != "resnet50":
         logger.warning("encoder %s: the product model is resnet50", args.encoder)
     config = TrainConfig(
@@ -1237,6 +1411,7 @@ def run_from_args(args: Any) -> int:
         seed=args.seed,
         max_minutes=args.max_minutes,
         device=args.device,
+        precision=args.precision,
         threads=args.threads,
         encoder_weights=args.encoder_weights,
         name=args.name,

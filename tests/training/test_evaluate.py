@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.weights import load_model, save_model
-from dicom_node.config import LesionSettings
 from dicom_node.training.datasets import Case, PhantomDataset, PhantomSpec
 from dicom_node.training.evaluate import evaluate, score_case, write_evaluation
 from tests.analysis.lungct_tiny import make_card, make_network
@@ -32,8 +32,7 @@ def test_a_perfect_prediction_scores_dice_one_and_no_false_positives() -> None:
         prob,
         np.array([0, 0, 1, 1, 0, 0], dtype=np.float32),
         1.0,
-        threshold=0.5,
-        lesion_settings=LesionSettings(min_volume_mm3=10.0),
+        rule=LesionRule(threshold=0.5, min_volume_mm3=10.0),
     )
     assert out.volume_dice == 1.0
     assert len(out.lesions) == 1 and out.lesions[0].detected and out.lesions[0].dice == 1.0
@@ -53,13 +52,30 @@ def test_a_distant_blob_is_a_false_positive_and_a_tiny_one_is_ignored() -> None:
         prob,
         np.zeros(6, dtype=np.float32),
         0.1,
-        threshold=0.5,
-        lesion_settings=LesionSettings(min_volume_mm3=10.0),
+        rule=LesionRule(threshold=0.5, min_volume_mm3=10.0),
     )
     assert out.false_positive_lesions == 1
     assert out.predicted_lesions == 2
     assert out.lesions[0].detected
     assert out.lesions[0].dice == pytest.approx(2 * 36 / (72 + 36))
+
+
+def test_a_lesion_without_a_confident_voxel_is_not_reported() -> None:
+    """With a peak rule, a component whose highest probability stays below it is dropped."""
+    case = _case()
+    prob = np.zeros(case.hu.shape, dtype=np.float32)
+    prob[2:4, 10:13, 10:16] = 0.95  # on the tumour, confident
+    prob[0:3, 25:30, 25:30] = 0.6  # elsewhere, above the threshold but never confident
+    out = score_case(
+        case,
+        prob,
+        np.zeros(6, dtype=np.float32),
+        0.1,
+        rule=LesionRule(threshold=0.5, min_volume_mm3=10.0, min_peak=0.9),
+    )
+    assert out.predicted_lesions == 1
+    assert out.false_positive_lesions == 0
+    assert out.lesions[0].detected
 
 
 def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
