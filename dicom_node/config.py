@@ -243,8 +243,12 @@ class JobSettings(_Section):
     retry_max_seconds: Seconds = 900.0
     #: How often the worker and the completion scan look for work.
     poll_seconds: Seconds = 1.0
-    #: A job running longer than this counts as hung (the watchdog stops being pinged).
+    #: A job running longer than this is hung: with ``isolate`` its process is killed and the
+    #: job retried; without, the watchdog stops being pinged.
     job_timeout_seconds: Seconds = 3600.0
+    #: Run the analysis in a child process of its own (the model lives there), so that a hung
+    #: job can be killed without stopping the node.
+    isolate: bool = True
 
 
 def _check_device(value: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -194,6 +195,9 @@ class Node:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.dispatcher.join(max(0.0, deadline - time.monotonic()))
+        close = getattr(self.worker.pipeline, "close", None)
+        if close is not None:
+            close()
         if any(t.is_alive() for t in self._threads):
             logger.warning("a job is still running; it is parked and resumes at the next start")
         else:
@@ -241,9 +245,18 @@ def default_pipeline(config: Config) -> StudyPipeline:
     if config.model.path is None:
         logger.warning("receive-only mode: no model configured; jobs only inventory studies")
         return InventoryPipeline()
-    from dicom_node.analysis.pipeline import AnalysisPipeline
+    from dicom_node.analysis.pipeline import AnalysisPipeline, record_metrics
 
-    return AnalysisPipeline(config)
+    if not config.jobs.isolate:
+        return AnalysisPipeline(config)
+    from dicom_node.isolation import IsolatedPipeline
+
+    return IsolatedPipeline(
+        functools.partial(AnalysisPipeline, config),
+        timeout_seconds=config.jobs.job_timeout_seconds,
+        logging_settings=config.logging,
+        on_result=record_metrics,
+    )
 
 
 def _lock_data_dir(data: Path) -> int:

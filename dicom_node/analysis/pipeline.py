@@ -45,6 +45,20 @@ def resolve_model_path(path: Path) -> Path:
     return shipped if shipped.exists() else path
 
 
+def record_metrics(result: StudyResult) -> None:
+    """Stage timings and the inference rate of a job's result, into the node's metrics.
+
+    Read from the result's summary, so that a result made in the analysis process
+    (:mod:`dicom_node.isolation`) is counted in the parent's registry.
+    """
+    for series in result.summary.get("series", ()):
+        seconds: dict[str, float] = series.get("seconds", {})
+        for stage, secs in seconds.items():
+            STAGE_SECONDS.labels(stage).observe(secs)
+        if seconds.get("model", 0.0) > 0:
+            INFERENCE_RATE.set(series["slices"] / seconds["model"])
+
+
 @dataclass(frozen=True)
 class SeriesFindings:
     """What the model found in one analysed series."""
@@ -119,7 +133,9 @@ class AnalysisPipeline:
             [i.path for i in study.instances], out_dir=study.work_dir, job_version=study.version
         )
         outputs = tuple(p for f in findings for p in f.outputs)
-        return StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
+        result = StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
+        record_metrics(result)
+        return result
 
     def analyse(
         self,
@@ -222,10 +238,6 @@ class AnalysisPipeline:
         seconds["sr"] = files.sr_seconds + files.read_seconds
         seconds["results_total"] = time.perf_counter() - t
         outputs = tuple(p for p in (files.seg, files.sr) if p is not None)
-        for stage, secs in seconds.items():
-            STAGE_SECONDS.labels(stage).observe(secs)
-        if seconds["model"] > 0:
-            INFERENCE_RATE.set(volume.hu.shape[0] / seconds["model"])
         findings = SeriesFindings(
             series_instance_uid=volume.series_instance_uid,
             label=candidate.label,

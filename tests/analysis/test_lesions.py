@@ -8,7 +8,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from dicom_node.analysis.lesions import convex_hull, find_lesions
+from dicom_node.analysis.lesions import LesionRule, convex_hull, find_lesions
+from dicom_node.analysis.weights import Thresholds
+from dicom_node.config import LesionSettings
 
 
 def _ball(
@@ -244,3 +246,40 @@ def test_convex_hull_of_a_square_with_inner_and_edge_points() -> None:
     )
     assert area == pytest.approx(4.0)  # positive: counter-clockwise in (first, second) axes
     assert len(convex_hull(np.array([[1.0, 1.0], [1.0, 1.0]]))) == 1
+
+
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_a_component_without_a_confident_voxel_is_dropped(as_uint8: bool) -> None:
+    """``min_peak``: the threshold draws outlines, the peak decides which are lesions."""
+    spacing = (1.0, 1.0, 1.0)
+    probability = np.zeros((20, 40, 40), dtype=np.float32)
+    probability[_ball(probability.shape, spacing, (10.0, 10.0, 10.0), 4.0)] = 0.6
+    probability[_ball(probability.shape, spacing, (10.0, 30.0, 30.0), 4.0)] = 0.6
+    probability[10, 30, 30] = 0.97  # the second one has a confident core
+    prob: npt.NDArray[np.float32] | npt.NDArray[np.uint8] = probability
+    if as_uint8:
+        prob = np.round(probability * 255).astype(np.uint8)
+    hu = np.zeros(probability.shape, dtype=np.int16)
+    both = find_lesions(prob, hu, spacing_mm=spacing, threshold=0.5)
+    assert len(both.lesions) == 2
+    one = find_lesions(prob, hu, spacing_mm=spacing, threshold=0.5, min_peak=0.9)
+    assert len(one.lesions) == 1 and one.dropped == 1
+    assert one.labels[10, 30, 30] == 1 and one.labels[10, 10, 10] == 0
+    assert set(np.unique(one.labels)) == {0, 1}
+
+
+def test_the_lesion_rule_takes_the_cards_values_unless_configured() -> None:
+    """Configured threshold, minimum volume and peak win; unset ones come from the card."""
+    card = Thresholds(segmentation=0.7, lesion_peak=0.95, lesion_min_volume_mm3=65.0)
+    rule = LesionRule.resolve(LesionSettings(), card)
+    assert (rule.threshold, rule.min_peak, rule.min_volume_mm3) == (0.7, 0.95, 65.0)
+    mine = LesionRule.resolve(
+        LesionSettings(threshold=0.4, min_volume_mm3=0.0, min_peak=0.5, max_lesions=3), card
+    )
+    assert (mine.threshold, mine.min_peak, mine.min_volume_mm3, mine.max_lesions) == (
+        0.4,
+        0.5,
+        0.0,
+        3,
+    )
+    assert LesionRule.resolve(LesionSettings(), Thresholds()).min_peak is None

@@ -115,3 +115,56 @@ def test_study_probability_rejects_bad_input(probs: list[float], top_k: int, fra
     """Empty input, k < 1 and values outside [0, 1] (NaN) raise ValueError."""
     with pytest.raises(ValueError, match=fragment):
         study_probability(probs, top_k=top_k)
+
+
+def _lesion_network() -> LungCTNet:
+    torch.manual_seed(0)
+    arch = Architecture(
+        encoder="resnet18",
+        decoder_channels=(64, 32, 16, 16, 8),
+        mlp_hidden=32,
+        mlp_pooling="lesion",
+    )
+    return LungCTNet(arch).eval()
+
+
+def test_lesion_pooling_reads_average_maximum_lesion_weighted_and_seg_figures() -> None:
+    """``lesion`` pooling: (average, maximum, seg-weighted average, peak, log-sum) of the maps."""
+    net = _lesion_network()
+    assert net.classifier.fc1.in_features == 3 * 512 + 2
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        features = net.encoder(x)
+        seg = net.segmentation_head(net.decoder(features))
+        _seg, cls = net(x)
+        pooled = net.classifier.pool(features[-1], seg)
+        deepest = features[-1]
+        prob = torch.sigmoid(seg)
+        weight = torch.nn.functional.adaptive_avg_pool2d(prob, (2, 2))
+        lesion = (deepest * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
+        expected = torch.cat(
+            [
+                deepest.mean(dim=(2, 3)),
+                deepest.amax(dim=(2, 3)),
+                lesion,
+                prob.amax(dim=(1, 2, 3))[:, None],
+                torch.log1p(prob.sum(dim=(1, 2, 3)))[:, None],
+            ],
+            dim=1,
+        )
+        torch.testing.assert_close(pooled, expected)
+        torch.testing.assert_close(cls, net.classifier.score(pooled))
+    with pytest.raises(ValueError, match="segmentation logits"):
+        net.classifier.pool(features[-1])
+
+
+def test_lesion_pooling_follows_the_segmentation() -> None:
+    """Two slices with equal features but different segmentation maps pool differently."""
+    net = _lesion_network()
+    features = torch.rand(2, 512, 2, 2)
+    seg = torch.full((2, 1, 64, 64), -10.0)
+    seg[1, 0, :16, :16] = 10.0  # a confident lesion in the top-left cell
+    with torch.inference_mode():
+        pooled = net.classifier.pool(features, seg)
+    assert pooled[0, -2] < 0.01 and pooled[1, -2] > 0.99
+    torch.testing.assert_close(pooled[1, 1024:1536], features[1, :, 0, 0], atol=1e-2, rtol=1e-2)

@@ -6,6 +6,7 @@ tests/conftest.py::tiny_model_dir). Every SEG and SR that arrives is checked wit
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,3 +233,68 @@ def test_kill_9_during_inference_and_during_sending(
         assert len(node.jobs()["jobs"]) == 1
     finally:
         pacs.stop()
+
+
+def _analysis_process(node_pid: int) -> int:
+    """The pid of the node's analysis child (``multiprocessing`` spawn), found in /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == node_pid and b"spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"node {node_pid} has no analysis process")
+
+
+def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    pacs: StoreSCP,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """P2: the analysis process is frozen (SIGSTOP) before a study arrives. The node keeps
+    receiving, kills the frozen process at jobs.job_timeout_seconds, retries the job in a
+    fresh one, and the PACS gets the results."""
+    import os
+    import signal
+    import time
+
+    node = _node(
+        node_factory,
+        tiny_model_dir,
+        pacs.port,
+        0.5,
+        jobs={"job_timeout_seconds": 8.0, "retry_base_seconds": 0.5, "retry_max_seconds": 1.0},
+    )
+    assert node.proc is not None
+    frozen = _analysis_process(node.proc.pid)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert storescu(phantom_series(seed=1), node.port).returncode == 0
+        node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "running", timeout=60)
+        # The job hangs; a second study is received meanwhile.
+        second = phantom_series(seed=2, tumour=False)
+        started = time.monotonic()
+        assert storescu(second, node.port).returncode == 0
+        assert time.monotonic() - started < 8.0
+        states = {j["id"]: j["state"] for j in node.jobs()["jobs"]}
+        assert "running" in states.values()
+        listing = node.wait_jobs(
+            lambda j: len(j["jobs"]) == 2 and all(x["state"] == "done" for x in j["jobs"]),
+            timeout=180,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    attempts = sorted(j["attempts"] for j in listing["jobs"])
+    assert attempts == [1, 2]  # the hung job ran twice, the other once
+    assert not Path(f"/proc/{frozen}").exists()  # killed and reaped
+    assert node.proc is not None and _analysis_process(node.proc.pid) != frozen
+    log = node.log_path.read_text(encoding="utf-8")
+    assert "ran past jobs.job_timeout_seconds" in log
+    classes = sorted(str(dcmread(p).SOPClassUID) for p in pacs.received())
+    assert classes.count(COMPREHENSIVE_3D_SR) == 2

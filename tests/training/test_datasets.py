@@ -25,7 +25,7 @@ from dicom_node.training.datasets import (
     split_cases,
     write_split,
 )
-from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
+from dicom_node.training.phantom import SiteDistribution, generate_phantom, write_phantom_dicom
 
 SMALL = (16, 64, 64)
 
@@ -204,3 +204,13 @@ def test_msd_loader_flips_ras_stored_volumes_to_increasing_lps(tmp_path: Path) -
     assert case.tumour_mask[1, -1, -1] == 1
     # The new first voxel is the old (x=3, y=2): 10 - 3 * 0.8, 20 - 2 * 0.7.
     assert case.origin_mm == pytest.approx((10.0 - 2.4, 20.0 - 1.4, 30.0))
+
+
+def test_widened_phantoms_use_the_widened_distribution() -> None:
+    """``widen`` applies :meth:`SiteDistribution.widened` after the shift and is described."""
+    spec = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, shift=0.5, widen=1.0)
+    dataset = PhantomDataset(spec)
+    assert dataset.distribution == SiteDistribution().shifted(0.5).widened(1.0)
+    assert "widened by 1" in spec.describe()
+    with pytest.raises(ValueError, match="widen"):
+        PhantomSpec(widen=-1.0)

@@ -308,3 +308,28 @@ def test_seed_181_generates() -> None:
     once raised ValueError in the fissure painter)."""
     phantom = generate_phantom(seed=181, shape_zyx=(32, 256, 256), tumour_probability=0.6)
     assert phantom.hu.shape == (32, 256, 256)
+
+
+def test_widened_distribution_covers_the_shifted_one() -> None:
+    """Domain randomisation: the widened ranges contain the default and the shifted ranges."""
+    base = SiteDistribution()
+    assert base.widened(0.0) == base
+    wide, shifted = base.widened(1.0), base.shifted(0.5)
+    for name in (
+        "fov_mm",
+        "slice_thickness_mm",
+        "kernel_sharpness",
+        "noise_sd_hu",
+        "hu_offset",
+        "hu_gain",
+        "kvp",
+        "patient_scale_mean",
+        "breath_depth_mean",
+    ):
+        lo, hi = getattr(wide, name)
+        for other in (base, shifted):
+            o_lo, o_hi = getattr(other, name)
+            assert lo <= o_lo and o_hi <= hi, name
+        assert hi - lo > getattr(base, name)[1] - getattr(base, name)[0], name
+    thickness = [wide.sample(seed).slice_thickness_mm for seed in range(60)]
+    assert min(thickness) < 0.625 or max(thickness) > 2.5  # draws beyond the default range

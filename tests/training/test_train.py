@@ -194,3 +194,84 @@ def test_a_spent_budget_ends_stage_one_and_still_trains_the_mlp(
     assert result.stopped_by == "time"
     assert result.seg_steps_done == 0
     assert result.cls_epochs_done >= 20
+
+
+def test_stage_two_reads_every_tumour_slice_and_a_sample_of_the_rest() -> None:
+    """Stage 2's slice cap keeps all slices with tumour and fills up with tumour-free ones."""
+    labels = np.zeros(100, dtype=bool)
+    labels[[3, 50, 51, 97]] = True
+    bank = train_module.SliceBank(
+        hu=np.zeros((100, 4, 4), np.int16),
+        masks=np.zeros((100, 4, 4), np.uint8),
+        labels=labels,
+        case_index=np.zeros(100, np.int64),
+        case_ids=("a",),
+        spacing_zyx=np.ones((1, 3)),
+    )
+    chosen = train_module._stage2_indices(bank, 10, np.random.default_rng(0))
+    assert chosen.size == 10 and set(np.flatnonzero(labels)) <= set(chosen.tolist())
+    assert np.all(np.diff(chosen) > 0)
+    everything = train_module._stage2_indices(bank, 1000, np.random.default_rng(0))
+    assert everything.tolist() == list(range(100))
+
+
+def test_precision_auto_follows_the_cpu() -> None:
+    """``auto`` is bf16 exactly where the CPU has bf16 instructions; fp32 and bf16 are forced."""
+    cpu = torch.device("cpu")
+    assert train_module._use_bf16(cpu, "auto") == train_module.cpu_has_bf16()
+    assert not train_module._use_bf16(cpu, "fp32")
+    assert train_module._use_bf16(cpu, "bf16")
+    flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    assert train_module.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None:
+    """On validation maps with a faint blob in a tumour-free case, a peak rule removes it."""
+    size, depth = 64, 16
+    hu = np.full((2 * depth, size, size), -800, np.int16)
+    masks = np.zeros((2 * depth, size, size), np.uint8)
+    zz, yy, xx = np.indices((depth, size, size))
+    ball = ((zz - 8) * 2.0) ** 2 + ((yy - 32) * 1.5) ** 2 + ((xx - 32) * 1.5) ** 2 <= 10.0**2
+    masks[:depth][ball] = 1
+    prob = np.zeros_like(masks)
+    prob[:depth][ball] = 250  # the tumour, found with confidence
+    faint = ((zz - 8) * 2.0) ** 2 + ((yy - 20) * 1.5) ** 2 + ((xx - 20) * 1.5) ** 2 <= 6.0**2
+    prob[depth:][faint] = 200  # tumour-free case: p = 0.78, never 0.9
+    bank = train_module.SliceBank(
+        hu=hu,
+        masks=masks,
+        labels=masks.reshape(2 * depth, -1).any(axis=1),
+        case_index=np.repeat(np.arange(2), depth),
+        case_ids=("with", "without"),
+        spacing_zyx=np.array([[2.0, 1.5, 1.5], [2.0, 1.5, 1.5]]),
+    )
+    rule, figures = train_module._lesion_operating_point(bank, prob)
+    assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
+    assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
+    assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
+    # The faint blob is 900 mm³ at p = 0.78: only a threshold or peak above it removes it.
+    assert rule.threshold > 0.78 or (rule.min_peak is not None and rule.min_peak > 0.78)
+
+
+def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """The product's pooling trains end to end; the card carries the chosen lesion rule."""
+    arch = Architecture(
+        encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), mlp_hidden=16, mlp_pooling="lesion"
+    )
+    split = split_cases(phantoms, val_fraction=0.25, seed=0)
+    result = train(
+        phantoms,
+        split,
+        config=_config(architecture=arch, cls_max_slices=20, precision="fp32"),
+        output=tmp_path / "model",
+        work_dir=tmp_path / "work",
+    )
+    loaded = load_model(tmp_path / "model")
+    assert loaded.card.architecture.mlp_pooling == "lesion"
+    thresholds = loaded.card.thresholds
+    assert thresholds.segmentation in train_module.LESION_THRESHOLDS
+    assert thresholds.lesion_peak in train_module.LESION_PEAKS
+    assert thresholds.lesion_min_volume_mm3 in train_module.LESION_MIN_VOLUMES_MM3
+    assert "val_fp_lesions_per_tumour_free_study" in result.validation

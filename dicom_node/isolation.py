@@ -1,0 +1,280 @@
+"""The analysis in a child process of its own, killed when a job runs past its time limit.
+
+A study pipeline that hangs (a stuck GPU driver, a deadlocked library, an endless loop on a
+pathological input) must not take the node with it. :class:`IsolatedPipeline` keeps the real
+pipeline, and the model it holds, in one long-lived child process started with ``spawn``; each
+job is sent to it over a pipe and the answer awaited for at most ``jobs.job_timeout_seconds``.
+Past that the child is killed (SIGKILL: a frozen process cannot ignore it, and the GPU memory it
+held is freed), a fresh one is started, and the job fails with :class:`JobTimeoutError`, so the
+worker retries it with backoff like any other failure. The receiver, the dispatcher and the
+health endpoint run in the parent and are never held up.
+
+The child ignores SIGINT and SIGTERM (the parent decides when it ends) and is killed by the
+kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
+orphan holding the GPU. Its log records go to the same stderr in the same format, with the
+job's context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from dicom_node.config import LoggingSettings
+from dicom_node.errors import PipelineError, StudySkipped
+from dicom_node.logs import log_context, setup_logging
+from dicom_node.pipeline import StudyInput, StudyPipeline, StudyResult
+
+logger = logging.getLogger(__name__)
+
+#: Linux prctl option: the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+class JobTimeoutError(PipelineError):
+    """The pipeline ran past ``jobs.job_timeout_seconds``; its process was killed."""
+
+
+class AnalysisStartError(PipelineError):
+    """The child process could not build its pipeline (the model did not load, ...)."""
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _child_main(
+    conn: Connection,
+    factory: Callable[[], StudyPipeline],
+    logging_settings: LoggingSettings | None,
+) -> None:
+    """The child: build the pipeline, say ready, then run jobs until told to stop."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if logging_settings is not None:
+        setup_logging(logging_settings)
+    try:
+        pipeline = factory()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        return
+    conn.send(("ready",))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent has gone
+            return
+        if message[0] != "run":
+            return
+        study, fields = message[1], message[2]
+        with log_context(**fields):
+            try:
+                result = pipeline(study)
+            except StudySkipped as exc:
+                conn.send(("skipped", str(exc)))
+            except Exception as exc:
+                logger.exception("analysis failed")
+                conn.send(("error", type(exc).__name__, str(exc)))
+            else:
+                conn.send(("ok", result))
+
+
+class IsolatedPipeline:
+    """A :class:`~dicom_node.pipeline.StudyPipeline` that runs another in a child process.
+
+    Parameters
+    ----------
+    factory
+        Builds the real pipeline in the child; it must be picklable (a module-level callable,
+        or a :func:`functools.partial` of one with picklable arguments).
+    timeout_seconds
+        Longest a job may take.
+    start_timeout_seconds
+        Longest the child may take to start and build its pipeline (load the model).
+    logging_settings
+        The node's logging settings, applied in the child (``None``: leave logging as is).
+    on_result
+        Called in the parent with each successful result (for metrics the child cannot
+        record in the parent's registry).
+
+    Raises
+    ------
+    AnalysisStartError
+        The child could not build the pipeline, or not within ``start_timeout_seconds``; raised
+        at construction so that a broken model stops the node at start.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], StudyPipeline],
+        *,
+        timeout_seconds: float,
+        start_timeout_seconds: float = 600.0,
+        logging_settings: LoggingSettings | None = None,
+        on_result: Callable[[StudyResult], None] = lambda _result: None,
+    ) -> None:
+        self._factory = factory
+        self._timeout = timeout_seconds
+        self._start_timeout = start_timeout_seconds
+        self._logging = logging_settings
+        self._on_result = on_result
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+        self._start()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        """The child is alive with its pipeline built."""
+        process = self._process
+        return process is not None and process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the current child (``None`` when there is none)."""
+        process = self._process
+        return None if process is None else process.pid
+
+    # ------------------------------------------------------------------ the call
+
+    def __call__(self, study: StudyInput, /) -> StudyResult:
+        with self._lock:
+            if not self.ready:
+                self._restart("the analysis process had ended")
+            conn = self._conn
+            if conn is None:
+                raise PipelineError("no analysis process (it did not restart, or the node stops)")
+            fields = {"job": study.job_id, "version": study.version}
+            try:
+                conn.send(("run", study, fields))
+            except (OSError, ValueError) as exc:
+                self._restart("the analysis process could not take the job")
+                raise PipelineError(f"analysis process unavailable ({exc})") from exc
+            try:
+                answered = conn.poll(self._timeout)
+            except (EOFError, OSError, ValueError):
+                answered = True  # closed under us (the node stops): recv() says how
+            if not answered:
+                pid = self.pid
+                self._restart(f"job {study.job_id} ran past {self._timeout:g} s")
+                raise JobTimeoutError(
+                    f"analysis ran past jobs.job_timeout_seconds ({self._timeout:g} s); "
+                    f"its process {pid} was killed"
+                )
+            try:
+                answer: tuple[Any, ...] = conn.recv()
+            except (EOFError, OSError, ValueError):
+                code = self._exit_code()
+                self._restart("the analysis process died")
+                raise PipelineError(f"analysis process died ({code})") from None
+        kind = answer[0]
+        if kind == "ok":
+            result: StudyResult = answer[1]
+            self._on_result(result)
+            return result
+        if kind == "skipped":
+            raise StudySkipped(answer[1])
+        raise PipelineError(f"{answer[1]}: {answer[2]}")
+
+    # ------------------------------------------------------------------ the child
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_child_main,
+            args=(child, self._factory, self._logging),
+            name="dicom-node-analysis",
+            daemon=True,
+        )
+        started = time.monotonic()
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        if not parent.poll(self._start_timeout):
+            self._kill()
+            raise AnalysisStartError(
+                f"the analysis process did not start within {self._start_timeout:g} s"
+            )
+        try:
+            answer = parent.recv()
+        except (EOFError, OSError):
+            code = self._exit_code()
+            self._kill()
+            raise AnalysisStartError(f"the analysis process died while starting ({code})") from None
+        if answer[0] != "ready":
+            self._kill()
+            raise AnalysisStartError(f"{answer[1]}: {answer[2]}")
+        logger.info("analysis process %d ready in %.1f s", process.pid, time.monotonic() - started)
+
+    def _restart(self, why: str) -> None:
+        self._kill()
+        if self._closed:
+            return
+        logger.warning("restarting the analysis process: %s", why)
+        try:
+            self._start()
+        except AnalysisStartError:
+            logger.exception("the analysis process did not restart; the next job tries again")
+
+    def _exit_code(self) -> str:
+        process = self._process
+        if process is None:
+            return "no process"
+        process.join(1.0)
+        code = process.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
+    def _kill(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(10.0)
+            with contextlib.suppress(ValueError):  # still running after SIGKILL (D state)
+                process.close()
+
+    def close(self) -> None:
+        """End the child (the node calls this when it stops).
+
+        An idle child is asked to end; one still running a job past the node's drain time is
+        killed, and that job is retried at the next start.
+        """
+        self._closed = True
+        if self._lock.acquire(timeout=0.5):
+            try:
+                conn, process = self._conn, self._process
+                if conn is not None and process is not None and process.is_alive():
+                    with contextlib.suppress(OSError, ValueError):
+                        conn.send(("stop",))
+                    process.join(5.0)
+                self._kill()
+            finally:
+                self._lock.release()
+        else:
+            self._kill()

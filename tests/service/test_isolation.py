@@ -1,0 +1,106 @@
+"""The analysis process: a hung job is killed after its time limit, the next job runs (P2)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import PipelineError, StudySkipped
+from dicom_node.isolation import AnalysisStartError, IsolatedPipeline, JobTimeoutError
+from dicom_node.pipeline import StudyInput, StudyResult
+from tests.service.isolation_doubles import Behaving, broken
+
+
+def _study(job_id: int, tmp_path: Path) -> StudyInput:
+    return StudyInput(job_id=job_id, study_uid="1.2.3", version=1, instances=(), work_dir=tmp_path)
+
+
+@pytest.fixture
+def isolated() -> Iterator[IsolatedPipeline]:
+    seen: list[StudyResult] = []
+    pipeline = IsolatedPipeline(
+        functools.partial(Behaving), timeout_seconds=2.0, on_result=seen.append
+    )
+    pipeline.seen = seen  # type: ignore[attr-defined]
+    yield pipeline
+    pipeline.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        return handle.read().split()[2] != "Z"
+
+
+def test_results_come_from_a_child_process_that_keeps_its_state(
+    isolated: IsolatedPipeline, tmp_path: Path
+) -> None:
+    """Jobs run in one long-lived child (the model stays loaded): its pid, its call count."""
+    first = isolated(_study(10, tmp_path))
+    second = isolated(_study(11, tmp_path))
+    assert first.summary["pid"] == second.summary["pid"] == isolated.pid != os.getpid()
+    assert (first.summary["calls"], second.summary["calls"]) == (1, 2)
+    assert first.outputs == (tmp_path / "out.dcm",)
+    assert isolated.seen == [first, second]  # type: ignore[attr-defined]
+    assert isolated.ready
+
+
+def test_a_hung_job_is_killed_after_its_timeout_and_the_next_job_runs(
+    isolated: IsolatedPipeline, tmp_path: Path
+) -> None:
+    """P2: the hung child is killed at the limit; a fresh child takes the next job."""
+    hung_pid = isolated.pid
+    assert hung_pid is not None
+    started = time.monotonic()
+    with pytest.raises(JobTimeoutError, match="job_timeout_seconds"):
+        isolated(_study(1, tmp_path))
+    waited = time.monotonic() - started
+    assert 2.0 <= waited < 30.0
+    assert not _alive(hung_pid)
+    assert isolated.ready and isolated.pid != hung_pid
+    result = isolated(_study(12, tmp_path))
+    assert result.summary["pid"] == isolated.pid and result.summary["calls"] == 1
+
+
+def test_a_child_that_dies_fails_the_job_and_is_replaced(
+    isolated: IsolatedPipeline, tmp_path: Path
+) -> None:
+    """A crash of the analysis process (here: exit status 3) fails the job, not the node."""
+    with pytest.raises(PipelineError, match="exit status 3"):
+        isolated(_study(2, tmp_path))
+    assert isolated(_study(13, tmp_path)).summary["calls"] == 1
+
+
+def test_skips_and_errors_keep_their_meaning(isolated: IsolatedPipeline, tmp_path: Path) -> None:
+    """StudySkipped stays a skip; other exceptions become PipelineError naming their type."""
+    pid = isolated.pid
+    with pytest.raises(StudySkipped, match="no CT series"):
+        isolated(_study(3, tmp_path))
+    with pytest.raises(PipelineError, match="PipelineError: model output contains NaN"):
+        isolated(_study(4, tmp_path))
+    assert isolated.pid == pid  # the child survives ordinary failures
+
+
+def test_a_model_that_does_not_load_stops_the_start() -> None:
+    """The child's build error reaches the constructor, so a broken model stops the node."""
+    with pytest.raises(AnalysisStartError, match=r"ModelError: weights\.safetensors"):
+        IsolatedPipeline(broken, timeout_seconds=30.0)
+
+
+def test_close_ends_the_child(tmp_path: Path) -> None:
+    """close() ends an idle child; the pipeline is no longer ready."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    pid = pipeline.pid
+    assert pid is not None and _alive(pid)
+    pipeline.close()
+    assert not pipeline.ready and not _alive(pid)
+    with pytest.raises(PipelineError):
+        pipeline(_study(10, tmp_path))
