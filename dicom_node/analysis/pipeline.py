@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
 from dicom_node.config import Config
@@ -29,7 +31,7 @@ from dicom_node.results.writer import write_results
 from dicom_node.study.coverage import lung_coverage
 from dicom_node.study.headers import read_headers
 from dicom_node.study.selection import SeriesCandidate, select_series
-from dicom_node.study.volume import load_volume
+from dicom_node.study.volume import CTVolume, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,24 @@ def resolve_model_path(path: Path) -> Path:
         return path
     shipped = PROJECT_ROOT / path
     return shipped if shipped.exists() else path
+
+
+def field_of_view_centre_x_mm(volume: CTVolume) -> float:
+    """LPS x (mm) of the centre of the volume's field of view, mean of first and last slice.
+
+    The SR's laterality is decided against it; computed from the volume's geometry, so it
+    serves single-frame series and Enhanced CT alike.
+    """
+    depth, rows, columns = volume.hu.shape
+    dz, dy, dx = volume.spacing_mm
+    direction = np.asarray(volume.direction, dtype=np.float64)
+    first = (
+        np.asarray(volume.origin_mm, dtype=np.float64)
+        + direction[:, 0] * (columns - 1) / 2.0 * dx
+        + direction[:, 1] * (rows - 1) / 2.0 * dy
+    )
+    last = first + direction[:, 2] * (depth - 1) * dz
+    return float((first[0] + last[0]) / 2.0)
 
 
 def record_metrics(result: StudyResult) -> None:
@@ -233,6 +253,8 @@ class AnalysisPipeline:
             uid_root=self.config.uid_root,
             out_dir=out_dir,
             image_probabilities=[float(p) for p in result.image_probabilities],
+            frame_numbers=volume.frame_numbers,
+            midline_x_mm=field_of_view_centre_x_mm(volume),
         )
         seconds["seg"] = files.seg_seconds
         seconds["sr"] = files.sr_seconds + files.read_seconds

@@ -159,10 +159,33 @@ def _content_planes(
     return planes[keep], renumbered[keep]
 
 
-def _plane_position(header: Dataset) -> hd.PlanePositionSequence:
+def is_multiframe_source(headers: Sequence[Dataset], frame_numbers: Sequence[int] | None) -> bool:
+    """Whether the slices are frames of multi-frame images (Enhanced CT), not one image each."""
+    if frame_numbers is None or len(frame_numbers) != len(headers):
+        return False
+    return len({str(ds.SOPInstanceUID) for ds in headers}) < len(headers)
+
+
+def unique_images(headers: Sequence[Dataset]) -> list[Dataset]:
+    """Each image once, in the order of first appearance."""
+    seen: dict[str, Dataset] = {}
+    for ds in headers:
+        seen.setdefault(str(ds.SOPInstanceUID), ds)
+    return list(seen.values())
+
+
+def frame_position(header: Dataset, frame_number: int | None) -> list[float]:
+    """Image Position (Patient) of an image, or of one frame of a multi-frame image."""
+    if frame_number is not None and "PerFrameFunctionalGroupsSequence" in header:
+        group = header.PerFrameFunctionalGroupsSequence[frame_number - 1]
+        return [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+    return [float(v) for v in header.ImagePositionPatient]
+
+
+def _plane_position(header: Dataset, frame_number: int | None = None) -> hd.PlanePositionSequence:
     return hd.PlanePositionSequence(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        image_position=[float(v) for v in header.ImagePositionPatient],
+        image_position=frame_position(header, frame_number),
     )
 
 
@@ -172,7 +195,7 @@ def _write_fractional_frames(
     labels: npt.NDArray[np.integer],
     probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8],
     segments: Sequence[SegmentedLesion],
-    slice_of: dict[str, int],
+    slice_of: dict[tuple[str, int | None], int],
 ) -> None:
     """Replace the 0/255 frames highdicom wrote with ``round(p * 255)`` over each lesion.
 
@@ -185,7 +208,12 @@ def _write_fractional_frames(
     for frame in seg.PerFrameFunctionalGroupsSequence:
         number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         source = frame.DerivationImageSequence[0].SourceImageSequence[0]
-        z = slice_of[str(source.ReferencedSOPInstanceUID)]
+        referenced = source.get("ReferencedFrameNumber")
+        key = (
+            str(source.ReferencedSOPInstanceUID),
+            None if referenced is None else int(referenced),
+        )
+        z = slice_of[key]
         values = np.clip(np.rint(probability[z].astype(np.float32) * scale), 1, 255)
         chunks.append(np.where(labels[z] == label_of[number], values, 0).astype(np.uint8).tobytes())
     data = b"".join(chunks)
@@ -208,6 +236,7 @@ def build_segmentation(
     segmentation_type: SegmentationType = SegmentationType.BINARY,
     probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8] | None = None,
     max_segments: int = 20,
+    frame_numbers: Sequence[int] | None = None,
 ) -> hd.seg.Segmentation | None:
     """Build the Segmentation of one analysed series.
 
@@ -231,6 +260,9 @@ def build_segmentation(
         for FRACTIONAL, ignored for BINARY.
     max_segments
         At most this many segments.
+    frame_numbers
+        Each slice's frame number (1-based) when the slices are frames of a multi-frame image
+        (Enhanced CT; then ``source_images[k]`` is that image for each of its frames).
 
     Returns
     -------
@@ -269,9 +301,16 @@ def build_segmentation(
     if missing:
         raise ValueError(f"lesion labels {missing} do not occur in the label map")
 
-    headers = [source_header(ds) for ds in source_images]
+    multiframe = is_multiframe_source(source_images, frame_numbers)
+    completed = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
+    headers = [completed[str(ds.SOPInstanceUID)] for ds in source_images]
+    frames: list[int | None] = (
+        [int(f) for f in frame_numbers]
+        if multiframe and frame_numbers is not None
+        else [None] * len(headers)
+    )
     seg = hd.seg.Segmentation(
-        source_images=headers,
+        source_images=list(completed.values()),
         pixel_array=sub,
         segmentation_type=kind.value,
         segment_descriptions=[_segment_description(item, producer) for item in segments],
@@ -288,7 +327,7 @@ def build_segmentation(
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label=_CONTENT_LABEL,
         content_description="AI lung lesion segmentation, not verified by a clinician",
-        plane_positions=[_plane_position(headers[int(z)]) for z in planes],
+        plane_positions=[_plane_position(headers[int(z)], frames[int(z)]) for z in planes],
         omit_empty_frames=True,
         series_description=series_description,
         contributing_equipment=[producer.contributing_equipment()],
@@ -300,7 +339,7 @@ def build_segmentation(
             labels=labels,
             probability=probability,
             segments=segments,
-            slice_of={str(ds.SOPInstanceUID): k for k, ds in enumerate(headers)},
+            slice_of={(str(ds.SOPInstanceUID), frames[k]): k for k, ds in enumerate(headers)},
         )
     copy_identity(seg, headers[0])
     logger.debug(

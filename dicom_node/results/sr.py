@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import highdicom as hd
@@ -52,7 +52,7 @@ from pydicom.uid import UID
 from dicom_node.results import codes
 from dicom_node.results.codes import Laterality, StudyClassification
 from dicom_node.results.identity import Producer, ResultUIDs, copy_identity, source_header
-from dicom_node.results.seg import SegmentedLesion
+from dicom_node.results.seg import SegmentedLesion, is_multiframe_source, unique_images
 
 __all__ = [
     "SEGMENTATION_STORAGE",
@@ -140,6 +140,7 @@ def _lesion_group(
     item: SegmentedLesion,
     *,
     headers: Sequence[Dataset],
+    frames: Sequence[int | None],
     seg_instance_uid: str,
     producer: Producer,
     midline_x_mm: float,
@@ -196,13 +197,7 @@ def _lesion_group(
             sop_class_uid=SEGMENTATION_STORAGE,
             sop_instance_uid=seg_instance_uid,
             segment_number=item.segment_number,
-            source_images=[
-                hd.sr.SourceImageForSegmentation(
-                    referenced_sop_class_uid=headers[z].SOPClassUID,
-                    referenced_sop_instance_uid=headers[z].SOPInstanceUID,
-                )
-                for z in range(first, last + 1)
-            ],
+            source_images=_segmentation_sources(headers, frames, range(first, last + 1)),
         ),
         finding_type=codes.NEOPLASM,
         finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
@@ -212,9 +207,30 @@ def _lesion_group(
     )
 
 
+def _segmentation_sources(
+    headers: Sequence[Dataset], frames: Sequence[int | None], slices: Iterable[int]
+) -> list[hd.sr.SourceImageForSegmentation]:
+    """One reference per image of ``slices``; a multi-frame image's names its frames."""
+    by_image: dict[str, tuple[Dataset, list[int]]] = {}
+    for z in slices:
+        entry = by_image.setdefault(str(headers[z].SOPInstanceUID), (headers[z], []))
+        frame = frames[z]
+        if frame is not None:
+            entry[1].append(frame)
+    return [
+        hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            referenced_frame_numbers=numbers or None,
+        )
+        for ds, numbers in by_image.values()
+    ]
+
+
 def _study_group(
     *,
     headers: Sequence[Dataset],
+    frames: Sequence[int | None],
     uids: ResultUIDs,
     producer: Producer,
     lesion_count: int,
@@ -258,6 +274,9 @@ def _study_group(
                     hd.sr.SourceImageForMeasurement(
                         referenced_sop_class_uid=headers[top].SOPClassUID,
                         referenced_sop_instance_uid=headers[top].SOPInstanceUID,
+                        referenced_frame_numbers=(
+                            None if frames[top] is None else [int(frames[top] or 0)]
+                        ),
                     )
                 ],
             )
@@ -296,7 +315,10 @@ def _library_images(
     wanted = {min(max(0, item.lesion.axis_slice), len(headers) - 1) for item in segments}
     if image_probabilities is not None and len(image_probabilities) == len(headers):
         wanted.add(int(np.argmax(np.asarray(image_probabilities, dtype=np.float64))))
-    return [headers[z] for z in sorted(wanted)]
+    # highdicom describes single-frame images only (it reads Pixel Spacing and the plane from
+    # the top level); a multi-frame image stays out of the library and is in the evidence.
+    single = [headers[z] for z in sorted(wanted) if int(headers[z].get("NumberOfFrames") or 1) == 1]
+    return unique_images(single)
 
 
 def build_report(
@@ -313,6 +335,7 @@ def build_report(
     series_description: str,
     image_probabilities: Sequence[float] | None = None,
     midline_x_mm: float | None = None,
+    frame_numbers: Sequence[int] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of one analysed series.
 
@@ -340,6 +363,9 @@ def build_report(
         reported with a reference to its image.
     midline_x_mm
         LPS x of the patient's midline (mm), for laterality; default: the field-of-view centre.
+    frame_numbers
+        Each slice's frame number (1-based) when the slices are frames of a multi-frame image
+        (Enhanced CT); references then name the frames.
 
     Returns
     -------
@@ -361,7 +387,13 @@ def build_report(
         raise ValueError("the segmentation is not this job's (SOP Instance UID differs)")
     if lesion_count < len(segments):
         raise ValueError(f"lesion_count {lesion_count} is below the {len(segments)} segments")
-    headers = [source_header(ds) for ds in source_images]
+    completed = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
+    headers = [completed[str(ds.SOPInstanceUID)] for ds in source_images]
+    frames: list[int | None] = (
+        [int(f) for f in frame_numbers]
+        if frame_numbers is not None and is_multiframe_source(source_images, frame_numbers)
+        else [None] * len(headers)
+    )
     midline = field_of_view_centre_x(headers) if midline_x_mm is None else midline_x_mm
 
     groups: list[
@@ -370,6 +402,7 @@ def build_report(
     ] = [
         _study_group(
             headers=headers,
+            frames=frames,
             uids=uids,
             producer=producer,
             lesion_count=lesion_count,
@@ -382,6 +415,7 @@ def build_report(
         _lesion_group(
             item,
             headers=headers,
+            frames=frames,
             seg_instance_uid=uids.seg_instance,
             producer=producer,
             midline_x_mm=midline,
@@ -405,7 +439,7 @@ def build_report(
         title=codes.TITLE,
         referenced_images=_library_images(headers, segments, image_probabilities) or None,
     )
-    evidence: list[Dataset] = list(headers)
+    evidence: list[Dataset] = list(completed.values())
     if segmentation is not None:
         evidence.append(segmentation)
     sr = hd.sr.Comprehensive3DSR(

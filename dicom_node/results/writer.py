@@ -60,6 +60,9 @@ class ResultFiles:
 def read_headers(source_files: Sequence[Path]) -> list[Dataset]:
     """Read each file's header, stopping before the pixel data (in the order given).
 
+    A file named more than once (the frames of one multi-frame image) is read once; its entries
+    are the same dataset.
+
     Raises
     ------
     ValueError
@@ -69,9 +72,12 @@ def read_headers(source_files: Sequence[Path]) -> list[Dataset]:
     """
     if not source_files:
         raise ValueError("no source files")
-    headers: list[Dataset] = [
-        pydicom.dcmread(path, stop_before_pixels=True) for path in source_files
-    ]
+    read: dict[Path, Dataset] = {}
+    headers: list[Dataset] = []
+    for path in source_files:
+        if path not in read:
+            read[path] = pydicom.dcmread(path, stop_before_pixels=True)
+        headers.append(read[path])
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
     if len(series) != 1:
         raise ValueError(f"the source files belong to {len(series)} series, not one")
@@ -104,13 +110,18 @@ def write_results(
     out_dir: Path,
     image_probabilities: Sequence[float] | None = None,
     midline_x_mm: float | None = None,
+    frame_numbers: Sequence[int] | None = None,
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
 
     Parameters
     ----------
     source_files
-        The analysed series' files in slice order: ``source_files[k]`` is slice ``labels[k]``.
+        The analysed series' files in slice order: ``source_files[k]`` is slice ``labels[k]``
+        (the same file for every frame of a multi-frame image).
+    frame_numbers
+        Each slice's frame number (1-based) in its file; needed for multi-frame images
+        (Enhanced CT), ignored for single-frame ones.
     labels
         (z, y, x) uint16 label map: 0 background, ``lesion.label`` each lesion's voxels.
     probability
@@ -179,6 +190,7 @@ def write_results(
         segmentation_type=SegmentationType(settings.segmentation_type.upper()),
         probability=probability,
         max_segments=settings.max_segments,
+        frame_numbers=frame_numbers,
     )
     seg_path: Path | None = None
     if seg is not None:
@@ -201,6 +213,7 @@ def write_results(
         series_description=settings.sr_series_description,
         image_probabilities=image_probabilities,
         midline_x_mm=midline_x_mm,
+        frame_numbers=frame_numbers,
     )
     sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
     _save(sr, sr_path)
