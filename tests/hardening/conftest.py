@@ -180,6 +180,10 @@ def echo(node: NodeProcess, *, tls: ssl.SSLContext | None = None, calling: str =
         return status
 
 
+#: How far above its baseline the node's resident memory may be after a fault (MiB).
+MEMORY_SLACK_MIB = 150.0
+
+
 @dataclass
 class Baseline:
     """The node at rest: its threads, memory, and how to reach it."""
@@ -189,15 +193,21 @@ class Baseline:
     rss_mib: float
     tls: ssl.SSLContext | None = None
 
-    def check(self, *, settle: float = 10.0) -> None:
-        """The pass condition after a fault: the process is alive, C-ECHO answers, and every
-        association thread has ended (the thread count is back to the baseline)."""
+    def check(self, *, settle: float = 10.0, memory_mib: float = MEMORY_SLACK_MIB) -> None:
+        """The pass condition after a fault: the process is alive, C-ECHO answers, every
+        association thread has ended (the thread count is back to the baseline), and resident
+        memory is within ``memory_mib`` of the baseline (the allocator keeps some of what a
+        burst used; a leak per association or per instance would grow past it)."""
         assert self.node.proc is not None and self.node.proc.poll() is None, "node died"
         assert echo(self.node, tls=self.tls) == 0
         wait_for(
             lambda: threads(self.node) <= self.threads,
             timeout=settle,
             what=f"threads back to {self.threads} (now {threads(self.node)})",
+        )
+        now = rss_mib(self.node)
+        assert now < self.rss_mib + memory_mib, (
+            f"resident memory {now:.0f} MiB, {now - self.rss_mib:.0f} MiB above the baseline"
         )
 
 
