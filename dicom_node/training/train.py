@@ -1304,7 +1304,13 @@ def make_card(
         version=config.version,
         description=(
             f"{arch.encoder} U-Net (tumour segmentation) with an MLP on the pooled deepest "
-            f"encoder features (per-image cancer probability), trained in two stages on "
+            + (
+                "encoder features (global average, global maximum and segmentation-weighted "
+                "average, with the peak and log-sum of the segmentation probability) "
+                if arch.mlp_pooling == "lesion"
+                else "encoder features (global average) "
+            )
+            + f"(per-image cancer probability), trained in two stages on "
             f"{config.input_size}x{config.input_size} slices ({config.input_mode}"
             + (f", {config.pixel_spacing_mm} mm pixels" if config.input_mode == "spacing" else "")
             + f"); stage 1 ended by {stopped_by}. Research prototype: NOT FOR CLINICAL USE."
