@@ -298,3 +298,31 @@ def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
     assert "ran past jobs.job_timeout_seconds" in log
     classes = sorted(str(dcmread(p).SOPClassUID) for p in pacs.received())
     assert classes.count(COMPREHENSIVE_3D_SR) == 2
+
+
+def test_the_analysis_process_ends_with_the_node(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path, pacs: StoreSCP
+) -> None:
+    """H2/H5 for the analysis process: SIGTERM stops it with the node; after a kill -9 of the
+    node the kernel kills it too (no orphan keeps the model, or the GPU, busy)."""
+    import time
+
+    node = _node(node_factory, tiny_model_dir, pacs.port, 0.5)
+    assert node.proc is not None
+    child = _analysis_process(node.proc.pid)
+    assert node.terminate() == 0
+    assert not Path(f"/proc/{child}").exists()
+
+    node.start()
+    assert node.proc is not None
+    child = _analysis_process(node.proc.pid)
+    # Frozen, it cannot notice its parent is gone: only the kernel's death signal ends it.
+    os.kill(child, signal.SIGSTOP)
+    node.kill()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists():
+        status = Path(f"/proc/{child}/status").read_text(encoding="ascii", errors="replace")
+        if "State:\tZ" in status:  # dead, waiting for init to reap it
+            break
+        assert time.monotonic() < deadline, "the analysis process outlived the node"
+        time.sleep(0.05)
