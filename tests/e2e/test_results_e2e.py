@@ -7,6 +7,8 @@ tests/conftest.py::tiny_model_dir). Every SEG and SR that arrives is checked wit
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
