@@ -8,7 +8,13 @@ thread count. Prints instances/s, p50/p99 C-STORE latency, C-ECHO latency under 
 node's peak RSS and threads (and both at rest, after), and checks that every instance landed
 in the spool and the job store.
 
-    .venv/bin/python bench/load.py [--associations 10] [--images 200] [--size 512]
+    .venv/bin/python bench/load.py [--associations 10] [--images 200] [--size 512] [--busy]
+
+With ``--busy`` the node runs the shipped model, and the load is sent twice in the same run:
+first with the worker idle, then while the worker analyses a study (``--busy-slices`` CT
+slices sent just before); it prints both rates and their ratio against the target (receiving
+no more than 20 % slower while the worker is busy), and the analysis job's state at the start
+and the end of the second load.
 
 Files are sent as they are on disk (pynetdicom streams them without decoding), so the client
 costs little; on a 2-core machine client and node still share the CPUs.
@@ -112,23 +118,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="CT images per association")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of each image")
     parser.add_argument("--echo-every", type=float, default=0.5, help="seconds between C-ECHOs")
+    parser.add_argument("--busy", action="store_true", help="again while the worker analyses")
+    parser.add_argument("--busy-slices", type=int, default=400, help="slices of that study")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-load-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
-        rng = np.random.default_rng(0)
-        volume = rng.integers(-1000, 1500, (args.images, args.size, args.size), dtype=np.int16)
-        folders = []
-        for i in range(args.associations):
-            folder = work / f"series-{i:02d}"
-            write_ct_series(
-                volume,
-                folder,
-                spacing_mm=(1.0, 0.7, 0.7),
-                study=StudyIdentity.random(1000 + i),
-                series=SeriesSpec(series_number=1),
-            )
-            folders.append(folder)
+        folders = _write_series(work / "idle", args, first_study=1000)
         mib = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 2**20
         total = args.associations * args.images
         print(
@@ -136,92 +132,176 @@ def main() -> None:
             f" ({total} instances, {mib:.0f} MiB), C-ECHO every {args.echo_every} s"
         )
 
-        node = NodeProcess(
-            root=work / "node",
-            settings={
-                "node": {
-                    "max_associations": args.associations + 2,
-                    "acse_timeout_seconds": 5.0,
-                },
-                "study": {"stable_seconds": 600.0, "max_wait_seconds": 900.0},
-                "logging": {"level": "WARNING"},
-            },
-        ).start()
+        settings: dict[str, object] = {
+            "node": {"max_associations": args.associations + 3, "acse_timeout_seconds": 5.0},
+            "study": {"stable_seconds": 600.0, "max_wait_seconds": 900.0},
+            "logging": {"level": "WARNING"},
+        }
+        if args.busy:
+            # The load's own studies become jobs that are skipped at once (their series
+            # description is excluded); the one chest study keeps the worker busy (random HU:
+            # the lung check is off so that the model runs on it).
+            settings["model"] = {"path": "models/lung-ct-unet-resnet50"}
+            settings["study"] = {"stable_seconds": 2.0, "max_wait_seconds": 900.0}
+            settings["selection"] = {"description_exclude": ["^LOAD$"], "min_lung_fraction": 0.0}
+        node = NodeProcess(root=work / "node", settings=settings).start()
         try:
             assert node.proc is not None
-            pid = node.proc.pid
             time.sleep(5.5)  # the port probe's connection ends with the ACSE timeout
-            rest_threads = len(os.listdir(f"/proc/{pid}/task"))
-            rest_rss = _rss_mib(pid)
-            peaks = {"threads": float(rest_threads), "rss_mib": rest_rss}
-            # the senders are forked before any helper thread starts (a fork that copies a
-            # lock held by another thread deadlocks the child)
-            pool = multiprocessing.get_context("fork").Pool(args.associations)
-            stop = threading.Event()
-            echoes: list[float] = []
-            helpers = [
-                threading.Thread(target=_sample, args=(pid, stop, peaks), daemon=True),
-                threading.Thread(
-                    target=_echo_loop,
-                    args=(node.port, args.echo_every, stop, echoes),
-                    daemon=True,
-                ),
-            ]
-            for t in helpers:
-                t.start()
-            jobs = [(i, str(f), node.port) for i, f in enumerate(folders)]
+            idle = _round(node, folders, args, "worker idle")
+            if not args.busy:
+                return
+            busy_folders = _write_series(work / "busy", args, first_study=2000)
+            study = _write_series(
+                work / "study",
+                args,
+                first_study=3000,
+                count=1,
+                images=args.busy_slices,
+                description="CHEST",
+            )[0]
+            study_uid = StudyIdentity.random(3000).study_instance_uid
             started = time.perf_counter()
-            with pool:
-                results = pool.map(_send_series, jobs)
-            elapsed = time.perf_counter() - started
-            stop.set()
-            for t in helpers:
-                t.join(30)
-            time.sleep(1.0)
-            after_threads = len(os.listdir(f"/proc/{pid}/task"))
-            after_rss = _rss_mib(pid)
-
-            latencies = [x for lat, _, _ in results for x in lat]
-            statuses = [s for _, st, _ in results for s in st]
-            ok = sum(1 for s in statuses if s == 0)
-            with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
-                stored = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-            spooled = len(node.spooled())
-            print(f"wall time {elapsed:.1f} s: {total / elapsed:.0f} instances/s,"
-                  f" {mib / elapsed:.0f} MiB/s")  # fmt: skip
-            if latencies:
-                print(
-                    f"C-STORE latency: p50 {1000 * statistics.median(latencies):.1f} ms,"
-                    f" p99 {1000 * _pct(latencies, 0.99):.1f} ms,"
-                    f" max {1000 * max(latencies):.1f} ms"
-                )
-            per_assoc = [w for _, _, w in results if w]
-            if per_assoc:
-                print(f"association wall times: {min(per_assoc):.1f}-{max(per_assoc):.1f} s")
-            finite = [e for e in echoes if e != float("inf")]
+            if _send_series((99, str(study), node.port))[1].count(0) != args.busy_slices:
+                raise SystemExit("FAILED: the study for the worker was not accepted")
+            state = _wait_running(node, study_uid, timeout=120.0)
             print(
-                f"C-ECHO under load: {len(finite)}/{len(echoes)} answered"
-                + (
-                    f", p50 {1000 * statistics.median(finite):.0f} ms,"
-                    f" max {1000 * max(finite):.0f} ms"
-                    if finite
-                    else ""
-                )
+                f"\nworker busy: a {args.busy_slices}-slice study sent, job {state}"
+                f" {time.perf_counter() - started:.1f} s later"
             )
+            busy = _round(node, busy_folders, args, "worker busy")
+            print(f"analysis job at the end of the load: {_job_state(node, study_uid)}")
+            ratio = busy / idle
+            verdict = "within" if ratio >= 0.8 else "NOT within"
             print(
-                f"node threads: {rest_threads} at rest, peak {peaks['threads']:.0f},"
-                f" {after_threads} after"
+                f"receiving while the worker is busy: {busy:.0f} / {idle:.0f} instances/s"
+                f" = {ratio:.2f} of idle ({verdict} the 20 % target)"
             )
-            print(
-                f"node RSS: {rest_rss:.0f} MiB at rest, peak {peaks['rss_mib']:.0f} MiB,"
-                f" {after_rss:.0f} MiB after"
-            )
-            print(f"statuses: {ok}/{total} success; job store {stored}; spool {spooled}")
-            if not (ok == stored == spooled == total):
-                raise SystemExit("FAILED: not every instance landed")
-            print("every instance landed")
         finally:
             node.terminate()
+
+
+def _write_series(
+    root: Path,
+    args: argparse.Namespace,
+    *,
+    first_study: int,
+    count: int | None = None,
+    images: int | None = None,
+    description: str = "LOAD",
+) -> list[Path]:
+    """One CT series per association, each its own study (unique UIDs)."""
+    rng = np.random.default_rng(first_study)
+    n = images or args.images
+    volume = rng.integers(-1000, 1500, (n, args.size, args.size), dtype=np.int16)
+    folders = []
+    for i in range(args.associations if count is None else count):
+        folder = root / f"series-{i:02d}"
+        write_ct_series(
+            volume,
+            folder,
+            spacing_mm=(1.0, 0.7, 0.7),
+            study=StudyIdentity.random(first_study + i),
+            series=SeriesSpec(series_number=1, series_description=description),
+        )
+        folders.append(folder)
+    return folders
+
+
+def _job_state(node: NodeProcess, study_uid: str) -> str:
+    with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
+        row = db.execute(
+            "SELECT state FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT 1", (study_uid,)
+        ).fetchone()
+    return "none" if row is None else str(row[0])
+
+
+def _wait_running(node: NodeProcess, study_uid: str, *, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _job_state(node, study_uid)
+        if state == "running":
+            return state
+        time.sleep(0.1)
+    state = _job_state(node, study_uid)
+    raise SystemExit(f"FAILED: the analysis job did not start (state {state})")
+
+
+def _round(node: NodeProcess, folders: list[Path], args: argparse.Namespace, label: str) -> float:
+    """Send every folder at once, one association each; print the figures; instances/s."""
+    assert node.proc is not None
+    pid = node.proc.pid
+    with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
+        before = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    spooled_before = len(node.spooled())
+    mib = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 2**20
+    total = len(folders) * args.images
+    rest_threads = len(os.listdir(f"/proc/{pid}/task"))
+    rest_rss = _rss_mib(pid)
+    peaks = {"threads": float(rest_threads), "rss_mib": rest_rss}
+    # the senders are forked before any helper thread starts (a fork that copies a
+    # lock held by another thread deadlocks the child)
+    pool = multiprocessing.get_context("fork").Pool(len(folders))
+    stop = threading.Event()
+    echoes: list[float] = []
+    helpers = [
+        threading.Thread(target=_sample, args=(pid, stop, peaks), daemon=True),
+        threading.Thread(
+            target=_echo_loop, args=(node.port, args.echo_every, stop, echoes), daemon=True
+        ),
+    ]
+    for t in helpers:
+        t.start()
+    jobs = [(i, str(f), node.port) for i, f in enumerate(folders)]
+    started = time.perf_counter()
+    with pool:
+        results = pool.map(_send_series, jobs)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    for t in helpers:
+        t.join(30)
+    time.sleep(1.0)
+    after_threads = len(os.listdir(f"/proc/{pid}/task"))
+    after_rss = _rss_mib(pid)
+
+    latencies = [x for lat, _, _ in results for x in lat]
+    statuses = [s for _, st, _ in results for s in st]
+    ok = sum(1 for s in statuses if s == 0)
+    with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
+        stored = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] - before
+    spooled = len(node.spooled()) - spooled_before
+    rate = total / elapsed
+    print(f"[{label}] wall time {elapsed:.1f} s: {rate:.0f} instances/s, {mib / elapsed:.0f} MiB/s")
+    if latencies:
+        print(
+            f"C-STORE latency: p50 {1000 * statistics.median(latencies):.1f} ms,"
+            f" p99 {1000 * _pct(latencies, 0.99):.1f} ms,"
+            f" max {1000 * max(latencies):.1f} ms"
+        )
+    per_assoc = [w for _, _, w in results if w]
+    if per_assoc:
+        print(f"association wall times: {min(per_assoc):.1f}-{max(per_assoc):.1f} s")
+    finite = [e for e in echoes if e != float("inf")]
+    print(
+        f"C-ECHO under load: {len(finite)}/{len(echoes)} answered"
+        + (
+            f", p50 {1000 * statistics.median(finite):.0f} ms, max {1000 * max(finite):.0f} ms"
+            if finite
+            else ""
+        )
+    )
+    print(
+        f"node threads: {rest_threads} at rest, peak {peaks['threads']:.0f}, {after_threads} after"
+    )
+    print(
+        f"node RSS: {rest_rss:.0f} MiB at rest, peak {peaks['rss_mib']:.0f} MiB,"
+        f" {after_rss:.0f} MiB after"
+    )
+    print(f"statuses: {ok}/{total} success; job store {stored}; spool {spooled}")
+    if not (ok == stored == spooled == total):
+        raise SystemExit("FAILED: not every instance landed")
+    print("every instance landed")
+    return rate
 
 
 if __name__ == "__main__":

@@ -249,6 +249,9 @@ class JobSettings(_Section):
     #: Run the analysis in a child process of its own (the model lives there), so that a hung
     #: job can be killed without stopping the node.
     isolate: bool = True
+    #: Niceness of that process (0-19): receiving, which a PACS waits on, goes first when the
+    #: CPUs are busy; the GPU's work is not affected.
+    analysis_nice: Annotated[int, Field(ge=0, le=19)] = 10
 
 
 def _check_device(value: str) -> str:

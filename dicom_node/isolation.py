@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -61,9 +62,12 @@ def _child_main(
     conn: Connection,
     factory: Callable[[], StudyPipeline],
     logging_settings: LoggingSettings | None,
+    nice: int = 0,
 ) -> None:
     """The child: build the pipeline, say ready, then run jobs until told to stop."""
     _die_with_parent()
+    if nice:
+        os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if logging_settings is not None:
@@ -108,6 +112,8 @@ class IsolatedPipeline:
         Longest the child may take to start and build its pipeline (load the model).
     logging_settings
         The node's logging settings, applied in the child (``None``: leave logging as is).
+    nice
+        Niceness added to the child's (the receiver keeps the CPUs first).
     on_result
         Called in the parent with each successful result (for metrics the child cannot
         record in the parent's registry).
@@ -126,12 +132,14 @@ class IsolatedPipeline:
         timeout_seconds: float,
         start_timeout_seconds: float = 600.0,
         logging_settings: LoggingSettings | None = None,
+        nice: int = 0,
         on_result: Callable[[StudyResult], None] = lambda _result: None,
     ) -> None:
         self._factory = factory
         self._timeout = timeout_seconds
         self._start_timeout = start_timeout_seconds
         self._logging = logging_settings
+        self._nice = nice
         self._on_result = on_result
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -201,7 +209,7 @@ class IsolatedPipeline:
         parent, child = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main,
-            args=(child, self._factory, self._logging),
+            args=(child, self._factory, self._logging, self._nice),
             name="dicom-node-analysis",
             daemon=True,
         )

@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from dicom_node.pipeline import StudyResult
     from dicom_node.store.jobs import JobStore
     from dicom_node.store.outbox import Outbox
 
@@ -106,3 +107,17 @@ class StoreCollector(Collector):
             "Deliveries dead-lettered",
             value=sum(n for (_, state), n in tally.items() if state == "dead"),
         )
+
+
+def record_metrics(result: StudyResult) -> None:
+    """Stage timings and the inference rate of a job's result, into the node's metrics.
+
+    Read from the result's summary, so that a result made in the analysis process
+    (:mod:`dicom_node.isolation`) is counted in the parent's registry.
+    """
+    for series in result.summary.get("series", ()):
+        seconds: dict[str, float] = series.get("seconds", {})
+        for stage, secs in seconds.items():
+            STAGE_SECONDS.labels(stage).observe(secs)
+        if seconds.get("model", 0.0) > 0:
+            INFERENCE_RATE.set(series["slices"] / seconds["model"])

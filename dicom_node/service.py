@@ -25,7 +25,7 @@ from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.dispatch.routing import destinations_for
 from dicom_node.errors import NodeError
 from dicom_node.health import HealthServer
-from dicom_node.metrics import FREE_DISK, REGISTRY, StoreCollector
+from dicom_node.metrics import FREE_DISK, REGISTRY, StoreCollector, record_metrics
 from dicom_node.notify import Notifier
 from dicom_node.pipeline import InventoryPipeline, StudyPipeline
 from dicom_node.receive.scp import Receiver
@@ -240,21 +240,28 @@ class Node:
         return 0
 
 
+def analysis_pipeline(config: Config) -> StudyPipeline:
+    """The model's analysis, loading the model now (imports torch)."""
+    from dicom_node.analysis.pipeline import AnalysisPipeline
+
+    return AnalysisPipeline(config)
+
+
 def default_pipeline(config: Config) -> StudyPipeline:
     """The model's analysis (loading the model now), or the inventory in receive-only mode."""
     if config.model.path is None:
         logger.warning("receive-only mode: no model configured; jobs only inventory studies")
         return InventoryPipeline()
-    from dicom_node.analysis.pipeline import AnalysisPipeline, record_metrics
-
     if not config.jobs.isolate:
-        return AnalysisPipeline(config)
+        return analysis_pipeline(config)
     from dicom_node.isolation import IsolatedPipeline
 
+    # The receiving process never imports torch: the model lives in the analysis process.
     return IsolatedPipeline(
-        functools.partial(AnalysisPipeline, config),
+        functools.partial(analysis_pipeline, config),
         timeout_seconds=config.jobs.job_timeout_seconds,
         logging_settings=config.logging,
+        nice=config.jobs.analysis_nice,
         on_result=record_metrics,
     )
 

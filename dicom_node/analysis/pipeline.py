@@ -25,7 +25,7 @@ from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
 from dicom_node.config import Config
 from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
-from dicom_node.metrics import INFERENCE_RATE, STAGE_SECONDS
+from dicom_node.metrics import record_metrics
 from dicom_node.pipeline import StudyInput, StudyResult
 from dicom_node.results.writer import write_results
 from dicom_node.study.coverage import lung_coverage
@@ -63,20 +63,6 @@ def field_of_view_centre_x_mm(volume: CTVolume) -> float:
     )
     last = first + direction[:, 2] * (depth - 1) * dz
     return float((first[0] + last[0]) / 2.0)
-
-
-def record_metrics(result: StudyResult) -> None:
-    """Stage timings and the inference rate of a job's result, into the node's metrics.
-
-    Read from the result's summary, so that a result made in the analysis process
-    (:mod:`dicom_node.isolation`) is counted in the parent's registry.
-    """
-    for series in result.summary.get("series", ()):
-        seconds: dict[str, float] = series.get("seconds", {})
-        for stage, secs in seconds.items():
-            STAGE_SECONDS.labels(stage).observe(secs)
-        if seconds.get("model", 0.0) > 0:
-            INFERENCE_RATE.set(series["slices"] / seconds["model"])
 
 
 @dataclass(frozen=True)

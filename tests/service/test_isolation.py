@@ -104,3 +104,15 @@ def test_close_ends_the_child(tmp_path: Path) -> None:
     assert not pipeline.ready and not _alive(pid)
     with pytest.raises(PipelineError):
         pipeline(_study(10, tmp_path))
+
+
+def test_the_child_runs_at_the_niceness_asked_for(tmp_path: Path) -> None:
+    """``nice``: the analysis process yields the CPUs to the receiver."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0, nice=7)
+    try:
+        pid = pipeline.pid
+        assert pid is not None
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + 7)
+    finally:
+        pipeline.close()
