@@ -17,6 +17,7 @@ atomically and fills the card's checksum.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ import safetensors.torch
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
 
 from dicom_node.analysis.network import Architecture, LungCTNet
 from dicom_node.config import describe_errors
@@ -381,6 +383,67 @@ def _check_tensors(
         )
 
 
+#: Largest running variance kept as it is when weights are stored in float16 (its maximum is
+#: 65504); a larger one is rescaled with its convolution (see fit_batchnorm_to_float16).
+_FLOAT16_VAR_LIMIT = 6.0e4
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(convolution, batch norm) module names where the norm directly follows a bias-free
+    convolution: ``Sequential(conv, bn, ...)`` (smp's decoder, ResNet's downsample) and sibling
+    ``convN`` / ``bnN`` attributes (ResNet's stem and bottlenecks)."""
+    found: list[tuple[str, str]] = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            candidates = list(itertools.pairwise(names))
+        else:
+            candidates = [
+                (f"conv{name[2:]}", name)
+                for name in children
+                if name.startswith("bn") and f"conv{name[2:]}" in children
+            ]
+        for a, b in candidates:
+            conv, norm = children[a], children[b]
+            if (
+                isinstance(conv, nn.Conv2d)
+                and conv.bias is None
+                and isinstance(norm, nn.BatchNorm2d)
+            ):
+                found.append((f"{prefix}{a}", f"{prefix}{b}"))
+    return found
+
+
+def fit_batchnorm_to_float16(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state with every batch norm's running variance brought into float16's range.
+
+    Training in bf16 can leave a running variance above 65504 (the largest float16), which would
+    not survive the float16 weights file. For a norm that directly follows a bias-free
+    convolution the fix is exact: output channel ``c`` of the convolution is divided by ``s``,
+    the norm's running mean by ``s`` and its running variance by ``s²``, which leaves
+    ``(conv(x) - mean) / sqrt(var + eps)`` unchanged but for the ``eps`` term (relative change
+    below 1e-9 at these variances). The model itself is not changed.
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for conv, bn in _conv_bn_pairs(model):
+        var = state[f"{bn}.running_var"].to(torch.float64)
+        if float(var.max()) <= _FLOAT16_VAR_LIMIT:
+            continue
+        scale = torch.where(
+            var > _FLOAT16_VAR_LIMIT, torch.sqrt(var / (_FLOAT16_VAR_LIMIT / 4.0)), 1.0
+        )
+        weight = state[f"{conv}.weight"]
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        state[f"{conv}.weight"] = (weight.to(torch.float64) / scale.reshape(shape)).to(weight.dtype)
+        mean = state[f"{bn}.running_mean"]
+        state[f"{bn}.running_mean"] = (mean.to(torch.float64) / scale).to(mean.dtype)
+        state[f"{bn}.running_var"] = (var / scale**2).to(state[f"{bn}.running_var"].dtype)
+        logger.info("%s: running variance up to %.3g rescaled with %s", bn, float(var.max()), conv)
+    return state
+
+
 def save_model(
     model: LungCTNet,
     card: ModelCard,
@@ -422,7 +485,8 @@ def save_model(
     if dtype not in names:
         raise ModelError(f"weights dtype {dtype} is not one of {sorted(_TORCH_DTYPES)}")
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    state = fit_batchnorm_to_float16(model) if dtype == torch.float16 else model.state_dict()
+    for name, tensor in state.items():
         stored = tensor.detach().to("cpu")
         if stored.is_floating_point():
             stored = stored.to(dtype)

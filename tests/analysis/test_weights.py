@@ -283,3 +283,27 @@ def test_save_refuses_weights_that_overflow_fp16(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"classifier\.fc2\.weight is not finite"):
         save_model(net, make_card(), tmp_path / "m", dtype=torch.float16)
     save_model(net, make_card(), tmp_path / "m", dtype=torch.float32)
+
+
+def test_a_running_variance_beyond_float16_is_rescaled_exactly(tmp_path: Path) -> None:
+    """bf16 training can leave a batch-norm running variance above 65504: the float16 file
+    holds it rescaled together with its convolution, and the network computes the same."""
+    net = make_network()
+    norm = net.decoder.blocks[0].conv1[1]
+    conv = net.decoder.blocks[0].conv1[0]
+    with torch.no_grad():
+        norm.running_var[:4] = torch.tensor([1.3e5, 9.0e4, 7.0e4, 2.0])
+        norm.running_mean[:4] = torch.tensor([300.0, -200.0, 50.0, 0.1])
+        conv.weight[:4] *= 300.0  # activations large enough for such variances
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        before, _ = net(x)
+    saved = save_model(net, make_card(), tmp_path / "m", dtype=torch.float16)
+    assert saved.weights.dtype == "float16"
+    loaded = load_model(tmp_path / "m").network.float().eval()
+    stored = loaded.decoder.blocks[0].conv1[1].running_var
+    assert float(stored.max()) <= 65504 and float(stored[3]) == pytest.approx(2.0, rel=1e-3)
+    with torch.inference_mode():
+        after, _ = loaded(x)
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.01)
+    assert float(norm.running_var[0]) == pytest.approx(1.3e5)  # the network is not changed
