@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.peers import NodeProcess
+from tests.peers import NodeProcess, node_starter
 from tests.peers import dciodvfy as run_dciodvfy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,17 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Start ``dicom-node serve`` subprocesses; every one still running is killed at the end."""
-    started: list[NodeProcess] = []
-
-    def make(name: str = "node", env: dict[str, str] | None = None, **settings: Any) -> NodeProcess:
-        node = NodeProcess(root=tmp_path / name, settings=settings, env=env or {})
-        started.append(node)
-        return node.start()
-
-    yield make
-    for node in started:
-        if node.proc is not None:
-            node.kill()
+    yield from node_starter(lambda name: tmp_path / name)
 
 
 @pytest.fixture

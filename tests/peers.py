@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,3 +240,19 @@ class StoreSCP:
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.out.iterdir() if p.is_file())
+
+
+def node_starter(root_for: Callable[[str], Path]) -> Iterator[Callable[..., NodeProcess]]:
+    """The body of the node fixtures: yields ``make(name, env, **settings)``, which starts a
+    node in ``root_for(name)``; every node still running is killed when the fixture ends."""
+    started: list[NodeProcess] = []
+
+    def make(name: str = "node", env: dict[str, str] | None = None, **settings: Any) -> NodeProcess:
+        node = NodeProcess(root=root_for(name), settings=settings, env=env or {})
+        started.append(node)
+        return node.start()
+
+    yield make
+    for node in started:
+        if node.proc is not None:
+            node.kill()

@@ -159,19 +159,36 @@ def _content_planes(
     return planes[keep], renumbered[keep]
 
 
-def is_multiframe_source(headers: Sequence[Dataset], frame_numbers: Sequence[int] | None) -> bool:
-    """Whether the slices are frames of multi-frame images (Enhanced CT), not one image each."""
-    if frame_numbers is None or len(frame_numbers) != len(headers):
-        return False
-    return len({str(ds.SOPInstanceUID) for ds in headers}) < len(headers)
-
-
 def unique_images(headers: Sequence[Dataset]) -> list[Dataset]:
     """Each image once, in the order of first appearance."""
     seen: dict[str, Dataset] = {}
     for ds in headers:
         seen.setdefault(str(ds.SOPInstanceUID), ds)
     return list(seen.values())
+
+
+def source_slices(
+    source_images: Sequence[Dataset], frame_numbers: Sequence[int] | None
+) -> tuple[list[Dataset], list[Dataset], list[int | None]]:
+    """The source images completed for highdicom (:func:`source_header`), once each and per
+    slice, and each slice's frame number (``None`` for single-frame images).
+
+    Slices are frames of multi-frame images (Enhanced CT) when ``frame_numbers`` has one entry
+    per slice and an image stands for several slices.
+    """
+    images = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
+    per_slice = [images[str(ds.SOPInstanceUID)] for ds in source_images]
+    multiframe = (
+        frame_numbers is not None
+        and len(frame_numbers) == len(source_images)
+        and len(images) < len(source_images)
+    )
+    frames: list[int | None] = (
+        [int(f) for f in frame_numbers]
+        if multiframe and frame_numbers is not None
+        else [None] * len(per_slice)
+    )
+    return list(images.values()), per_slice, frames
 
 
 def frame_position(header: Dataset, frame_number: int | None) -> list[float]:
@@ -301,16 +318,9 @@ def build_segmentation(
     if missing:
         raise ValueError(f"lesion labels {missing} do not occur in the label map")
 
-    multiframe = is_multiframe_source(source_images, frame_numbers)
-    completed = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
-    headers = [completed[str(ds.SOPInstanceUID)] for ds in source_images]
-    frames: list[int | None] = (
-        [int(f) for f in frame_numbers]
-        if multiframe and frame_numbers is not None
-        else [None] * len(headers)
-    )
+    images, headers, frames = source_slices(source_images, frame_numbers)
     seg = hd.seg.Segmentation(
-        source_images=list(completed.values()),
+        source_images=images,
         pixel_array=sub,
         segmentation_type=kind.value,
         segment_descriptions=[_segment_description(item, producer) for item in segments],

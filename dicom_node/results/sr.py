@@ -51,8 +51,8 @@ from pydicom.uid import UID
 
 from dicom_node.results import codes
 from dicom_node.results.codes import Laterality, StudyClassification
-from dicom_node.results.identity import Producer, ResultUIDs, copy_identity, source_header
-from dicom_node.results.seg import SegmentedLesion, is_multiframe_source, unique_images
+from dicom_node.results.identity import Producer, ResultUIDs, copy_identity
+from dicom_node.results.seg import SegmentedLesion, source_slices, unique_images
 
 __all__ = [
     "SEGMENTATION_STORAGE",
@@ -275,7 +275,7 @@ def _study_group(
                         referenced_sop_class_uid=headers[top].SOPClassUID,
                         referenced_sop_instance_uid=headers[top].SOPInstanceUID,
                         referenced_frame_numbers=(
-                            None if frames[top] is None else [int(frames[top] or 0)]
+                            None if (frame := frames[top]) is None else [frame]
                         ),
                     )
                 ],
@@ -387,13 +387,7 @@ def build_report(
         raise ValueError("the segmentation is not this job's (SOP Instance UID differs)")
     if lesion_count < len(segments):
         raise ValueError(f"lesion_count {lesion_count} is below the {len(segments)} segments")
-    completed = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
-    headers = [completed[str(ds.SOPInstanceUID)] for ds in source_images]
-    frames: list[int | None] = (
-        [int(f) for f in frame_numbers]
-        if frame_numbers is not None and is_multiframe_source(source_images, frame_numbers)
-        else [None] * len(headers)
-    )
+    images, headers, frames = source_slices(source_images, frame_numbers)
     midline = field_of_view_centre_x(headers) if midline_x_mm is None else midline_x_mm
 
     groups: list[
@@ -439,7 +433,7 @@ def build_report(
         title=codes.TITLE,
         referenced_images=_library_images(headers, segments, image_probabilities) or None,
     )
-    evidence: list[Dataset] = list(completed.values())
+    evidence: list[Dataset] = list(images)
     if segmentation is not None:
         evidence.append(segmentation)
     sr = hd.sr.Comprehensive3DSR(

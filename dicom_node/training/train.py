@@ -744,8 +744,6 @@ class _Run:
         self.stage = "seg"
         self.stopped_by = "steps"
         self.best_state: dict[str, torch.Tensor] | None = None
-        #: Validation tumour probabilities (uint8), filled by stage 2.
-        self.val_probability: npt.NDArray[np.uint8] = np.zeros((0, 0, 0), dtype=np.uint8)
         self.elapsed_before = 0.0
         budget = None if config.max_minutes is None else config.max_minutes * 60.0
         self.budget_s = budget
@@ -974,8 +972,13 @@ class _Run:
 
     # ------------------------------------------------------------ stage 2
 
-    def classification(self, train_bank: SliceBank, val_bank: SliceBank) -> tuple[int, Any]:
-        """Stage 2: the MLP on frozen pooled features; returns (epochs, validation features)."""
+    def classification(
+        self, train_bank: SliceBank, val_bank: SliceBank
+    ) -> tuple[int, torch.Tensor, npt.NDArray[np.uint8]]:
+        """Stage 2: the MLP on frozen pooled features.
+
+        Returns (epochs, validation features, validation tumour probabilities as uint8).
+        """
         config, network = self.config, self.network
         for p in network.parameters():
             p.requires_grad_(False)
@@ -1017,7 +1020,6 @@ class _Run:
             keep_probability=True,
         )
         assert val_prob is not None
-        self.val_probability = val_prob
         val_y = torch.from_numpy(val_bank.labels.astype(np.float32))
         head = network.classifier
         for p in head.parameters():
@@ -1062,7 +1064,7 @@ class _Run:
                 break
         head.load_state_dict(best_head)
         network.eval()
-        return epochs_done, val_x
+        return epochs_done, val_x, val_prob
 
 
 #: Lesion rules tried on the validation cases at the end of training: voxel thresholds, peak
@@ -1239,11 +1241,11 @@ def train(
         run.reserve_stage2(train_bank, val_bank)
     run.segmentation(train_bank, val_bank)
     seg_threshold, seg_dice = run.segmentation_threshold(val_bank)
-    epochs_done, val_x = run.classification(train_bank, val_bank)
+    epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
     image_threshold, study_threshold, figures = _operating_points(
         run.network, val_x, val_bank, top_k=config.top_k
     )
-    rule, lesion_figures = _lesion_operating_point(val_bank, run.val_probability)
+    rule, lesion_figures = _lesion_operating_point(val_bank, val_probability)
     validation = {
         **figures,
         **lesion_figures,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.hardening.pdus import RawPeer
-from tests.peers import NodeProcess
+from tests.peers import NodeProcess, node_starter
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @pytest.fixture(scope="module")
 def module_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NodeProcess]]:
     """Like ``node_factory``, for nodes that one module's tests share (starting costs ~1 s)."""
-    started: list[NodeProcess] = []
-
-    def make(name: str = "node", env: dict[str, str] | None = None, **settings: Any) -> NodeProcess:
-        node = NodeProcess(root=tmp_path_factory.mktemp(name), settings=settings, env=env or {})
-        started.append(node)
-        return node.start()
-
-    yield make
-    for node in started:
-        if node.proc is not None:
-            node.kill()
+    yield from node_starter(tmp_path_factory.mktemp)
 
 
 # -- looking at a running node ----------------------------------------------------------------
