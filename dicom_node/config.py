@@ -252,6 +252,10 @@ class JobSettings(_Section):
     #: Niceness of that process (0-19): receiving, which a PACS waits on, goes first when the
     #: CPUs are busy; the GPU's work is not affected.
     analysis_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    #: Linux scheduling policy of that process: ``idle`` (SCHED_IDLE) gives it only CPU time
+    #: nothing else wants, so a busy analysis does not slow receiving; ``batch`` or ``normal``
+    #: share the CPUs by niceness alone.
+    analysis_cpu_policy: Literal["idle", "batch", "normal"] = "idle"
 
 
 def _check_device(value: str) -> str:

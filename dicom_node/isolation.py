@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from dicom_node.config import LoggingSettings
 from dicom_node.errors import PipelineError, StudySkipped
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 #: Linux prctl option: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
+
+
+#: Linux scheduling policies for the analysis process (see :func:`_lower_priority`).
+CpuPolicy = Literal["normal", "batch", "idle"]
 
 
 class JobTimeoutError(PipelineError):
@@ -58,20 +63,53 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _lower_priority(nice: int, cpu_policy: CpuPolicy) -> str | None:
+    """Add ``nice`` and set the policy on every thread of this process; threads started later
+    inherit both (imports may already have started some: numpy's BLAS pool).
+
+    ``idle`` (SCHED_IDLE) runs the process only on CPU time nothing else wants, so receiving is
+    not slowed by the analysis; ``batch`` (SCHED_BATCH) keeps the fair share of ``nice`` but
+    gives up wake-up preemption; ``normal`` leaves the policy alone. Returns what could not be
+    done, for the log (set up later: it may start threads).
+    """
+    policies = {"batch": getattr(os, "SCHED_BATCH", None), "idle": getattr(os, "SCHED_IDLE", None)}
+    policy = policies.get(cpu_policy)
+    try:
+        threads = [int(t.name) for t in Path("/proc/self/task").iterdir()]
+    except OSError:
+        threads = [0]
+    problems: dict[str, str] = {}
+    for tid in threads:
+        if nice:
+            try:  # per thread on Linux: PRIO_PROCESS with a thread id
+                lowered = min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+                os.setpriority(os.PRIO_PROCESS, tid, lowered)
+            except OSError as exc:  # a seccomp filter may forbid it: the parent's priority
+                problems["nice"] = f"could not lower the analysis priority by {nice}: {exc}"
+        if policy is not None:
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+            except OSError as exc:  # as above: the niceness still holds
+                problems["policy"] = f"could not set the analysis CPU policy {cpu_policy}: {exc}"
+    return "; ".join(problems.values()) or None
+
+
 def _child_main(
     conn: Connection,
     factory: Callable[[], StudyPipeline],
     logging_settings: LoggingSettings | None,
     nice: int = 0,
+    cpu_policy: CpuPolicy = "normal",
 ) -> None:
     """The child: build the pipeline, say ready, then run jobs until told to stop."""
     _die_with_parent()
-    if nice:
-        os.nice(nice)
+    problem = _lower_priority(nice, cpu_policy)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if logging_settings is not None:
         setup_logging(logging_settings)
+    if problem:
+        logger.warning("%s", problem)
     try:
         pipeline = factory()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -114,6 +152,9 @@ class IsolatedPipeline:
         The node's logging settings, applied in the child (``None``: leave logging as is).
     nice
         Niceness added to the child's (the receiver keeps the CPUs first).
+    cpu_policy
+        The child's Linux scheduling policy: ``idle`` (SCHED_IDLE: only CPU time nothing else
+        wants), ``batch`` (SCHED_BATCH) or ``normal``.
     on_result
         Called in the parent with each successful result (for metrics the child cannot
         record in the parent's registry).
@@ -133,6 +174,7 @@ class IsolatedPipeline:
         start_timeout_seconds: float = 600.0,
         logging_settings: LoggingSettings | None = None,
         nice: int = 0,
+        cpu_policy: CpuPolicy = "normal",
         on_result: Callable[[StudyResult], None] = lambda _result: None,
     ) -> None:
         self._factory = factory
@@ -140,6 +182,7 @@ class IsolatedPipeline:
         self._start_timeout = start_timeout_seconds
         self._logging = logging_settings
         self._nice = nice
+        self._cpu_policy: CpuPolicy = cpu_policy
         self._on_result = on_result
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -209,7 +252,7 @@ class IsolatedPipeline:
         parent, child = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main,
-            args=(child, self._factory, self._logging, self._nice),
+            args=(child, self._factory, self._logging, self._nice, self._cpu_policy),
             name="dicom-node-analysis",
             daemon=True,
         )

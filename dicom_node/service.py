@@ -262,6 +262,7 @@ def default_pipeline(config: Config) -> StudyPipeline:
         timeout_seconds=config.jobs.job_timeout_seconds,
         logging_settings=config.logging,
         nice=config.jobs.analysis_nice,
+        cpu_policy=config.jobs.analysis_cpu_policy,
         on_result=record_metrics,
     )
 

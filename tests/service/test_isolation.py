@@ -116,3 +116,45 @@ def test_the_child_runs_at_the_niceness_asked_for(tmp_path: Path) -> None:
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + 7)
     finally:
         pipeline.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("idle", os.SCHED_IDLE), ("batch", os.SCHED_BATCH), ("normal", None)]
+)
+def test_the_child_runs_under_the_cpu_policy_asked_for(policy: str, expected: int | None) -> None:
+    """``cpu_policy``: SCHED_IDLE gives the analysis only CPU time the receiver leaves; threads
+    started later (torch's) inherit it."""
+    pipeline = IsolatedPipeline(
+        functools.partial(Behaving),
+        timeout_seconds=10.0,
+        cpu_policy=policy,  # type: ignore[arg-type]
+    )
+    try:
+        pid = pipeline.pid
+        assert pid is not None
+        want = os.sched_getscheduler(0) if expected is None else expected
+        assert os.sched_getscheduler(pid) == want
+        for task in os.listdir(f"/proc/{pid}/task"):
+            assert os.sched_getscheduler(int(task)) == want
+    finally:
+        pipeline.close()
+
+
+def test_a_forbidden_priority_change_is_reported_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a seccomp filter that denies setpriority and sched_setscheduler (EPERM), the
+    analysis process still starts: what could not be done is returned for the log. (Called
+    here with both calls replaced: the test process's own priority is left alone.)"""
+    from dicom_node import isolation
+
+    def refuse(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(isolation.os, "setpriority", refuse)
+    monkeypatch.setattr(isolation.os, "sched_setscheduler", refuse)
+    problem = isolation._lower_priority(10, "idle")
+    assert problem is not None
+    assert "priority by 10" in problem
+    assert "CPU policy idle" in problem
+    assert isolation._lower_priority(0, "normal") is None

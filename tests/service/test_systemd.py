@@ -113,3 +113,41 @@ def test_sysusers_and_tmpfiles_apply_to_a_root(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (root / "var" / "lib" / "dicom-node").is_dir()
     assert (root / "etc" / "dicom-node").is_dir()
+
+
+def _syscalls(group_or_name: str) -> set[str]:
+    if not group_or_name.startswith("@"):
+        return {group_or_name}
+    done = subprocess.run(
+        ["systemd-analyze", "syscall-filter", group_or_name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    names: set[str] = set()
+    for line in done.stdout.splitlines()[1:]:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            names |= _syscalls(item)
+    return names
+
+
+def test_syscall_filter_lets_the_analysis_lower_its_priority() -> None:
+    """The analysis process calls setpriority (jobs.analysis_nice) and sched_setscheduler
+    (jobs.analysis_cpu_policy) at start. @resources holds both, so a unit that denies it without
+    adding them back kills the node's start (the call fails with EPERM). The unit's
+    SystemCallFilter lines are merged as systemd.exec(5) says: the first line's kind decides
+    the default, later lines add to or take from its set."""
+    lines = [
+        x.split("=", 1)[1].split()
+        for x in UNIT.read_text().splitlines()
+        if x.startswith("SystemCallFilter=")
+    ]
+    assert lines and not lines[0][0].startswith("~"), "an allow list comes first"
+    allowed: set[str] = set()
+    for items in lines:
+        deny = items[0].startswith("~")
+        names = set().union(*(_syscalls(x.lstrip("~")) for x in items))
+        allowed = allowed - names if deny else allowed | names
+    assert {"setpriority", "sched_setscheduler"} <= allowed
+    assert not {"setrlimit", "sched_setaffinity", "mbind", "reboot", "mount"} & allowed
