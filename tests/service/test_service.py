@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -160,3 +161,61 @@ def test_frozen_process_stops_watchdog_pings(
         node.proc.send_signal(signal.SIGCONT)
     assert pings_within(2.0) >= 2
     sock.close()
+
+
+def test_watchdog_restarts_a_frozen_node_and_nothing_is_lost(
+    tmp_path: Path, write_study: Callable[..., list[Path]], tiny_model_dir: Path
+) -> None:
+    """H4 end to end, under tests/supervisor.py: a test double for systemd's watchdog and
+    Restart=on-failure (systemd cannot run as PID 1 where the suite runs; see that module).
+
+    A study is acknowledged, then the node's main process is frozen (SIGSTOP) before it has
+    analysed it. The missing pings make the supervisor abort it (SIGABRT, SIGCONT) and start it
+    again; the new process says READY=1 only with its port bound, answers C-ECHO, and finishes
+    the study that the frozen one had acknowledged. The frozen node's analysis process does
+    not outlive it."""
+    import signal
+
+    from tests.e2e.test_results_e2e import _analysis_process
+    from tests.peers import echoscu
+    from tests.supervisor import WatchdogSupervisor, pid_alive
+
+    node = NodeProcess(
+        root=tmp_path / "node",
+        settings={
+            "model": {"path": str(tiny_model_dir)},
+            "inference": {"device": "cpu", "batch_size": 8},
+            "lesions": {"threshold": 0.5, "min_volume_mm3": 0},
+            "study": {"stable_seconds": 3.0, "max_wait_seconds": 120.0},
+            "selection": {"min_slices": 4, "min_lung_fraction": 0.0},
+        },
+    )
+    supervisor = WatchdogSupervisor(node, tmp_path / "notify.sock", watchdog_sec=2.0).start()
+    try:
+        supervisor.wait_ready(1)
+        assert node.proc is not None
+        frozen = node.proc.pid
+        analysis = _analysis_process(frozen)
+        files = write_study(slices=6)
+        assert storescu(files, node.port).returncode == 0  # acknowledged
+        os.kill(frozen, signal.SIGSTOP)
+        supervisor.wait_ready(2, timeout=90)
+        assert [(e.pid, e.returncode, e.watchdog) for e in supervisor.exits] == [
+            (frozen, -signal.SIGABRT, True)
+        ]
+        assert not pid_alive(frozen)
+        deadline = time.monotonic() + 10
+        while pid_alive(analysis) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(analysis)
+        assert [bound for _, bound in supervisor.readies] == [True, True]
+        assert echoscu(node.port).returncode == 0
+        listing = node.wait_jobs(
+            lambda j: any(job["state"] == "done" for job in j["jobs"]), timeout=90
+        )
+        done = [job for job in listing["jobs"] if job["state"] == "done"]
+        assert len(done) == 1
+        assert listing["studies"][0]["instances"] == len(files)
+        assert len(node.spooled()) == len(files)
+    finally:
+        supervisor.stop()
