@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     )
     train.add_argument("--input-size", type=int, default=256)
     train.add_argument("--pixel-spacing", type=float, default=1.5, help="mm; 0: mode fit")
+    train.add_argument(
+        "--context-mm",
+        type=float,
+        default=2.5,
+        help="2.5-D input: planes this many mm before and after each slice (0: the slice alone)",
+    )
     train.add_argument("--crop", type=int, default=128)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seg-steps", type=int, default=3000)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documentation uses
 from torch import nn
 
+from dicom_node.analysis.context import input_channels, with_context
 from dicom_node.analysis.network import study_probability
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
 from dicom_node.config import InferenceSettings
@@ -298,6 +299,7 @@ class InferenceEngine:
         scale, shift = self.card.normalisation.scale_shift()
         self._scale, self._shift = scale, shift
         self._air = self.card.normalisation.window_low_hu * scale + shift
+        self._channels = input_channels(self.card.input.context_mm)
         #: With torch.compile, short batches are padded to the batch size (no recompiles).
         self._compiled = False
 
@@ -406,6 +408,8 @@ class InferenceEngine:
             high=self.card.normalisation.window_high_hu,
             pin=self._cuda,
             depth=self.settings.prefetch_batches,
+            spacing_z_mm=spacing_mm[0],
+            context_mm=self.card.input.context_mm,
         )
         with loader, torch.inference_mode():
             for first, batch in loader.batches():
@@ -593,7 +597,9 @@ class InferenceEngine:
         with torch.inference_mode():
             for size in sizes:
                 x = torch.full(
-                    (size, 1, _PROBE_SLICE, _PROBE_SLICE), self._air, dtype=torch.float32
+                    (size, self._channels, _PROBE_SLICE, _PROBE_SLICE),
+                    self._air,
+                    dtype=torch.float32,
                 )
                 # The first pass of a shape lets cuDNN try algorithms (extra workspace); measure
                 # the second, which is what every later batch of that shape costs.
@@ -632,7 +638,9 @@ class InferenceEngine:
         size = self.card.input.size
         grid = _Grid(size, size, size, size, (0, 0, 0, 0))
         while True:
-            x = torch.full((self.batch_size, 1, size, size), self._air, dtype=torch.float32)
+            x = torch.full(
+                (self.batch_size, self._channels, size, size), self._air, dtype=torch.float32
+            )
             oom_message = ""
             with torch.inference_mode():
                 try:
@@ -684,7 +692,8 @@ def _checked_volume(
 
 
 class _Loader:
-    """Background thread: volume slices to normalised (b, 1, h, w) float32 batches.
+    """Background thread: volume slices to normalised (b, C, h, w) float32 batches (C = 3 with
+    2.5-D context, else 1).
 
     Raises PipelineError (in the caller) for slices holding NaN or Inf. Batches go through a
     bounded queue of ``depth`` items, so at most ``depth`` batches wait in
@@ -705,8 +714,12 @@ class _Loader:
         high: float,
         pin: bool,
         depth: int,
+        spacing_z_mm: float = 1.0,
+        context_mm: float | None = None,
     ) -> None:
         self._volume = volume
+        self._spacing_z = spacing_z_mm
+        self._context = context_mm
         self._batch_size = batch_size
         self._scale, self._shift, self._low, self._high = scale, shift, low, high
         self._pin = pin
@@ -763,6 +776,8 @@ class _Loader:
             self._put(exc)
 
     def _prepare(self, first: int, stop: int) -> torch.Tensor:
+        if self._context is not None:
+            return self._prepare_with_context(first, stop)
         part = self._volume[first:stop]
         if part.dtype not in (np.int16, np.int32, np.uint8, np.float32, np.float64):
             part = part.astype(np.float32)
@@ -777,3 +792,12 @@ class _Loader:
             raise PipelineError(f"volume contains NaN or Inf (slices {first}-{stop - 1})")
         batch.clamp_(self._low, self._high).mul_(self._scale).add_(self._shift)
         return batch.unsqueeze(1)
+
+    def _prepare_with_context(self, first: int, stop: int) -> torch.Tensor:
+        """(b, 3, h, w): each slice with its neighbouring planes (2.5-D input)."""
+        part = with_context(self._volume, np.arange(first, stop), self._spacing_z, self._context)
+        batch = torch.empty(part.shape, dtype=torch.float32, pin_memory=self._pin)
+        batch.copy_(torch.from_numpy(part))
+        if not bool(torch.isfinite(batch).all()):
+            raise PipelineError(f"volume contains NaN or Inf (slices {first}-{stop - 1})")
+        return batch.clamp_(self._low, self._high).mul_(self._scale).add_(self._shift)

@@ -53,8 +53,8 @@ class Architecture(BaseModel):
     decoder: Literal["unet"] = "unet"
     #: Channels of each decoder block, deepest first; one per encoder stage.
     decoder_channels: tuple[Annotated[int, Field(ge=1, le=4096)], ...] = (256, 128, 64, 32, 16)
-    #: CT is one channel (normalised HU).
-    in_channels: Literal[1] = 1
+    #: CT is one channel (normalised HU); three with 2.5-D input (``input.context_mm``).
+    in_channels: Literal[1, 3] = 1
     #: One segmentation class (lung tumour) scored by a sigmoid.
     classes: Literal[1] = 1
     #: Width of the MLP's hidden layer.

@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from dicom_node.analysis.context import input_channels
 from dicom_node.analysis.network import Architecture, LungCTNet
 from dicom_node.config import describe_errors
 from dicom_node.errors import ModelError
@@ -99,6 +100,10 @@ class InputSpec(_CardSection):
     #: How slices are resized (``torch.nn.functional.interpolate`` mode; antialiased when
     #: shrinking with bilinear / bicubic).
     interpolation: Literal["bilinear", "bicubic", "area", "nearest"] = "bilinear"
+    #: 2.5-D input: the planes this many mm before and after each slice (interpolated between
+    #: slices) are two more input channels (:mod:`dicom_node.analysis.context`); ``None``: the
+    #: slice alone. ``architecture.in_channels`` must be 3 with it, 1 without.
+    context_mm: Annotated[float, Field(gt=0.0, le=50.0)] | None = None
 
     @model_validator(mode="after")
     def _spacing_given(self) -> InputSpec:
@@ -191,6 +196,12 @@ class ModelCard(_CardSection):
             raise ValueError(
                 f"input.size {self.input.size} is not a multiple of the encoder's output "
                 f"stride {stride}"
+            )
+        channels = input_channels(self.input.context_mm)
+        if self.architecture.in_channels != channels:
+            raise ValueError(
+                f"architecture.in_channels {self.architecture.in_channels} does not match the "
+                f"input: {channels} with input.context_mm {self.input.context_mm}"
             )
         return self
 

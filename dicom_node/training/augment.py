@@ -61,14 +61,16 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.
 
 
 def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a (1, 1, H, W) image, sigma in pixels (reflect padding)."""
+    """Separable Gaussian blur of a (1, C, H, W) image, each channel on its own, sigma in pixels
+    (reflect padding)."""
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    padded = F.pad(image, (radius, radius, radius, radius), mode="reflect")
+    planes = image.transpose(0, 1)  # (C, 1, H, W): one image per channel
+    padded = F.pad(planes, (radius, radius, radius, radius), mode="reflect")
     out = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1)).transpose(0, 1)
 
 
 def augment_batch(
@@ -85,7 +87,9 @@ def augment_batch(
     Parameters
     ----------
     hu
-        (N, 1, H, W) float32 slices in HU.
+        (N, C, H, W) float32 slices in HU: C = 1, or 3 with 2.5-D context (the plane before,
+        the slice, the plane after; each gets the same changes, and the two neighbours swap
+        places with probability 1/2, as if the volume ran the other way).
     mask
         (N, 1, H, W) float32 tumour masks in {0, 1}.
     config
@@ -100,7 +104,7 @@ def augment_batch(
     Returns
     -------
     image : torch.Tensor
-        (N, 1, H, W) normalised slices.
+        (N, C, H, W) normalised slices.
     mask : torch.Tensor
         (N, 1, H, W) masks in {0, 1} after the same geometric transform.
     """
@@ -138,4 +142,7 @@ def augment_batch(
     grid = F.affine_grid(theta.to(hu.device), list(hu.shape), align_corners=False)
     image = F.grid_sample(out - air, grid, mode="bilinear", align_corners=False) + air
     warped = F.grid_sample(mask, grid, mode="bilinear", align_corners=False)
+    if image.shape[1] == 3:  # drawn only with context, so 1-channel runs keep their draws
+        reverse = torch.rand(n, generator=generator) < 0.5
+        image[reverse.to(image.device)] = image[reverse.to(image.device)].flip(1)
     return image, (warped >= 0.5).to(mask.dtype)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documentation uses
 from tqdm import tqdm
 
+from dicom_node.analysis.context import CONTEXT_CHANNELS, input_channels, with_context
 from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
 from dicom_node.analysis.weights import (
@@ -98,6 +99,9 @@ class TrainConfig:
     input_size, input_mode, pixel_spacing_mm
         The card's input section: square size, ``fit`` or ``spacing``, and the pixel spacing
         (mm) in ``spacing`` mode.
+    context_mm
+        2.5-D input: the planes this many mm before and after each slice as two more channels
+        (``architecture.in_channels`` 3); ``None``: the slice alone.
     window
         (low, high) HU window, normalised to [0, 1].
     crop
@@ -149,6 +153,7 @@ class TrainConfig:
     input_size: int = 256
     input_mode: Literal["fit", "spacing"] = "spacing"
     pixel_spacing_mm: float | None = 1.5
+    context_mm: float | None = None
     window: tuple[float, float] = (-1000.0, 400.0)
     crop: int = 128
     batch_size: int = 8
@@ -189,6 +194,8 @@ class TrainConfig:
             raise ValueError(f"input_size and crop must be multiples of {stride}")
         if self.input_mode == "spacing" and self.pixel_spacing_mm is None:
             raise ValueError("input_mode 'spacing' needs pixel_spacing_mm")
+        if self.architecture.in_channels != input_channels(self.context_mm):
+            raise ValueError("architecture.in_channels must be 3 with context_mm, 1 without")
         if not self.freeze_encoder:
             raise ValueError("stage 2 trains the MLP on a frozen encoder (freeze_encoder=True)")
         if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
@@ -201,6 +208,7 @@ class TrainConfig:
             mode=self.input_mode,
             pixel_spacing_mm=self.pixel_spacing_mm if self.input_mode == "spacing" else None,
             interpolation="bilinear",
+            context_mm=self.context_mm,
         )
 
     def normalisation(self) -> Normalisation:
@@ -339,6 +347,27 @@ class SliceBank:
     def __len__(self) -> int:
         return int(self.hu.shape[0])
 
+    def inputs(
+        self, indices: Sequence[int] | npt.NDArray[np.int64], context_mm: float | None
+    ) -> npt.NDArray[np.float32]:
+        """(n, C, S, S) float32 HU of the network's input for bank slices ``indices``: the slice
+        alone (C = 1), or with the planes ``context_mm`` before and after it in its own case
+        (C = 3), as :func:`dicom_node.analysis.context.with_context` makes them for the node."""
+        index = np.asarray(indices, dtype=np.int64)
+        if context_mm is None:
+            return self.hu[index].astype(np.float32)[:, None]
+        out = np.empty((index.size, CONTEXT_CHANNELS, *self.hu.shape[1:]), dtype=np.float32)
+        cases = self.case_index[index]
+        for k in np.unique(cases):
+            # a case's slices are one run of rows, in slice order
+            start = int(np.searchsorted(self.case_index, k, side="left"))
+            stop = int(np.searchsorted(self.case_index, k, side="right"))
+            rows = np.flatnonzero(cases == k)
+            out[rows] = with_context(
+                self.hu[start:stop], index[rows] - start, float(self.spacing_zyx[k, 0]), context_mm
+            )
+        return out
+
 
 def build_bank(
     dataset: CaseDataset,
@@ -414,7 +443,7 @@ def load_encoder_weights(network: LungCTNet, path: Path) -> None:
     Accepted: a plain state dict, or one under ``state_dict`` / ``model``; key prefixes
     ``module.``, ``encoder.`` and ``backbone.`` are stripped; the classifier (``fc.*``) is
     dropped. A 3-channel ``conv1`` is summed over its RGB channels for the one CT channel
-    (as smp does for ``in_channels=1``).
+    (as smp does for ``in_channels=1``); with 2.5-D input each plane gets a third of that sum.
 
     Raises
     ------
@@ -443,8 +472,13 @@ def load_encoder_weights(network: LungCTNet, path: Path) -> None:
     wanted = network.encoder.state_dict()
     if conv1 is not None and "conv1.weight" in wanted:
         channels = wanted["conv1.weight"].shape[1]
-        if conv1.shape[1] != channels and channels == 1:
-            state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+        summed = conv1.sum(dim=1, keepdim=True)
+        if channels == 1 and conv1.shape[1] != 1:
+            state["conv1.weight"] = summed
+        elif channels > 1:
+            # RGB means nothing to CT planes (2.5-D input): each plane gets an equal share of
+            # the summed kernel, so that three equal planes give the one-channel response
+            state["conv1.weight"] = (summed / channels).expand(-1, channels, -1, -1).contiguous()
     try:
         network.encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -514,8 +548,16 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 class _Sampler:
     """Draws stage-1 crops: a share centred near tumour pixels, the rest anywhere."""
 
-    def __init__(self, bank: SliceBank, *, crop: int, positive_fraction: float) -> None:
+    def __init__(
+        self,
+        bank: SliceBank,
+        *,
+        crop: int,
+        positive_fraction: float,
+        context_mm: float | None = None,
+    ) -> None:
         self.bank = bank
+        self.context_mm = context_mm
         self.crop = min(crop, bank.hu.shape[-1])
         self.positive_fraction = positive_fraction
         flat = bank.masks.reshape(len(bank), -1)
@@ -537,9 +579,13 @@ class _Sampler:
                 cy, cx = (int(v) for v in rng.integers(c // 2, size - c // 2 + 1, size=2))
             y0 = int(np.clip(cy - c // 2, 0, size - c))
             x0 = int(np.clip(cx - c // 2, 0, size - c))
-            hus.append(self.bank.hu[k, y0 : y0 + c, x0 : x0 + c])
+            if self.context_mm is None:
+                hus.append(self.bank.hu[k : k + 1, y0 : y0 + c, x0 : x0 + c])
+            else:
+                planes = self.bank.inputs([k], self.context_mm)[0]
+                hus.append(planes[:, y0 : y0 + c, x0 : x0 + c])
             masks.append(self.bank.masks[k, y0 : y0 + c, x0 : x0 + c])
-        hu = torch.from_numpy(np.stack(hus).astype(np.float32)).unsqueeze(1)
+        hu = torch.from_numpy(np.stack(hus).astype(np.float32))
         mask = torch.from_numpy(np.stack(masks).astype(np.float32)).unsqueeze(1)
         return hu, mask
 
@@ -585,7 +631,7 @@ def _validate_seg(
     logit_cuts = [math.log(t / (1.0 - t)) for t in thresholds]
     with torch.inference_mode():
         for chunk in _batches(indices, 8):
-            x = _normalise(torch.from_numpy(bank.hu[chunk].astype(np.float32)).unsqueeze(1), config)
+            x = _normalise(torch.from_numpy(bank.inputs(chunk, config.context_mm)), config)
             t = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1).to(device)
             with _autocast(device, config.precision):
                 seg, _ = network(x.to(device))
@@ -640,7 +686,7 @@ def _features(
             disable=not progress,
             mininterval=10,
         ):
-            hu = torch.from_numpy(bank.hu[chunk].astype(np.float32)).unsqueeze(1)
+            hu = torch.from_numpy(bank.inputs(chunk, config.context_mm))
             if augmented:
                 m = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1)
                 x, _ = augment_batch(
@@ -902,7 +948,12 @@ class _Run:
         """Stage 1 until the steps, the patience or the stage's share of the budget run out."""
         config = self.config
         val_idx = _val_indices(val_bank, config.val_slices, np.random.default_rng(config.seed + 1))
-        sampler = _Sampler(train_bank, crop=config.crop, positive_fraction=config.positive_fraction)
+        sampler = _Sampler(
+            train_bank,
+            crop=config.crop,
+            positive_fraction=config.positive_fraction,
+            context_mm=config.context_mm,
+        )
         self.network.train()
         bar = tqdm(
             total=config.seg_steps,
@@ -1315,6 +1366,11 @@ def make_card(
             + f"(per-image cancer probability), trained in two stages on "
             f"{config.input_size}x{config.input_size} slices ({config.input_mode}"
             + (f", {config.pixel_spacing_mm} mm pixels" if config.input_mode == "spacing" else "")
+            + (
+                f", with the planes {config.context_mm:g} mm before and after each slice"
+                if config.context_mm is not None
+                else ""
+            )
             + f"); stage 1 ended by {stopped_by}. Research prototype: NOT FOR CLINICAL USE."
         ),
         architecture=arch,
@@ -1404,7 +1460,12 @@ def run_from_args(args: Any) -> int:
             split_path,
             patients={c: dataset.patient_id(c) for c in dataset.case_ids()},
         )
-    arch = Architecture(encoder=args.encoder, mlp_pooling=args.mlp_pooling)
+    context_mm = args.context_mm or None
+    arch = Architecture(
+        encoder=args.encoder,
+        mlp_pooling=args.mlp_pooling,
+        in_channels=input_channels(context_mm),
+    )
     if args.encoder != "resnet50":
         logger.warning("encoder %s: the product model is resnet50", args.encoder)
     config = TrainConfig(
@@ -1412,6 +1473,7 @@ def run_from_args(args: Any) -> int:
         input_size=args.input_size,
         input_mode="spacing" if args.pixel_spacing else "fit",
         pixel_spacing_mm=args.pixel_spacing,
+        context_mm=context_mm,
         crop=args.crop,
         batch_size=args.batch_size,
         seg_steps=args.seg_steps,

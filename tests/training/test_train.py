@@ -275,3 +275,110 @@ def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     assert thresholds.lesion_peak in train_module.LESION_PEAKS
     assert thresholds.lesion_min_volume_mm3 in train_module.LESION_MIN_VOLUMES_MM3
     assert "val_fp_lesions_per_tumour_free_study" in result.validation
+
+
+TINY_CONTEXT = TINY.model_copy(update={"in_channels": 3})
+
+
+def test_bank_inputs_take_neighbours_from_their_own_case_only() -> None:
+    """SliceBank.inputs gives each slice the planes of its own case, at its own spacing, as
+    the node's engine makes them (with_context); never a slice of the next case."""
+    from dicom_node.analysis.context import with_context
+    from dicom_node.training.train import SliceBank
+
+    hu = (np.arange(7, dtype=np.int16) * 100)[:, None, None] * np.ones((1, 4, 4), np.int16)
+    bank = SliceBank(
+        hu=hu,
+        masks=np.zeros((7, 4, 4), np.uint8),
+        labels=np.zeros(7, bool),
+        case_index=np.array([0, 0, 0, 1, 1, 1, 1]),
+        case_ids=("a", "b"),
+        spacing_zyx=np.array([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]]),
+    )
+    got = bank.inputs([2, 3, 5], 2.0)
+    assert got[:, :, 0, 0].tolist() == [
+        [0.0, 200.0, 200.0],  # case a, 1 mm: two slices away, clamped at its last slice
+        [300.0, 300.0, 400.0],  # case b, 2 mm: one slice away, clamped at its first slice
+        [400.0, 500.0, 600.0],
+    ]
+    np.testing.assert_array_equal(got[1:], with_context(hu[3:], [0, 2], 2.0, 2.0))
+    assert bank.inputs([4], None).shape == (1, 1, 4, 4)
+
+
+def test_training_with_context_writes_a_three_channel_model(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """--context-mm: the run trains on three planes and the card says so; the node's engine
+    runs the model on a volume."""
+    from dicom_node.analysis.inference import InferenceEngine
+    from dicom_node.config import InferenceSettings
+
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    config = _config(architecture=TINY_CONTEXT, context_mm=2.5)
+    result = train(phantoms, split, config=config, output=tmp_path / "m", work_dir=tmp_path / "w")
+    assert result.seg_steps_done == 4
+    loaded = load_model(tmp_path / "m")
+    assert loaded.card.architecture.in_channels == 3
+    assert loaded.card.input.context_mm == 2.5
+    engine = InferenceEngine(loaded, InferenceSettings.model_validate({"device": "cpu"}))
+    case = phantoms.load(phantoms.case_ids()[0])
+    out = engine.run(case.hu, case.spacing_mm)
+    assert out.probability.shape == case.hu.shape
+    with pytest.raises(ValueError, match="in_channels"):
+        _config(context_mm=2.5)
+
+
+def test_encoder_weights_give_each_context_plane_a_third_of_conv1(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference, path)
+    net = LungCTNet(TINY_CONTEXT)
+    load_encoder_weights(net, path)
+    third = reference["conv1.weight"].sum(1, keepdim=True) / 3
+    torch.testing.assert_close(
+        net.encoder.state_dict()["conv1.weight"], third.expand(-1, 3, -1, -1)
+    )
+
+
+def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None:
+    """Three equal planes stay equal through every change but the added noise; the blur acts
+    per plane; with distinct planes, some slices come out with before and after swapped."""
+    from dicom_node.training.augment import AugmentConfig, _blur, augment_batch
+
+    plane = torch.rand(1, 1, 32, 32) * 1400 - 1000
+    three = plane.expand(1, 3, 32, 32).contiguous()
+    torch.testing.assert_close(_blur(three, 1.0), _blur(plane, 1.0).expand(1, 3, 32, 32))
+
+    quiet = AugmentConfig(noise_probability=0.0)
+    image, _ = augment_batch(
+        three.expand(8, 3, 32, 32).contiguous(),
+        torch.zeros(8, 1, 32, 32),
+        config=quiet,
+        generator=torch.Generator().manual_seed(0),
+        window=(-1000.0, 400.0),
+        scale_shift=(1 / 1400, 1000 / 1400),
+    )
+    torch.testing.assert_close(image[:, 0], image[:, 1])
+    torch.testing.assert_close(image[:, 2], image[:, 1])
+
+    ordered = torch.stack([torch.full((32, 32), v) for v in (-600.0, -300.0, 0.0)])[None]
+    still = AugmentConfig(
+        rotate_deg=0.0,
+        scale=(1.0, 1.0),
+        hu_offset=0.0,
+        hu_gain=0.0,
+        noise_probability=0.0,
+        blur_probability=0.0,
+        flip_probability=0.0,
+    )
+    image, _ = augment_batch(
+        ordered.expand(16, 3, 32, 32).contiguous(),
+        torch.zeros(16, 1, 32, 32),
+        config=still,
+        generator=torch.Generator().manual_seed(0),
+        window=(-1000.0, 400.0),
+        scale_shift=(1 / 1400, 1000 / 1400),
+    )
+    first = image[:, 0, 16, 16]
+    assert bool((first < image[:, 1, 16, 16]).any()) and bool((first > image[:, 1, 16, 16]).any())
+    torch.testing.assert_close(image[:, 1, 16, 16], torch.full((16,), 700 / 1400))
