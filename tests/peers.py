@@ -130,6 +130,8 @@ class NodeProcess:
     http_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    #: Words put before the node's command (e.g. ``setpriv ...`` to run it as another user).
+    prefix: Sequence[str] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -167,7 +169,15 @@ class NodeProcess:
         self.write_config()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "dicom_node.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **self.env},

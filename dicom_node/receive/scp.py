@@ -32,6 +32,7 @@ from dicom_node.errors import (
     DatasetError,
     DatasetMismatchError,
     InvalidUIDError,
+    NodeError,
     OutOfResourcesError,
 )
 from dicom_node.logs import study_key
@@ -174,14 +175,22 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        server = self.ae.make_server(
-            (node.host, node.port),
-            evt_handlers=handlers,
-            server_class=GuardedAssociationServer,
-            ssl_context=self._ssl,
-            limits=self.limits,
-            report=self.security_event,
-        )
+        try:
+            server = self.ae.make_server(
+                (node.host, node.port),
+                evt_handlers=handlers,
+                server_class=GuardedAssociationServer,
+                ssl_context=self._ssl,
+                limits=self.limits,
+                report=self.security_event,
+            )
+        except PermissionError as exc:
+            raise NodeError(
+                f"cannot listen on {node.host}:{node.port}: {exc.strerror} (a port below 1024 "
+                "needs CAP_NET_BIND_SERVICE, as the systemd unit grants, or root)"
+            ) from exc
+        except OSError as exc:
+            raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror}") from exc
         self._server = server
         self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() know it
         self._accept = threading.Thread(

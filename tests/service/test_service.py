@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -219,3 +221,23 @@ def test_watchdog_restarts_a_frozen_node_and_nothing_is_lost(
         assert len(node.spooled()) == len(files)
     finally:
         supervisor.stop()
+
+
+def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> None:
+    """Another program on the DICOM port: the node exits non-zero and says which address."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        node = NodeProcess(root=tmp_path / "node", port=port)
+        node.root.mkdir(parents=True)
+        node.write_config()
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
