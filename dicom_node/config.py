@@ -252,10 +252,11 @@ class JobSettings(_Section):
     #: Niceness of that process (0-19): receiving, which a PACS waits on, goes first when the
     #: CPUs are busy; the GPU's work is not affected.
     analysis_nice: Annotated[int, Field(ge=0, le=19)] = 10
-    #: Linux scheduling policy of that process: ``idle`` (SCHED_IDLE) gives it only CPU time
-    #: nothing else wants, so a busy analysis does not slow receiving; ``batch`` or ``normal``
-    #: share the CPUs by niceness alone.
-    analysis_cpu_policy: Literal["idle", "batch", "normal"] = "idle"
+    #: Linux scheduling policy of that process: ``normal`` and ``batch`` (SCHED_BATCH) share
+    #: the CPUs by niceness; ``idle`` (SCHED_IDLE) gives it only CPU time nothing else wants,
+    #: so it never slows receiving, but on a machine kept busy by other work it starves and its
+    #: jobs run into ``job_timeout_seconds``.
+    analysis_cpu_policy: Literal["normal", "batch", "idle"] = "normal"
 
 
 def _check_device(value: str) -> str:
