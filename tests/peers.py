@@ -184,6 +184,8 @@ class NodeProcess:
         )
         log.close()
         wait_for_port(self.port, proc=self.proc)
+        # the HTTP endpoint starts just after the DICOM port is bound
+        wait_for_port(self.http_port, proc=self.proc)
         return self
 
     def terminate(self, timeout: float = 60.0) -> int:
