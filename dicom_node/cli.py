@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     train.add_argument(
         "--context-mm",
         type=float,
-        default=2.5,
+        default=0.0,
         help="2.5-D input: planes this many mm before and after each slice (0: the slice alone)",
     )
     train.add_argument("--crop", type=int, default=128)
