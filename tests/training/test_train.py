@@ -26,6 +26,7 @@ from dicom_node.training.train import (
 )
 
 TINY = Architecture(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), mlp_hidden=16)
+TINY_CONTEXT = TINY.model_copy(update={"in_channels": 3})
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +157,8 @@ def test_resume_continues_where_an_interrupted_run_stopped(
 
 
 def test_encoder_weights_load_from_a_torchvision_state_dict(tmp_path: Path) -> None:
-    """A torchvision ResNet18 state dict loads into the encoder; conv1 is summed over RGB."""
+    """A torchvision ResNet18 state dict loads into the encoder; conv1 is summed over RGB (and
+    shared out among the planes of 2.5-D input)."""
     reference = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "resnet18.pth"
     torch.save(reference, path)
@@ -164,6 +166,13 @@ def test_encoder_weights_load_from_a_torchvision_state_dict(tmp_path: Path) -> N
     load_encoder_weights(net, path)
     got = net.encoder.state_dict()
     torch.testing.assert_close(got["conv1.weight"], reference["conv1.weight"].sum(1, keepdim=True))
+    # 2.5-D input: each of the three planes gets a third of that sum
+    context = LungCTNet(TINY_CONTEXT)
+    load_encoder_weights(context, path)
+    third = reference["conv1.weight"].sum(1, keepdim=True) / 3
+    torch.testing.assert_close(
+        context.encoder.state_dict()["conv1.weight"], third.expand(-1, 3, -1, -1)
+    )
     torch.testing.assert_close(got["layer4.1.conv2.weight"], reference["layer4.1.conv2.weight"])
 
     wrapped = tmp_path / "timm-style.pth"
@@ -277,9 +286,6 @@ def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     assert "val_fp_lesions_per_tumour_free_study" in result.validation
 
 
-TINY_CONTEXT = TINY.model_copy(update={"in_channels": 3})
-
-
 def test_bank_inputs_take_neighbours_from_their_own_case_only() -> None:
     """SliceBank.inputs gives each slice the planes of its own case, at its own spacing, as
     the node's engine makes them (with_context); never a slice of the next case."""
@@ -328,18 +334,6 @@ def test_training_with_context_writes_a_three_channel_model(
         _config(context_mm=2.5)
 
 
-def test_encoder_weights_give_each_context_plane_a_third_of_conv1(tmp_path: Path) -> None:
-    reference = torchvision.models.resnet18(weights=None).state_dict()
-    path = tmp_path / "resnet18.pth"
-    torch.save(reference, path)
-    net = LungCTNet(TINY_CONTEXT)
-    load_encoder_weights(net, path)
-    third = reference["conv1.weight"].sum(1, keepdim=True) / 3
-    torch.testing.assert_close(
-        net.encoder.state_dict()["conv1.weight"], third.expand(-1, 3, -1, -1)
-    )
-
-
 def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None:
     """Three equal planes stay equal through every change but the added noise; the blur acts
     per plane; with distinct planes, some slices come out with before and after swapped."""
@@ -349,15 +343,18 @@ def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None
     three = plane.expand(1, 3, 32, 32).contiguous()
     torch.testing.assert_close(_blur(three, 1.0), _blur(plane, 1.0).expand(1, 3, 32, 32))
 
-    quiet = AugmentConfig(noise_probability=0.0)
-    image, _ = augment_batch(
-        three.expand(8, 3, 32, 32).contiguous(),
-        torch.zeros(8, 1, 32, 32),
-        config=quiet,
-        generator=torch.Generator().manual_seed(0),
-        window=(-1000.0, 400.0),
-        scale_shift=(1 / 1400, 1000 / 1400),
-    )
+    def run(hu: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+        image, _ = augment_batch(
+            hu.contiguous(),
+            torch.zeros(hu.shape[0], 1, *hu.shape[2:]),
+            config=config,
+            generator=torch.Generator().manual_seed(0),
+            window=(-1000.0, 400.0),
+            scale_shift=(1 / 1400, 1000 / 1400),
+        )
+        return image
+
+    image = run(three.expand(8, 3, 32, 32), AugmentConfig(noise_probability=0.0))
     torch.testing.assert_close(image[:, 0], image[:, 1])
     torch.testing.assert_close(image[:, 2], image[:, 1])
 
@@ -371,14 +368,7 @@ def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None
         blur_probability=0.0,
         flip_probability=0.0,
     )
-    image, _ = augment_batch(
-        ordered.expand(16, 3, 32, 32).contiguous(),
-        torch.zeros(16, 1, 32, 32),
-        config=still,
-        generator=torch.Generator().manual_seed(0),
-        window=(-1000.0, 400.0),
-        scale_shift=(1 / 1400, 1000 / 1400),
-    )
+    image = run(ordered.expand(16, 3, 32, 32), still)
     first = image[:, 0, 16, 16]
     assert bool((first < image[:, 1, 16, 16]).any()) and bool((first > image[:, 1, 16, 16]).any())
     torch.testing.assert_close(image[:, 1, 16, 16], torch.full((16,), 700 / 1400))
