@@ -268,3 +268,31 @@ def node_starter(root_for: Callable[[str], Path]) -> Iterator[Callable[..., Node
     for node in started:
         if node.proc is not None:
             node.kill()
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def analysis_process(node_pid: int) -> int:
+    """The pid of the node's analysis child (``multiprocessing`` spawn), found in /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == node_pid and b"spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"node {node_pid} has no analysis process")

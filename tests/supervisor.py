@@ -19,7 +19,6 @@ Times are scaled down from the shipped unit's (60 s of watchdog) so that the tes
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -88,9 +87,7 @@ class WatchdogSupervisor:
     # ------------------------------------------------------------------ the manager
 
     def _launch(self) -> None:
-        # WATCHDOG_PID names the main process; the node checks it is its own pid, so a
-        # supervisor that cannot know the pid in advance leaves it out (as sd_notify allows)
-        self.node.env.pop("WATCHDOG_PID", None)
+        # no WATCHDOG_PID: the pid is not known before the start (sd_notify allows leaving it out)
         self.node.start()
 
     def _run(self) -> None:
@@ -144,16 +141,3 @@ class WatchdogSupervisor:
                 return True
         except OSError:
             return False
-
-
-def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

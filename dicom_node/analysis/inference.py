@@ -776,28 +776,22 @@ class _Loader:
             self._put(exc)
 
     def _prepare(self, first: int, stop: int) -> torch.Tensor:
-        if self._context is not None:
-            return self._prepare_with_context(first, stop)
-        part = self._volume[first:stop]
-        if part.dtype not in (np.int16, np.int32, np.uint8, np.float32, np.float64):
-            part = part.astype(np.float32)
-        if not part.flags.c_contiguous or min(part.strides) < 0:  # torch needs positive strides
-            part = part.copy(order="C")
-        with warnings.catch_warnings():  # a read-only volume: only read, copied just below
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            source = torch.from_numpy(part)
+        if self._context is None:
+            part = self._volume[first:stop]
+            if part.dtype not in (np.int16, np.int32, np.uint8, np.float32, np.float64):
+                part = part.astype(np.float32)
+            if not part.flags.c_contiguous or min(part.strides) < 0:  # torch needs positive strides
+                part = part.copy(order="C")
+            with warnings.catch_warnings():  # a read-only volume: only read, copied just below
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                source = torch.from_numpy(part).unsqueeze(1)
+        else:  # (b, 3, h, w): each slice with its neighbouring planes (2.5-D input)
+            planes = with_context(
+                self._volume, np.arange(first, stop), self._spacing_z, self._context
+            )
+            source = torch.from_numpy(planes)
         batch = torch.empty(source.shape, dtype=torch.float32, pin_memory=self._pin)
         batch.copy_(source)
-        if not bool(torch.isfinite(batch).all()):
-            raise PipelineError(f"volume contains NaN or Inf (slices {first}-{stop - 1})")
-        batch.clamp_(self._low, self._high).mul_(self._scale).add_(self._shift)
-        return batch.unsqueeze(1)
-
-    def _prepare_with_context(self, first: int, stop: int) -> torch.Tensor:
-        """(b, 3, h, w): each slice with its neighbouring planes (2.5-D input)."""
-        part = with_context(self._volume, np.arange(first, stop), self._spacing_z, self._context)
-        batch = torch.empty(part.shape, dtype=torch.float32, pin_memory=self._pin)
-        batch.copy_(torch.from_numpy(part))
         if not bool(torch.isfinite(batch).all()):
             raise PipelineError(f"volume contains NaN or Inf (slices {first}-{stop - 1})")
         return batch.clamp_(self._low, self._high).mul_(self._scale).add_(self._shift)

@@ -184,13 +184,16 @@ class Receiver:
                 limits=self.limits,
                 report=self.security_event,
             )
-        except PermissionError as exc:
-            raise NodeError(
-                f"cannot listen on {node.host}:{node.port}: {exc.strerror} (a port below 1024 "
-                "needs CAP_NET_BIND_SERVICE, as the systemd unit grants, or root)"
-            ) from exc
         except OSError as exc:
-            raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror}") from exc
+            hint = (
+                " (a port below 1024 needs CAP_NET_BIND_SERVICE, as the systemd unit grants,"
+                " or root)"
+                if isinstance(exc, PermissionError)
+                else ""
+            )
+            raise NodeError(
+                f"cannot listen on {node.host}:{node.port}: {exc.strerror}{hint}"
+            ) from exc
         self._server = server
         self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() know it
         self._accept = threading.Thread(

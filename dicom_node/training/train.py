@@ -579,13 +579,10 @@ class _Sampler:
                 cy, cx = (int(v) for v in rng.integers(c // 2, size - c // 2 + 1, size=2))
             y0 = int(np.clip(cy - c // 2, 0, size - c))
             x0 = int(np.clip(cx - c // 2, 0, size - c))
-            if self.context_mm is None:
-                hus.append(self.bank.hu[k : k + 1, y0 : y0 + c, x0 : x0 + c])
-            else:
-                planes = self.bank.inputs([k], self.context_mm)[0]
-                hus.append(planes[:, y0 : y0 + c, x0 : x0 + c])
+            planes = self.bank.inputs([k], self.context_mm)[0]
+            hus.append(planes[:, y0 : y0 + c, x0 : x0 + c])
             masks.append(self.bank.masks[k, y0 : y0 + c, x0 : x0 + c])
-        hu = torch.from_numpy(np.stack(hus).astype(np.float32))
+        hu = torch.from_numpy(np.stack(hus))
         mask = torch.from_numpy(np.stack(masks).astype(np.float32)).unsqueeze(1)
         return hu, mask
 

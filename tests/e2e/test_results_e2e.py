@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.peers import NodeProcess, StoreSCP, dciodvfy, free_port, storescu
+from tests.peers import (
+    NodeProcess,
+    StoreSCP,
+    analysis_process,
+    dciodvfy,
+    free_port,
+    storescu,
+)
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -237,21 +244,6 @@ def test_kill_9_during_inference_and_during_sending(
         pacs.stop()
 
 
-def _analysis_process(node_pid: int) -> int:
-    """The pid of the node's analysis child (``multiprocessing`` spawn), found in /proc."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == node_pid and b"spawn_main" in cmdline:
-            return int(entry.name)
-    raise AssertionError(f"node {node_pid} has no analysis process")
-
-
 def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
     node_factory: Callable[..., NodeProcess],
     tiny_model_dir: Path,
@@ -278,7 +270,7 @@ def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
         },
     )
     assert node.proc is not None
-    frozen = _analysis_process(node.proc.pid)
+    frozen = analysis_process(node.proc.pid)
     os.kill(frozen, signal.SIGSTOP)
     try:
         assert storescu(phantom_series(seed=1), node.port).returncode == 0
@@ -300,7 +292,7 @@ def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
     attempts = sorted(j["attempts"] for j in listing["jobs"])
     assert attempts == [1, 2]  # the hung job ran twice, the other once
     assert not Path(f"/proc/{frozen}").exists()  # killed and reaped
-    assert node.proc is not None and _analysis_process(node.proc.pid) != frozen
+    assert node.proc is not None and analysis_process(node.proc.pid) != frozen
     log = node.log_path.read_text(encoding="utf-8")
     assert "ran past jobs.job_timeout_seconds" in log
     classes = sorted(str(dcmread(p).SOPClassUID) for p in pacs.received())
@@ -316,13 +308,13 @@ def test_the_analysis_process_ends_with_the_node(
 
     node = _node(node_factory, tiny_model_dir, pacs.port, 0.5)
     assert node.proc is not None
-    child = _analysis_process(node.proc.pid)
+    child = analysis_process(node.proc.pid)
     assert node.terminate() == 0
     assert not Path(f"/proc/{child}").exists()
 
     node.start()
     assert node.proc is not None
-    child = _analysis_process(node.proc.pid)
+    child = analysis_process(node.proc.pid)
     # Frozen, it cannot notice its parent is gone: only the kernel's death signal ends it.
     os.kill(child, signal.SIGSTOP)
     node.kill()

@@ -13,6 +13,7 @@ import pytest
 from dicom_node.errors import PipelineError, StudySkipped
 from dicom_node.isolation import AnalysisStartError, IsolatedPipeline, JobTimeoutError
 from dicom_node.pipeline import StudyInput, StudyResult
+from tests.peers import pid_alive
 from tests.service.isolation_doubles import Behaving, broken
 
 
@@ -29,15 +30,6 @@ def isolated() -> Iterator[IsolatedPipeline]:
     pipeline.seen = seen  # type: ignore[attr-defined]
     yield pipeline
     pipeline.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        return handle.read().split()[2] != "Z"
 
 
 def test_results_come_from_a_child_process_that_keeps_its_state(
@@ -64,7 +56,7 @@ def test_a_hung_job_is_killed_after_its_timeout_and_the_next_job_runs(
         isolated(_study(1, tmp_path))
     waited = time.monotonic() - started
     assert 2.0 <= waited < 30.0
-    assert not _alive(hung_pid)
+    assert not pid_alive(hung_pid)
     assert isolated.ready and isolated.pid != hung_pid
     result = isolated(_study(12, tmp_path))
     assert result.summary["pid"] == isolated.pid and result.summary["calls"] == 1
@@ -99,9 +91,9 @@ def test_close_ends_the_child(tmp_path: Path) -> None:
     """close() ends an idle child; the pipeline is no longer ready."""
     pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
     pid = pipeline.pid
-    assert pid is not None and _alive(pid)
+    assert pid is not None and pid_alive(pid)
     pipeline.close()
-    assert not pipeline.ready and not _alive(pid)
+    assert not pipeline.ready and not pid_alive(pid)
     with pytest.raises(PipelineError):
         pipeline(_study(10, tmp_path))
 

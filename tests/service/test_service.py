@@ -178,9 +178,8 @@ def test_watchdog_restarts_a_frozen_node_and_nothing_is_lost(
     not outlive it."""
     import signal
 
-    from tests.e2e.test_results_e2e import _analysis_process
-    from tests.peers import echoscu
-    from tests.supervisor import WatchdogSupervisor, pid_alive
+    from tests.peers import analysis_process, echoscu, pid_alive
+    from tests.supervisor import WatchdogSupervisor
 
     node = NodeProcess(
         root=tmp_path / "node",
@@ -197,7 +196,7 @@ def test_watchdog_restarts_a_frozen_node_and_nothing_is_lost(
         supervisor.wait_ready(1)
         assert node.proc is not None
         frozen = node.proc.pid
-        analysis = _analysis_process(frozen)
+        analysis = analysis_process(frozen)
         files = write_study(slices=6)
         assert storescu(files, node.port).returncode == 0  # acknowledged
         os.kill(frozen, signal.SIGSTOP)

@@ -1,10 +1,11 @@
-"""X4 without systemd: the node as an unprivileged user, port 104 through one capability.
+"""X4 without systemd: the node as an unprivileged user, port 104 (or another port below 1024
+where 104 is taken) through one capability.
 
 The unit runs the node as ``User=dicom-node`` with ``AmbientCapabilities=CAP_NET_BIND_SERVICE``
 and a bounding set of that capability alone. systemd cannot run as PID 1 where this suite runs,
 so util-linux's ``setpriv`` makes the same process state: another user and group, no
 supplementary groups, ``no_new_privs``, the bounding set cut to CAP_NET_BIND_SERVICE and that
-capability ambient. The node is then a real unprivileged process on the real port 104.
+capability ambient. The node is then a real unprivileged process on a real privileged port.
 """
 
 from __future__ import annotations
@@ -23,8 +24,20 @@ import pytest
 
 from tests.peers import NodeProcess, echoscu, storescu
 
-PORT = 104
 USER, GROUP = "nobody", "nogroup"
+
+
+def _privileged_port() -> int:
+    """104 (DICOM's), or the first free port below 1024 counting down from 1023."""
+    for port in (104, *range(1023, 600, -1)):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
 
 
 def _setpriv(*, capability: bool) -> list[str]:
@@ -44,15 +57,11 @@ def shared_root() -> Iterator[Path]:
     """A folder the unprivileged user can reach (pytest's own tmp folders are root's alone),
     its data folder owned by that user."""
     if os.geteuid() != 0:
-        pytest.skip("changing to another user needs root; ./quickstart test runs as root")
+        pytest.skip(
+            "absent: root, which changing to another user needs (./quickstart test runs as root)"
+        )
     if shutil.which("setpriv") is None:
         pytest.fail("setpriv missing (util-linux)")
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
-        try:
-            probe.bind(("127.0.0.1", PORT))
-        except OSError:
-            pytest.skip(f"port {PORT} is taken on this machine")
     reach = subprocess.run(
         [*_setpriv(capability=False), sys.executable, "-c", "import dicom_node"],
         capture_output=True,
@@ -60,7 +69,10 @@ def shared_root() -> Iterator[Path]:
         check=False,
     )
     if reach.returncode != 0:
-        pytest.skip(f"the virtual environment is not readable by {USER}: {reach.stderr[-200:]}")
+        pytest.skip(
+            f"absent: a Python environment {USER} can run (this checkout's is closed to other"
+            f" users): {reach.stderr[-200:]}"
+        )
     root = Path(tempfile.mkdtemp(prefix="dicom-node-x4-"))
     root.chmod(0o755)
     data = root / "var"
@@ -72,6 +84,12 @@ def shared_root() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def port(shared_root: Path) -> int:
+    """A free port below 1024 (after the checks of ``shared_root``: only root can bind one)."""
+    return _privileged_port()
 
 
 def _owned_outside(uid: int, folders: list[Path], inside: Path) -> list[Path]:
@@ -87,13 +105,13 @@ def _owned_outside(uid: int, folders: list[Path], inside: Path) -> list[Path]:
 
 
 def test_unprivileged_node_binds_104_with_the_capability_and_writes_only_its_data(
-    shared_root: Path, write_study: Callable[..., list[Path]]
+    shared_root: Path, port: int, write_study: Callable[..., list[Path]]
 ) -> None:
     """As ``nobody`` with CAP_NET_BIND_SERVICE alone: it binds 127.0.0.1:104, answers C-ECHO,
     stores a study in its data folder (files owned by that user), and leaves no file of that
     user in /tmp, /var/tmp or /dev/shm; SIGTERM ends it cleanly."""
     uid = pwd.getpwnam(USER).pw_uid
-    node = NodeProcess(root=shared_root, port=PORT, prefix=_setpriv(capability=True))
+    node = NodeProcess(root=shared_root, port=port, prefix=_setpriv(capability=True))
     node.start()
     try:
         assert node.proc is not None
@@ -101,9 +119,9 @@ def test_unprivileged_node_binds_104_with_the_capability_and_writes_only_its_dat
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["Uid"].split()[0] == str(uid)
         assert int(fields["CapEff"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
-        assert echoscu(PORT).returncode == 0
+        assert echoscu(port).returncode == 0
         files = write_study(slices=4)
-        assert storescu(files, PORT).returncode == 0
+        assert storescu(files, port).returncode == 0
         spooled = node.spooled()
         assert len(spooled) == len(files)
         assert all(p.stat().st_uid == uid for p in spooled)
@@ -114,15 +132,15 @@ def test_unprivileged_node_binds_104_with_the_capability_and_writes_only_its_dat
     assert strays == []
 
 
-def test_without_the_capability_port_104_is_refused(shared_root: Path) -> None:
+def test_without_the_capability_port_104_is_refused(shared_root: Path, port: int) -> None:
     """The same user without CAP_NET_BIND_SERVICE cannot bind 104: the node exits with an
     error saying so, and nothing listens."""
-    node = NodeProcess(root=shared_root, port=PORT, prefix=_setpriv(capability=False))
+    node = NodeProcess(root=shared_root, port=port, prefix=_setpriv(capability=False))
     with pytest.raises(RuntimeError, match="exited"):
         node.start()
     assert node.proc is not None
     assert node.proc.wait(30) != 0
-    assert f"cannot listen on 127.0.0.1:{PORT}: Permission denied" in node.log()
+    assert f"cannot listen on 127.0.0.1:{port}: Permission denied" in node.log()
     assert "CAP_NET_BIND_SERVICE" in node.log()
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", PORT), timeout=1):
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
