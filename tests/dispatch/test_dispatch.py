@@ -134,7 +134,10 @@ def test_a_refusing_destination_retries_without_blocking_another(
     assert len(good.received()) == 2
     bad = [i for i in outbox.items() if i.destination == "bad"]
     assert all(i.state == DeliveryState.DEAD and i.attempts == 3 for i in bad)
-    assert "association rejected" in (bad[0].last_error or "")
+    # storescp --refuse closes its socket right after the A-ASSOCIATE-RJ; pynetdicom then reports
+    # some of those refusals as an abort (54 of 300 in a loop against storescp --refuse), so
+    # either is what a refused attempt leaves
+    assert bad[0].last_error in ("association rejected", "association aborted")
     job = store.job(job_id)
     assert "delivery to bad failed" in (job.last_error or "")
     # the PACS comes back on the same port; the operator re-sends the dead letters
