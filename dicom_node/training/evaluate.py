@@ -18,10 +18,17 @@ describe exactly what the node would report. Per case:
 
 Dice, detection and false positives use lesions of at least the configured minimum volume on
 the prediction side only; small ground-truth lesions are counted (and reported by size).
+
+The summary's ``errors`` section says where the mistakes are: per-image sensitivity by the
+tumour's area on the slice, where the falsely flagged slices lie (next to a tumour, elsewhere
+in a study with tumour, in a tumour-free study), detection by tumour size, and each missed
+tumour of 6 mm or more with its mean HU and the highest probability the network gave any of
+its voxels (low: the network did not respond; high: the lesion rule dropped it).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -47,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 #: Lesions at least this large (equivalent-sphere diameter, mm) make the "large" Dice figure.
 LARGE_LESION_MM = 6.0
+#: Bins of the tumour's area on a slice (mm²) for the per-image sensitivity breakdown.
+AREA_BINS_MM2 = (0.0, 15.0, 60.0, 150.0, math.inf)
+#: Bins of tumour diameter (mm) for the detection breakdown.
+SIZE_BINS_MM = (0.0, 6.0, 10.0, 20.0, math.inf)
+#: A falsely flagged slice this close (slices) to one with tumour counts as "near a tumour".
+NEAR_SLICES = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class LesionOutcome:
     volume_mm3: float
     detected: bool
     dice: float
+    mean_hu: float = 0.0
+    peak_probability: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class CaseOutcome:
     case_id: str
     image_truth: npt.NDArray[np.bool_]
     image_probability: npt.NDArray[np.float32]
+    image_tumour_area_mm2: npt.NDArray[np.float32]
     study_truth: bool
     study_probability: float
     volume_dice: float
@@ -149,9 +165,68 @@ class Evaluation:
                     [float(c.false_positive_lesions) for c in tumour_free]
                 ),
             },
+            "errors": self.errors(),
             "thresholds": self.card.thresholds.model_dump(),
             "top_k": self.card.top_k,
             "seconds_per_case": mean([c.seconds for c in self.cases]),
+        }
+
+    def errors(self) -> dict[str, Any]:
+        """Where the mistakes are (see the module docstring), JSON-ready."""
+        threshold = self.card.thresholds.image
+        by_area = []
+        area = np.concatenate([c.image_tumour_area_mm2 for c in self.cases])
+        flagged = np.concatenate([c.image_probability >= threshold for c in self.cases])
+        for low, high in itertools.pairwise(AREA_BINS_MM2):
+            rows = (area > low) & (area <= high)
+            by_area.append(
+                {
+                    "area_mm2": [low, None if math.isinf(high) else high],
+                    "images": int(rows.sum()),
+                    "sensitivity": float(flagged[rows].mean()) if rows.any() else None,
+                }
+            )
+        near = elsewhere = tumour_free = 0
+        for c in self.cases:
+            tumour_slices = np.flatnonzero(c.image_truth)
+            for k in np.flatnonzero((c.image_probability >= threshold) & ~c.image_truth):
+                if tumour_slices.size == 0:
+                    tumour_free += 1
+                elif np.abs(tumour_slices - k).min() <= NEAR_SLICES:
+                    near += 1
+                else:
+                    elsewhere += 1
+        lesions = [les for c in self.cases for les in c.lesions]
+        by_size = []
+        for low, high in itertools.pairwise(SIZE_BINS_MM):
+            group = [les for les in lesions if low <= les.diameter_mm < high]
+            by_size.append(
+                {
+                    "diameter_mm": [low, None if math.isinf(high) else high],
+                    "lesions": len(group),
+                    "sensitivity": (
+                        float(np.mean([les.detected for les in group])) if group else None
+                    ),
+                }
+            )
+        missed = [
+            {
+                "diameter_mm": les.diameter_mm,
+                "mean_hu": les.mean_hu,
+                "peak_probability": les.peak_probability,
+            }
+            for les in sorted(lesions, key=lambda les: les.diameter_mm)
+            if les.diameter_mm >= LARGE_LESION_MM and not les.detected
+        ]
+        return {
+            "image_sensitivity_by_tumour_area": by_area,
+            "false_positive_images": {
+                f"within_{NEAR_SLICES}_slices_of_tumour": near,
+                "elsewhere_in_tumour_studies": elsewhere,
+                "in_tumour_free_studies": tumour_free,
+            },
+            "detection_by_size": by_size,
+            f"missed_ge_{LARGE_LESION_MM:g}mm": missed,
         }
 
     def roc(self, level: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
@@ -224,6 +299,8 @@ def score_case(
                 volume_mm3=volume,
                 detected=bool(hits.size),
                 dice=dice(gt, found),
+                mean_hu=float(case.hu[gt].mean()),
+                peak_probability=float(probability[gt].max()),
             )
         )
     n_pred = len(lesion_map.lesions)
@@ -231,6 +308,9 @@ def score_case(
         case_id=case.case_id,
         image_truth=case.slice_labels,
         image_probability=np.asarray(image_probability, dtype=np.float32),
+        image_tumour_area_mm2=(
+            (case.tumour_mask > 0).sum(axis=(1, 2)) * case.spacing_mm[1] * case.spacing_mm[2]
+        ).astype(np.float32),
         study_truth=case.has_tumour,
         study_probability=float(study_probability),
         volume_dice=dice(case.tumour_mask > 0, predicted > 0),

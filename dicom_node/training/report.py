@@ -75,6 +75,23 @@ def _summary_lines(
         f"false-positive lesions per tumour-free study: "
         f"{_fmt(det['false_positives_per_tumour_free_study'])}",
     ]
+    errors = summary["errors"]
+    areas = ", ".join(
+        f"{b['area_mm2'][0]:g}-{b['area_mm2'][1]:g}: {_fmt(b['sensitivity'])}"
+        if b["area_mm2"][1] is not None
+        else f">{b['area_mm2'][0]:g}: {_fmt(b['sensitivity'])}"
+        for b in errors["image_sensitivity_by_tumour_area"]
+    )
+    fp = errors["false_positive_images"]
+    missed = errors["missed_ge_6mm"]
+    silent = sum(m["peak_probability"] < evaluation.card.thresholds.segmentation for m in missed)
+    lines += [
+        "",
+        f"tumour slices found, by tumour area (mm2): {areas}",
+        "slices flagged without tumour: "
+        + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in fp.items()),
+        f"missed >= 6 mm: {len(missed)}, {silent} with no voxel above the segmentation threshold",
+    ]
     return lines
 
 

@@ -12,7 +12,7 @@ import torch
 from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.weights import load_model, save_model
 from dicom_node.training.datasets import Case, PhantomDataset, PhantomSpec
-from dicom_node.training.evaluate import evaluate, score_case, write_evaluation
+from dicom_node.training.evaluate import Evaluation, evaluate, score_case, write_evaluation
 from tests.analysis.lungct_tiny import make_card, make_network
 
 
@@ -78,6 +78,57 @@ def test_a_lesion_without_a_confident_voxel_is_not_reported() -> None:
     assert out.lesions[0].detected
 
 
+def test_the_errors_section_says_which_slices_and_tumours_were_missed() -> None:
+    """By hand: a case with a large tumour (found), a small one (missed, no response) and
+    three flagged slices without tumour; a tumour-free case with one flagged slice."""
+    hu = np.full((12, 32, 32), -850, dtype=np.int16)
+    mask = np.zeros((12, 32, 32), dtype=np.uint8)
+    mask[1:4, 2:12, 2:12] = 1  # 100 mm² on slices 1-3: 300 mm³, found
+    mask[8, 20:22, 20:24] = 1  # 8 mm² on slice 8, missed
+    hu[8, 20:22, 20:24] = -550
+    case = Case("c1", "p1", hu, mask, (1.0, 1.0, 1.0))
+    prob = np.zeros(hu.shape, dtype=np.float32)
+    prob[1:4, 2:12, 2:12] = 0.9
+    prob[8, 20:22, 20:24] = 0.2
+    image = np.zeros(12, dtype=np.float32)
+    image[[1, 2, 3]] = 0.9  # tumour slices found
+    image[[4, 5, 11]] = 0.8  # flagged: 4 and 5 next to the tumour, 11 three slices from 8
+    rule = LesionRule(threshold=0.5, min_volume_mm3=10.0)
+    with_tumour = score_case(case, prob, image, 0.9, rule=rule)
+    free = Case(
+        "c2",
+        "p2",
+        np.full((4, 32, 32), -850, np.int16),
+        np.zeros((4, 32, 32), np.uint8),
+        (1.0, 1.0, 1.0),
+    )
+    free_image = np.array([0.0, 0.7, 0.0, 0.0], dtype=np.float32)
+    without = score_case(free, np.zeros((4, 32, 32), np.float32), free_image, 0.1, rule=rule)
+    errors = Evaluation(card=make_card(), cases=(with_tumour, without)).errors()
+    areas = {
+        tuple(b["area_mm2"]): (b["images"], b["sensitivity"])
+        for b in errors["image_sensitivity_by_tumour_area"]
+    }
+    assert areas[(0.0, 15.0)] == (1, 0.0)  # slice 8
+    assert areas[(60.0, 150.0)] == (3, 1.0)  # slices 1-3
+    assert areas[(15.0, 60.0)] == (0, None)
+    assert errors["false_positive_images"] == {
+        "within_2_slices_of_tumour": 2,
+        "elsewhere_in_tumour_studies": 1,
+        "in_tumour_free_studies": 1,
+    }
+    sizes = {
+        b["diameter_mm"][0]: (b["lesions"], b["sensitivity"]) for b in errors["detection_by_size"]
+    }
+    assert sizes[0.0] == (1, 0.0) and sizes[6.0] == (1, 1.0)  # 8 mm³: 2.5 mm; 300 mm³: 8.3 mm
+    assert errors["missed_ge_6mm"] == []
+    small = next(les for les in with_tumour.lesions if not les.detected)
+    assert small.mean_hu == pytest.approx(-550.0)
+    assert small.peak_probability == pytest.approx(0.2)
+    large = next(les for les in with_tumour.lesions if les.detected)
+    assert large.peak_probability == pytest.approx(0.9) and large.mean_hu == pytest.approx(-850.0)
+
+
 def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
     """Evaluating a (random) tiny model on phantoms writes evaluation.json and report.png."""
     torch.set_num_threads(1)
@@ -103,6 +154,13 @@ def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
         payload["held_out"]["image"]
     )
     assert payload["held_out"]["cases"] == 3 and len(payload["per_case"]) == 3
+    errors = payload["held_out"]["errors"]
+    assert sum(b["images"] for b in errors["image_sensitivity_by_tumour_area"]) == sum(
+        int(np.sum(c.image_truth)) for c in result.cases
+    )
+    assert sum(errors["false_positive_images"].values()) == sum(
+        int(np.sum((c.image_probability >= 0.5) & ~c.image_truth)) for c in result.cases
+    )
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png_path.stat().st_size > 20_000
 
