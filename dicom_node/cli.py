@@ -123,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         help="2.5-D input: planes this many mm before and after each slice (0: the slice alone)",
     )
     train.add_argument("--crop", type=int, default=128)
+    train.add_argument(
+        "--lesion-fraction",
+        type=float,
+        default=0.5,
+        help="share of tumour-centred crops drawn tumour first, every tumour equally likely",
+    )
+    train.add_argument(
+        "--crop-dice",
+        type=float,
+        default=0.5,
+        help="weight of the per-crop Dice in the loss (the rest: Dice of the whole batch)",
+    )
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seg-steps", type=int, default=3000)
     train.add_argument("--cls-epochs", type=int, default=200)

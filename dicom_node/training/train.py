@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import cc3d
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -111,6 +112,15 @@ class TrainConfig:
         Crops per stage-1 step.
     positive_fraction
         Share of each batch centred on a tumour pixel.
+    lesion_fraction
+        Share of those tumour-centred crops that draw a tumour first, every tumour (3-D
+        component) of the training cases equally likely, then one of its voxels; the others
+        draw a slice with tumour, then one of its tumour pixels. Drawing by slice shows a 40 mm
+        tumour several times as often as a 6 mm one, which spans a few slices.
+    crop_dice
+        Weight of the per-crop Dice (the mean over crops holding tumour) in the Dice term of
+        the loss; the rest is the Dice of the batch as a whole, where large tumours outweigh
+        small ones by their area (see :func:`bce_dice_loss`).
     seg_steps, seg_lr, seg_weight_decay, warmup_steps
         Stage-1 length and AdamW settings.
     val_every, patience
@@ -158,6 +168,8 @@ class TrainConfig:
     crop: int = 128
     batch_size: int = 8
     positive_fraction: float = 0.5
+    lesion_fraction: float = 0.5
+    crop_dice: float = 0.5
     seg_steps: int = 3000
     seg_lr: float = 1e-3
     seg_weight_decay: float = 1e-4
@@ -196,6 +208,9 @@ class TrainConfig:
             raise ValueError("input_mode 'spacing' needs pixel_spacing_mm")
         if self.architecture.in_channels != input_channels(self.context_mm):
             raise ValueError("architecture.in_channels must be 3 with context_mm, 1 without")
+        for name in ("positive_fraction", "lesion_fraction", "crop_dice"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
         if not self.freeze_encoder:
             raise ValueError("stage 2 trains the MLP on a frozen encoder (freeze_encoder=True)")
         if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
@@ -493,23 +508,41 @@ def load_encoder_weights(network: LungCTNet, path: Path) -> None:
 
 
 def bce_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0
+    logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0, crop_dice: float = 0.0
 ) -> torch.Tensor:
-    """BCE with logits plus soft Dice loss over the whole batch.
+    """BCE with logits plus a soft Dice loss.
+
+    The Dice term is ``(1 - crop_dice) * (1 - batch Dice) + crop_dice * mean(1 - crop Dice)``:
+    the batch Dice pools every pixel of the batch, so each tumour counts by its area; the
+    crop Dice is taken per crop holding tumour and averaged, so a crop of a 6 mm tumour counts
+    as much as one of a 40 mm tumour. Crops without tumour enter the batch Dice and the BCE
+    only; when no crop holds tumour the crop term is 0.
 
     Parameters
     ----------
     logits, target
         (N, 1, H, W); target in {0, 1}.
     smooth
-        Added to numerator and denominator of the Dice (so a batch without tumour and without
+        Added to numerator and denominator of each Dice (so a batch without tumour and without
         predicted tumour has Dice 1).
+    crop_dice
+        Weight of the per-crop Dice, in [0, 1].
     """
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
     prob = torch.sigmoid(logits.float())
     intersection = (prob * target).sum()
     soft_dice = (2 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
-    return bce + (1.0 - soft_dice)
+    loss = bce + (1.0 - crop_dice) * (1.0 - soft_dice)
+    if crop_dice > 0.0:
+        dims = tuple(range(1, target.dim()))
+        holds = target.sum(dim=dims) > 0
+        if bool(holds.any()):
+            p, t = prob[holds], target[holds]
+            per_crop = (2 * (p * t).sum(dim=dims) + smooth) / (
+                p.sum(dim=dims) + t.sum(dim=dims) + smooth
+            )
+            loss = loss + crop_dice * (1.0 - per_crop).mean()
+    return loss
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -545,8 +578,33 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+def tumour_voxels(bank: SliceBank) -> list[npt.NDArray[np.int64]]:
+    """The voxels of every tumour in the bank, one array per 3-D component (26-connected,
+    within one case), as flat indices into ``bank.masks``."""
+    tumours: list[npt.NDArray[np.int64]] = []
+    plane = int(np.prod(bank.masks.shape[1:]))
+    for k in range(len(bank.case_ids)):
+        start = int(np.searchsorted(bank.case_index, k, side="left"))
+        stop = int(np.searchsorted(bank.case_index, k, side="right"))
+        labels, count = cc3d.connected_components(
+            bank.masks[start:stop] > 0, connectivity=26, return_N=True, binary_image=True
+        )
+        if count == 0:
+            continue
+        flat = labels.reshape(-1)
+        voxels = np.flatnonzero(flat)
+        voxels = voxels[np.argsort(flat[voxels], kind="stable")]  # by component, then in order
+        bounds = np.searchsorted(flat[voxels], np.arange(1, count + 2))
+        offset = start * plane
+        tumours.extend(
+            voxels[bounds[c] : bounds[c + 1]].astype(np.int64) + offset for c in range(count)
+        )
+    return tumours
+
+
 class _Sampler:
-    """Draws stage-1 crops: a share centred near tumour pixels, the rest anywhere."""
+    """Draws stage-1 crops: a share centred near tumour pixels (by tumour or by slice, see
+    :class:`TrainConfig`), the rest anywhere."""
 
     def __init__(
         self,
@@ -554,14 +612,28 @@ class _Sampler:
         *,
         crop: int,
         positive_fraction: float,
+        lesion_fraction: float = 0.0,
         context_mm: float | None = None,
     ) -> None:
         self.bank = bank
         self.context_mm = context_mm
         self.crop = min(crop, bank.hu.shape[-1])
         self.positive_fraction = positive_fraction
+        self.lesion_fraction = lesion_fraction
         flat = bank.masks.reshape(len(bank), -1)
         self.positive = np.flatnonzero(flat.any(axis=1))
+        self.tumours = tumour_voxels(bank) if lesion_fraction > 0 else []
+
+    def _tumour_centre(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """A slice with tumour and a tumour pixel on it: by tumour or by slice."""
+        if self.tumours and rng.uniform() < self.lesion_fraction:
+            voxels = self.tumours[int(rng.integers(len(self.tumours)))]
+            where = np.unravel_index(int(rng.choice(voxels)), self.bank.masks.shape)
+            return int(where[0]), int(where[1]), int(where[2])
+        row = int(rng.choice(self.positive))
+        ys, xs = np.nonzero(self.bank.masks[row])
+        j = int(rng.integers(ys.size))
+        return row, int(ys[j]), int(xs[j])
 
     def draw(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.bank.hu.shape[-1]
@@ -569,11 +641,9 @@ class _Sampler:
         hus, masks = [], []
         for _ in range(n):
             if self.positive.size and rng.uniform() < self.positive_fraction:
-                k = int(rng.choice(self.positive))
-                ys, xs = np.nonzero(self.bank.masks[k])
-                j = int(rng.integers(ys.size))
+                k, y, x = self._tumour_centre(rng)
                 jitter = rng.integers(-c // 3, c // 3 + 1, size=2)
-                cy, cx = int(ys[j] + jitter[0]), int(xs[j] + jitter[1])
+                cy, cx = int(y + jitter[0]), int(x + jitter[1])
             else:
                 k = int(rng.integers(len(self.bank)))
                 cy, cx = (int(v) for v in rng.integers(c // 2, size - c // 2 + 1, size=2))
@@ -908,7 +978,7 @@ class _Run:
         )
         with _autocast(self.device, config.precision):
             seg, _ = self.network(x.to(self.device))
-        loss = bce_dice_loss(seg, target.to(self.device))
+        loss = bce_dice_loss(seg, target.to(self.device), crop_dice=config.crop_dice)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
@@ -949,6 +1019,7 @@ class _Run:
             train_bank,
             crop=config.crop,
             positive_fraction=config.positive_fraction,
+            lesion_fraction=config.lesion_fraction,
             context_mm=config.context_mm,
         )
         self.network.train()
@@ -1472,6 +1543,8 @@ def run_from_args(args: Any) -> int:
         pixel_spacing_mm=args.pixel_spacing,
         context_mm=context_mm,
         crop=args.crop,
+        lesion_fraction=args.lesion_fraction,
+        crop_dice=args.crop_dice,
         batch_size=args.batch_size,
         seg_steps=args.seg_steps,
         cls_epochs=args.cls_epochs,

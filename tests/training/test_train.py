@@ -372,3 +372,88 @@ def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None
     first = image[:, 0, 16, 16]
     assert bool((first < image[:, 1, 16, 16]).any()) and bool((first > image[:, 1, 16, 16]).any())
     torch.testing.assert_close(image[:, 1, 16, 16], torch.full((16,), 700 / 1400))
+
+
+def test_crop_dice_weighs_a_small_tumour_like_a_large_one() -> None:
+    """The per-crop Dice term, by hand: two crops with tumour (16 and 1 pixels), one without.
+
+    With certain logits (+/-40) the prediction is the mask, except that the small tumour is
+    missed. Batch Dice: (2*16 + 1) / (16 + 17 + 1) = 33/34; crop Dice: (2*16 + 1)/(16 + 16 + 1)
+    = 1 and (0 + 1)/(0 + 1 + 1) = 1/2; the crop without tumour is left out of the crop term.
+    """
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, 0, 2:6, 2:6] = 1.0
+    target[1, 0, 4, 4] = 1.0
+    logits = torch.where(target > 0, 40.0, -40.0)
+    logits[1, 0, 4, 4] = -40.0  # the small tumour is missed
+    bce = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+    batch_only = float(bce_dice_loss(logits, target))
+    assert batch_only == pytest.approx(bce + 1.0 - 33.0 / 34.0, abs=1e-6)
+    mixed = float(bce_dice_loss(logits, target, crop_dice=0.5))
+    crop_term = ((1.0 - 1.0) + (1.0 - 0.5)) / 2.0
+    assert mixed == pytest.approx(bce + 0.5 * (1.0 - 33.0 / 34.0) + 0.5 * crop_term, abs=1e-6)
+    # the Dice term for missing the small tumour: 0.140 with the crop Dice, 0.029 without
+    assert mixed - bce > 4 * (batch_only - bce)
+    # no crop holds tumour: the crop term is absent
+    empty = torch.zeros(2, 1, 8, 8)
+    quiet = torch.full_like(empty, -40.0)
+    empty_bce = float(torch.nn.functional.binary_cross_entropy_with_logits(quiet, empty))
+    # batch Dice of an empty batch predicted empty is 1, weighted 0.5; no crop term
+    assert float(bce_dice_loss(quiet, empty, crop_dice=0.5)) == pytest.approx(
+        empty_bce + 0.5 * (1.0 - 1.0), abs=1e-6
+    )
+
+
+def _two_tumour_bank() -> train_module.SliceBank:
+    """Case a: a large tumour (slices 0-5, 10x10 px) and a small one (slice 7, 1 px); case
+    b: a tumour touching a's on the slice grid but in another case."""
+    masks = np.zeros((12, 32, 32), np.uint8)
+    masks[0:6, 2:12, 2:12] = 1
+    masks[7, 25, 25] = 1
+    masks[8:10, 2:4, 2:4] = 1  # case b starts at row 8
+    return train_module.SliceBank(
+        hu=np.zeros((12, 32, 32), np.int16),
+        masks=masks,
+        labels=masks.reshape(12, -1).any(axis=1),
+        case_index=np.array([0] * 8 + [1] * 4),
+        case_ids=("a", "b"),
+        spacing_zyx=np.ones((2, 3)),
+    )
+
+
+def test_tumour_voxels_are_3d_components_within_a_case() -> None:
+    """Three tumours: the one of case b is not merged with a's across the case boundary."""
+    bank = _two_tumour_bank()
+    tumours = sorted(train_module.tumour_voxels(bank), key=len)
+    assert [t.size for t in tumours] == [1, 8, 600]
+    plane = 32 * 32
+    assert tumours[0].tolist() == [7 * plane + 25 * 32 + 25]
+    assert {int(v) // plane for v in tumours[1]} == {8, 9}
+    assert {int(v) // plane for v in tumours[2]} == set(range(6))
+
+
+def test_sampling_by_tumour_shows_a_small_tumour_as_often_as_a_large_one() -> None:
+    """Drawn by slice, the 1-pixel tumour of one slice is the centre of 1 crop in 9 (it has
+    1 of 9 slices with tumour); drawn by tumour, of 1 in 3 (1 of 3 tumours)."""
+    bank = _two_tumour_bank()
+
+    def share(lesion_fraction: float) -> float:
+        sampler = train_module._Sampler(
+            bank, crop=32, positive_fraction=1.0, lesion_fraction=lesion_fraction
+        )
+        rng = np.random.default_rng(0)
+        centres = [sampler._tumour_centre(rng) for _ in range(3000)]
+        for k, y, x in centres:
+            assert bank.masks[k, y, x]  # always on a tumour pixel
+        return sum(c == (7, 25, 25) for c in centres) / len(centres)
+
+    assert share(0.0) == pytest.approx(1 / 9, abs=0.03)
+    assert share(1.0) == pytest.approx(1 / 3, abs=0.03)
+    assert share(0.5) == pytest.approx((1 / 9 + 1 / 3) / 2, abs=0.03)
+
+
+def test_sampling_fractions_outside_zero_to_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="lesion_fraction"):
+        TrainConfig(lesion_fraction=1.5)
+    with pytest.raises(ValueError, match="crop_dice"):
+        TrainConfig(crop_dice=-0.1)
