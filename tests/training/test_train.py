@@ -457,3 +457,35 @@ def test_sampling_fractions_outside_zero_to_one_are_refused() -> None:
         TrainConfig(lesion_fraction=1.5)
     with pytest.raises(ValueError, match="crop_dice"):
         TrainConfig(crop_dice=-0.1)
+
+
+@pytest.mark.parametrize(("patience_after", "stops_at"), [(0.0, 3), (0.5, 7)])
+def test_early_stopping_waits_until_the_schedule_is_half_way(
+    phantoms: PhantomDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    patience_after: float,
+    stops_at: int,
+) -> None:
+    """A validation Dice that only falls after step 1, patience 2, 12 planned steps: counted
+    from the start, stage 1 stops at step 3; counted from half-way (step 6), at step 7."""
+    real = train_module._validate_seg
+    calls = iter(range(100))
+
+    def falling(*args: Any, **kwargs: Any) -> dict[str, float]:
+        scores = real(*args, **kwargs)
+        return {**scores, "val_dice": 0.9 - 0.01 * next(calls)}
+
+    monkeypatch.setattr(train_module, "_validate_seg", falling)
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    result = train(
+        phantoms,
+        split,
+        config=_config(
+            seg_steps=12, val_every=1, patience=2, patience_after=patience_after, cls_epochs=1
+        ),
+        output=None,
+        work_dir=tmp_path / "work",
+    )
+    assert result.stopped_by == "early_stopping"
+    assert result.seg_steps_done == stops_at
