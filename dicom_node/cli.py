@@ -126,13 +126,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     train.add_argument(
         "--lesion-fraction",
         type=float,
-        default=0.5,
+        default=0.0,
         help="share of tumour-centred crops drawn tumour first, every tumour equally likely",
     )
     train.add_argument(
         "--crop-dice",
         type=float,
-        default=0.5,
+        default=0.0,
         help="weight of the per-crop Dice in the loss (the rest: Dice of the whole batch)",
     )
     train.add_argument("--batch-size", type=int, default=8)

@@ -173,8 +173,8 @@ class TrainConfig:
     crop: int = 128
     batch_size: int = 8
     positive_fraction: float = 0.5
-    lesion_fraction: float = 0.5
-    crop_dice: float = 0.5
+    lesion_fraction: float = 0.0
+    crop_dice: float = 0.0
     seg_steps: int = 3000
     seg_lr: float = 1e-3
     seg_weight_decay: float = 1e-4
