@@ -85,12 +85,15 @@ def _summary_lines(
     fp = errors["false_positive_images"]
     missed = errors["missed_ge_6mm"]
     silent = sum(m["peak_probability"] < evaluation.card.thresholds.segmentation for m in missed)
+    (near, n_near), *rest = ((k.replace("_", " "), n) for k, n in fp.items())
     lines += [
         "",
-        f"tumour slices found, by tumour area (mm2): {areas}",
-        "slices flagged without tumour: "
-        + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in fp.items()),
-        f"missed >= 6 mm: {len(missed)}, {silent} with no voxel above the segmentation threshold",
+        "tumour slices found, by tumour area (mm2):",
+        f"  {areas}",
+        f"slices flagged without tumour: {n_near} {near},",
+        "  " + ", ".join(f"{n} {where}" for where, n in rest),
+        f"tumours >= 6 mm missed: {len(missed)}; {silent} of them with no voxel",
+        "  above the segmentation threshold",
     ]
     return lines
 
