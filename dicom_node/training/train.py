@@ -368,6 +368,11 @@ class SliceBank:
     def __len__(self) -> int:
         return int(self.hu.shape[0])
 
+    def case_rows(self, k: int) -> slice:
+        """The rows of case ``k``: a case's slices are one run of rows, in slice order."""
+        start = int(np.searchsorted(self.case_index, k, side="left"))
+        return slice(start, int(np.searchsorted(self.case_index, k, side="right")))
+
     def inputs(
         self, indices: Sequence[int] | npt.NDArray[np.int64], context_mm: float | None
     ) -> npt.NDArray[np.float32]:
@@ -380,12 +385,10 @@ class SliceBank:
         out = np.empty((index.size, CONTEXT_CHANNELS, *self.hu.shape[1:]), dtype=np.float32)
         cases = self.case_index[index]
         for k in np.unique(cases):
-            # a case's slices are one run of rows, in slice order
-            start = int(np.searchsorted(self.case_index, k, side="left"))
-            stop = int(np.searchsorted(self.case_index, k, side="right"))
+            case = self.case_rows(int(k))
             rows = np.flatnonzero(cases == k)
             out[rows] = with_context(
-                self.hu[start:stop], index[rows] - start, float(self.spacing_zyx[k, 0]), context_mm
+                self.hu[case], index[rows] - case.start, float(self.spacing_zyx[k, 0]), context_mm
             )
         return out
 
@@ -590,20 +593,19 @@ def tumour_voxels(bank: SliceBank) -> list[npt.NDArray[np.int64]]:
     tumours: list[npt.NDArray[np.int64]] = []
     plane = int(np.prod(bank.masks.shape[1:]))
     for k in range(len(bank.case_ids)):
-        start = int(np.searchsorted(bank.case_index, k, side="left"))
-        stop = int(np.searchsorted(bank.case_index, k, side="right"))
+        case = bank.case_rows(k)
         labels, count = cc3d.connected_components(
-            bank.masks[start:stop] > 0, connectivity=26, return_N=True, binary_image=True
+            bank.masks[case] > 0, connectivity=26, return_N=True, binary_image=True
         )
         if count == 0:
             continue
         flat = labels.reshape(-1)
         voxels = np.flatnonzero(flat)
         voxels = voxels[np.argsort(flat[voxels], kind="stable")]  # by component, then in order
-        bounds = np.searchsorted(flat[voxels], np.arange(1, count + 2))
-        offset = start * plane
+        sizes = np.bincount(flat[voxels], minlength=count + 1)[1:]
+        offset = case.start * plane
         tumours.extend(
-            voxels[bounds[c] : bounds[c + 1]].astype(np.int64) + offset for c in range(count)
+            part.astype(np.int64) + offset for part in np.split(voxels, np.cumsum(sizes)[:-1])
         )
     return tumours
 
