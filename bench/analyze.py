@@ -6,6 +6,7 @@ runs ``dicom-node analyze`` on it in a child process, and prints the seconds of 
 for a 600-slice 512² study on the CPU is under 3 GB.
 
     .venv/bin/python bench/analyze.py [--slices 300] [--size 512] [--model DIR | --random-model]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--random-model", action="store_true")
     parser.add_argument("--probability-dtype", choices=["float32", "uint8"], default="uint8")
+    parser.add_argument("--device", default="cpu", help="inference.device: cpu, cuda[:N] or auto")
     args = parser.parse_args()
 
     from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
@@ -58,7 +60,7 @@ def main() -> None:
         cfg = work / "c.yaml"
         cfg.write_text(
             f"model: {{path: {model}}}\n"
-            f"inference: {{device: cpu, probability_dtype: {args.probability_dtype}}}\n"
+            f"inference: {{device: {args.device}, probability_dtype: {args.probability_dtype}}}\n"
         )
         t = time.perf_counter()
         # The child's own peak (VmHWM, which exec resets): RUSAGE_CHILDREN would count the

@@ -197,6 +197,12 @@ def _dataset_args(
     p.add_argument("--tumour-probability", type=float, default=tumour_probability)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that load or generate cases (default: one per core, at most 8)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from scipy import ndimage  # type: ignore[import-untyped, unused-ignore]
 from tqdm import tqdm
 
-from dicom_node.training.datasets import Case, CaseDataset, iter_cases
+from dicom_node.training.datasets import Case, CaseDataset, map_cases
 from dicom_node.training.metrics import binary_scores
 
 logger = logging.getLogger(__name__)
@@ -147,15 +147,27 @@ def case_features(case: Case) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.b
     return feats, case.slice_labels
 
 
-def dataset_features(
-    dataset: CaseDataset, case_ids: Sequence[str], *, progress: bool = False
+def _loaded_case_features(
+    dataset: CaseDataset, case_id: str
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-    """Stacked slice features and labels of the given cases."""
+    return case_features(dataset.load(case_id))
+
+
+def dataset_features(
+    dataset: CaseDataset,
+    case_ids: Sequence[str],
+    *,
+    progress: bool = False,
+    workers: int = 1,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Stacked slice features and labels of the given cases (in ``workers`` processes)."""
     feats, labels = [], []
-    for case in tqdm(
-        iter_cases(dataset, case_ids), total=len(case_ids), disable=not progress, desc="features"
+    for f, y in tqdm(
+        map_cases(_loaded_case_features, dataset, case_ids, workers=workers),
+        total=len(case_ids),
+        disable=not progress,
+        desc="features",
     ):
-        f, y = case_features(case)
         feats.append(f)
         labels.append(y)
     return np.concatenate(feats), np.concatenate(labels)
@@ -195,8 +207,11 @@ def compare_baseline(
     *,
     seed: int = 0,
     progress: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train the baseline on ``train_ids``' slices; score it there and on ``test_ids``.
+
+    ``workers`` processes load the cases and compute their features.
 
     Returns
     -------
@@ -206,8 +221,10 @@ def compare_baseline(
     """
     from dicom_node.training.metrics import roc_curve
 
-    x_train, y_train = dataset_features(train_dataset, train_ids, progress=progress)
-    x_test, y_test = dataset_features(test_dataset, test_ids, progress=progress)
+    x_train, y_train = dataset_features(
+        train_dataset, train_ids, progress=progress, workers=workers
+    )
+    x_test, y_test = dataset_features(test_dataset, test_ids, progress=progress, workers=workers)
     model = fit_baseline(x_train, y_train, seed=seed)
     p_train = model.predict_proba(x_train)
     p_test = model.predict_proba(x_test)

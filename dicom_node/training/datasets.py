@@ -17,13 +17,17 @@ slices are on both sides; :func:`write_split` and :func:`read_split` keep a spli
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -107,10 +111,72 @@ class CaseDataset(Protocol):
         ...
 
 
-def iter_cases(dataset: CaseDataset, case_ids: Sequence[str] | None = None) -> Iterator[Case]:
-    """Load the given cases (all when ``None``) one after another."""
-    for case_id in dataset.case_ids() if case_ids is None else case_ids:
-        yield dataset.load(case_id)
+T = TypeVar("T")
+
+
+def default_workers(limit: int = 8) -> int:
+    """One loader process per CPU core this process may use, at most ``limit``."""
+    return max(1, min(limit, len(os.sched_getaffinity(0))))
+
+
+def iter_cases(
+    dataset: CaseDataset, case_ids: Sequence[str] | None = None, *, workers: int = 1
+) -> Iterator[Case]:
+    """Load the given cases (all when ``None``) in order, in ``workers`` processes."""
+    ids = dataset.case_ids() if case_ids is None else case_ids
+    yield from map_cases(_load_case, dataset, ids, workers=workers)
+
+
+def _load_case(dataset: CaseDataset, case_id: str) -> Case:
+    return dataset.load(case_id)
+
+
+def _one_torch_thread() -> None:
+    """Loader processes share the cores among themselves: one torch thread each."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def map_cases(
+    fn: Callable[[CaseDataset, str], T],
+    dataset: CaseDataset,
+    case_ids: Sequence[str],
+    *,
+    workers: int = 1,
+) -> Iterator[T]:
+    """``fn(dataset, case_id)`` for each case id, yielded in the order of ``case_ids``.
+
+    With ``workers`` > 1 the calls run in that many processes (started fresh, not forked from
+    a process whose torch threads are running), at most two cases per process ahead of the
+    consumer, so memory stays bounded when the consumer is slower. ``fn`` and ``dataset`` must
+    pickle: a module-level function (or a ``functools.partial`` of one) and a dataset of plain
+    settings, as every dataset here is. Results are the same for any number of workers.
+    """
+    if workers <= 1 or len(case_ids) <= 1:
+        for case_id in case_ids:
+            yield fn(dataset, case_id)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        min(workers, len(case_ids)), mp_context=context, initializer=_one_torch_thread
+    ) as pool:
+        pending: collections.deque[Future[T]] = collections.deque()
+        remaining = iter(case_ids)
+        for case_id in remaining:
+            pending.append(pool.submit(fn, dataset, case_id))
+            if len(pending) >= 2 * workers:
+                break
+        try:
+            while pending:
+                result = pending.popleft().result()
+                following = next(remaining, None)
+                if following is not None:
+                    pending.append(pool.submit(fn, dataset, following))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # ---------------------------------------------------------------------- MSD (NIfTI)

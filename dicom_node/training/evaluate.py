@@ -330,6 +330,7 @@ def evaluate(
     lesion_settings: LesionSettings | None = None,
     overlays: int = 4,
     progress: bool = False,
+    workers: int = 1,
 ) -> Evaluation:
     """Run the node's engine and lesion finder over cases and score them.
 
@@ -346,6 +347,8 @@ def evaluate(
         slices of tumour-free cases).
     progress
         Show a progress bar.
+    workers
+        Processes that load (or generate) the cases ahead of the engine.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     engine = InferenceEngine(loaded, inference or InferenceSettings(device="cpu"))
@@ -353,7 +356,10 @@ def evaluate(
     outcomes: list[CaseOutcome] = []
     shown: list[Overlay] = []
     for case in tqdm(
-        iter_cases(dataset, case_ids), total=len(case_ids), disable=not progress, desc="evaluate"
+        iter_cases(dataset, case_ids, workers=workers),
+        total=len(case_ids),
+        disable=not progress,
+        desc="evaluate",
     ):
         started = time.perf_counter()
         result = engine.run(case.hu, case.spacing_mm)
@@ -511,7 +517,12 @@ def run_from_args(args: Any) -> int:
     """The ``dicom-node evaluate`` command (``args`` from its argparse subcommand)."""
     import torch
 
-    from dicom_node.training.datasets import PhantomSpec, open_dataset, read_split
+    from dicom_node.training.datasets import (
+        PhantomSpec,
+        default_workers,
+        open_dataset,
+        read_split,
+    )
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -553,11 +564,14 @@ def run_from_args(args: Any) -> int:
             trained = set(read_split(args.train_split).train)
             train_ids = [c for c in train_ids if c in trained]
     progress = not args.no_progress
+    workers = args.workers or default_workers()
     loaded = load_model(args.model)
     inference = InferenceSettings(device="cpu" if args.device == "auto" else args.device)
     if args.device == "auto" and torch.cuda.is_available():
         inference = InferenceSettings(device="auto")
-    held_out = evaluate(loaded, dataset, held_out_ids, inference=inference, progress=progress)
+    held_out = evaluate(
+        loaded, dataset, held_out_ids, inference=inference, progress=progress, workers=workers
+    )
     train_eval = None
     if train_ids and args.train_eval_cases > 0:
         train_eval = evaluate(
@@ -567,13 +581,20 @@ def run_from_args(args: Any) -> int:
             inference=inference,
             overlays=0,
             progress=progress,
+            workers=workers,
         )
     baseline = None
     if args.baseline:
         from dicom_node.training.baseline import compare_baseline
 
         baseline = compare_baseline(
-            train_dataset, train_ids, dataset, held_out_ids, seed=args.seed, progress=progress
+            train_dataset,
+            train_ids,
+            dataset,
+            held_out_ids,
+            seed=args.seed,
+            progress=progress,
+            workers=workers,
         )
     description = f"{dataset.name}: {len(held_out_ids)} cases"
     json_path, png_path = write_evaluation(

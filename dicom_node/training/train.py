@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ from dicom_node.analysis.weights import (
 )
 from dicom_node.errors import ModelError
 from dicom_node.training.augment import AugmentConfig, augment_batch
-from dicom_node.training.datasets import Case, CaseDataset, Split, iter_cases
+from dicom_node.training.datasets import Case, CaseDataset, Split, map_cases
 from dicom_node.training.evaluate import LARGE_LESION_MM, score_case
 from dicom_node.training.metrics import binary_scores, choose_threshold
 
@@ -68,6 +69,7 @@ _NOT_IN_CHECKPOINT_KEY = frozenset(
     {
         "max_minutes",
         "threads",
+        "workers",
         "progress",
         "device",
         "feature_views",
@@ -156,6 +158,9 @@ class TrainConfig:
         about twice as fast as fp32 there), fp32 elsewhere; or ``fp32`` / ``bf16``.
     threads
         torch CPU threads (``None`` leaves torch's choice).
+    workers
+        Processes that load (or generate) and resample the cases before training; the slices
+        are the same for any number.
     checkpoint_every
         Steps between stage-1 checkpoints.
     encoder_weights
@@ -198,6 +203,7 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = None
+    workers: int = 1
     checkpoint_every: int = 100
     encoder_weights: Path | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -219,6 +225,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if not self.freeze_encoder:
             raise ValueError("stage 2 trains the MLP on a frozen encoder (freeze_encoder=True)")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
         if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
             raise ValueError("batch_size must be positive, step and epoch counts not negative")
 
@@ -401,8 +409,13 @@ def build_bank(
     window: tuple[float, float],
     cache_dir: Path | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> SliceBank:
-    """Load cases and put every slice on the model grid (cached in ``cache_dir`` when given)."""
+    """Load cases and put every slice on the model grid (cached in ``cache_dir`` when given).
+
+    ``workers`` processes load (or generate) and resample the cases; the bank is the same for
+    any number of them.
+    """
     key = hashlib.sha256(
         json.dumps(
             [dataset.name, list(case_ids), spec.model_dump(mode="json"), list(window), 2]
@@ -421,19 +434,20 @@ def build_bank(
                 spacing_zyx=data["spacing_zyx"],
             )
     hus, masks, labels, index, spacings = [], [], [], [], []
-    cases = iter_cases(dataset, case_ids)
-    for k, case in enumerate(
+    cases = map_cases(
+        functools.partial(_bank_case, spec=spec, window=window),
+        dataset,
+        case_ids,
+        workers=workers,
+    )
+    for k, (hu, mask, slice_labels, spacing) in enumerate(
         tqdm(cases, total=len(case_ids), desc="cases", disable=not progress, mininterval=10)
     ):
-        x, m = to_model_grid(
-            case.hu, case.spacing_mm[1:], spec=spec, window=window, mask=case.tumour_mask
-        )
-        assert m is not None
-        hus.append(x[:, 0].round().to(torch.int16).numpy())
-        masks.append(m[:, 0].to(torch.uint8).numpy())
-        labels.append(case.slice_labels)
-        index.append(np.full(case.hu.shape[0], k, dtype=np.int64))
-        spacings.append(model_grid_spacing(case.hu.shape, case.spacing_mm, spec))
+        hus.append(hu)
+        masks.append(mask)
+        labels.append(slice_labels)
+        index.append(np.full(hu.shape[0], k, dtype=np.int64))
+        spacings.append(spacing)
     bank = SliceBank(
         hu=np.concatenate(hus),
         masks=np.concatenate(masks),
@@ -456,6 +470,25 @@ def build_bank(
         )
         tmp.replace(cache)
     return bank
+
+
+def _bank_case(
+    dataset: CaseDataset, case_id: str, *, spec: InputSpec, window: tuple[float, float]
+) -> tuple[
+    npt.NDArray[np.int16], npt.NDArray[np.uint8], npt.NDArray[np.bool_], tuple[float, float, float]
+]:
+    """One case on the model grid: int16 HU, uint8 mask, slice labels, grid spacing (z, y, x)."""
+    case = dataset.load(case_id)
+    x, m = to_model_grid(
+        case.hu, case.spacing_mm[1:], spec=spec, window=window, mask=case.tumour_mask
+    )
+    assert m is not None
+    return (
+        x[:, 0].round().to(torch.int16).numpy(),
+        m[:, 0].to(torch.uint8).numpy(),
+        case.slice_labels,
+        model_grid_spacing(case.hu.shape, case.spacing_mm, spec),
+    )
 
 
 # ---------------------------------------------------------------------- encoder weights
@@ -1349,12 +1382,19 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(config, work_dir=work_dir, started=started, device=_resolve_device(config.device))
     spec, window = config.input_spec(), config.window
-    train_bank = build_bank(
-        dataset, split.train, spec=spec, window=window, cache_dir=work_dir, progress=config.progress
-    )
-    val_bank = build_bank(
-        dataset, split.val, spec=spec, window=window, cache_dir=work_dir, progress=config.progress
-    )
+    banks = [
+        build_bank(
+            dataset,
+            cases,
+            spec=spec,
+            window=window,
+            cache_dir=work_dir,
+            progress=config.progress,
+            workers=config.workers,
+        )
+        for cases in (split.train, split.val)
+    ]
+    train_bank, val_bank = banks
     logger.info(
         "training on %d slices of %d cases (%d with tumour), validating on %d cases",
         len(train_bank),
@@ -1502,6 +1542,7 @@ def run_from_args(args: Any) -> int:
     """
     from dicom_node.training.datasets import (
         PhantomSpec,
+        default_workers,
         open_dataset,
         read_split,
         split_cases,
@@ -1561,6 +1602,7 @@ def run_from_args(args: Any) -> int:
         device=args.device,
         precision=args.precision,
         threads=args.threads,
+        workers=args.workers or default_workers(),
         encoder_weights=args.encoder_weights,
         name=args.name,
         version=args.model_version,

@@ -1,9 +1,9 @@
 """The inference engine on the CPU, end to end with a small randomly initialised model.
 
 What a GPU adds (autocast fp16/bf16 on CUDA, channels_last, pinned memory, torch.compile, batch
-size from free memory) is exercised by the ``gpu`` tests at the end, skipped where no CUDA device
-is present. Out-of-memory handling is tested here with a test double that simulates a GPU's
-out-of-memory error, because no GPU is present to run out of memory.
+size from free memory, a real out-of-memory error on the device) is exercised by the ``gpu``
+tests at the end, skipped where no CUDA device is present. Out-of-memory handling is also tested
+on the CPU with a test double that simulates a GPU's out-of-memory error.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dicom_node.analysis.inference import (
     resolve_precision,
 )
 from dicom_node.analysis.network import Architecture, LungCTNet
-from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
+from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
 from dicom_node.config import InferenceSettings, load_config
 from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, PipelineError
 from tests.analysis.lungct_tiny import make_card, make_network
@@ -363,3 +363,69 @@ def test_cuda_auto_batch_size_fits_free_memory(saved_model_dir: Path) -> None:
     assert 1 <= engine.batch_size <= 32
     result = engine.run(_volume(depth=40), SPACING)
     assert result.probability.shape == (40, 80, 96)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_batches_come_from_pinned_memory(
+    saved_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA every batch reaches the device step in pinned host memory (non-blocking copies)."""
+    engine = InferenceEngine(saved_model_dir, InferenceSettings(device="cuda", batch_size=2))
+    pinned: list[bool] = []
+    step = engine._device_step
+
+    def spy(chunk: torch.Tensor, *args: object, **kwargs: object) -> object:
+        pinned.append(chunk.is_pinned())
+        return step(chunk, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_device_step", spy)
+    engine.run(_volume(depth=5), SPACING)
+    assert pinned == [True, True, True]
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_out_of_memory_halves_the_batch_on_the_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real CUDA out-of-memory error halves the batch until it fits, with the same result.
+
+    The tiny network at 1024 x 1024 needs hundreds of MiB per slice. The caching allocator is
+    capped (``set_per_process_memory_fraction``) at what is held plus 45 % of what a batch of 16
+    took uncapped: 16 and 8 slices cannot fit, 4 can unless the fixed part (weights aside) is over
+    a quarter of the batch's need.
+    """
+    path = tmp_path / "big-input"
+    card = make_card(input={"size": 1024, "mode": "fit", "interpolation": "bilinear"})
+    save_model(make_network(), card, path, dtype=torch.float32)
+    settings = {"device": "cuda", "precision": "fp32", "batch_size": 16}
+    engine = InferenceEngine(
+        path, InferenceSettings.model_validate({**settings, "probability_dtype": "float32"})
+    )
+    device = engine.device
+    volume = _volume(depth=16)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    uncapped = engine.run(volume, SPACING)
+    need = torch.cuda.max_memory_allocated(device) - held
+    assert uncapped.batch_size == 16
+    assert need > 16 * 2**20 * 16  # over 16 MiB a slice: the cap below is not lost in rounding
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_reserved(device) + 0.45 * need
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.analysis.inference"):
+            capped = engine.run(volume, SPACING)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    assert capped.batch_size in (1, 2, 4)
+    assert "out of memory on cuda:0 at batch size 16; retrying at 8" in caplog.text
+    assert "at batch size 8; retrying at 4" in caplog.text
+    # TF32 convolutions and per-batch-size algorithms: close, not bit-identical.
+    assert float(np.abs(capped.probability - uncapped.probability).mean()) < 1e-3
+    assert float(np.abs(capped.image_probabilities - uncapped.image_probabilities).max()) < 1e-2

@@ -21,6 +21,7 @@ from dicom_node.training.datasets import (
     PhantomDataset,
     PhantomSpec,
     Split,
+    iter_cases,
     read_split,
     split_cases,
     write_split,
@@ -214,3 +215,18 @@ def test_widened_phantoms_use_the_widened_distribution() -> None:
     assert "widened by 1" in spec.describe()
     with pytest.raises(ValueError, match="widen"):
         PhantomSpec(widen=-1.0)
+
+
+def test_cases_load_in_order_in_worker_processes() -> None:
+    """Two loader processes give the cases of one process, in the order asked, and errors too."""
+    dataset = PhantomDataset(PhantomSpec(first_seed=3, count=5, shape_zyx=SMALL))
+    ids = list(reversed(dataset.case_ids()))
+    alone = list(iter_cases(dataset, ids))
+    together = list(iter_cases(dataset, ids, workers=2))
+    assert [c.case_id for c in together] == ids
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a.hu, b.hu)
+        np.testing.assert_array_equal(a.tumour_mask, b.tumour_mask)
+        assert a.spacing_mm == b.spacing_mm
+    with pytest.raises(KeyError, match="phantom-000099"):
+        list(iter_cases(dataset, [*ids[:2], "phantom-000099"], workers=2))

@@ -286,6 +286,20 @@ def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     assert "val_fp_lesions_per_tumour_free_study" in result.validation
 
 
+def test_the_slice_bank_is_the_same_built_in_worker_processes(phantoms: PhantomDataset) -> None:
+    """Cases loaded and resampled in two processes make the bank one process makes."""
+    from dicom_node.analysis.weights import InputSpec
+
+    spec = InputSpec(size=64, mode="spacing", pixel_spacing_mm=6.0)
+    ids = phantoms.case_ids()
+    alone = train_module.build_bank(phantoms, ids, spec=spec, window=(-1000.0, 400.0))
+    together = train_module.build_bank(phantoms, ids, spec=spec, window=(-1000.0, 400.0), workers=2)
+    for name in ("hu", "masks", "labels", "case_index", "spacing_zyx"):
+        np.testing.assert_array_equal(getattr(alone, name), getattr(together, name))
+    assert alone.case_ids == together.case_ids
+    assert int(together.masks.sum()) > 0
+
+
 def test_bank_inputs_take_neighbours_from_their_own_case_only() -> None:
     """SliceBank.inputs gives each slice the planes of its own case, at its own spacing, as
     the node's engine makes them (with_context); never a slice of the next case."""
@@ -489,3 +503,52 @@ def test_early_stopping_waits_until_the_schedule_is_half_way(
     )
     assert result.stopped_by == "early_stopping"
     assert result.seg_steps_done == stops_at
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_few_steps_reduce_the_loss_on_cuda_under_bf16_autocast() -> None:
+    """The training step of ``precision: auto`` on CUDA (bf16 autocast) lowers the loss."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    net = LungCTNet(TINY).train().to(device)
+    x = torch.rand(2, 1, 64, 64, device=device)
+    target = torch.zeros(2, 1, 64, 64, device=device)
+    target[:, :, 20:30, 20:30] = 1.0
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        with train_module._autocast(device, "auto"):
+            seg, _ = net(x)
+            assert seg.dtype == torch.bfloat16
+            loss = bce_dice_loss(seg, target)
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@cuda
+def test_training_on_cuda_writes_a_model_folder_that_loads_on_the_cpu(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """A run on CUDA ends with a model folder that loads and runs on the CPU."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    result = train(
+        phantoms,
+        split,
+        config=_config(device="cuda"),
+        output=tmp_path / "model",
+        work_dir=tmp_path / "work",
+    )
+    assert result.seg_steps_done == 4
+    loaded = load_model(tmp_path / "model", device=torch.device("cpu"))
+    assert "val_image_accuracy" in loaded.card.metrics
+    x = torch.rand(1, 1, 64, 64)
+    seg, logit = loaded.network(x.to(dtype=loaded.dtype))
+    assert bool(torch.isfinite(seg).all()) and bool(torch.isfinite(logit).all())
