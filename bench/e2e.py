@@ -36,7 +36,7 @@ SHIPPED = ROOT / "models" / "lung-ct-unet-resnet50"
 def _random_model(path: Path, size: int) -> Path:
     import torch
 
-    from dicom_node.analysis.network import Architecture, LungCTNet
+    from dicom_node.analysis.network import LungCTNet
     from dicom_node.analysis.weights import CARD_FILE, ModelCard, read_card, save_model
 
     if SHIPPED.exists():
@@ -71,7 +71,7 @@ def _random_model(path: Path, size: int) -> Path:
             }
         )
     torch.manual_seed(0)
-    save_model(LungCTNet(Architecture(encoder="resnet50")), card, path, dtype=torch.float16)
+    save_model(LungCTNet(card.architecture), card, path, dtype=torch.float16)
     return path
 
 

@@ -46,6 +46,10 @@ class ModelError(NodeError):
     """A model folder cannot be used: its card or weights are missing, invalid or do not match."""
 
 
+class TrainingBudgetError(NodeError):
+    """A training run's time budget leaves one of its stages no time."""
+
+
 class DeviceOutOfMemoryError(PipelineError):
     """The inference device ran out of memory even at batch size 1 (worth retrying later)."""
 

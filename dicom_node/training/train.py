@@ -54,7 +54,7 @@ from dicom_node.analysis.weights import (
     Thresholds,
     save_model,
 )
-from dicom_node.errors import ModelError
+from dicom_node.errors import ModelError, TrainingBudgetError
 from dicom_node.training.augment import AugmentConfig, augment_batch
 from dicom_node.training.datasets import Case, CaseDataset, Split, map_cases
 from dicom_node.training.evaluate import LARGE_LESION_MM, score_case
@@ -906,32 +906,46 @@ class _Run:
     def reserve_stage2(self, train_bank: SliceBank, val_bank: SliceBank) -> None:
         """Leave stage 2 the larger of its share of the budget and its measured need.
 
-        The need is the encoder's time for one batch of 16 slices, scaled to every view of
-        every training and validation slice, with 30 % and a minute to spare.
+        The need is the whole network's time per slice (measured on 16 slices, after a first
+        batch that pays for start-up: on CUDA, kernel selection makes that one many times
+        slower), scaled to every view of every training and validation slice, plus the lesion
+        rule search (:data:`LESION_SEARCH_S_PER_MVOXEL` per million validation voxels), with
+        30 % and a minute to spare.
+
+        Raises
+        ------
+        TrainingBudgetError
+            A run that has not started stage 1 would get no time for it.
         """
         if self.budget_s is None:
             return
-        probe = SliceBank(
-            hu=train_bank.hu[:16],
-            masks=train_bank.masks[:16],
-            labels=train_bank.labels[:16],
-            case_index=train_bank.case_index[:16],
-            case_ids=train_bank.case_ids,
-            spacing_zyx=train_bank.spacing_zyx,
-        )
-        began = time.monotonic()
-        _features(
-            self.network,
-            probe,
-            self.config,
-            self.device,
-            augmented=False,
-            generator=torch.Generator().manual_seed(0),
-            progress=False,
-            keep_probability=True,
-        )
+
+        def first(n: int) -> SliceBank:
+            return SliceBank(
+                hu=train_bank.hu[:n],
+                masks=train_bank.masks[:n],
+                labels=train_bank.labels[:n],
+                case_index=train_bank.case_index[:n],
+                case_ids=train_bank.case_ids,
+                spacing_zyx=train_bank.spacing_zyx,
+            )
+
+        timings = []
+        for part in (first(2), first(16)):
+            began = time.monotonic()
+            _features(
+                self.network,
+                part,
+                self.config,
+                self.device,
+                augmented=False,
+                generator=torch.Generator().manual_seed(0),
+                progress=False,
+                keep_probability=True,
+            )
+            timings.append((time.monotonic() - began) / len(part))
         self.network.train()
-        per_slice = (time.monotonic() - began) / len(probe)
+        per_slice = timings[-1]
         # Every view of the stage-2 training slices and each validation slice through the
         # whole network; the threshold search runs it again on val_slices.
         slices = (
@@ -939,16 +953,25 @@ class _Run:
             + len(val_bank)
             + self.config.val_slices
         )
-        need = 1.3 * per_slice * slices + 60.0
+        search = LESION_SEARCH_S_PER_MVOXEL * val_bank.masks.size / 1e6
+        need = 1.3 * (per_slice * slices + search) + 60.0
         reserve = max(self.config.stage2_share * self.budget_s, need)
         self.seg_budget_s = max(0.0, self.budget_s - reserve)
         logger.info(
-            "stage 2 reserve %.1f min (%.3f s per slice, %d slices); stage 1 ends by %.1f min",
+            "stage 2 reserve %.1f min (%.3f s per slice, %d slices; lesion rule search %.1f "
+            "min); stage 1 ends by %.1f min",
             reserve / 60.0,
             per_slice,
             slices,
+            search / 60.0,
             self.seg_budget_s / 60.0,
         )
+        if self.step == 0 and self.seg_budget_s <= self.elapsed():
+            raise TrainingBudgetError(
+                f"a budget of {self.budget_s / 60.0:.1f} min leaves segmentation training no "
+                f"time: {self.elapsed() / 60.0:.1f} min went to loading the cases and stage 2 "
+                f"needs about {reserve / 60.0:.1f} min; raise --max-minutes"
+            )
 
     def elapsed(self) -> float:
         """Seconds of this run so far, earlier invocations of a resumed run included."""
@@ -1235,6 +1258,10 @@ LESION_MIN_VOLUMES_MM3 = (10.0, 30.0, 65.0)
 #: The chosen rule may leave at most this many false-positive lesions per tumour-free
 #: validation case; among those that do, the best mean Dice of tumours >= 6 mm wins.
 LESION_FP_LIMIT = 0.25
+#: Seconds the lesion rule search takes per million validation voxels on the model grid, for
+#: the stage-2 reserve: 0.92 s measured on a 2-core machine that a training run shared (four
+#: phantoms at 1.0 mm, 18.9 M voxels, 36 rules), rounded up.
+LESION_SEARCH_S_PER_MVOXEL = 1.5
 
 
 def _lesion_operating_point(

@@ -13,7 +13,7 @@ import torchvision
 
 from dicom_node.analysis.network import Architecture, LungCTNet
 from dicom_node.analysis.weights import load_model
-from dicom_node.errors import ModelError
+from dicom_node.errors import ModelError, TrainingBudgetError
 from dicom_node.training import augment
 from dicom_node.training import train as train_module
 from dicom_node.training.datasets import PhantomDataset, PhantomSpec, split_cases
@@ -189,9 +189,16 @@ def test_encoder_weights_of_another_resnet_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_spent_budget_ends_stage_one_and_still_trains_the_mlp(
-    phantoms: PhantomDataset, tmp_path: Path
+    phantoms: PhantomDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no time left for segmentation steps, stage 1 stops by time and stage 2 still runs."""
+    """With stage 1's time spent, stage 1 stops by time and stage 2 still runs.
+
+    The reserve is replaced by one that leaves stage 1 nothing; the real one refuses that
+    (the test below).
+    """
+    monkeypatch.setattr(
+        train_module._Run, "reserve_stage2", lambda run, *_: setattr(run, "seg_budget_s", 0.0)
+    )
     split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
     result = train(
         phantoms,
@@ -203,6 +210,22 @@ def test_a_spent_budget_ends_stage_one_and_still_trains_the_mlp(
     assert result.stopped_by == "time"
     assert result.seg_steps_done == 0
     assert result.cls_epochs_done >= 20
+
+
+def test_a_budget_that_leaves_stage_one_no_time_is_refused(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """Three seconds cannot hold stage 2's minute to spare: refused before any training."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    with pytest.raises(TrainingBudgetError, match=r"leaves segmentation training no time"):
+        train(
+            phantoms,
+            split,
+            config=_config(max_minutes=0.05),
+            output=tmp_path / "model",
+            work_dir=tmp_path / "work",
+        )
+    assert not (tmp_path / "model").exists()
 
 
 def test_stage_two_reads_every_tumour_slice_and_a_sample_of_the_rest() -> None:
