@@ -45,12 +45,14 @@ from dicom_node.analysis.weights import (
 )
 from dicom_node.config import InferenceSettings, load_config
 
-#: Dense peak TFLOP/s by device-name fragment (fp32 without tensor cores; bf16, fp16). Vendor specs
-#: for the SXM / full-power parts; PCIe variants are lower, so pass --peak-tflops for those.
+#: Dense peak TFLOP/s by device-name fragment (fp32 without tensor cores; tf32, bf16, fp16 on
+#: them). Vendor specs for the SXM / full-power parts, without sparsity; PCIe variants are lower,
+#: so pass --peak-tflops for those. PyTorch runs fp32 convolutions as TF32 on the tensor cores
+#: unless ``torch.backends.cudnn.allow_tf32`` is off: the fp32 row is then held against "tf32".
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-    "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-    "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0, "fp16": 989.0},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0, "fp16": 989.0},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
     "L40S": {"fp32": 91.6, "bf16": 362.0, "fp16": 362.0},
     "L4": {"fp32": 30.3, "bf16": 121.0, "fp16": 121.0},
     "A10": {"fp32": 31.2, "bf16": 125.0, "fp16": 125.0},
@@ -102,6 +104,8 @@ def _peak(device: torch.device, precision: str, override: float | None) -> float
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"  # no entry: "n/a" rather than a share of the wrong peak
     for fragment, peaks in GPU_PEAK_TFLOPS.items():
         if fragment in name:
             return peaks.get(precision) or None
