@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import highdicom as hd
@@ -63,6 +64,8 @@ def test_msd_loader_reads_volumes_masks_and_spacing(tmp_path: Path) -> None:
     assert not ds.load("lung_002").has_tumour
     with pytest.raises(KeyError):
         ds.load("lung_999")
+    again = pickle.loads(pickle.dumps(ds))  # what loader processes receive
+    np.testing.assert_array_equal(again.load("lung_001").tumour_mask, label)
 
 
 def test_msd_loader_refuses_a_folder_without_dataset_json(tmp_path: Path) -> None:
@@ -108,6 +111,8 @@ def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.hu, phantom.hu)
     np.testing.assert_array_equal(case.tumour_mask > 0, mask)
     assert ds.patient_id(case_id) == str(sources[0].PatientID)
+    again = pickle.loads(pickle.dumps(ds))  # what loader processes receive
+    np.testing.assert_array_equal(again.load(case_id).tumour_mask > 0, mask)
 
 
 def test_dicom_seg_loader_needs_a_seg(tmp_path: Path) -> None:
