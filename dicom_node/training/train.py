@@ -906,11 +906,12 @@ class _Run:
     def reserve_stage2(self, train_bank: SliceBank, val_bank: SliceBank) -> None:
         """Leave stage 2 the larger of its share of the budget and its measured need.
 
-        The need is the whole network's time per slice (measured on 16 slices, after a first
-        batch that pays for start-up: on CUDA, kernel selection makes that one many times
-        slower), scaled to every view of every training and validation slice, plus the lesion
-        rule search (:data:`LESION_SEARCH_S_PER_MVOXEL` per million validation voxels), with
-        30 % and a minute to spare.
+        The need is the whole network's time per slice, measured on a second batch of 16
+        slices (stage 2's batch): the first batch of a shape pays for start-up (on CUDA, kernel
+        selection makes it many times slower; on the CPU, oneDNN prepares its kernels for that
+        shape). It is scaled to every view of every training and validation slice, plus the
+        lesion rule search (:data:`LESION_SEARCH_S_PER_MVOXEL` per million validation voxels),
+        with 30 % and a minute to spare.
 
         Raises
         ------
@@ -931,7 +932,7 @@ class _Run:
             )
 
         timings = []
-        for part in (first(2), first(16)):
+        for part in (first(16), first(16)):
             began = time.monotonic()
             _features(
                 self.network,
