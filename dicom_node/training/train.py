@@ -921,22 +921,19 @@ class _Run:
         if self.budget_s is None:
             return
 
-        def first(n: int) -> SliceBank:
-            return SliceBank(
-                hu=train_bank.hu[:n],
-                masks=train_bank.masks[:n],
-                labels=train_bank.labels[:n],
-                case_index=train_bank.case_index[:n],
-                case_ids=train_bank.case_ids,
-                spacing_zyx=train_bank.spacing_zyx,
-            )
-
-        timings = []
-        for part in (first(16), first(16)):
+        probe = SliceBank(
+            hu=train_bank.hu[:16],
+            masks=train_bank.masks[:16],
+            labels=train_bank.labels[:16],
+            case_index=train_bank.case_index[:16],
+            case_ids=train_bank.case_ids,
+            spacing_zyx=train_bank.spacing_zyx,
+        )
+        for _ in range(2):  # the second pass is the one timed
             began = time.monotonic()
             _features(
                 self.network,
-                part,
+                probe,
                 self.config,
                 self.device,
                 augmented=False,
@@ -944,9 +941,8 @@ class _Run:
                 progress=False,
                 keep_probability=True,
             )
-            timings.append((time.monotonic() - began) / len(part))
         self.network.train()
-        per_slice = timings[-1]
+        per_slice = (time.monotonic() - began) / len(probe)
         # Every view of the stage-2 training slices and each validation slice through the
         # whole network; the threshold search runs it again on val_slices.
         slices = (
@@ -1278,7 +1274,7 @@ def _lesion_operating_point(
     """
     cases = []
     for k, case_id in enumerate(val_bank.case_ids):
-        rows = val_bank.case_index == k
+        rows = val_bank.case_rows(k)
         z, y, x = (float(v) for v in val_bank.spacing_zyx[k])
         case = Case(
             case_id=case_id,
@@ -1340,7 +1336,7 @@ def _operating_points(
     image_threshold = choose_threshold(labels, val_probs)
     study_probs, study_labels = [], []
     for k in range(len(val_bank.case_ids)):
-        rows = val_bank.case_index == k
+        rows = val_bank.case_rows(k)
         study_probs.append(study_probability(val_probs[rows], top_k=top_k))
         study_labels.append(bool(labels[rows].any()))
     s_prob, s_truth = np.array(study_probs), np.array(study_labels)
@@ -1410,7 +1406,7 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(config, work_dir=work_dir, started=started, device=_resolve_device(config.device))
     spec, window = config.input_spec(), config.window
-    banks = [
+    train_bank, val_bank = (
         build_bank(
             dataset,
             cases,
@@ -1421,8 +1417,7 @@ def train(
             workers=config.workers,
         )
         for cases in (split.train, split.val)
-    ]
-    train_bank, val_bank = banks
+    )
     logger.info(
         "training on %d slices of %d cases (%d with tumour), validating on %d cases",
         len(train_bank),
