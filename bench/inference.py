@@ -94,7 +94,7 @@ def flops_per_slice(model: LoadedModel) -> float:
         x = torch.zeros(1, 1, size, size)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        network(x)
+        network(x, spacing_z_mm=1.0)  # one slice: a slice context reads the slice itself
     return float(counter.get_total_flops())
 
 

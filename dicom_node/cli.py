@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         help="what the MLP reads from the encoder (see docs/training.md)",
     )
     train.add_argument(
+        "--mlp-context-mm",
+        type=float,
+        default=0.0,
+        help="the MLP also reads the slices this many mm before and after (0: the slice alone)",
+    )
+    train.add_argument(
+        "--from-model",
+        type=Path,
+        default=None,
+        help="take this model's segmentation network, skip stage 1, fit the MLP anew",
+    )
+    train.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documenta
 from torch import nn
 
 from dicom_node.analysis.context import input_channels, with_context
-from dicom_node.analysis.network import study_probability
+from dicom_node.analysis.network import LungCTNet, study_probability
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
 from dicom_node.config import InferenceSettings
 from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, ModelError, PipelineError
@@ -275,7 +275,7 @@ class InferenceEngine:
         if isinstance(model, Path):
             model = load_model(model, device=self.device, dtype=model_dtype)
         self.model = model
-        network: nn.Module = model.network
+        network: LungCTNet = model.network
         network.to(self.device)
         network.eval()
         weights_dtype = next(network.parameters()).dtype
@@ -294,7 +294,9 @@ class InferenceEngine:
             network.to(memory_format=torch.channels_last)
         if self._cuda:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-        self._network: nn.Module = network
+        #: What runs per batch: segmentation logits and the MLP's pooled vectors. The MLP
+        #: itself runs once per volume, after the last batch (its slice context needs them all).
+        self._network: nn.Module = _Trunk(network)
         self._lock = threading.Lock()
         scale, shift = self.card.normalisation.scale_shift()
         self._scale, self._shift = scale, shift
@@ -308,7 +310,7 @@ class InferenceEngine:
         else:
             self.batch_size = self.settings.batch_size
         if self.settings.compile:
-            self._network = torch.compile(network, dynamic=False)  # type: ignore[assignment]
+            self._network = torch.compile(self._network, dynamic=False)  # type: ignore[assignment]
             self._compiled = True
         if self._cuda:
             self._warm_up()
@@ -395,7 +397,7 @@ class InferenceEngine:
         probability: npt.NDArray[np.float32] | npt.NDArray[np.uint8] = np.empty(
             volume.shape, dtype=np.uint8 if quantise else np.float32
         )
-        image_probs = np.empty(depth, dtype=np.float32)
+        pooled: list[torch.Tensor] = []
         state = _RunState(batch_size=self.batch_size)
         setup_s = time.perf_counter() - started
 
@@ -419,10 +421,11 @@ class InferenceEngine:
                     grid=grid,
                     state=state,
                     probability=probability,
-                    image_probs=image_probs,
+                    pooled=pooled,
                 )
                 if progress is not None:
                     progress(min(first + batch.shape[0], depth), depth)
+            image_probs = self._classify(torch.cat(pooled), spacing_mm[0], state)
 
         top_k = min(self.card.top_k, depth)
         study = study_probability(image_probs, top_k=top_k)
@@ -466,7 +469,7 @@ class InferenceEngine:
         grid: _Grid,
         state: _RunState,
         probability: npt.NDArray[np.float32] | npt.NDArray[np.uint8],
-        image_probs: npt.NDArray[np.float32],
+        pooled: list[torch.Tensor],
     ) -> None:
         """Run one loader batch, in chunks of ``state.batch_size``, halving it on OOM."""
         done = 0
@@ -476,7 +479,7 @@ class InferenceEngine:
             chunk = batch[done : done + size]
             oom_message = ""
             try:
-                seg, cls = self._device_step(chunk, grid, state, first + done)
+                seg, vectors = self._device_step(chunk, grid, state, first + done)
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -499,17 +502,17 @@ class InferenceEngine:
             started = time.perf_counter()
             stop = first + done + size
             probability[first + done : stop] = seg
-            image_probs[first + done : stop] = cls
+            pooled.append(vectors)
             state.postprocess_s += time.perf_counter() - started
             done += size
 
     def _device_step(
         self, chunk: torch.Tensor, grid: _Grid, state: _RunState, first: int
-    ) -> tuple[npt.NDArray[np.float32] | npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    ) -> tuple[npt.NDArray[np.float32] | npt.NDArray[np.uint8], torch.Tensor]:
         """One forward pass: (b, 1, h, w) normalised slices to host probabilities.
 
-        Returns (b, h, w) tumour probabilities (float32, or uint8 when quantising) and (b,)
-        float32 image probabilities.
+        Returns (b, h, w) tumour probabilities (float32, or uint8 when quantising) and the
+        (b, D) float32 pooled vectors the MLP reads, left on the device.
         """
         started = time.perf_counter()
         size = chunk.shape[0]
@@ -522,10 +525,10 @@ class InferenceEngine:
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            seg, cls = self._network(x.to(self._input_dtype))
+            seg, vectors = self._network(x.to(self._input_dtype))
         seg = seg[:size].float()
-        cls = cls[:size].float()
-        if not bool(torch.isfinite(seg).all() & torch.isfinite(cls).all()):
+        vectors = vectors[:size].float()
+        if not bool(torch.isfinite(seg).all() & torch.isfinite(vectors).all()):
             raise PipelineError(
                 f"model output contains NaN/Inf (slices {first}-{first + size - 1}, precision "
                 f"{self.precision}); with fp16 this is usually overflow: try bf16 or fp32"
@@ -540,9 +543,26 @@ class InferenceEngine:
             )
         else:
             host = prob.cpu().numpy()
-        image = torch.sigmoid(cls).cpu().numpy()
         state.postprocess_s += time.perf_counter() - mid
-        return host, image
+        return host, vectors
+
+    def _classify(
+        self, pooled: torch.Tensor, spacing_z_mm: float, state: _RunState
+    ) -> npt.NDArray[np.float32]:
+        """(z,) image probabilities from a volume's (z, D) pooled vectors, in slice order."""
+        started = time.perf_counter()
+        head = self.model.network.classifier
+        with self._autocast():
+            logits = head.score(head.with_context(pooled, spacing_z_mm).to(self._input_dtype))
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise PipelineError(
+                f"model output contains NaN/Inf (the image logits, precision {self.precision}); "
+                "with fp16 this is usually overflow: try bf16 or fp32"
+            )
+        image: npt.NDArray[np.float32] = torch.sigmoid(logits).cpu().numpy()
+        state.model_s += time.perf_counter() - started
+        return image
 
     # ------------------------------------------------------------------ geometry
 
@@ -663,6 +683,17 @@ class InferenceEngine:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _Trunk(nn.Module):
+    """The network's per-slice part (:meth:`LungCTNet.trunk`) as a module, to compile it."""
+
+    def __init__(self, network: LungCTNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.trunk(x)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

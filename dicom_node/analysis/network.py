@@ -66,6 +66,11 @@ class Architecture(BaseModel):
     #: ``lesion`` (average, maximum and segmentation-weighted average of that map, plus the
     #: maximum and log-sum of the segmentation probability).
     mlp_pooling: Literal["average", "lesion"] = "average"
+    #: Neighbouring-slice context of the MLP, in mm (0: none). With a value, the MLP also reads
+    #: the mean of the pooled vectors of the slices that lie this far before and after the
+    #: slice (``round(mm / slice spacing)`` slices, at least one; clamped at the volume's
+    #: ends): a tumour's first and last slices have a tumour beside them, a vessel's disc moves.
+    mlp_context_mm: Annotated[float, Field(ge=0.0, le=50.0)] = 0.0
 
     @field_validator("decoder_channels")
     @classmethod
@@ -104,6 +109,8 @@ class MLPHead(nn.Module):
         Dropout probability between the layers.
     pooling
         ``"average"`` or ``"lesion"`` (see :class:`Architecture`).
+    context_mm
+        Neighbouring-slice context (see :class:`Architecture`); 0 for none.
     """
 
     def __init__(
@@ -114,11 +121,15 @@ class MLPHead(nn.Module):
         activation: Literal["relu", "gelu"],
         dropout: float,
         pooling: Literal["average", "lesion"] = "average",
+        context_mm: float = 0.0,
     ) -> None:
         super().__init__()
         self.pooling = pooling
         self.channels = in_features
+        self.context_mm = context_mm
         width = in_features if pooling == "average" else 3 * in_features + 2
+        if context_mm > 0:
+            width *= 2
         self.fc1 = nn.Linear(width, hidden)
         self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.GELU()
         self.drop = nn.Dropout(dropout)
@@ -154,13 +165,50 @@ class MLPHead(nn.Module):
             [average, features.amax(dim=(2, 3)), lesion, peak[:, None], area[:, None]], dim=1
         )
 
+    def neighbour_offset(self, spacing_z_mm: float) -> int:
+        """Slices between a slice and the neighbours its context reads (0 without context)."""
+        if self.context_mm <= 0:
+            return 0
+        if not spacing_z_mm > 0:
+            raise ValueError(f"slice spacing must be positive, not {spacing_z_mm}")
+        return max(1, round(self.context_mm / spacing_z_mm))
+
+    def with_context(self, pooled: torch.Tensor, spacing_z_mm: float) -> torch.Tensor:
+        """What :meth:`score` reads, from the pooled vectors of one volume's slices.
+
+        Parameters
+        ----------
+        pooled
+            (z, D) pooled vectors (:meth:`pool`) of consecutive slices of one volume, in order.
+        spacing_z_mm
+            Distance between the slices.
+
+        Returns
+        -------
+        torch.Tensor
+            ``pooled`` itself without context; with it, (z, 2D): each vector followed by the
+            mean of the vectors :meth:`neighbour_offset` slices before and after it, the
+            indices clamped to the volume.
+        """
+        offset = self.neighbour_offset(spacing_z_mm)
+        if offset == 0:
+            return pooled
+        index = torch.arange(pooled.shape[0], device=pooled.device)
+        last = pooled.shape[0] - 1
+        before = pooled[(index - offset).clamp(0, last)]
+        after = pooled[(index + offset).clamp(0, last)]
+        return torch.cat([pooled, 0.5 * (before + after)], dim=1)
+
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N,) logits from pooled vectors (N, D)."""
+        """(N,) logits from the vectors the MLP reads (N, D): pooled, with context if any."""
         out: torch.Tensor = self.fc2(self.drop(self.act(self.fc1(pooled))))
         return out.squeeze(1)
 
     def forward(
-        self, features: torch.Tensor, seg_logits: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        seg_logits: torch.Tensor | None = None,
+        spacing_z_mm: float | None = None,
     ) -> torch.Tensor:
         """Score a feature map.
 
@@ -170,14 +218,25 @@ class MLPHead(nn.Module):
             (N, C, h, w) deepest encoder features.
         seg_logits
             (N, 1, H, W) segmentation logits (``lesion`` pooling).
+        spacing_z_mm
+            With context: the N slices are consecutive slices of one volume this far apart.
 
         Returns
         -------
         torch.Tensor
             (N,) logits.
+
+        Raises
+        ------
+        ValueError
+            A head with context is given no slice spacing.
         """
-        pooled = self.pool(features, seg_logits).to(self.fc1.weight.dtype)
-        return self.score(pooled)
+        pooled = self.pool(features, seg_logits)
+        if self.context_mm > 0:
+            if spacing_z_mm is None:
+                raise ValueError("an MLP with slice context needs the slice spacing")
+            pooled = self.with_context(pooled, spacing_z_mm)
+        return self.score(pooled.to(self.fc1.weight.dtype))
 
 
 class LungCTNet(nn.Module):
@@ -219,6 +278,7 @@ class LungCTNet(nn.Module):
             activation=arch.mlp_activation,
             dropout=arch.dropout,
             pooling=arch.mlp_pooling,
+            context_mm=arch.mlp_context_mm,
         )
 
     @property
@@ -226,7 +286,9 @@ class LungCTNet(nn.Module):
         """Channels of the deepest encoder map, which the MLP reads (2048 for ResNet50)."""
         return self.classifier.channels
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, spacing_z_mm: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment and score a batch of slices.
 
         Parameters
@@ -234,6 +296,9 @@ class LungCTNet(nn.Module):
         x
             (N, 1, H, W) normalised slices; H and W multiples of ``architecture.output_stride``
             (32 for depth 5).
+        spacing_z_mm
+            Needed with ``architecture.mlp_context_mm``: the batch is then one volume's
+            consecutive slices, this far apart.
 
         Returns
         -------
@@ -244,8 +309,18 @@ class LungCTNet(nn.Module):
         """
         features = self.encoder(x)
         seg: torch.Tensor = self.segmentation_head(self.decoder(features))
-        cls = self.classifier(features[-1], seg)
+        cls = self.classifier(features[-1], seg, spacing_z_mm)
         return seg, cls
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits (N, 1, H, W) and the MLP's pooled vectors (N, D), float32.
+
+        The part of :meth:`forward` that reads one slice at a time; a volume's pooled vectors
+        then go through ``classifier.with_context`` and ``classifier.score``.
+        """
+        features = self.encoder(x)
+        seg: torch.Tensor = self.segmentation_head(self.decoder(features))
+        return seg, self.classifier.pool(features[-1], seg)
 
 
 def study_probability(image_probabilities: npt.ArrayLike, *, top_k: int) -> float:

@@ -52,6 +52,7 @@ from dicom_node.analysis.weights import (
     ModelCard,
     Normalisation,
     Thresholds,
+    load_model,
     save_model,
 )
 from dicom_node.errors import ModelError, TrainingBudgetError
@@ -165,6 +166,11 @@ class TrainConfig:
         Steps between stage-1 checkpoints.
     encoder_weights
         A local torchvision- or timm-format ResNet state dict loaded into the encoder.
+    from_model
+        A trained model folder whose segmentation network (encoder, decoder, head) is taken as
+        it is: stage 1 is skipped, and the MLP and the operating points are fitted anew (to
+        fit a classifier of another architecture, or to refit on other cases). Its input,
+        normalisation and segmentation architecture must be this configuration's.
     name, version
         Of the model card.
     """
@@ -206,6 +212,7 @@ class TrainConfig:
     workers: int = 1
     checkpoint_every: int = 100
     encoder_weights: Path | None = None
+    from_model: Path | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
     version: str = "0.1.0"
@@ -742,7 +749,7 @@ def _validate_seg(
             x = _normalise(torch.from_numpy(bank.inputs(chunk, config.context_mm)), config)
             t = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1).to(device)
             with _autocast(device, config.precision):
-                seg, _ = network(x.to(device))
+                seg, _ = network.trunk(x.to(device))
             losses.append(float(bce_dice_loss(seg, t)))
             total_t += float(t.sum())
             for i, cut in enumerate(logit_cuts):
@@ -819,8 +826,24 @@ def _features(
 
 
 def _mlp_logits(network: LungCTNet, pooled: torch.Tensor) -> torch.Tensor:
-    """MLP logits (n,) from pooled vectors (n, D)."""
+    """MLP logits (n,) from the vectors it reads (n, D): pooled, with slice context if any."""
     return network.classifier.score(pooled)
+
+
+def _with_context(
+    network: LungCTNet, bank: SliceBank, pooled: torch.Tensor, rows: npt.NDArray[np.int64]
+) -> torch.Tensor:
+    """What the MLP reads for bank slices ``rows``, from ``pooled``: every bank slice's vector.
+
+    Each case's slices get their slice context (``classifier.with_context``) within the case,
+    at the case's slice spacing, as the node's engine gives it over a volume.
+    """
+    head = network.classifier
+    parts = []
+    for k in range(len(bank.case_ids)):
+        case = bank.case_rows(k)
+        parts.append(head.with_context(pooled[case], float(bank.spacing_zyx[k, 0])))
+    return torch.cat(parts)[torch.from_numpy(rows)]
 
 
 def _stage2_indices(bank: SliceBank, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
@@ -945,11 +968,12 @@ class _Run:
         per_slice = (time.monotonic() - began) / len(probe)
         # Every view of the stage-2 training slices and each validation slice through the
         # whole network; the threshold search runs it again on val_slices.
-        slices = (
-            min(len(train_bank), self.config.cls_max_slices) * max(1, self.config.feature_views)
-            + len(val_bank)
-            + self.config.val_slices
+        read = (
+            len(train_bank)
+            if self.config.architecture.mlp_context_mm > 0
+            else min(len(train_bank), self.config.cls_max_slices)
         )
+        slices = read * max(1, self.config.feature_views) + len(val_bank) + self.config.val_slices
         search = LESION_SEARCH_S_PER_MVOXEL * val_bank.masks.size / 1e6
         need = 1.3 * (per_slice * slices + search) + 60.0
         reserve = max(self.config.stage2_share * self.budget_s, need)
@@ -1013,6 +1037,55 @@ class _Run:
         torch.set_rng_state(ckpt["torch_global_rng"])
         logger.info("resumed from %s at stage %s step %d", self.ckpt_path, self.stage, self.step)
 
+    def start_from(self, path: Path) -> None:
+        """Take a trained model's segmentation network and go straight to stage 2.
+
+        Raises
+        ------
+        ModelError
+            The model cannot be loaded, or its input, normalisation or segmentation
+            architecture differs from this run's.
+        """
+        loaded = load_model(path)
+        card, config = loaded.card, self.config
+        mlp_fields = {"mlp_hidden", "mlp_activation", "dropout", "mlp_pooling", "mlp_context_mm"}
+        differs = [
+            what
+            for what, mine, theirs in (
+                ("input", config.input_spec(), card.input),
+                ("normalisation", config.normalisation(), card.normalisation),
+                (
+                    "architecture",
+                    config.architecture.model_dump(exclude=mlp_fields),
+                    card.architecture.model_dump(exclude=mlp_fields),
+                ),
+            )
+            if mine != theirs
+        ]
+        if differs:
+            raise ModelError(
+                f"{path}: its {', '.join(differs)} differ from this run's; the segmentation "
+                "network can only be taken over unchanged"
+            )
+        state = {
+            name: tensor.float()
+            for name, tensor in loaded.network.state_dict().items()
+            if not name.startswith("classifier.")
+        }
+        missing, unexpected = self.network.load_state_dict(state, strict=False)
+        assert not unexpected and all(name.startswith("classifier.") for name in missing)
+        self.network.to(self.device)
+        self.step = int(card.metrics.get("seg_steps", 0.0))
+        self.stage = "cls"
+        self.stopped_by = "from-model"
+        logger.info(
+            "segmentation network taken from %s (%s %s, %d steps); stage 1 skipped",
+            path,
+            card.name,
+            card.version,
+            self.step,
+        )
+
     # ------------------------------------------------------------ stage 1
 
     def _progress(self) -> float:
@@ -1038,7 +1111,7 @@ class _Run:
             scale_shift=config.normalisation().scale_shift(),
         )
         with _autocast(self.device, config.precision):
-            seg, _ = self.network(x.to(self.device))
+            seg, _ = self.network.trunk(x.to(self.device))
         loss = bce_dice_loss(seg, target.to(self.device), crop_dice=config.crop_dice)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -1152,6 +1225,37 @@ class _Run:
 
     # ------------------------------------------------------------ stage 2
 
+    def _stage2_training_set(self, train_bank: SliceBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's training inputs (every view of the chosen slices) and their labels."""
+        config, network = self.config, self.network
+        views: list[torch.Tensor] = []
+        chosen = _stage2_indices(
+            train_bank, config.cls_max_slices, np.random.default_rng(config.seed + 2)
+        )
+        # With slice context the neighbours of the chosen slices are read too: every slice.
+        context = network.classifier.context_mm > 0
+        read = np.arange(len(train_bank), dtype=np.int64) if context else chosen
+        for v in range(max(1, config.feature_views)):
+            began = time.monotonic()
+            pooled = _features(
+                network,
+                train_bank,
+                config,
+                self.device,
+                augmented=v > 0 or not config.clean_first_view,
+                generator=self.generator,
+                progress=config.progress,
+                indices=read,
+            )[0]
+            views.append(_with_context(network, train_bank, pooled, chosen) if context else pooled)
+            took = time.monotonic() - began
+            left = None if self.budget_s is None else self.budget_s - self.elapsed()
+            if left is not None and v + 1 < config.feature_views and left < 1.5 * took + 60.0:
+                logger.warning("stage 2: %d feature view(s) only, for the time budget", v + 1)
+                break
+        labels = np.tile(train_bank.labels[chosen], len(views)).astype(np.float32)
+        return torch.cat(views), torch.from_numpy(labels)
+
     def classification(
         self, train_bank: SliceBank, val_bank: SliceBank
     ) -> tuple[int, torch.Tensor, npt.NDArray[np.uint8]]:
@@ -1162,33 +1266,7 @@ class _Run:
         config, network = self.config, self.network
         for p in network.parameters():
             p.requires_grad_(False)
-        views: list[torch.Tensor] = []
-        chosen = _stage2_indices(
-            train_bank, config.cls_max_slices, np.random.default_rng(config.seed + 2)
-        )
-        for v in range(max(1, config.feature_views)):
-            began = time.monotonic()
-            views.append(
-                _features(
-                    network,
-                    train_bank,
-                    config,
-                    self.device,
-                    augmented=v > 0 or not config.clean_first_view,
-                    generator=self.generator,
-                    progress=config.progress,
-                    indices=chosen,
-                )[0]
-            )
-            took = time.monotonic() - began
-            left = None if self.budget_s is None else self.budget_s - self.elapsed()
-            if left is not None and v + 1 < config.feature_views and left < 1.5 * took + 60.0:
-                logger.warning("stage 2: %d feature view(s) only, for the time budget", v + 1)
-                break
-        train_x = torch.cat(views)
-        train_y = torch.from_numpy(
-            np.tile(train_bank.labels[chosen], len(views)).astype(np.float32)
-        )
+        train_x, train_y = self._stage2_training_set(train_bank)
         val_x, val_prob = _features(
             network,
             val_bank,
@@ -1200,6 +1278,9 @@ class _Run:
             keep_probability=True,
         )
         assert val_prob is not None
+        if network.classifier.context_mm > 0:
+            every = np.arange(len(val_bank), dtype=np.int64)
+            val_x = _with_context(network, val_bank, val_x, every)
         val_y = torch.from_numpy(val_bank.labels.astype(np.float32))
         head = network.classifier
         for p in head.parameters():
@@ -1427,6 +1508,8 @@ def train(
     )
     if resume and run.ckpt_path.exists():
         run.restore()
+    elif config.from_model is not None:
+        run.start_from(config.from_model)
     if run.stage == "seg":
         run.reserve_stage2(train_bank, val_bank)
     run.segmentation(train_bank, val_bank)
@@ -1510,7 +1593,18 @@ def make_card(
                 if config.context_mm is not None
                 else ""
             )
-            + f"); stage 1 ended by {stopped_by}. Research prototype: NOT FOR CLINICAL USE."
+            + (
+                f"; the MLP also reads the slices {arch.mlp_context_mm:g} mm before and after"
+                if arch.mlp_context_mm > 0
+                else ""
+            )
+            + (
+                f"); segmentation network taken from {config.from_model.name}, MLP and operating "
+                "points fitted anew"
+                if config.from_model is not None
+                else f"); stage 1 ended by {stopped_by}"
+            )
+            + ". Research prototype: NOT FOR CLINICAL USE."
         ),
         architecture=arch,
         input=config.input_spec(),
@@ -1604,6 +1698,7 @@ def run_from_args(args: Any) -> int:
     arch = Architecture(
         encoder=args.encoder,
         mlp_pooling=args.mlp_pooling,
+        mlp_context_mm=args.mlp_context_mm,
         in_channels=input_channels(context_mm),
     )
     if args.encoder != "resnet50":
@@ -1627,6 +1722,7 @@ def run_from_args(args: Any) -> int:
         threads=args.threads,
         workers=args.workers or default_workers(),
         encoder_weights=args.encoder_weights,
+        from_model=args.from_model,
         name=args.name,
         version=args.model_version,
         progress=not args.no_progress,

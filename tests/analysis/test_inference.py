@@ -83,12 +83,13 @@ class SimulatedOOMNet(LungCTNet):
         self.error = error
         self.batch_sizes: list[int] = []
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raise the simulated out-of-memory error above ``limit`` slices, else run the net."""
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raise the simulated out-of-memory error above ``limit`` slices, else run the net
+        (the engine runs the per-slice part, :meth:`LungCTNet.trunk`, batch by batch)."""
         self.batch_sizes.append(x.shape[0])
         if x.shape[0] > self.limit:
             raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return super().forward(x)
+        return super().trunk(x)
 
 
 def _oom_model(
@@ -429,3 +430,47 @@ def test_cuda_out_of_memory_halves_the_batch_on_the_device(
     # TF32 convolutions and per-batch-size algorithms: close, not bit-identical.
     assert float(np.abs(capped.probability - uncapped.probability).mean()) < 1e-3
     assert float(np.abs(capped.image_probabilities - uncapped.image_probabilities).max()) < 1e-2
+
+
+def test_slice_context_reads_neighbours_across_batches_in_slice_order() -> None:
+    """With ``mlp_context_mm`` the MLP reads each slice's pooled vector and the mean of those
+    ``round(mm / spacing)`` slices before and after it, across batch boundaries: the engine
+    pools batch by batch and scores the whole volume once, after the last batch."""
+    plain_card = make_card()
+    arch = plain_card.architecture.model_copy(update={"mlp_context_mm": 5.0})
+    context_card = make_card(architecture=arch)
+    plain_net = make_network()
+    context_net = LungCTNet(arch).eval()
+    trunk = {k: v for k, v in plain_net.state_dict().items() if not k.startswith("classifier.")}
+    context_net.load_state_dict(trunk, strict=False)
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "context": []}
+    for name, net in (("plain", plain_net), ("context", context_net)):
+        net.classifier.fc1.register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(args[0].clone())
+        )
+    depth = 7
+    volume = _volume(depth=depth)
+    for name, net, card in (
+        ("plain", plain_net, plain_card),
+        ("context", context_net, context_card),
+    ):
+        model = LoadedModel(
+            network=net, card=card, path=None, device=torch.device("cpu"), dtype=torch.float32
+        )
+        result = _engine(model, batch_size=2, precision="fp32").run(volume, SPACING)
+        assert len(seen[name]) == 1  # one MLP pass per volume
+        assert seen[name][0].shape[0] == depth
+    pooled = seen["plain"][0]
+    read = seen["context"][0]
+    width = pooled.shape[1]
+    assert read.shape[1] == 2 * width
+    torch.testing.assert_close(read[:, :width], pooled)
+    offset = 2  # 5 mm at 2.5 mm slices
+    index = torch.arange(depth)
+    around = 0.5 * (
+        pooled[(index - offset).clamp(0, depth - 1)] + pooled[(index + offset).clamp(0, depth - 1)]
+    )
+    torch.testing.assert_close(read[:, width:], around)
+    with torch.inference_mode():
+        expected = torch.sigmoid(context_net.classifier.score(read)).numpy()
+    np.testing.assert_allclose(result.image_probabilities, expected, atol=1e-6)

@@ -168,3 +168,60 @@ def test_lesion_pooling_follows_the_segmentation() -> None:
         pooled = net.classifier.pool(features, seg)
     assert pooled[0, -2] < 0.01 and pooled[1, -2] > 0.99
     torch.testing.assert_close(pooled[1, 1024:1536], features[1, :, 0, 0], atol=1e-2, rtol=1e-2)
+
+
+def _context_network(context_mm: float = 2.5) -> LungCTNet:
+    torch.manual_seed(0)
+    arch = Architecture(
+        encoder="resnet18",
+        decoder_channels=(64, 32, 16, 16, 8),
+        mlp_hidden=32,
+        mlp_pooling="lesion",
+        mlp_context_mm=context_mm,
+    )
+    return LungCTNet(arch).eval()
+
+
+def test_slice_context_adds_the_mean_of_the_slices_that_far_away() -> None:
+    """``mlp_context_mm``: each vector is followed by the mean of the vectors ``round(mm /
+    spacing)`` slices before and after it (at least one), clamped at the volume's ends."""
+    head = _context_network().classifier
+    assert head.fc1.in_features == 2 * (3 * 512 + 2)
+    pooled = torch.arange(5.0)[:, None].expand(5, 3) * torch.tensor([1.0, 10.0, 100.0])
+    out = head.with_context(pooled, 1.25)  # 2.5 mm is 2 slices
+    assert head.neighbour_offset(1.25) == 2
+    torch.testing.assert_close(out[:, :3], pooled)
+    # slice 0: before clamps to 0, after is 2; slice 2: 0 and 4; slice 4: 2 and 4 (clamped)
+    expected_mean = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0])[:, None] * torch.tensor(
+        [1.0, 10.0, 100.0]
+    )
+    torch.testing.assert_close(out[:, 3:], expected_mean)
+    assert head.neighbour_offset(5.0) == 1  # slices 5 mm apart: the next ones
+    assert head.neighbour_offset(0.5) == 5
+    with pytest.raises(ValueError, match="positive"):
+        head.neighbour_offset(0.0)
+    alone = _lesion_network().classifier
+    assert alone.neighbour_offset(1.25) == 0
+    assert alone.with_context(pooled, 1.25) is pooled
+
+
+def test_a_network_with_slice_context_scores_a_batch_as_one_volume() -> None:
+    """forward needs the slice spacing; its logits are the head's on the contextual vectors."""
+    net = _context_network()
+    x = torch.randn(4, 1, 64, 64)
+    with torch.inference_mode():
+        seg, pooled = net.trunk(x)
+        _seg, cls = net(x, spacing_z_mm=2.5)
+        expected = net.classifier.score(net.classifier.with_context(pooled, 2.5))
+        torch.testing.assert_close(cls, expected)
+        torch.testing.assert_close(_seg, seg)
+        with pytest.raises(ValueError, match="slice spacing"):
+            net(x)
+
+
+def test_slice_context_is_bounded() -> None:
+    """The context is a distance in mm between 0 and 50."""
+    with pytest.raises(ValidationError):
+        Architecture(mlp_context_mm=-1.0)
+    with pytest.raises(ValidationError):
+        Architecture(mlp_context_mm=60.0)

@@ -380,6 +380,58 @@ def test_training_with_context_writes_a_three_channel_model(
         _config(context_mm=2.5)
 
 
+def test_from_model_keeps_the_segmentation_network_and_fits_an_mlp_with_slice_context(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """--from-model: stage 1 is skipped, the source's encoder, decoder and head are taken
+    unchanged, and an MLP of another architecture (slice context) is fitted on them."""
+    from dicom_node.analysis.inference import InferenceEngine
+    from dicom_node.config import InferenceSettings
+
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    train(phantoms, split, config=_config(), output=tmp_path / "a", work_dir=tmp_path / "wa")
+    arch = TINY.model_copy(update={"mlp_context_mm": 5.0})
+    config = _config(architecture=arch, from_model=tmp_path / "a")
+    result = train(phantoms, split, config=config, output=tmp_path / "b", work_dir=tmp_path / "wb")
+    assert result.seg_steps_done == 4  # the source's steps; none here
+    assert result.stopped_by == "from-model"
+    assert '"stage": "seg"' not in (tmp_path / "wb" / "metrics.jsonl").read_text()
+    source, refit = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert refit.card.architecture.mlp_context_mm == 5.0
+    assert "taken from a" in refit.card.description
+    before, after = source.network.state_dict(), refit.network.state_dict()
+    for name, tensor in before.items():
+        if not name.startswith("classifier."):
+            torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
+    assert after["classifier.fc1.weight"].shape[1] == 2 * before["classifier.fc1.weight"].shape[1]
+    engine = InferenceEngine(refit, InferenceSettings.model_validate({"device": "cpu"}))
+    case = phantoms.load(phantoms.case_ids()[0])
+    out = engine.run(case.hu, case.spacing_mm)
+    assert out.image_probabilities.shape == (case.hu.shape[0],)
+    other_grid = _config(pixel_spacing_mm=5.0, from_model=tmp_path / "a")
+    with pytest.raises(ModelError, match="its input differ"):
+        train(phantoms, split, config=other_grid, output=None, work_dir=tmp_path / "wc")
+
+
+def test_stage_two_with_slice_context_reads_neighbours_within_each_case() -> None:
+    """The MLP's training and validation inputs get their context case by case, at each case's
+    slice spacing, as the engine gives it over one volume."""
+    net = LungCTNet(TINY.model_copy(update={"mlp_context_mm": 4.0}))
+    bank = train_module.SliceBank(
+        hu=np.zeros((6, 4, 4), np.int16),
+        masks=np.zeros((6, 4, 4), np.uint8),
+        labels=np.zeros(6, dtype=bool),
+        case_index=np.array([0, 0, 0, 1, 1, 1]),
+        case_ids=("a", "b"),
+        spacing_zyx=np.array([[2.0, 1.0, 1.0], [4.0, 1.0, 1.0]]),
+    )
+    pooled = torch.arange(6.0)[:, None]
+    out = train_module._with_context(net, bank, pooled, np.array([0, 2, 3, 5]))
+    # case a: 2 slices away (4 mm at 2 mm), clamped within 0..2; case b: 1 slice, within 3..5
+    expected = torch.tensor([[0.0, 1.0], [2.0, 1.0], [3.0, 3.5], [5.0, 4.5]])
+    torch.testing.assert_close(out, expected)
+
+
 def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None:
     """Three equal planes stay equal through every change but the added noise; the blur acts
     per plane; with distinct planes, some slices come out with before and after swapped."""
