@@ -175,7 +175,9 @@ class TrainConfig:
         Of the model card.
     """
 
-    architecture: Architecture = field(default_factory=lambda: Architecture(mlp_pooling="lesion"))
+    architecture: Architecture = field(
+        default_factory=lambda: Architecture(mlp_pooling="lesion", mlp_context_mm=2.5)
+    )
     input_size: int = 256
     input_mode: Literal["fit", "spacing"] = "spacing"
     pixel_spacing_mm: float | None = 1.5
@@ -215,7 +217,7 @@ class TrainConfig:
     from_model: Path | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
-    version: str = "0.1.0"
+    version: str = "0.2.0"
     log_every: int = 10
     progress: bool = True
 

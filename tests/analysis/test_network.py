@@ -117,13 +117,14 @@ def test_study_probability_rejects_bad_input(probs: list[float], top_k: int, fra
         study_probability(probs, top_k=top_k)
 
 
-def _lesion_network() -> LungCTNet:
+def _lesion_network(context_mm: float = 0.0) -> LungCTNet:
     torch.manual_seed(0)
     arch = Architecture(
         encoder="resnet18",
         decoder_channels=(64, 32, 16, 16, 8),
         mlp_hidden=32,
         mlp_pooling="lesion",
+        mlp_context_mm=context_mm,
     )
     return LungCTNet(arch).eval()
 
@@ -170,22 +171,10 @@ def test_lesion_pooling_follows_the_segmentation() -> None:
     torch.testing.assert_close(pooled[1, 1024:1536], features[1, :, 0, 0], atol=1e-2, rtol=1e-2)
 
 
-def _context_network(context_mm: float = 2.5) -> LungCTNet:
-    torch.manual_seed(0)
-    arch = Architecture(
-        encoder="resnet18",
-        decoder_channels=(64, 32, 16, 16, 8),
-        mlp_hidden=32,
-        mlp_pooling="lesion",
-        mlp_context_mm=context_mm,
-    )
-    return LungCTNet(arch).eval()
-
-
 def test_slice_context_adds_the_mean_of_the_slices_that_far_away() -> None:
     """``mlp_context_mm``: each vector is followed by the mean of the vectors ``round(mm /
     spacing)`` slices before and after it (at least one), clamped at the volume's ends."""
-    head = _context_network().classifier
+    head = _lesion_network(2.5).classifier
     assert head.fc1.in_features == 2 * (3 * 512 + 2)
     pooled = torch.arange(5.0)[:, None].expand(5, 3) * torch.tensor([1.0, 10.0, 100.0])
     out = head.with_context(pooled, 1.25)  # 2.5 mm is 2 slices
@@ -207,7 +196,7 @@ def test_slice_context_adds_the_mean_of_the_slices_that_far_away() -> None:
 
 def test_a_network_with_slice_context_scores_a_batch_as_one_volume() -> None:
     """forward needs the slice spacing; its logits are the head's on the contextual vectors."""
-    net = _context_network()
+    net = _lesion_network(2.5)
     x = torch.randn(4, 1, 64, 64)
     with torch.inference_mode():
         seg, pooled = net.trunk(x)
