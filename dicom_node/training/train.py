@@ -922,6 +922,8 @@ class _Run:
         self.since_best = 0
         self.stage = "seg"
         self.stopped_by = "steps"
+        #: The model whose segmentation network was taken (``from_model``): "name version".
+        self.source: str | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed_before = 0.0
         budget = None if config.max_minutes is None else config.max_minutes * 60.0
@@ -1080,6 +1082,7 @@ class _Run:
         self.step = int(card.metrics.get("seg_steps", 0.0))
         self.stage = "cls"
         self.stopped_by = "from-model"
+        self.source = f"{card.name} {card.version}"
         logger.info(
             "segmentation network taken from %s (%s %s, %d steps); stage 1 skipped",
             path,
@@ -1551,6 +1554,7 @@ def train(
         training_data=training_data
         or f"{dataset.name}; train {len(split.train)} cases, validation {len(split.val)} cases",
         stopped_by=run.stopped_by,
+        source=run.source,
     )
     written: ModelCard | None = None
     if output is not None:
@@ -1573,9 +1577,15 @@ def make_card(
     metrics: dict[str, float],
     training_data: str,
     stopped_by: str,
+    source: str | None = None,
 ) -> ModelCard:
-    """The model card of a trained network (metrics are the validation figures)."""
+    """The model card of a trained network (metrics are the validation figures).
+
+    ``source`` names the model whose segmentation network was taken (``from_model``).
+    """
     arch = config.architecture
+    if source is None and config.from_model is not None:
+        source = config.from_model.name
     return ModelCard(
         name=config.name,
         version=config.version,
@@ -1601,9 +1611,8 @@ def make_card(
                 else ""
             )
             + (
-                f"); segmentation network taken from {config.from_model.name}, MLP and operating "
-                "points fitted anew"
-                if config.from_model is not None
+                f"); segmentation network taken from {source}, MLP and operating points fitted anew"
+                if source is not None
                 else f"); stage 1 ended by {stopped_by}"
             )
             + ". Research prototype: NOT FOR CLINICAL USE."

@@ -398,7 +398,7 @@ def test_from_model_keeps_the_segmentation_network_and_fits_an_mlp_with_slice_co
     assert '"stage": "seg"' not in (tmp_path / "wb" / "metrics.jsonl").read_text()
     source, refit = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     assert refit.card.architecture.mlp_context_mm == 5.0
-    assert "taken from a" in refit.card.description
+    assert f"taken from {source.card.name} {source.card.version}," in refit.card.description
     before, after = source.network.state_dict(), refit.network.state_dict()
     for name, tensor in before.items():
         if not name.startswith("classifier."):
