@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+# The tests take their ports from here; one source, so that no port is handed out twice.
+from dicom_node.testing.orthanc import free_port
+
 DCMTK = Path("/usr/bin")
 #: dcmtk and Orthanc leave Nagle's algorithm on unless told; without this each C-STORE costs ~45 ms.
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -38,13 +41,6 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
         [line for line in lines if line.startswith("Error")],
         [line for line in lines if line.startswith("Warning")],
     )
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(

@@ -53,6 +53,7 @@ __all__ = [
     "StoreAnswer",
     "Uploaded",
     "find_orthanc",
+    "free_port",
     "main",
 ]
 
@@ -402,10 +403,24 @@ def find_orthanc() -> Path:
     raise OrthancError("Orthanc is not installed (Debian: apt-get install orthanc)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((_LOOPBACK, 0))
-        return int(s.getsockname()[1])
+#: Ports :func:`free_port` has handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, and not handed out before in this process.
+
+    The kernel may give a port it has just released again at once: two servers of one test
+    (the node's DICOM and HTTP ports, say) would then be configured on the same port.
+    """
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((_LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OrthancError("no loopback port left that was not handed out before")
 
 
 class OrthancPacs:
@@ -469,8 +484,8 @@ class OrthancPacs:
         self.aet = aet
         self.name = name
         self._fixed_ports = (http_port, dicom_port)
-        self.http_port = http_port or _free_port()
-        self.dicom_port = dicom_port or _free_port()
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
         self.lua_scripts = tuple(Path(p).resolve() for p in lua_scripts)
         self.stable_age = stable_age
         self.extra_config = dict(extra_config or {})
@@ -583,7 +598,7 @@ class OrthancPacs:
             port_taken = "already in use" in self._tail(50)
             if not port_taken or self._fixed_ports != (None, None) or attempt == 2:
                 break
-            self.http_port, self.dicom_port = _free_port(), _free_port()
+            self.http_port, self.dicom_port = free_port(), free_port()
         raise OrthancError(f"Orthanc did not start (see {self.log_dir}):\n{self._tail()}")
 
     def _spawn(self, executable: Path) -> None:
