@@ -3,7 +3,8 @@
 Runs :class:`dicom_node.analysis.inference.InferenceEngine` (the product path: loader thread,
 windowing, resize, forward, resize back) over a random int16 volume of 512 x 512 slices:
 
-- on the CPU in fp32 and in bf16 autocast (few slices: ~0.6 s per slice on two cores);
+- on the CPU in fp32 (NCHW and channels_last) and in bf16 autocast (few slices: ~0.6 s per
+  slice on two cores);
 - on CUDA, when present, in fp32, fp16 and bf16 with channels_last, and with ``--compile`` also
   bf16 + channels_last + torch.compile.
 
@@ -159,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[tuple[str, dict[str, object], int]] = []
     if args.cpu_slices > 0:
+        cpu, n = {"device": "cpu"}, args.cpu_slices
         runs += [
-            ("cpu fp32", {"device": "cpu", "precision": "fp32"}, args.cpu_slices),
-            ("cpu bf16", {"device": "cpu", "precision": "bf16"}, args.cpu_slices),
+            ("cpu fp32 NCHW", {**cpu, "precision": "fp32", "channels_last": False}, n),
+            ("cpu fp32 channels_last", {**cpu, "precision": "fp32", "channels_last": True}, n),
+            ("cpu bf16 channels_last", {**cpu, "precision": "bf16", "channels_last": True}, n),
         ]
     if torch.cuda.is_available() and args.cuda_slices > 0:
         print(f"CUDA device: {torch.cuda.get_device_name(0)}")

@@ -298,7 +298,7 @@ class InferenceSettings(_Section):
     #: Compute precision (autocast): ``auto`` is bf16 on CUDA (fp16 where bf16 is missing) and
     #: fp32 on the CPU; ``bf16`` works on both; ``fp16`` on CUDA only.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    #: NHWC memory layout on CUDA (faster convolutions with tensor cores).
+    #: NHWC memory layout (faster convolutions: tensor cores on CUDA, oneDNN on the CPU).
     channels_last: bool = True
     #: ``torch.compile`` the network at start (slower start, faster batches on CUDA).
     compile: bool = False

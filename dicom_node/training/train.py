@@ -629,6 +629,21 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _channels_last(network: torch.nn.Module) -> Iterator[None]:
+    """The network's weights in NHWC while reading slices (no gradients), NCHW again after.
+
+    Inference only: oneDNN and cuDNN convolutions are faster in NHWC (on two CPU cores the
+    whole network read a batch of 16 slices of 256² in 0.26 s a slice against 0.34-0.39 s), while
+    a training step of stage 1 was no faster in it.
+    """
+    network.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        network.to(memory_format=torch.contiguous_format)
+
+
 def tumour_voxels(bank: SliceBank) -> list[npt.NDArray[np.int64]]:
     """The voxels of every tumour in the bank, one array per 3-D component (26-connected,
     within one case), as flat indices into ``bank.masks``."""
@@ -796,7 +811,7 @@ def _features(
         indices = np.arange(len(bank), dtype=np.int64)
     scale_shift = config.normalisation().scale_shift()
     needs_seg = keep_probability or network.classifier.pooling != "average"
-    with torch.inference_mode():
+    with _channels_last(network), torch.inference_mode():  # weights converted outside it
         for chunk in tqdm(
             list(_batches(indices, 16)),
             desc="features" + (" (augmented)" if augmented else ""),
@@ -816,8 +831,9 @@ def _features(
                 )
             else:
                 x = _normalise(hu, config)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
-                feats = network.encoder(x.to(device))
+                feats = network.encoder(x)
                 seg = network.segmentation_head(network.decoder(feats)) if needs_seg else None
             out.append(network.classifier.pool(feats[-1], seg).cpu())
             if keep_probability and seg is not None:

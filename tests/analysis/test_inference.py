@@ -1,9 +1,10 @@
 """The inference engine on the CPU, end to end with a small randomly initialised model.
 
-What a GPU adds (autocast fp16/bf16 on CUDA, channels_last, pinned memory, torch.compile, batch
-size from free memory, a real out-of-memory error on the device) is exercised by the ``gpu``
-tests at the end, skipped where no CUDA device is present. Out-of-memory handling is also tested
-on the CPU with a test double that simulates a GPU's out-of-memory error.
+What a GPU adds (autocast fp16/bf16 on CUDA, cuDNN in channels_last, pinned memory,
+torch.compile, batch size from free memory, a real out-of-memory error on the device) is
+exercised by the ``gpu`` tests at the end, skipped where no CUDA device is present.
+Out-of-memory handling is also tested on the CPU with a test double that simulates a GPU's
+out-of-memory error.
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ def test_results_do_not_depend_on_batch_size_or_input_dtype(
     result = _engine(saved_model_dir, batch_size=5).run(_volume().astype(np.float32), SPACING)
     np.testing.assert_allclose(result.probability, reference.probability, atol=1e-5)
     np.testing.assert_allclose(result.image_probabilities, reference.image_probabilities, atol=1e-5)
+
+
+def test_channels_last_on_the_cpu_matches_nchw(
+    saved_model_dir: Path, reference: InferenceResult
+) -> None:
+    """The default NHWC layout (on the CPU too) gives what NCHW gives, within fp32 rounding."""
+    nhwc = _engine(saved_model_dir, batch_size=2, precision="fp32")
+    assert nhwc._channels_last
+    # a 3 x 3 kernel over several channels (for one input channel both layouts are the same)
+    weight = next(
+        p for p in nhwc.model.network.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1
+    )
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    nchw = _engine(saved_model_dir, batch_size=2, precision="fp32", channels_last=False)
+    result = nchw.run(_volume(), SPACING)
+    np.testing.assert_allclose(result.probability, reference.probability, atol=1e-4)
+    np.testing.assert_allclose(result.image_probabilities, reference.image_probabilities, atol=1e-4)
 
 
 def test_slices_are_processed_in_order(saved_model_dir: Path, reference: InferenceResult) -> None:

@@ -432,6 +432,46 @@ def test_stage_two_with_slice_context_reads_neighbours_within_each_case() -> Non
     torch.testing.assert_close(out, expected)
 
 
+def test_reading_slices_in_nhwc_leaves_the_network_trainable_in_nchw() -> None:
+    """``_features`` reads in channels_last and gives what NCHW gives; afterwards the weights
+    are NCHW, ordinary tensors again (not inference tensors), and a training step runs (the
+    time budget's probe reads slices before stage 1)."""
+    torch.manual_seed(0)
+    net = LungCTNet(TINY.model_copy(update={"mlp_pooling": "lesion"}))
+    rng = np.random.default_rng(0)
+    bank = train_module.SliceBank(
+        hu=rng.integers(-1000, 200, (3, 64, 64)).astype(np.int16),
+        masks=np.zeros((3, 64, 64), np.uint8),
+        labels=np.zeros(3, dtype=bool),
+        case_index=np.zeros(3, dtype=np.int64),
+        case_ids=("a",),
+        spacing_zyx=np.array([[2.0, 6.0, 6.0]]),
+    )
+    config = _config()
+    x = train_module._normalise(torch.from_numpy(bank.inputs(np.arange(3), None)), config)
+    with torch.inference_mode():
+        net.eval()
+        feats = net.encoder(x)
+        expected = net.classifier.pool(feats[-1], net.segmentation_head(net.decoder(feats)))
+    pooled, _ = train_module._features(
+        net,
+        bank,
+        config,
+        torch.device("cpu"),
+        augmented=False,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
+    for p in net.parameters():
+        assert p.is_contiguous()
+        assert not p.is_inference()
+    net.train()
+    seg, _ = net(x)
+    bce_dice_loss(seg, torch.zeros_like(seg)).backward()  # type: ignore[no-untyped-call]
+    assert all(p.grad is not None for p in net.encoder.parameters())
+
+
 def test_augmentation_treats_context_planes_alike_and_may_reverse_them() -> None:
     """Three equal planes stay equal through every change but the added noise; the blur acts
     per plane; with distinct planes, some slices come out with before and after swapped."""
