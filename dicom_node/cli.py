@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         help="take this model's segmentation network, skip stage 1, fit the MLP anew",
     )
     train.add_argument(
+        "--keep-mlp",
+        action="store_true",
+        help="with --from-model: keep its MLP too and train nothing; only choose the operating"
+        " points (image and study thresholds, lesion rule) anew on the validation cases",
+    )
+    train.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",

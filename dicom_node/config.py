@@ -319,6 +319,9 @@ class LesionSettings(_Section):
     #: A component is a lesion only when its highest probability reaches this; unset: the
     #: model card's ``lesion_peak`` (none there: every component).
     min_peak: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    #: A lesion is kept only when the per-image classifier calls one of its slices cancerous
+    #: (at or above the model card's image threshold); unset: the card's ``lesion_image_gate``.
+    image_gate: bool | None = None
     #: Voxel connectivity of a component (26: faces, edges and corners).
     connectivity: Literal[6, 18, 26] = 26
     #: At most this many lesions are reported (the largest).

@@ -131,6 +131,9 @@ class LesionRule:
         Smaller components are dropped.
     min_peak
         Components whose highest probability is below this are dropped (``None``: none).
+    image_gate
+        Components on none of the slices whose image probability reaches this are dropped
+        (the card's image threshold when its ``lesion_image_gate`` is on; ``None``: no gate).
     connectivity, max_lesions
         As :func:`find_lesions` takes them.
     """
@@ -138,8 +141,17 @@ class LesionRule:
     threshold: float = 0.5
     min_volume_mm3: float = 10.0
     min_peak: float | None = None
+    image_gate: float | None = None
     connectivity: Literal[6, 18, 26] = 26
     max_lesions: int | None = None
+
+    def flagged_slices(
+        self, image_probability: npt.NDArray[np.floating]
+    ) -> npt.NDArray[np.bool_] | None:
+        """The slices a lesion may lie on under the image gate (``None``: every slice)."""
+        if self.image_gate is None:
+            return None
+        return np.asarray(image_probability) >= self.image_gate
 
     @classmethod
     def resolve(cls, settings: LesionSettings, thresholds: Thresholds) -> LesionRule:
@@ -152,6 +164,15 @@ class LesionRule:
                 else thresholds.lesion_min_volume_mm3
             ),
             min_peak=settings.min_peak if settings.min_peak is not None else thresholds.lesion_peak,
+            image_gate=(
+                thresholds.image
+                if (
+                    settings.image_gate
+                    if settings.image_gate is not None
+                    else thresholds.lesion_image_gate
+                )
+                else None
+            ),
             connectivity=settings.connectivity,
             max_lesions=settings.max_lesions,
         )
@@ -167,6 +188,7 @@ def find_lesions(
     threshold: float = 0.5,
     min_volume_mm3: float = 0.0,
     min_peak: float | None = None,
+    flagged_slices: npt.NDArray[np.bool_] | None = None,
     connectivity: Literal[6, 18, 26] = 26,
     max_lesions: int | None = None,
 ) -> LesionMap:
@@ -192,6 +214,9 @@ def find_lesions(
     min_peak
         Components whose highest probability is below this are dropped (hysteresis: the
         threshold draws the outline, the peak decides whether it is a lesion); ``None``: none.
+    flagged_slices
+        (z,) bools: components with no voxel on a true slice are dropped (the image gate,
+        :meth:`LesionRule.flagged_slices`); ``None``: none are.
     connectivity
         6, 18 or 26 (faces; + edges; + corners).
     max_lesions
@@ -207,7 +232,7 @@ def find_lesions(
     ValueError
         Arrays that are not 3-D or differ in shape, a spacing that is not three positive
         numbers, a direction that is not 3 x 3, a threshold outside (0, 1], a connectivity other
-        than 6/18/26, or ``max_lesions < 1``.
+        than 6/18/26, ``max_lesions < 1``, or ``flagged_slices`` not one flag per slice.
     """
     spacing, origin, matrix = _checked_geometry(spacing_mm, origin_lps, direction)
     if probability.ndim != 3 or probability.shape != hu.shape:
@@ -220,6 +245,11 @@ def find_lesions(
         raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
     if max_lesions is not None and max_lesions < 1:
         raise ValueError(f"max_lesions must be at least 1, not {max_lesions}")
+    if flagged_slices is not None and np.shape(flagged_slices) != probability.shape[:1]:
+        raise ValueError(
+            f"flagged_slices {np.shape(flagged_slices)} must hold one flag per slice"
+            f" ({probability.shape[0]})"
+        )
 
     scale = 255.0 if probability.dtype == np.uint8 else 1.0
     mask = probability >= threshold * scale
@@ -245,6 +275,11 @@ def find_lesions(
         del inside
         cut = min_peak * scale
         candidates = [c for c in candidates if peaks[c] >= cut]
+    if flagged_slices is not None:
+        # A component's slices are contiguous (26-, 18- and 6-connectivity all step one slice
+        # at a time), so its bounding box's slices are the slices it lies on.
+        flags = np.asarray(flagged_slices, dtype=bool)
+        candidates = [c for c in candidates if flags[boxes[c][0]].any()]
     candidates.sort(key=lambda c: (-voxel_counts[c], c))  # largest first; ties in scan order
     kept = candidates if max_lesions is None else candidates[:max_lesions]
     dropped = count - len(kept)

@@ -220,6 +220,7 @@ class AnalysisPipeline:
             threshold=rule.threshold,
             min_volume_mm3=rule.min_volume_mm3,
             min_peak=rule.min_peak,
+            flagged_slices=rule.flagged_slices(result.image_probabilities),
             connectivity=rule.connectivity,
             max_lesions=rule.max_lesions,
         )

@@ -157,6 +157,9 @@ class Thresholds(_CardSection):
     lesion_peak: Probability | None = None
     #: Lesions smaller than this (mm³) are dropped.
     lesion_min_volume_mm3: Annotated[float, Field(ge=0.0)] = 10.0
+    #: A lesion is kept only when the per-image classifier calls at least one of its slices
+    #: cancerous (probability at or above ``image``); false: the classifier is not asked.
+    lesion_image_gate: bool = False
 
 
 class WeightsInfo(_CardSection):

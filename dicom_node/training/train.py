@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -171,6 +172,11 @@ class TrainConfig:
         it is: stage 1 is skipped, and the MLP and the operating points are fitted anew (to
         fit a classifier of another architecture, or to refit on other cases). Its input,
         normalisation and segmentation architecture must be this configuration's.
+    keep_mlp
+        With ``from_model``: take its MLP as well and fit nothing; only the operating points
+        (image and study thresholds, lesion rule) are chosen anew on the validation cases (to
+        calibrate a model on a site's own cases). The whole architecture must then match, and
+        no training case is read.
     name, version
         Of the model card.
     """
@@ -215,6 +221,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     encoder_weights: Path | None = None
     from_model: Path | None = None
+    keep_mlp: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
     version: str = "0.2.0"
@@ -238,6 +245,8 @@ class TrainConfig:
             raise ValueError("workers must be at least 1")
         if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
             raise ValueError("batch_size must be positive, step and epoch counts not negative")
+        if self.keep_mlp and self.from_model is None:
+            raise ValueError("keep_mlp keeps the MLP of from_model: name the model")
 
     def input_spec(self) -> InputSpec:
         """The card's input section."""
@@ -940,6 +949,8 @@ class _Run:
         self.stopped_by = "steps"
         #: The model whose segmentation network was taken (``from_model``): "name version".
         self.source: str | None = None
+        #: Its card (``from_model``).
+        self.source_card: ModelCard | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed_before = 0.0
         budget = None if config.max_minutes is None else config.max_minutes * 60.0
@@ -1058,7 +1069,8 @@ class _Run:
         logger.info("resumed from %s at stage %s step %d", self.ckpt_path, self.stage, self.step)
 
     def start_from(self, path: Path) -> None:
-        """Take a trained model's segmentation network and go straight to stage 2.
+        """Take a trained model's segmentation network (and with ``keep_mlp`` its MLP) and go
+        straight to stage 2.
 
         Raises
         ------
@@ -1068,7 +1080,11 @@ class _Run:
         """
         loaded = load_model(path)
         card, config = loaded.card, self.config
-        mlp_fields = {"mlp_hidden", "mlp_activation", "dropout", "mlp_pooling", "mlp_context_mm"}
+        mlp_fields = (
+            set()
+            if config.keep_mlp
+            else {"mlp_hidden", "mlp_activation", "dropout", "mlp_pooling", "mlp_context_mm"}
+        )
         differs = [
             what
             for what, mine, theirs in (
@@ -1084,13 +1100,14 @@ class _Run:
         ]
         if differs:
             raise ModelError(
-                f"{path}: its {', '.join(differs)} differ from this run's; the segmentation "
-                "network can only be taken over unchanged"
+                f"{path}: its {', '.join(differs)} differ from this run's; the "
+                + ("network" if config.keep_mlp else "segmentation network")
+                + " can only be taken over unchanged"
             )
         state = {
             name: tensor.float()
             for name, tensor in loaded.network.state_dict().items()
-            if not name.startswith("classifier.")
+            if config.keep_mlp or not name.startswith("classifier.")
         }
         missing, unexpected = self.network.load_state_dict(state, strict=False)
         assert not unexpected and all(name.startswith("classifier.") for name in missing)
@@ -1099,12 +1116,15 @@ class _Run:
         self.stage = "cls"
         self.stopped_by = "from-model"
         self.source = f"{card.name} {card.version}"
+        self.source_card = card
         logger.info(
-            "segmentation network taken from %s (%s %s, %d steps); stage 1 skipped",
+            "%s taken from %s (%s %s, %d steps); stage 1 skipped%s",
+            "network and MLP" if config.keep_mlp else "segmentation network",
             path,
             card.name,
             card.version,
             self.step,
+            ", no training (operating points only)" if config.keep_mlp else "",
         )
 
     # ------------------------------------------------------------ stage 1
@@ -1277,6 +1297,28 @@ class _Run:
         labels = np.tile(train_bank.labels[chosen], len(views)).astype(np.float32)
         return torch.cat(views), torch.from_numpy(labels)
 
+    def validation_features(
+        self, val_bank: SliceBank
+    ) -> tuple[torch.Tensor, npt.NDArray[np.uint8]]:
+        """What the MLP reads for every validation slice (with its slice context) and the
+        slices' tumour probabilities as uint8."""
+        network = self.network
+        val_x, val_prob = _features(
+            network,
+            val_bank,
+            self.config,
+            self.device,
+            augmented=False,
+            generator=self.generator,
+            progress=False,
+            keep_probability=True,
+        )
+        assert val_prob is not None
+        if network.classifier.context_mm > 0:
+            every = np.arange(len(val_bank), dtype=np.int64)
+            val_x = _with_context(network, val_bank, val_x, every)
+        return val_x, val_prob
+
     def classification(
         self, train_bank: SliceBank, val_bank: SliceBank
     ) -> tuple[int, torch.Tensor, npt.NDArray[np.uint8]]:
@@ -1288,20 +1330,7 @@ class _Run:
         for p in network.parameters():
             p.requires_grad_(False)
         train_x, train_y = self._stage2_training_set(train_bank)
-        val_x, val_prob = _features(
-            network,
-            val_bank,
-            config,
-            self.device,
-            augmented=False,
-            generator=self.generator,
-            progress=False,
-            keep_probability=True,
-        )
-        assert val_prob is not None
-        if network.classifier.context_mm > 0:
-            every = np.arange(len(val_bank), dtype=np.int64)
-            val_x = _with_context(network, val_bank, val_x, every)
+        val_x, val_prob = self.validation_features(val_bank)
         val_y = torch.from_numpy(val_bank.labels.astype(np.float32))
         head = network.classifier
         for p in head.parameters():
@@ -1354,25 +1383,34 @@ class _Run:
 LESION_THRESHOLDS = (0.5, 0.7, 0.85)
 LESION_PEAKS: tuple[float | None, ...] = (None, 0.9, 0.95, 0.98)
 LESION_MIN_VOLUMES_MM3 = (10.0, 30.0, 65.0)
+#: Each rule is tried without and with the image gate (a lesion needs a slice that the MLP
+#: flags at the chosen image threshold).
+LESION_IMAGE_GATES = (False, True)
 #: The chosen rule may leave at most this many false-positive lesions per tumour-free
 #: validation case; among those that do, the best mean Dice of tumours >= 6 mm wins.
 LESION_FP_LIMIT = 0.25
 #: Seconds the lesion rule search takes per million validation voxels on the model grid, for
 #: the stage-2 reserve: 0.92 s measured on a 2-core machine that a training run shared (four
-#: phantoms at 1.0 mm, 18.9 M voxels, 36 rules), rounded up.
-LESION_SEARCH_S_PER_MVOXEL = 1.5
+#: phantoms at 1.0 mm, 18.9 M voxels, 36 rules), doubled for the image gate and rounded up.
+LESION_SEARCH_S_PER_MVOXEL = 3.0
 
 
 def _lesion_operating_point(
-    val_bank: SliceBank, val_probability: npt.NDArray[np.uint8]
+    val_bank: SliceBank,
+    val_probability: npt.NDArray[np.uint8],
+    image_probability: npt.NDArray[np.float32],
+    image_threshold: float,
 ) -> tuple[LesionRule, dict[str, float]]:
-    """The lesion rule (threshold, peak, minimum volume) chosen on the validation cases.
+    """The lesion rule (threshold, peak, minimum volume, image gate) chosen on the validation
+    cases.
 
     Every case's slices, on the model grid, go through :func:`find_lesions` under each rule of
-    :data:`LESION_THRESHOLDS` x :data:`LESION_PEAKS` x :data:`LESION_MIN_VOLUMES_MM3` and are
-    scored as ``dicom-node evaluate`` scores them. The rule with the best mean Dice of tumours
-    of at least 6 mm among those within :data:`LESION_FP_LIMIT` false positives per tumour-free
-    case is chosen (the fewest false positives when none is).
+    :data:`LESION_THRESHOLDS` x :data:`LESION_PEAKS` x :data:`LESION_MIN_VOLUMES_MM3` x
+    :data:`LESION_IMAGE_GATES` (the gate at ``image_threshold`` on ``image_probability``, the
+    MLP's per-slice probabilities) and are scored as ``dicom-node evaluate`` scores them. The
+    rule with the best mean Dice of tumours of at least 6 mm among those within
+    :data:`LESION_FP_LIMIT` false positives per tumour-free case is chosen (the fewest false
+    positives when none is; ties: the better Dice, then the rule tried first, ungated first).
     """
     cases = []
     for k, case_id in enumerate(val_bank.case_ids):
@@ -1385,26 +1423,32 @@ def _lesion_operating_point(
             tumour_mask=val_bank.masks[rows],
             spacing_mm=(z, y, x),
         )
-        cases.append((case, val_probability[rows].astype(np.float32) / 255.0))
+        cases.append(
+            (
+                case,
+                val_probability[rows].astype(np.float32) / 255.0,
+                image_probability[rows].astype(np.float32),
+            )
+        )
     tried: list[tuple[LesionRule, float, float, float]] = []
-    for threshold in LESION_THRESHOLDS:
-        for peak in LESION_PEAKS:
-            if peak is not None and peak <= threshold:
-                continue
-            for volume in LESION_MIN_VOLUMES_MM3:
-                rule = LesionRule(threshold=threshold, min_volume_mm3=volume, min_peak=peak)
-                outcomes = [
-                    score_case(case, prob, np.zeros(prob.shape[0], np.float32), 0.0, rule=rule)
-                    for case, prob in cases
-                ]
-                large = [
-                    les for o in outcomes for les in o.lesions if les.diameter_mm >= LARGE_LESION_MM
-                ]
-                free = [o for o in outcomes if not o.study_truth]
-                dice = float(np.mean([les.dice for les in large])) if large else 0.0
-                found = float(np.mean([les.detected for les in large])) if large else 0.0
-                fp = float(np.mean([o.false_positive_lesions for o in free])) if free else 0.0
-                tried.append((rule, dice, fp, found))
+    for threshold, peak, volume, gate in itertools.product(
+        LESION_THRESHOLDS, LESION_PEAKS, LESION_MIN_VOLUMES_MM3, LESION_IMAGE_GATES
+    ):
+        if peak is not None and peak <= threshold:
+            continue
+        rule = LesionRule(
+            threshold=threshold,
+            min_volume_mm3=volume,
+            min_peak=peak,
+            image_gate=image_threshold if gate else None,
+        )
+        outcomes = [score_case(case, prob, image, 0.0, rule=rule) for case, prob, image in cases]
+        large = [les for o in outcomes for les in o.lesions if les.diameter_mm >= LARGE_LESION_MM]
+        free = [o for o in outcomes if not o.study_truth]
+        dice = float(np.mean([les.dice for les in large])) if large else 0.0
+        found = float(np.mean([les.detected for les in large])) if large else 0.0
+        fp = float(np.mean([o.false_positive_lesions for o in free])) if free else 0.0
+        tried.append((rule, dice, fp, found))
     within = [t for t in tried if t[2] <= LESION_FP_LIMIT]
     if within:
         best = max(within, key=lambda t: (t[1], -t[2]))
@@ -1412,11 +1456,12 @@ def _lesion_operating_point(
         best = min(tried, key=lambda t: (t[2], -t[1]))
     rule, dice, fp, found = best
     logger.info(
-        "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3: validation Dice (>= 6 mm) "
-        "%.3f, detection %.3f, %.2f false positives per tumour-free case",
+        "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3, image gate %s: validation Dice"
+        " (>= 6 mm) %.3f, detection %.3f, %.2f false positives per tumour-free case",
         rule.threshold,
         "none" if rule.min_peak is None else f"{rule.min_peak:.2f}",
         rule.min_volume_mm3,
+        "off" if rule.image_gate is None else f"at {rule.image_gate:.2f}",
         dice,
         found,
         fp,
@@ -1430,8 +1475,9 @@ def _lesion_operating_point(
 
 def _operating_points(
     network: LungCTNet, val_x: torch.Tensor, val_bank: SliceBank, *, top_k: int
-) -> tuple[float, float, dict[str, float]]:
-    """Image and study thresholds (best MCC on validation) and the validation figures there."""
+) -> tuple[float, float, dict[str, float], npt.NDArray[np.float32]]:
+    """Image and study thresholds (best MCC on validation), the validation figures there and
+    the MLP's probability for each validation slice."""
     with torch.no_grad():
         val_probs = torch.sigmoid(_mlp_logits(network.cpu(), val_x)).float().numpy()
     labels = val_bank.labels
@@ -1456,6 +1502,7 @@ def _operating_points(
         image_threshold,
         study_threshold,
         {k: float(v) for k, v in figures.items() if v is not None},
+        val_probs.astype(np.float32),
     )
 
 
@@ -1501,14 +1548,14 @@ def train(
         folder cannot be written.
     """
     started = time.monotonic()
-    if not split.train or not split.val:
+    if not split.val or not (split.train or config.keep_mlp):
         raise ValueError("the split needs training and validation cases")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(config, work_dir=work_dir, started=started, device=_resolve_device(config.device))
     spec, window = config.input_spec(), config.window
-    train_bank, val_bank = (
+    banks = [
         build_bank(
             dataset,
             cases,
@@ -1518,8 +1565,21 @@ def train(
             progress=config.progress,
             workers=config.workers,
         )
-        for cases in (split.train, split.val)
-    )
+        for cases in ((split.val,) if config.keep_mlp else (split.val, split.train))
+    ]
+    if config.keep_mlp:
+        assert config.from_model is not None  # TrainConfig checks it
+        run.start_from(config.from_model)
+        return _finish(
+            run,
+            dataset,
+            split,
+            val_bank=banks[0],
+            train_bank=None,
+            output=output,
+            training_data=training_data,
+        )
+    val_bank, train_bank = banks
     logger.info(
         "training on %d slices of %d cases (%d with tumour), validating on %d cases",
         len(train_bank),
@@ -1534,12 +1594,47 @@ def train(
     if run.stage == "seg":
         run.reserve_stage2(train_bank, val_bank)
     run.segmentation(train_bank, val_bank)
+    return _finish(
+        run,
+        dataset,
+        split,
+        val_bank=val_bank,
+        train_bank=train_bank,
+        output=output,
+        training_data=training_data,
+    )
+
+
+def _finish(
+    run: _Run,
+    dataset: CaseDataset,
+    split: Split,
+    *,
+    val_bank: SliceBank,
+    train_bank: SliceBank | None,
+    output: Path | None,
+    training_data: str | None,
+) -> TrainResult:
+    """After stage 1: stage 2 (unless ``keep_mlp``), the operating points, the model folder."""
+    config = run.config
     seg_threshold, seg_dice = run.segmentation_threshold(val_bank)
-    epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
-    image_threshold, study_threshold, figures = _operating_points(
+    if config.keep_mlp:
+        assert run.source_card is not None
+        epochs_done = int(run.source_card.metrics.get("cls_epochs", 0.0))
+        val_x, val_probability = run.validation_features(val_bank)
+        training_data = (
+            f"{run.source_card.training_data} Operating points chosen on the validation cases"
+            f" of: {training_data or dataset.name}"
+        )
+    else:
+        assert train_bank is not None
+        epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
+    image_threshold, study_threshold, figures, image_probability = _operating_points(
         run.network, val_x, val_bank, top_k=config.top_k
     )
-    rule, lesion_figures = _lesion_operating_point(val_bank, val_probability)
+    rule, lesion_figures = _lesion_operating_point(
+        val_bank, val_probability, image_probability, image_threshold
+    )
     validation = {
         **figures,
         **lesion_figures,
@@ -1565,6 +1660,7 @@ def train(
             study=study_threshold,
             lesion_peak=rule.min_peak,
             lesion_min_volume_mm3=rule.min_volume_mm3,
+            lesion_image_gate=rule.image_gate is not None,
         ),
         metrics=validation,
         training_data=training_data
@@ -1597,7 +1693,8 @@ def make_card(
 ) -> ModelCard:
     """The model card of a trained network (metrics are the validation figures).
 
-    ``source`` names the model whose segmentation network was taken (``from_model``).
+    ``source`` names the model whose segmentation network (and with ``keep_mlp`` MLP) was
+    taken (``from_model``).
     """
     arch = config.architecture
     if source is None and config.from_model is not None:
@@ -1627,7 +1724,10 @@ def make_card(
                 else ""
             )
             + (
-                f"); segmentation network taken from {source}, MLP and operating points fitted anew"
+                f"); segmentation network and MLP taken from {source}, operating points chosen anew"
+                if source is not None and config.keep_mlp
+                else f"); segmentation network taken from {source}, MLP and operating points"
+                " fitted anew"
                 if source is not None
                 else f"); stage 1 ended by {stopped_by}"
             )
@@ -1750,6 +1850,7 @@ def run_from_args(args: Any) -> int:
         workers=args.workers or default_workers(),
         encoder_weights=args.encoder_weights,
         from_model=args.from_model,
+        keep_mlp=args.keep_mlp,
         name=args.name,
         version=args.model_version,
         progress=not args.no_progress,

@@ -216,6 +216,7 @@ def test_centroid_uses_origin_and_direction() -> None:
         ({"threshold": 0.0}, "threshold"),
         ({"connectivity": 4}, "connectivity"),
         ({"max_lesions": 0}, "max_lesions"),
+        ({"flagged_slices": np.ones(3, bool)}, "flagged_slices"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs: dict[str, object], fragment: str) -> None:
@@ -283,3 +284,40 @@ def test_the_lesion_rule_takes_the_cards_values_unless_configured() -> None:
         3,
     )
     assert LesionRule.resolve(LesionSettings(), Thresholds()).min_peak is None
+
+
+def test_the_image_gate_keeps_lesions_on_flagged_slices_only() -> None:
+    """A component is dropped unless one of its slices is flagged, whatever slice that is."""
+    spacing = (1.0, 1.0, 1.0)
+    probability = np.zeros((20, 40, 40), dtype=np.float32)
+    probability[_ball(probability.shape, spacing, (6.0, 10.0, 10.0), 3.0)] = 0.9  # slices 3-9
+    probability[_ball(probability.shape, spacing, (14.0, 30.0, 30.0), 3.0)] = 0.9  # 11-17
+    hu = np.zeros(probability.shape, dtype=np.int16)
+    flags = np.zeros(20, dtype=bool)
+    flags[9] = True  # the first ball's last slice
+    gated = find_lesions(probability, hu, spacing_mm=spacing, flagged_slices=flags)
+    assert len(gated.lesions) == 1 and gated.dropped == 1
+    assert (gated.lesions[0].first_slice, gated.lesions[0].last_slice) == (3, 9)
+    assert gated.labels[14, 30, 30] == 0
+    flags[10] = True  # between the two: neither has a voxel there
+    assert len(find_lesions(probability, hu, spacing_mm=spacing, flagged_slices=flags).lesions) == 1
+    none = find_lesions(probability, hu, spacing_mm=spacing, flagged_slices=np.zeros(20, bool))
+    assert none.lesions == () and none.dropped == 2
+    assert not none.labels.any()
+    every = find_lesions(probability, hu, spacing_mm=spacing, flagged_slices=np.ones(20, bool))
+    assert len(every.lesions) == 2
+
+
+def test_the_image_gate_comes_from_the_card_unless_configured() -> None:
+    """The gate sits at the card's image threshold when the card or the configuration turns it
+    on; a configured ``image_gate: false`` turns the card's off."""
+    off = Thresholds(image=0.4)
+    on = Thresholds(image=0.4, lesion_image_gate=True)
+    assert LesionRule.resolve(LesionSettings(), off).image_gate is None
+    assert LesionRule.resolve(LesionSettings(), on).image_gate == 0.4
+    assert LesionRule.resolve(LesionSettings(image_gate=False), on).image_gate is None
+    assert LesionRule.resolve(LesionSettings(image_gate=True), off).image_gate == 0.4
+    rule = LesionRule.resolve(LesionSettings(), on)
+    flags = rule.flagged_slices(np.array([0.1, 0.4, 0.9], np.float32))
+    assert flags is not None and flags.tolist() == [False, True, True]
+    assert LesionRule.resolve(LesionSettings(), off).flagged_slices(np.zeros(3)) is None

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from pydicom import dcmread
 
 from tests.peers import node_cli
@@ -15,11 +16,12 @@ SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def _config(tmp_path: Path, model: Path, threshold: float) -> Path:
+def _config(tmp_path: Path, model: Path, threshold: float, lesions: str = "") -> Path:
     cfg = tmp_path / "analyze.yaml"
+    more = f", {lesions}" if lesions else ""
     cfg.write_text(
         f"model: {{path: {model}}}\n"
-        f"lesions: {{threshold: {threshold}, min_volume_mm3: 0}}\n"
+        f"lesions: {{threshold: {threshold}, min_volume_mm3: 0{more}}}\n"
         "inference: {device: cpu, batch_size: 8}\n"
     )
     return cfg
@@ -55,6 +57,37 @@ def test_analyze_writes_findings_seg_and_sr(
     study = str(dcmread(files[0]).StudyInstanceUID)
     assert all(str(dcmread(p).StudyInstanceUID) == study for p in series["outputs"])
     assert set(series["seconds"]) >= {"volume", "model", "lesions", "seg", "sr"}
+
+
+def test_the_image_gate_drops_lesions_on_slices_the_classifier_does_not_flag(
+    tmp_path: Path, tiny_model_dir: Path, phantom_series: Callable[..., list[Path]]
+) -> None:
+    """One model and lesion threshold without and with the image gate, at an image threshold
+    (0.9999) that the tiny model's slices do not reach: without the gate, threshold 0.5 finds
+    lesions (as above); with it, every one is dropped: an SR without lesions and no SEG."""
+    files = phantom_series()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    card = yaml.safe_load((model / "model.yaml").read_text())
+    card.setdefault("thresholds", {})["image"] = 0.9999
+    (model / "model.yaml").write_text(yaml.safe_dump(card))
+    series = {}
+    for gate in ("false", "true"):
+        done = node_cli(
+            "analyze",
+            str(files[0].parent),
+            "--out",
+            str(tmp_path / f"out-{gate}"),
+            "--json",
+            "--config",
+            str(_config(tmp_path, model, 0.5, f"image_gate: {gate}")),
+        )
+        assert done.returncode == 0, done.stderr
+        [series[gate]] = json.loads(done.stdout)["series"]
+    assert series["false"]["lesions"]
+    assert series["true"]["lesions"] == []
+    [sr] = series["true"]["outputs"]
+    assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
 
 
 def test_analyze_without_lesions_writes_only_the_sr(

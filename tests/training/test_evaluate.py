@@ -78,6 +78,22 @@ def test_a_lesion_without_a_confident_voxel_is_not_reported() -> None:
     assert out.lesions[0].detected
 
 
+def test_the_image_gate_scores_only_lesions_on_flagged_slices() -> None:
+    """With the image gate, a blob on slices the classifier leaves below the gate is dropped;
+    the tumour, on flagged slices, stays."""
+    case = _case()
+    prob = np.zeros(case.hu.shape, dtype=np.float32)
+    prob[2:4, 10:16, 10:16] = 0.95  # the tumour, slices 2-3
+    prob[4:6, 25:30, 25:30] = 0.95  # 50 mm³ on slices 4-5
+    image = np.array([0.1, 0.1, 0.2, 0.7, 0.5, 0.1], dtype=np.float32)
+    gated = LesionRule(threshold=0.5, min_volume_mm3=10.0, image_gate=0.6)
+    out = score_case(case, prob, image, 0.7, rule=gated)
+    assert (out.predicted_lesions, out.false_positive_lesions) == (1, 0)
+    assert out.lesions[0].dice == 1.0
+    out = score_case(case, prob, image, 0.7, rule=LesionRule(threshold=0.5, min_volume_mm3=10.0))
+    assert (out.predicted_lesions, out.false_positive_lesions) == (2, 1)
+
+
 def test_the_errors_section_says_which_slices_and_tumours_were_missed() -> None:
     """By hand: a case with a large tumour (found), a small one (missed, no response) and
     three flagged slices without tumour; a tumour-free case with one flagged slice."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 import torchvision
@@ -266,8 +268,11 @@ def test_precision_auto_follows_the_cpu() -> None:
     assert train_module.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None:
-    """On validation maps with a faint blob in a tumour-free case, a peak rule removes it."""
+def _validation_with_a_false_positive(
+    p_false: int,
+) -> tuple[train_module.SliceBank, npt.NDArray[np.uint8]]:
+    """Two validation cases: a 20 mm tumour found with p = 0.98 in the first, and in the
+    tumour-free second a 12 mm blob at ``p_false / 255``, both on slices 4-12."""
     size, depth = 64, 16
     hu = np.full((2 * depth, size, size), -800, np.int16)
     masks = np.zeros((2 * depth, size, size), np.uint8)
@@ -276,8 +281,8 @@ def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None
     masks[:depth][ball] = 1
     prob = np.zeros_like(masks)
     prob[:depth][ball] = 250  # the tumour, found with confidence
-    faint = ((zz - 8) * 2.0) ** 2 + ((yy - 20) * 1.5) ** 2 + ((xx - 20) * 1.5) ** 2 <= 6.0**2
-    prob[depth:][faint] = 200  # tumour-free case: p = 0.78, never 0.9
+    blob = ((zz - 8) * 2.0) ** 2 + ((yy - 20) * 1.5) ** 2 + ((xx - 20) * 1.5) ** 2 <= 6.0**2
+    prob[depth:][blob] = p_false
     bank = train_module.SliceBank(
         hu=hu,
         masks=masks,
@@ -286,12 +291,37 @@ def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None
         case_ids=("with", "without"),
         spacing_zyx=np.array([[2.0, 1.5, 1.5], [2.0, 1.5, 1.5]]),
     )
-    rule, figures = train_module._lesion_operating_point(bank, prob)
+    return bank, prob
+
+
+def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None:
+    """On validation maps with a faint blob in a tumour-free case, a peak rule removes it; the
+    MLP flags the blob's slices too, so the image gate cannot, and it stays off."""
+    bank, prob = _validation_with_a_false_positive(200)  # p = 0.78, never 0.9
+    image = np.where(prob.reshape(len(prob), -1).max(axis=1) > 0, 0.9, 0.1).astype(np.float32)
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.5)
     assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
     assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
     assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
     # The faint blob is 900 mm³ at p = 0.78: only a threshold or peak above it removes it.
     assert rule.threshold > 0.78 or (rule.min_peak is not None and rule.min_peak > 0.78)
+    assert rule.image_gate is None
+
+
+def test_the_image_gate_is_chosen_when_only_it_drops_a_confident_false_positive() -> None:
+    """A blob as confident as the tumour (p = 0.98) on slices the MLP does not flag: no
+    threshold, peak or volume removes it, the image gate at the image threshold does."""
+    bank, prob = _validation_with_a_false_positive(250)
+    depth = len(prob) // 2
+    image = np.full(len(prob), 0.2, np.float32)
+    image[:depth][bank.labels[:depth]] = 0.8  # the tumour's slices only
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.6)
+    assert rule.image_gate == 0.6
+    assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
+    assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
+    # Without the gate every rule leaves the blob.
+    rule, figures = train_module._lesion_operating_point(bank, prob, np.ones_like(image), 0.6)
+    assert figures["val_fp_lesions_per_tumour_free_study"] == 1.0
 
 
 def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
@@ -315,6 +345,7 @@ def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     assert thresholds.segmentation in train_module.LESION_THRESHOLDS
     assert thresholds.lesion_peak in train_module.LESION_PEAKS
     assert thresholds.lesion_min_volume_mm3 in train_module.LESION_MIN_VOLUMES_MM3
+    assert thresholds.lesion_image_gate in train_module.LESION_IMAGE_GATES
     assert "val_fp_lesions_per_tumour_free_study" in result.validation
 
 
@@ -411,6 +442,55 @@ def test_from_model_keeps_the_segmentation_network_and_fits_an_mlp_with_slice_co
     other_grid = _config(pixel_spacing_mm=5.0, from_model=tmp_path / "a")
     with pytest.raises(ModelError, match="its input differ"):
         train(phantoms, split, config=other_grid, output=None, work_dir=tmp_path / "wc")
+
+
+def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
+    phantoms: PhantomDataset, tmp_path: Path
+) -> None:
+    """--from-model --keep-mlp: every weight is the source's, no training case is read (the
+    split has none), and on the source's own validation cases the image and study thresholds
+    come out as the source's; the card says where the network came from."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    arch = TINY.model_copy(update={"mlp_pooling": "lesion", "mlp_context_mm": 5.0})
+    train(
+        phantoms,
+        split,
+        config=_config(architecture=arch),
+        output=tmp_path / "a",
+        work_dir=tmp_path / "wa",
+        training_data="four tiny phantoms.",
+    )
+    config = _config(architecture=arch, from_model=tmp_path / "a", keep_mlp=True)
+    only_val = dataclasses.replace(split, train=())
+    result = train(
+        phantoms,
+        only_val,
+        config=config,
+        output=tmp_path / "k",
+        work_dir=tmp_path / "wk",
+        training_data="the same phantoms",
+    )
+    source, kept = load_model(tmp_path / "a"), load_model(tmp_path / "k")
+    before, after = source.network.state_dict(), kept.network.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
+    assert kept.card.thresholds.image == source.card.thresholds.image
+    assert kept.card.thresholds.study == source.card.thresholds.study
+    assert result.cls_epochs_done == int(source.card.metrics["cls_epochs"])
+    assert result.seg_steps_done == int(source.card.metrics["seg_steps"])
+    assert f"MLP taken from {source.card.name} {source.card.version}" in kept.card.description
+    assert kept.card.training_data == (
+        "four tiny phantoms. Operating points chosen on the validation cases of: the same phantoms"
+    )
+    # the source's work folder caches two slice banks (train, val), this run's only one
+    assert len(list((tmp_path / "wa").glob("bank-*.npz"))) == 2
+    assert len(list((tmp_path / "wk").glob("bank-*.npz"))) == 1
+    other = _config(architecture=TINY, from_model=tmp_path / "a", keep_mlp=True)
+    with pytest.raises(ModelError, match="its architecture differ"):
+        train(phantoms, split, config=other, output=None, work_dir=tmp_path / "wc")
+    with pytest.raises(ValueError, match="keep_mlp"):
+        _config(keep_mlp=True)
 
 
 def test_stage_two_with_slice_context_reads_neighbours_within_each_case() -> None:
