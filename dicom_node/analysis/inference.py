@@ -530,10 +530,7 @@ class InferenceEngine:
         seg = seg[:size].float()
         vectors = vectors[:size].float()
         if not bool(torch.isfinite(seg).all() & torch.isfinite(vectors).all()):
-            raise PipelineError(
-                f"model output contains NaN/Inf (slices {first}-{first + size - 1}, precision "
-                f"{self.precision}); with fp16 this is usually overflow: try bf16 or fp32"
-            )
+            raise self._non_finite(f"slices {first}-{first + size - 1}")
         mid = time.perf_counter()
         state.model_s += mid - started
 
@@ -557,10 +554,7 @@ class InferenceEngine:
             logits = head.score(head.with_context(pooled, spacing_z_mm).to(self._input_dtype))
         logits = logits.float()
         if not bool(torch.isfinite(logits).all()):
-            raise PipelineError(
-                f"model output contains NaN/Inf (the image logits, precision {self.precision}); "
-                "with fp16 this is usually overflow: try bf16 or fp32"
-            )
+            raise self._non_finite("the image logits")
         image: npt.NDArray[np.float32] = torch.sigmoid(logits).cpu().numpy()
         state.model_s += time.perf_counter() - started
         return image
@@ -600,6 +594,13 @@ class InferenceEngine:
         return logits
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _non_finite(self, where: str) -> PipelineError:
+        """The error for NaN or Inf in the network's output at ``where``."""
+        return PipelineError(
+            f"model output contains NaN/Inf ({where}, precision {self.precision}); with fp16"
+            " this is usually overflow: try bf16 or fp32"
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self._autocast_dtype is None:

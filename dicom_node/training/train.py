@@ -224,7 +224,7 @@ class TrainConfig:
     keep_mlp: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
-    version: str = "0.2.0"
+    version: str = "0.2.1"
     log_every: int = 10
     progress: bool = True
 
@@ -842,9 +842,11 @@ def _features(
                 x = _normalise(hu, config)
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
-                feats = network.encoder(x)
-                seg = network.segmentation_head(network.decoder(feats)) if needs_seg else None
-            out.append(network.classifier.pool(feats[-1], seg).cpu())
+                if needs_seg:
+                    seg, pooled = network.trunk(x)
+                else:  # global average pooling needs no decoder
+                    seg, pooled = None, network.classifier.pool(network.encoder(x)[-1], None)
+            out.append(pooled.cpu())
             if keep_probability and seg is not None:
                 prob = torch.sigmoid(seg.float())[:, 0].mul(255.0).round().to(torch.uint8)
                 maps.append(prob.cpu().numpy())
