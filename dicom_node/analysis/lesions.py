@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cc3d
 import numpy as np
@@ -178,6 +178,93 @@ class LesionRule:
         )
 
 
+class Components:
+    """The 3-D connected components of a thresholded probability map, before a rule drops any.
+
+    What :func:`find_lesions` filters and measures, and what the lesion rule search of training
+    filters many times over (one labelling per threshold, every other part of a rule a filter).
+
+    Parameters
+    ----------
+    probability
+        (z, y, x) floats in [0, 1], or uint8 holding ``round(p * 255)``.
+    threshold
+        Voxels at or above it are in a component; in (0, 1].
+    connectivity
+        6, 18 or 26.
+
+    Attributes
+    ----------
+    labels
+        (z, y, x): 0 background, ``1..count`` the components in scan order.
+    count
+        Number of components.
+    voxel_counts
+        (count + 1,) voxels per label (index 0: background).
+    boxes
+        Bounding box (z, y, x slices) per label; a component's z slice is exactly the slices it
+        lies on (26-, 18- and 6-connectivity all step one slice at a time).
+    """
+
+    def __init__(
+        self,
+        probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8],
+        threshold: float,
+        connectivity: Literal[6, 18, 26] = 26,
+    ) -> None:
+        self.threshold = threshold
+        self._probability = probability
+        self._scale = 255.0 if probability.dtype == np.uint8 else 1.0
+        mask = probability >= threshold * self._scale
+        self.labels, self.count = cc3d.connected_components(
+            mask, connectivity=connectivity, return_N=True, binary_image=True
+        )
+        del mask  # (z, y, x) bools: 150 MB on a 600-slice 512² study
+        self.voxel_counts = np.zeros(1, dtype=np.int64)
+        self.boxes: list[tuple[slice, slice, slice]] = [(slice(0), slice(0), slice(0))]
+        if self.count:
+            stats = cc3d.statistics(self.labels)
+            self.voxel_counts = np.asarray(stats["voxel_counts"], dtype=np.int64)
+            self.boxes = list(stats["bounding_boxes"])
+        self._peaks: npt.NDArray[Any] | None = None
+
+    def _raw_peaks(self) -> npt.NDArray[Any]:
+        """(count + 1,) each component's highest value in the map's own units (computed once)."""
+        if self._peaks is None:
+            # From the components' own voxels: a labelled maximum over the whole volume
+            # (scipy.ndimage.maximum) sorts every voxel, seconds on a large study.
+            inside = self.labels > 0
+            self._peaks = np.zeros(self.count + 1, dtype=self._probability.dtype)
+            np.maximum.at(self._peaks, self.labels[inside], self._probability[inside])
+        return self._peaks
+
+    def peaks(self) -> npt.NDArray[np.float64]:
+        """(count + 1,) each component's highest probability, in [0, 1]."""
+        return self._raw_peaks().astype(np.float64) / self._scale
+
+    def kept(
+        self,
+        *,
+        voxel_mm3: float,
+        min_volume_mm3: float = 0.0,
+        min_peak: float | None = None,
+        flagged_slices: npt.NDArray[np.bool_] | None = None,
+    ) -> npt.NDArray[np.bool_]:
+        """(count + 1,) which components the rule keeps (index 0, the background: false):
+        at least ``min_volume_mm3``, a peak of at least ``min_peak`` (``None``: any), and a voxel
+        on a ``flagged_slices`` slice (``None``: any slice)."""
+        keep = self.voxel_counts * voxel_mm3 >= min_volume_mm3
+        keep[0] = False
+        # (a peak at or under the threshold holds for every component: each has a voxel above)
+        if min_peak is not None and min_peak > self.threshold and keep.any():
+            keep &= self._raw_peaks() >= min_peak * self._scale
+        if flagged_slices is not None:
+            flags = np.asarray(flagged_slices, dtype=bool)
+            for c in np.flatnonzero(keep):
+                keep[c] = bool(flags[self.boxes[c][0]].any())
+        return keep
+
+
 def find_lesions(
     probability: npt.NDArray[np.floating] | npt.NDArray[np.uint8],
     hu: npt.NDArray[np.generic],
@@ -252,34 +339,23 @@ def find_lesions(
         )
 
     scale = 255.0 if probability.dtype == np.uint8 else 1.0
-    mask = probability >= threshold * scale
-    components, count = cc3d.connected_components(
-        mask, connectivity=connectivity, return_N=True, binary_image=True
+    found = Components(probability, threshold, connectivity)
+    count, components, voxel_counts, boxes = (
+        found.count,
+        found.labels,
+        found.voxel_counts,
+        found.boxes,
     )
-    del mask  # (z, y, x) bools: 150 MB on a 600-slice 512² study
     if count == 0:
         empty = np.zeros(probability.shape, dtype=np.uint16)
         return LesionMap(labels=empty, lesions=(), threshold=threshold, dropped=0)
-
-    stats = cc3d.statistics(components)
-    voxel_counts = np.asarray(stats["voxel_counts"], dtype=np.int64)
-    boxes = stats["bounding_boxes"]
-    voxel_mm3 = float(np.prod(spacing))
-    candidates = [c for c in range(1, count + 1) if voxel_counts[c] * voxel_mm3 >= min_volume_mm3]
-    if min_peak is not None and min_peak > threshold and candidates:
-        # Each component's highest probability, from its voxels alone: a labelled maximum over
-        # the whole volume (scipy.ndimage.maximum) sorts every voxel, seconds on a large study.
-        inside = components > 0
-        peaks = np.zeros(count + 1, dtype=probability.dtype)
-        np.maximum.at(peaks, components[inside], probability[inside])
-        del inside
-        cut = min_peak * scale
-        candidates = [c for c in candidates if peaks[c] >= cut]
-    if flagged_slices is not None:
-        # A component's slices are contiguous (26-, 18- and 6-connectivity all step one slice
-        # at a time), so its bounding box's slices are the slices it lies on.
-        flags = np.asarray(flagged_slices, dtype=bool)
-        candidates = [c for c in candidates if flags[boxes[c][0]].any()]
+    keep = found.kept(
+        voxel_mm3=float(np.prod(spacing)),
+        min_volume_mm3=min_volume_mm3,
+        min_peak=min_peak,
+        flagged_slices=flagged_slices,
+    )
+    candidates = [int(c) for c in np.flatnonzero(keep)]
     candidates.sort(key=lambda c: (-voxel_counts[c], c))  # largest first; ties in scan order
     kept = candidates if max_lesions is None else candidates[:max_lesions]
     dropped = count - len(kept)

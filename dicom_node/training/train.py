@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: N812 - the name PyTorch's own documenta
 from tqdm import tqdm
 
 from dicom_node.analysis.context import CONTEXT_CHANNELS, input_channels, with_context
-from dicom_node.analysis.lesions import LesionRule
+from dicom_node.analysis.lesions import Components, LesionRule
 from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
 from dicom_node.analysis.weights import (
     Classes,
@@ -58,8 +58,8 @@ from dicom_node.analysis.weights import (
 )
 from dicom_node.errors import ModelError, TrainingBudgetError
 from dicom_node.training.augment import AugmentConfig, augment_batch
-from dicom_node.training.datasets import Case, CaseDataset, Split, map_cases
-from dicom_node.training.evaluate import LARGE_LESION_MM, score_case
+from dicom_node.training.datasets import CaseDataset, Split, map_cases
+from dicom_node.training.evaluate import LARGE_LESION_MM
 from dicom_node.training.metrics import binary_scores, choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -1392,9 +1392,85 @@ LESION_IMAGE_GATES = (False, True)
 #: validation case; among those that do, the best mean Dice of tumours >= 6 mm wins.
 LESION_FP_LIMIT = 0.25
 #: Seconds the lesion rule search takes per million validation voxels on the model grid, for
-#: the stage-2 reserve: 0.92 s measured on a 2-core machine that a training run shared (four
-#: phantoms at 1.0 mm, 18.9 M voxels, 36 rules), doubled for the image gate and rounded up.
-LESION_SEARCH_S_PER_MVOXEL = 3.0
+#: the stage-2 reserve: :func:`lesion_rule_scores` took 0.05 s (72 rules, 45 validation
+#: phantoms, 94 M voxels, 4.7 s on two idle cores; scoring each rule through ``find_lesions``
+#: had taken about 270 s), four times that for a shared machine and other maps.
+LESION_SEARCH_S_PER_MVOXEL = 0.2
+
+
+def lesion_rule_scores(
+    cases: Sequence[
+        tuple[
+            npt.NDArray[np.uint8],
+            tuple[float, ...],
+            npt.NDArray[np.uint8] | npt.NDArray[np.floating],
+            npt.NDArray[np.floating],
+        ]
+    ],
+    rules: Sequence[LesionRule],
+) -> list[tuple[float, float, float]]:
+    """(mean Dice of tumours >= 6 mm, their detection sensitivity, false-positive lesions per
+    tumour-free case) of each rule over ``cases``: (tumour mask, spacing, tumour probability,
+    image probability) each.
+
+    The figures :func:`~dicom_node.training.evaluate.score_case` gives for the lesions of
+    :func:`find_lesions` (a tumour is a 26-connected component of the mask; it is detected by
+    the lesions that share a voxel with it, and its Dice is taken against their union; a lesion
+    touching no tumour is a false positive), without measuring any lesion: each case is
+    labelled once per threshold, and each rule's volume, peak and gate only choose among those
+    components. Rules keep every lesion (no ``max_lesions``). 0.0 where no case has a tumour of
+    6 mm, or none is tumour-free.
+    """
+    dice: list[list[float]] = [[] for _ in rules]
+    found: list[list[bool]] = [[] for _ in rules]
+    false: list[list[int]] = [[] for _ in rules]
+    by_threshold: dict[float, list[int]] = {}
+    for i, rule in enumerate(rules):
+        by_threshold.setdefault(rule.threshold, []).append(i)
+    for mask, spacing, probability, image in cases:
+        truth, tumours = cc3d.connected_components(
+            mask > 0, connectivity=26, return_N=True, binary_image=True
+        )
+        voxel_mm3 = float(np.prod(spacing))
+        truth_voxels = np.bincount(truth.ravel(), minlength=tumours + 1)
+        diameters = (6.0 * truth_voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)
+        large = [g for g in range(1, tumours + 1) if diameters[g] >= LARGE_LESION_MM]
+        inside = truth > 0
+        for threshold, members in by_threshold.items():
+            found_here = Components(probability, threshold, 26)
+            # (component, tumour) pairs that share voxels, and how many
+            pairs, shared = np.unique(
+                found_here.labels[inside].astype(np.int64) * (tumours + 1) + truth[inside],
+                return_counts=True,
+            )
+            component, tumour = pairs // (tumours + 1), pairs % (tumours + 1)
+            real = component > 0
+            component, tumour, shared = component[real], tumour[real], shared[real]
+            touches = np.zeros(found_here.count + 1, dtype=bool)
+            touches[component] = True
+            for i in members:
+                rule = rules[i]
+                keep = found_here.kept(
+                    voxel_mm3=voxel_mm3,
+                    min_volume_mm3=rule.min_volume_mm3,
+                    min_peak=rule.min_peak,
+                    flagged_slices=rule.flagged_slices(image),
+                )
+                if not tumours:
+                    false[i].append(int(np.count_nonzero(keep & ~touches)))
+                for g in large:
+                    hit = (tumour == g) & keep[component]
+                    size = int(found_here.voxel_counts[component[hit]].sum())
+                    found[i].append(bool(hit.any()))
+                    dice[i].append(2.0 * int(shared[hit].sum()) / (int(truth_voxels[g]) + size))
+    return [
+        (
+            float(np.mean(d)) if d else 0.0,
+            float(np.mean(f)) if f else 0.0,
+            float(np.mean(n)) if n else 0.0,
+        )
+        for d, f, n in zip(dice, found, false, strict=True)
+    ]
 
 
 def _lesion_operating_point(
@@ -1406,51 +1482,49 @@ def _lesion_operating_point(
     """The lesion rule (threshold, peak, minimum volume, image gate) chosen on the validation
     cases.
 
-    Every case's slices, on the model grid, go through :func:`find_lesions` under each rule of
+    Every case's slices, on the model grid, are scored under each rule of
     :data:`LESION_THRESHOLDS` x :data:`LESION_PEAKS` x :data:`LESION_MIN_VOLUMES_MM3` x
     :data:`LESION_IMAGE_GATES` (the gate at ``image_threshold`` on ``image_probability``, the
-    MLP's per-slice probabilities) and are scored as ``dicom-node evaluate`` scores them. The
-    rule with the best mean Dice of tumours of at least 6 mm among those within
-    :data:`LESION_FP_LIMIT` false positives per tumour-free case is chosen (the fewest false
-    positives when none is; ties: the better Dice, then the rule tried first, ungated first).
+    MLP's per-slice probabilities) as ``dicom-node evaluate`` scores the lesions of
+    :func:`find_lesions` (:func:`lesion_rule_scores`). The rule with the best mean Dice of
+    tumours of at least 6 mm among those within :data:`LESION_FP_LIMIT` false positives per
+    tumour-free case is chosen (the fewest false positives when none is; ties: the better Dice,
+    then the rule tried first, ungated first).
     """
-    cases = []
-    for k, case_id in enumerate(val_bank.case_ids):
-        rows = val_bank.case_rows(k)
-        z, y, x = (float(v) for v in val_bank.spacing_zyx[k])
-        case = Case(
-            case_id=case_id,
-            patient_id=case_id,
-            hu=val_bank.hu[rows],
-            tumour_mask=val_bank.masks[rows],
-            spacing_mm=(z, y, x),
-        )
-        cases.append(
-            (
-                case,
-                val_probability[rows].astype(np.float32) / 255.0,
-                image_probability[rows].astype(np.float32),
-            )
-        )
-    tried: list[tuple[LesionRule, float, float, float]] = []
-    for threshold, peak, volume, gate in itertools.product(
-        LESION_THRESHOLDS, LESION_PEAKS, LESION_MIN_VOLUMES_MM3, LESION_IMAGE_GATES
-    ):
-        if peak is not None and peak <= threshold:
-            continue
-        rule = LesionRule(
+    rules = [
+        LesionRule(
             threshold=threshold,
             min_volume_mm3=volume,
             min_peak=peak,
             image_gate=image_threshold if gate else None,
         )
-        outcomes = [score_case(case, prob, image, 0.0, rule=rule) for case, prob, image in cases]
-        large = [les for o in outcomes for les in o.lesions if les.diameter_mm >= LARGE_LESION_MM]
-        free = [o for o in outcomes if not o.study_truth]
-        dice = float(np.mean([les.dice for les in large])) if large else 0.0
-        found = float(np.mean([les.detected for les in large])) if large else 0.0
-        fp = float(np.mean([o.false_positive_lesions for o in free])) if free else 0.0
-        tried.append((rule, dice, fp, found))
+        for threshold, peak, volume, gate in itertools.product(
+            LESION_THRESHOLDS, LESION_PEAKS, LESION_MIN_VOLUMES_MM3, LESION_IMAGE_GATES
+        )
+        if peak is None or peak > threshold
+    ]
+    cases = [
+        (
+            val_bank.masks[rows],
+            tuple(float(v) for v in val_bank.spacing_zyx[k]),
+            val_probability[rows],
+            image_probability[rows],
+        )
+        for k in range(len(val_bank.case_ids))
+        for rows in (val_bank.case_rows(k),)
+    ]
+    began = time.monotonic()
+    tried = [
+        (rule, dice, fp, found)
+        for rule, (dice, found, fp) in zip(rules, lesion_rule_scores(cases, rules), strict=True)
+    ]
+    logger.info(
+        "lesion rule search: %d rules on %d cases (%.0f M voxels) in %.1f s",
+        len(rules),
+        len(cases),
+        val_probability.size / 1e6,
+        time.monotonic() - began,
+    )
     within = [t for t in tried if t[2] <= LESION_FP_LIMIT]
     if within:
         best = max(within, key=lambda t: (t[1], -t[2]))
@@ -1607,6 +1681,10 @@ def train(
     )
 
 
+#: How a ``keep_mlp`` card's ``training_data`` names the cases its operating points came from.
+_CHOSEN_ON = "Operating points chosen on the validation cases of: "
+
+
 def _finish(
     run: _Run,
     dataset: CaseDataset,
@@ -1624,10 +1702,9 @@ def _finish(
         assert run.source_card is not None
         epochs_done = int(run.source_card.metrics.get("cls_epochs", 0.0))
         val_x, val_probability = run.validation_features(val_bank)
-        training_data = (
-            f"{run.source_card.training_data} Operating points chosen on the validation cases"
-            f" of: {training_data or dataset.name}"
-        )
+        # Where the source's own operating points were chosen no longer holds: say where these were.
+        trained_on = run.source_card.training_data.split(_CHOSEN_ON)[0].rstrip()
+        training_data = f"{trained_on} {_CHOSEN_ON}{training_data or dataset.name}"
     else:
         assert train_bank is not None
         epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)

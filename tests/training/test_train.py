@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torchvision
 
+from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.network import Architecture, LungCTNet
 from dicom_node.analysis.weights import load_model
 from dicom_node.errors import ModelError, TrainingBudgetError
@@ -324,6 +326,94 @@ def test_the_image_gate_is_chosen_when_only_it_drops_a_confident_false_positive(
     assert figures["val_fp_lesions_per_tumour_free_study"] == 1.0
 
 
+#: What the lesion rule search reads per case: tumour mask, spacing, tumour and image probability.
+SearchCase = tuple[
+    npt.NDArray[np.uint8],
+    tuple[float, float, float],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.float32],
+]
+
+
+def _search_cases(seed: int) -> list[SearchCase]:
+    """Validation-like cases for the rule search: three with tumours of several sizes, one
+    tumour-free; predicted blobs of several sizes and confidences on and off the tumours, with
+    ragged edges (some voxels halved)."""
+    rng = np.random.default_rng(seed)
+    shape, spacing = (20, 48, 48), (2.0, 1.5, 1.5)
+    zz, yy, xx = np.indices(shape)
+
+    def ball(z: float, y: float, x: float, r_mm: float) -> npt.NDArray[np.bool_]:
+        return ((zz - z) * 2.0) ** 2 + ((yy - y) * 1.5) ** 2 + ((xx - x) * 1.5) ** 2 <= r_mm**2
+
+    cases = []
+    for k in range(4):
+        mask = np.zeros(shape, np.uint8)
+        prob = np.zeros(shape, np.uint8)
+        if k < 3:
+            for _ in range(3):
+                z, y, x = rng.uniform(4, 16), rng.uniform(8, 40), rng.uniform(8, 40)
+                mask[ball(z, y, x, rng.uniform(2.0, 9.0))] = 1
+                # the prediction: shifted a little, its own size and confidence, or none
+                if rng.random() < 0.8:
+                    region = ball(
+                        z + rng.normal(0, 1), y + rng.normal(0, 1), x, rng.uniform(1.5, 9)
+                    )
+                    prob[region] = np.maximum(prob[region], rng.integers(120, 256))
+        for _ in range(4):  # blobs off the tumours (or onto them, by chance)
+            region = ball(*rng.uniform((2, 4, 4), (18, 44, 44)), rng.uniform(1.5, 6.0))
+            prob[region] = np.maximum(prob[region], rng.integers(120, 256))
+        prob[(prob > 0) & (rng.random(shape) < 0.3)] //= 2  # ragged maps: some voxels below
+        # the classifier flags a few slices: some blobs lie on none of them
+        image = np.where(rng.random(shape[0]) < 0.2, 0.8, 0.2).astype(np.float32)
+        cases.append((mask, spacing, prob, image))
+    return cases
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_rule_search_scores_rules_as_evaluate_does(seed: int) -> None:
+    """Every rule of the search grid: the figures of ``lesion_rule_scores`` are those of
+    ``score_case`` on ``find_lesions``' lesions (what ``dicom-node evaluate`` reports)."""
+    from dicom_node.training.datasets import Case
+    from dicom_node.training.evaluate import score_case
+
+    cases = _search_cases(seed)
+    rules = [
+        LesionRule(threshold=t, min_volume_mm3=v, min_peak=p, image_gate=0.5 if g else None)
+        for t, p, v, g in itertools.product(
+            train_module.LESION_THRESHOLDS,
+            train_module.LESION_PEAKS,
+            train_module.LESION_MIN_VOLUMES_MM3,
+            train_module.LESION_IMAGE_GATES,
+        )
+        if p is None or p > t
+    ]
+    fast = train_module.lesion_rule_scores(cases, rules)
+    assert len(fast) == len(rules) == 72
+    seen = set()
+    for rule, got in zip(rules, fast, strict=True):
+        outcomes = [
+            score_case(
+                Case(f"c{k}", f"p{k}", np.zeros(mask.shape, np.int16), mask, spacing),
+                prob.astype(np.float32) / 255.0,
+                image,
+                0.0,
+                rule=rule,
+            )
+            for k, (mask, spacing, prob, image) in enumerate(cases)
+        ]
+        large = [les for o in outcomes for les in o.lesions if les.diameter_mm >= 6.0]
+        free = [o for o in outcomes if not o.study_truth]
+        expected = (
+            float(np.mean([les.dice for les in large])),
+            float(np.mean([les.detected for les in large])),
+            float(np.mean([o.false_positive_lesions for o in free])),
+        )
+        assert got == pytest.approx(expected, abs=1e-12), rule
+        seen.add(expected)
+    assert len(seen) > 5  # the rules differ on these cases
+
+
 def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     phantoms: PhantomDataset, tmp_path: Path
 ) -> None:
@@ -482,6 +572,18 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
     assert f"MLP taken from {source.card.name} {source.card.version}" in kept.card.description
     assert kept.card.training_data == (
         "four tiny phantoms. Operating points chosen on the validation cases of: the same phantoms"
+    )
+    again = _config(architecture=arch, from_model=tmp_path / "k", keep_mlp=True)
+    train(
+        phantoms,
+        only_val,
+        config=again,
+        output=tmp_path / "k2",
+        work_dir=tmp_path / "wk",
+        training_data="other cases",
+    )
+    assert load_model(tmp_path / "k2").card.training_data == (
+        "four tiny phantoms. Operating points chosen on the validation cases of: other cases"
     )
     # the source's work folder caches two slice banks (train, val), this run's only one
     assert len(list((tmp_path / "wa").glob("bank-*.npz"))) == 2
