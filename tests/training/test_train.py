@@ -288,7 +288,7 @@ def _validation_with_a_false_positive(
     bank = train_module.SliceBank(
         hu=hu,
         masks=masks,
-        labels=masks.reshape(2 * depth, -1).any(axis=1),
+        labels=np.asarray(masks.reshape(2 * depth, -1).any(axis=1)),
         case_index=np.repeat(np.arange(2), depth),
         case_ids=("with", "without"),
         spacing_zyx=np.array([[2.0, 1.5, 1.5], [2.0, 1.5, 1.5]]),
@@ -344,7 +344,8 @@ def _search_cases(seed: int) -> list[SearchCase]:
     zz, yy, xx = np.indices(shape)
 
     def ball(z: float, y: float, x: float, r_mm: float) -> npt.NDArray[np.bool_]:
-        return ((zz - z) * 2.0) ** 2 + ((yy - y) * 1.5) ** 2 + ((xx - x) * 1.5) ** 2 <= r_mm**2
+        inside = ((zz - z) * 2.0) ** 2 + ((yy - y) * 1.5) ** 2 + ((xx - x) * 1.5) ** 2 <= r_mm**2
+        return np.asarray(inside, dtype=bool)
 
     cases = []
     for k in range(4):
@@ -361,7 +362,8 @@ def _search_cases(seed: int) -> list[SearchCase]:
                     )
                     prob[region] = np.maximum(prob[region], rng.integers(120, 256))
         for _ in range(4):  # blobs off the tumours (or onto them, by chance)
-            region = ball(*rng.uniform((2, 4, 4), (18, 44, 44)), rng.uniform(1.5, 6.0))
+            z, y, x = rng.uniform((2, 4, 4), (18, 44, 44))
+            region = ball(z, y, x, rng.uniform(1.5, 6.0))
             prob[region] = np.maximum(prob[region], rng.integers(120, 256))
         prob[(prob > 0) & (rng.random(shape) < 0.3)] //= 2  # ragged maps: some voxels below
         # the classifier flags a few slices: some blobs lie on none of them
@@ -550,16 +552,20 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
         work_dir=tmp_path / "wa",
         training_data="four tiny phantoms.",
     )
-    config = _config(architecture=arch, from_model=tmp_path / "a", keep_mlp=True)
     only_val = dataclasses.replace(split, train=())
-    result = train(
-        phantoms,
-        only_val,
-        config=config,
-        output=tmp_path / "k",
-        work_dir=tmp_path / "wk",
-        training_data="the same phantoms",
-    )
+
+    def recalibrate(source: str, output: str, cases: str) -> train_module.TrainResult:
+        config = _config(architecture=arch, from_model=tmp_path / source, keep_mlp=True)
+        return train(
+            phantoms,
+            only_val,
+            config=config,
+            output=tmp_path / output,
+            work_dir=tmp_path / "wk",
+            training_data=cases,
+        )
+
+    result = recalibrate("a", "k", "the same phantoms")
     source, kept = load_model(tmp_path / "a"), load_model(tmp_path / "k")
     before, after = source.network.state_dict(), kept.network.state_dict()
     assert before.keys() == after.keys()
@@ -573,15 +579,7 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
     assert kept.card.training_data == (
         "four tiny phantoms. Operating points chosen on the validation cases of: the same phantoms"
     )
-    again = _config(architecture=arch, from_model=tmp_path / "k", keep_mlp=True)
-    train(
-        phantoms,
-        only_val,
-        config=again,
-        output=tmp_path / "k2",
-        work_dir=tmp_path / "wk",
-        training_data="other cases",
-    )
+    recalibrate("k", "k2", "other cases")  # the note of the first recalibration goes
     assert load_model(tmp_path / "k2").card.training_data == (
         "four tiny phantoms. Operating points chosen on the validation cases of: other cases"
     )
@@ -734,7 +732,7 @@ def _two_tumour_bank() -> train_module.SliceBank:
     return train_module.SliceBank(
         hu=np.zeros((12, 32, 32), np.int16),
         masks=masks,
-        labels=masks.reshape(12, -1).any(axis=1),
+        labels=np.asarray(masks.reshape(12, -1).any(axis=1)),
         case_index=np.array([0] * 8 + [1] * 4),
         case_ids=("a", "b"),
         spacing_zyx=np.ones((2, 3)),
