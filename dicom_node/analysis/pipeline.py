@@ -78,6 +78,8 @@ class SeriesFindings:
     threshold: float
     outputs: tuple[Path, ...]
     seconds: dict[str, float]
+    #: The rule that made the lesions (card and configuration resolved).
+    rule: LesionRule
 
     def summary(self) -> dict[str, Any]:
         """JSON-able form (no patient data)."""
@@ -88,6 +90,12 @@ class SeriesFindings:
             "study_probability": round(self.study_probability, 4),
             "classification": "cancerous" if self.study_positive else "non-cancerous",
             "threshold": self.threshold,
+            "lesion_rule": {
+                "threshold": self.rule.threshold,
+                "min_volume_mm3": self.rule.min_volume_mm3,
+                "min_peak": self.rule.min_peak,
+                "image_gate": self.rule.image_gate,
+            },
             "lesions": [
                 {
                     "label": les.label,
@@ -257,6 +265,7 @@ class AnalysisPipeline:
             threshold=card.thresholds.study,
             outputs=outputs,
             seconds=seconds,
+            rule=rule,
         )
         logger.info(
             "series analysed",

@@ -86,6 +86,10 @@ def test_the_image_gate_drops_lesions_on_slices_the_classifier_does_not_flag(
         [series[gate]] = json.loads(done.stdout)["series"]
     assert series["false"]["lesions"]
     assert series["true"]["lesions"] == []
+    # findings.json (and the job's result) say which rule made the lesions
+    rule = {"threshold": 0.5, "min_volume_mm3": 0.0, "min_peak": None}
+    assert series["false"]["lesion_rule"] == {**rule, "image_gate": None}
+    assert series["true"]["lesion_rule"] == {**rule, "image_gate": 0.9999}
     [sr] = series["true"]["outputs"]
     assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
 
