@@ -214,8 +214,9 @@ class Components:
     ) -> None:
         self.threshold = threshold
         self._probability = probability
-        self._scale = 255.0 if probability.dtype == np.uint8 else 1.0
-        mask = probability >= threshold * self._scale
+        #: What probability 1 is in the map's units (255 for uint8 maps).
+        self.scale = 255.0 if probability.dtype == np.uint8 else 1.0
+        mask = probability >= threshold * self.scale
         self.labels, self.count = cc3d.connected_components(
             mask, connectivity=connectivity, return_N=True, binary_image=True
         )
@@ -228,8 +229,8 @@ class Components:
             self.boxes = list(stats["bounding_boxes"])
         self._peaks: npt.NDArray[Any] | None = None
 
-    def _raw_peaks(self) -> npt.NDArray[Any]:
-        """(count + 1,) each component's highest value in the map's own units (computed once)."""
+    def _peaks_in_map_units(self) -> npt.NDArray[Any]:
+        """(count + 1,) each component's highest value in the map's units (computed once)."""
         if self._peaks is None:
             # From the components' own voxels: a labelled maximum over the whole volume
             # (scipy.ndimage.maximum) sorts every voxel, seconds on a large study.
@@ -237,10 +238,6 @@ class Components:
             self._peaks = np.zeros(self.count + 1, dtype=self._probability.dtype)
             np.maximum.at(self._peaks, self.labels[inside], self._probability[inside])
         return self._peaks
-
-    def peaks(self) -> npt.NDArray[np.float64]:
-        """(count + 1,) each component's highest probability, in [0, 1]."""
-        return self._raw_peaks().astype(np.float64) / self._scale
 
     def kept(
         self,
@@ -257,7 +254,7 @@ class Components:
         keep[0] = False
         # (a peak at or under the threshold holds for every component: each has a voxel above)
         if min_peak is not None and min_peak > self.threshold and keep.any():
-            keep &= self._raw_peaks() >= min_peak * self._scale
+            keep &= self._peaks_in_map_units() >= min_peak * self.scale
         if flagged_slices is not None:
             flags = np.asarray(flagged_slices, dtype=bool)
             for c in np.flatnonzero(keep):
@@ -338,14 +335,8 @@ def find_lesions(
             f" ({probability.shape[0]})"
         )
 
-    scale = 255.0 if probability.dtype == np.uint8 else 1.0
     found = Components(probability, threshold, connectivity)
-    count, components, voxel_counts, boxes = (
-        found.count,
-        found.labels,
-        found.voxel_counts,
-        found.boxes,
-    )
+    count, components, voxel_counts = found.count, found.labels, found.voxel_counts
     if count == 0:
         empty = np.zeros(probability.shape, dtype=np.uint16)
         return LesionMap(labels=empty, lesions=(), threshold=threshold, dropped=0)
@@ -366,14 +357,14 @@ def find_lesions(
 
     lesions = []
     for new_label, old in enumerate(kept, start=1):
-        box = boxes[old]
+        box = found.boxes[old]
         lesions.append(
             _measure(
                 components[box] == old,
                 offset=(box[0].start, box[1].start, box[2].start),
                 hu=hu[box],
                 probability=probability[box],
-                probability_scale=scale,
+                probability_scale=found.scale,
                 label=new_label,
                 spacing=spacing,
                 origin=origin,

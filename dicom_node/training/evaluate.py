@@ -244,6 +244,11 @@ class Evaluation:
         return fpr, tpr
 
 
+def equivalent_diameter_mm(volume_mm3: float) -> float:
+    """The diameter of the sphere of ``volume_mm3`` (how a tumour's size is given here)."""
+    return float((6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0))
+
+
 def score_case(
     case: Case,
     probability: npt.NDArray[np.float32],
@@ -296,7 +301,7 @@ def score_case(
         volume = float(gt.sum()) * voxel_mm3
         outcomes.append(
             LesionOutcome(
-                diameter_mm=(6.0 * volume / math.pi) ** (1.0 / 3.0),
+                diameter_mm=equivalent_diameter_mm(volume),
                 volume_mm3=volume,
                 detected=bool(hits.size),
                 dice=dice(gt, found),

@@ -59,7 +59,7 @@ from dicom_node.analysis.weights import (
 from dicom_node.errors import ModelError, TrainingBudgetError
 from dicom_node.training.augment import AugmentConfig, augment_batch
 from dicom_node.training.datasets import CaseDataset, Split, map_cases
-from dicom_node.training.evaluate import LARGE_LESION_MM
+from dicom_node.training.evaluate import LARGE_LESION_MM, equivalent_diameter_mm
 from dicom_node.training.metrics import binary_scores, choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -949,9 +949,7 @@ class _Run:
         self.since_best = 0
         self.stage = "seg"
         self.stopped_by = "steps"
-        #: The model whose segmentation network was taken (``from_model``): "name version".
-        self.source: str | None = None
-        #: Its card (``from_model``).
+        #: The card of the model whose network was taken (``from_model``).
         self.source_card: ModelCard | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed_before = 0.0
@@ -1117,7 +1115,6 @@ class _Run:
         self.step = int(card.metrics.get("seg_steps", 0.0))
         self.stage = "cls"
         self.stopped_by = "from-model"
-        self.source = f"{card.name} {card.version}"
         self.source_card = card
         logger.info(
             "%s taken from %s (%s %s, %d steps); stage 1 skipped%s",
@@ -1433,8 +1430,11 @@ def lesion_rule_scores(
         )
         voxel_mm3 = float(np.prod(spacing))
         truth_voxels = np.bincount(truth.ravel(), minlength=tumours + 1)
-        diameters = (6.0 * truth_voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)
-        large = [g for g in range(1, tumours + 1) if diameters[g] >= LARGE_LESION_MM]
+        large = [
+            g
+            for g in range(1, tumours + 1)
+            if equivalent_diameter_mm(float(truth_voxels[g]) * voxel_mm3) >= LARGE_LESION_MM
+        ]
         inside = truth > 0
         for threshold, members in by_threshold.items():
             found_here = Components(probability, threshold, 26)
@@ -1745,7 +1745,9 @@ def _finish(
         training_data=training_data
         or f"{dataset.name}; train {len(split.train)} cases, validation {len(split.val)} cases",
         stopped_by=run.stopped_by,
-        source=run.source,
+        source=(
+            None if run.source_card is None else f"{run.source_card.name} {run.source_card.version}"
+        ),
     )
     written: ModelCard | None = None
     if output is not None:
