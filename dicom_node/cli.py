@@ -127,6 +127,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         " points (image and study thresholds, lesion rule) anew on the validation cases",
     )
     train.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="with --from-model: train its segmentation network further (--seg-steps at"
+        " --seg-lr, from its weights), then fit the MLP and operating points anew",
+    )
+    train.add_argument(
+        "--seg-lr",
+        type=float,
+        default=1e-3,
+        help="stage-1 peak learning rate (AdamW); lower it when fine-tuning, e.g. 2e-4",
+    )
+    train.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",

@@ -177,6 +177,12 @@ class TrainConfig:
         (image and study thresholds, lesion rule) are chosen anew on the validation cases (to
         calibrate a model on a site's own cases). The whole architecture must then match, and
         no training case is read.
+    fine_tune
+        With ``from_model``: stage 1 starts from its segmentation network instead of skipping
+        (``seg_steps`` more steps at ``seg_lr``, with warm-up and the cosine schedule; the
+        source's network is validated first, so the best weights are never worse on the
+        validation slices than the source's); the MLP and the operating points are then
+        fitted anew. To fine-tune a model on a site's own labelled cases.
     name, version
         Of the model card.
     """
@@ -222,6 +228,7 @@ class TrainConfig:
     encoder_weights: Path | None = None
     from_model: Path | None = None
     keep_mlp: bool = False
+    fine_tune: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
     version: str = "0.2.1"
@@ -247,6 +254,8 @@ class TrainConfig:
             raise ValueError("batch_size must be positive, step and epoch counts not negative")
         if self.keep_mlp and self.from_model is None:
             raise ValueError("keep_mlp keeps the MLP of from_model: name the model")
+        if self.fine_tune and (self.from_model is None or self.keep_mlp):
+            raise ValueError("fine_tune trains the network of from_model further (not keep_mlp)")
 
     def input_spec(self) -> InputSpec:
         """The card's input section."""
@@ -951,6 +960,8 @@ class _Run:
         self.stopped_by = "steps"
         #: The card of the model whose network was taken (``from_model``).
         self.source_card: ModelCard | None = None
+        #: Stage-1 steps the network had before this run (``fine_tune``: the source's).
+        self.steps_before = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed_before = 0.0
         budget = None if config.max_minutes is None else config.max_minutes * 60.0
@@ -1070,7 +1081,7 @@ class _Run:
 
     def start_from(self, path: Path) -> None:
         """Take a trained model's segmentation network (and with ``keep_mlp`` its MLP) and go
-        straight to stage 2.
+        straight to stage 2, or with ``fine_tune`` train it further in stage 1.
 
         Raises
         ------
@@ -1112,18 +1123,29 @@ class _Run:
         missing, unexpected = self.network.load_state_dict(state, strict=False)
         assert not unexpected and all(name.startswith("classifier.") for name in missing)
         self.network.to(self.device)
-        self.step = int(card.metrics.get("seg_steps", 0.0))
-        self.stage = "cls"
-        self.stopped_by = "from-model"
         self.source_card = card
+        if config.fine_tune:
+            self.steps_before = int(card.metrics.get("seg_steps", 0.0))
+            # The optimiser's moments belong to the weights it was made for: start afresh.
+            self.optimizer = torch.optim.AdamW(
+                self.network.parameters(), lr=config.seg_lr, weight_decay=config.seg_weight_decay
+            )
+        else:
+            self.step = int(card.metrics.get("seg_steps", 0.0))
+            self.stage = "cls"
+            self.stopped_by = "from-model"
         logger.info(
-            "%s taken from %s (%s %s, %d steps); stage 1 skipped%s",
+            "%s taken from %s (%s %s, %d steps); %s",
             "network and MLP" if config.keep_mlp else "segmentation network",
             path,
             card.name,
             card.version,
-            self.step,
-            ", no training (operating points only)" if config.keep_mlp else "",
+            int(card.metrics.get("seg_steps", 0.0)),
+            f"fine-tuning it for {config.seg_steps} steps at lr {config.seg_lr:g}"
+            if config.fine_tune
+            else "stage 1 skipped, no training (operating points only)"
+            if config.keep_mlp
+            else "stage 1 skipped",
         )
 
     # ------------------------------------------------------------ stage 1
@@ -1205,6 +1227,8 @@ class _Run:
             mininterval=15,
         )
         running: list[float] = []
+        if self.stage == "seg" and self.step == 0 and self.steps_before and self.best_state is None:
+            self._validate(val_bank, val_idx)  # fine-tuning: the source's weights are a candidate
         while self.stage == "seg":
             if self.step >= config.seg_steps or self._progress() >= 1.0:
                 self.stopped_by = "steps" if self.step >= config.seg_steps else "time"
@@ -1663,10 +1687,10 @@ def train(
         int(train_bank.labels.sum()),
         len(split.val),
     )
-    if resume and run.ckpt_path.exists():
-        run.restore()
-    elif config.from_model is not None:
+    if config.from_model is not None:
         run.start_from(config.from_model)
+    if resume and run.ckpt_path.exists():
+        run.restore()  # after start_from: the source's card, the run's own weights and state
     if run.stage == "seg":
         run.reserve_stage2(train_bank, val_bank)
     run.segmentation(train_bank, val_bank)
@@ -1719,7 +1743,7 @@ def _finish(
         **lesion_figures,
         "val_dice_slices": seg_dice,
         "val_seg_threshold": seg_threshold,
-        "seg_steps": float(run.step),
+        "seg_steps": float(run.steps_before + run.step),
         "cls_epochs": float(epochs_done),
         "train_minutes": run.elapsed() / 60.0,
     }
@@ -1755,7 +1779,7 @@ def _finish(
     logger.info("training done in %.1f min: %s", run.elapsed() / 60.0, validation)
     return TrainResult(
         card=written,
-        seg_steps_done=run.step,
+        seg_steps_done=run.steps_before + run.step,
         cls_epochs_done=epochs_done,
         seconds=run.elapsed(),
         validation=validation,
@@ -1807,6 +1831,9 @@ def make_card(
             + (
                 f"); segmentation network and MLP taken from {source}, operating points chosen anew"
                 if source is not None and config.keep_mlp
+                else f"); segmentation network fine-tuned from {source} (stage 1 ended by "
+                f"{stopped_by}), MLP and operating points fitted anew"
+                if source is not None and config.fine_tune
                 else f"); segmentation network taken from {source}, MLP and operating points"
                 " fitted anew"
                 if source is not None
@@ -1922,6 +1949,7 @@ def run_from_args(args: Any) -> int:
         crop_dice=args.crop_dice,
         batch_size=args.batch_size,
         seg_steps=args.seg_steps,
+        seg_lr=args.seg_lr,
         cls_epochs=args.cls_epochs,
         seed=args.seed,
         max_minutes=args.max_minutes,
@@ -1932,6 +1960,7 @@ def run_from_args(args: Any) -> int:
         encoder_weights=args.encoder_weights,
         from_model=args.from_model,
         keep_mlp=args.keep_mlp,
+        fine_tune=args.fine_tune,
         name=args.name,
         version=args.model_version,
         progress=not args.no_progress,

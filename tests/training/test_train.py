@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -591,6 +592,76 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
         train(phantoms, split, config=other, output=None, work_dir=tmp_path / "wc")
     with pytest.raises(ValueError, match="keep_mlp"):
         _config(keep_mlp=True)
+
+
+def test_fine_tune_trains_the_source_network_further_from_its_weights(
+    phantoms: PhantomDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--from-model --fine-tune: stage 1 starts from the source's segmentation network (the
+    source's weights are validated first and are the best until a step beats them), runs this
+    run's steps, counts them on top of the source's, and a resumed run ends where an
+    uninterrupted one does."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    train(phantoms, split, config=_config(), output=tmp_path / "a", work_dir=tmp_path / "wa")
+    source = load_model(tmp_path / "a")
+    config = _config(from_model=tmp_path / "a", fine_tune=True, seg_lr=1e-3)
+    result = train(phantoms, split, config=config, output=tmp_path / "b", work_dir=tmp_path / "wb")
+    assert result.seg_steps_done == 4 + 4
+    assert result.stopped_by == "steps"
+    log = (tmp_path / "wb" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log]
+    checks = [r for r in records if r["stage"] == "seg_val"]
+    assert [r["step"] for r in checks] == [0, 2, 4]
+    assert [r["step"] for r in records if r["stage"] == "seg"] == [2, 4]
+    tuned = load_model(tmp_path / "b")
+    assert f"fine-tuned from {source.card.name} {source.card.version}" in tuned.card.description
+    assert tuned.card.metrics["seg_steps"] == 8.0
+    before, after = source.network.state_dict(), tuned.network.state_dict()
+    best = max(checks, key=lambda r: r["val_dice"])
+    changed = [
+        n
+        for n, t in before.items()
+        if not n.startswith("classifier.") and not torch.equal(after[n], t)
+    ]
+    if best["step"] == 0:  # no step beat the source on the validation slices: its weights stay
+        assert not changed
+    else:
+        assert changed
+    # From step 0 with the source's weights: a zero learning rate changes no weight.
+    frozen = _config(from_model=tmp_path / "a", fine_tune=True, seg_lr=0.0)
+    train(phantoms, split, config=frozen, output=tmp_path / "z", work_dir=tmp_path / "wz")
+    still = load_model(tmp_path / "z").network.state_dict()
+    for name, tensor in before.items():
+        # (batch-norm statistics follow the batches even at a zero learning rate)
+        if not name.startswith("classifier.") and "running_" not in name and "batches" not in name:
+            torch.testing.assert_close(still[name], tensor, rtol=0, atol=0)
+    # Interrupted after the step-2 checkpoint and resumed: the uninterrupted run's network.
+    real = augment.augment_batch
+    calls = {"n": 0}
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(phantoms, split, config=config, output=None, work_dir=tmp_path / "wr")
+    monkeypatch.setattr(train_module, "augment_batch", real)
+    resumed = train(
+        phantoms, split, config=config, output=None, work_dir=tmp_path / "wr", resume=True
+    )
+    assert resumed.seg_steps_done == 8
+    whole = torch.load(tmp_path / "wb" / "checkpoint.pt", weights_only=False)["model"]
+    again = torch.load(tmp_path / "wr" / "checkpoint.pt", weights_only=False)["model"]
+    for name, tensor in whole.items():
+        if not name.startswith("classifier"):
+            torch.testing.assert_close(again[name], tensor)
+    with pytest.raises(ValueError, match="fine_tune"):
+        _config(fine_tune=True)
+    with pytest.raises(ValueError, match="fine_tune"):
+        _config(from_model=tmp_path / "a", fine_tune=True, keep_mlp=True)
 
 
 def test_stage_two_with_slice_context_reads_neighbours_within_each_case() -> None:
