@@ -239,6 +239,10 @@ def _dataset_args(
 def _train(args: argparse.Namespace) -> int:
     from dicom_node.training.train import run_from_args
 
+    if (args.keep_mlp or args.fine_tune) and args.from_model is None:
+        raise UsageError("--keep-mlp and --fine-tune work on a trained model: name --from-model")
+    if args.keep_mlp and args.fine_tune:
+        raise UsageError("--keep-mlp trains nothing and --fine-tune trains the network: choose one")
     return run_from_args(args)
 
 

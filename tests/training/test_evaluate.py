@@ -181,6 +181,24 @@ def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
     assert png_path.stat().st_size > 20_000
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--keep-mlp"], ["--fine-tune"], ["--from-model", "m", "--keep-mlp", "--fine-tune"]],
+)
+def test_train_refuses_model_flags_that_do_not_fit_together(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--keep-mlp and --fine-tune need --from-model and exclude each other: a usage error
+    before any case is made or any file written."""
+    from dicom_node.cli import EXIT_USAGE, main
+
+    status = main(["train", "--output", str(tmp_path / "model"), *flags])
+    assert status == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--from-model" in err if "--from-model" not in flags else "choose one" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
     """``dicom-node train`` writes a model folder; ``evaluate --baseline`` scores it."""
     from dicom_node.cli import main
