@@ -1124,14 +1124,11 @@ class _Run:
         assert not unexpected and all(name.startswith("classifier.") for name in missing)
         self.network.to(self.device)
         self.source_card = card
-        if config.fine_tune:
-            self.steps_before = int(card.metrics.get("seg_steps", 0.0))
-            # The optimiser's moments belong to the weights it was made for: start afresh.
-            self.optimizer = torch.optim.AdamW(
-                self.network.parameters(), lr=config.seg_lr, weight_decay=config.seg_weight_decay
-            )
+        source_steps = int(card.metrics.get("seg_steps", 0.0))
+        if config.fine_tune:  # the optimiser has taken no step yet: it starts afresh as it is
+            self.steps_before = source_steps
         else:
-            self.step = int(card.metrics.get("seg_steps", 0.0))
+            self.step = source_steps
             self.stage = "cls"
             self.stopped_by = "from-model"
         logger.info(
@@ -1140,7 +1137,7 @@ class _Run:
             path,
             card.name,
             card.version,
-            int(card.metrics.get("seg_steps", 0.0)),
+            source_steps,
             f"fine-tuning it for {config.seg_steps} steps at lr {config.seg_lr:g}"
             if config.fine_tune
             else "stage 1 skipped, no training (operating points only)"
