@@ -237,13 +237,13 @@ def _dataset_args(
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dicom_node.training.train import run_from_args
+    from dicom_node.training.train import config_from_args, run_from_args
 
-    if (args.keep_mlp or args.fine_tune) and args.from_model is None:
-        raise UsageError("--keep-mlp and --fine-tune work on a trained model: name --from-model")
-    if args.keep_mlp and args.fine_tune:
-        raise UsageError("--keep-mlp trains nothing and --fine-tune trains the network: choose one")
-    return run_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise UsageError(f"these training settings do not fit together: {exc}") from exc
+    return run_from_args(args, config)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

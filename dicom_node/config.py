@@ -322,6 +322,9 @@ class LesionSettings(_Section):
     #: A lesion is kept only when the per-image classifier calls one of its slices cancerous
     #: (at or above the model card's image threshold); unset: the card's ``lesion_image_gate``.
     image_gate: bool | None = None
+    #: No lesion is reported in a study whose study probability is below this (0: every
+    #: study's lesions are); unset: the model card's ``lesion_study_gate``.
+    study_gate: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     #: Voxel connectivity of a component (26: faces, edges and corners).
     connectivity: Literal[6, 18, 26] = 26
     #: At most this many lesions are reported (the largest).

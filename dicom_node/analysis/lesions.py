@@ -134,6 +134,10 @@ class LesionRule:
     image_gate
         Components on none of the slices whose image probability reaches this are dropped
         (the card's image threshold when its ``lesion_image_gate`` is on; ``None``: no gate).
+    study_gate
+        No lesion is kept in a study whose study probability is below this (the card's
+        ``lesion_study_gate``; ``None``: no gate): the SEG and SR of a study the classifier
+        finds unlikely to hold cancer outline nothing.
     connectivity, max_lesions
         As :func:`find_lesions` takes them.
     """
@@ -142,16 +146,21 @@ class LesionRule:
     min_volume_mm3: float = 10.0
     min_peak: float | None = None
     image_gate: float | None = None
+    study_gate: float | None = None
     connectivity: Literal[6, 18, 26] = 26
     max_lesions: int | None = None
 
     def flagged_slices(
-        self, image_probability: npt.NDArray[np.floating]
+        self, image_probability: npt.NDArray[np.floating], study_probability: float
     ) -> npt.NDArray[np.bool_] | None:
-        """The slices a lesion may lie on under the image gate (``None``: every slice)."""
+        """The slices a lesion may lie on under the study and image gates (``None``: every
+        slice; none at all in a study below the study gate)."""
+        image = np.asarray(image_probability)
+        if self.study_gate is not None and study_probability < self.study_gate:
+            return np.zeros(image.shape, dtype=bool)
         if self.image_gate is None:
             return None
-        return np.asarray(image_probability) >= self.image_gate
+        return image >= self.image_gate
 
     @classmethod
     def resolve(cls, settings: LesionSettings, thresholds: Thresholds) -> LesionRule:
@@ -172,6 +181,14 @@ class LesionRule:
                     else thresholds.lesion_image_gate
                 )
                 else None
+            ),
+            study_gate=(
+                (
+                    settings.study_gate
+                    if settings.study_gate is not None
+                    else thresholds.lesion_study_gate
+                )
+                or None  # 0: off
             ),
             connectivity=settings.connectivity,
             max_lesions=settings.max_lesions,

@@ -95,6 +95,7 @@ class SeriesFindings:
                 "min_volume_mm3": self.rule.min_volume_mm3,
                 "min_peak": self.rule.min_peak,
                 "image_gate": self.rule.image_gate,
+                "study_gate": self.rule.study_gate,
             },
             "lesions": [
                 {
@@ -228,7 +229,9 @@ class AnalysisPipeline:
             threshold=rule.threshold,
             min_volume_mm3=rule.min_volume_mm3,
             min_peak=rule.min_peak,
-            flagged_slices=rule.flagged_slices(result.image_probabilities),
+            flagged_slices=rule.flagged_slices(
+                result.image_probabilities, result.study_probability
+            ),
             connectivity=rule.connectivity,
             max_lesions=rule.max_lesions,
         )

@@ -160,6 +160,10 @@ class Thresholds(_CardSection):
     #: A lesion is kept only when the per-image classifier calls at least one of its slices
     #: cancerous (probability at or above ``image``); false: the classifier is not asked.
     lesion_image_gate: bool = False
+    #: No lesion is kept in a study whose study probability is below this (unset: no gate).
+    #: Unlike ``study``, which says what the report calls the study, it only decides whether
+    #: lesions are outlined; it may be lower.
+    lesion_study_gate: Probability | None = None
 
 
 class WeightsInfo(_CardSection):

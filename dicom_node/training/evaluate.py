@@ -271,8 +271,9 @@ def score_case(
     study_probability
         The study's probability.
     rule
-        Threshold, minimum volume, peak and image gate (on ``image_probability``), connectivity
-        and maximum count, as the node uses them (:meth:`LesionRule.resolve`).
+        Threshold, minimum volume, peak, image gate (on ``image_probability``), study gate (on
+        ``study_probability``), connectivity and maximum count, as the node uses them
+        (:meth:`LesionRule.resolve`).
     """
     lesion_map = find_lesions(
         probability,
@@ -281,7 +282,7 @@ def score_case(
         threshold=rule.threshold,
         min_volume_mm3=rule.min_volume_mm3,
         min_peak=rule.min_peak,
-        flagged_slices=rule.flagged_slices(image_probability),
+        flagged_slices=rule.flagged_slices(image_probability, study_probability),
         connectivity=rule.connectivity,
         max_lesions=rule.max_lesions,
     )

@@ -252,10 +252,12 @@ class TrainConfig:
             raise ValueError("workers must be at least 1")
         if self.batch_size < 1 or self.seg_steps < 0 or self.cls_epochs < 0:
             raise ValueError("batch_size must be positive, step and epoch counts not negative")
-        if self.keep_mlp and self.from_model is None:
-            raise ValueError("keep_mlp keeps the MLP of from_model: name the model")
-        if self.fine_tune and (self.from_model is None or self.keep_mlp):
-            raise ValueError("fine_tune trains the network of from_model further (not keep_mlp)")
+        if (self.keep_mlp or self.fine_tune) and self.from_model is None:
+            raise ValueError(
+                "keep_mlp and fine_tune work on a trained model: name it (from_model, --from-model)"
+            )
+        if self.keep_mlp and self.fine_tune:
+            raise ValueError("keep_mlp trains nothing and fine_tune trains the network: choose one")
 
     def input_spec(self) -> InputSpec:
         """The card's input section."""
@@ -1406,13 +1408,18 @@ LESION_MIN_VOLUMES_MM3 = (10.0, 30.0, 65.0)
 #: Each rule is tried without and with the image gate (a lesion needs a slice that the MLP
 #: flags at the chosen image threshold).
 LESION_IMAGE_GATES = (False, True)
+#: And without and with the study gate at each of these study probabilities (no lesion in a
+#: study below it).
+LESION_STUDY_GATES: tuple[float | None, ...] = (None, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: The chosen rule may leave at most this many false-positive lesions per tumour-free
 #: validation case; among those that do, the best mean Dice of tumours >= 6 mm wins.
 LESION_FP_LIMIT = 0.25
 #: Seconds the lesion rule search takes per million validation voxels on the model grid, for
-#: the stage-2 reserve: :func:`lesion_rule_scores` took 0.05 s (72 rules, 45 validation
-#: phantoms, 94 M voxels, 4.7 s on two idle cores; scoring each rule through ``find_lesions``
-#: had taken about 270 s), four times that for a shared machine and other maps.
+#: the stage-2 reserve: :func:`lesion_rule_scores` took 0.07 s (432 rules, 45 validation
+#: phantoms, 94 M voxels, 6.3 s on two idle cores, 5.4 s for the 72 rules without the study
+#: gate: labelling each threshold's components is most of it; scoring each rule through
+#: ``find_lesions`` had taken about 270 s for 72), three times that for a shared machine and
+#: other maps.
 LESION_SEARCH_S_PER_MVOXEL = 0.2
 
 
@@ -1423,19 +1430,20 @@ def lesion_rule_scores(
             tuple[float, ...],
             npt.NDArray[np.uint8] | npt.NDArray[np.floating],
             npt.NDArray[np.floating],
+            float,
         ]
     ],
     rules: Sequence[LesionRule],
 ) -> list[tuple[float, float, float]]:
     """(mean Dice of tumours >= 6 mm, their detection sensitivity, false-positive lesions per
     tumour-free case) of each rule over ``cases``: (tumour mask, spacing, tumour probability,
-    image probability) each.
+    image probability, study probability) each.
 
     The figures :func:`~dicom_node.training.evaluate.score_case` gives for the lesions of
     :func:`find_lesions` (a tumour is a 26-connected component of the mask; it is detected by
     the lesions that share a voxel with it, and its Dice is taken against their union; a lesion
     touching no tumour is a false positive), without measuring any lesion: each case is
-    labelled once per threshold, and each rule's volume, peak and gate only choose among those
+    labelled once per threshold, and each rule's volume, peak and gates only choose among those
     components. Rules keep every lesion (no ``max_lesions``). 0.0 where no case has a tumour of
     6 mm, or none is tumour-free.
     """
@@ -1445,7 +1453,7 @@ def lesion_rule_scores(
     by_threshold: dict[float, list[int]] = {}
     for i, rule in enumerate(rules):
         by_threshold.setdefault(rule.threshold, []).append(i)
-    for mask, spacing, probability, image in cases:
+    for mask, spacing, probability, image, study in cases:
         truth, tumours = cc3d.connected_components(
             mask > 0, connectivity=26, return_N=True, binary_image=True
         )
@@ -1475,7 +1483,7 @@ def lesion_rule_scores(
                     voxel_mm3=voxel_mm3,
                     min_volume_mm3=rule.min_volume_mm3,
                     min_peak=rule.min_peak,
-                    flagged_slices=rule.flagged_slices(image),
+                    flagged_slices=rule.flagged_slices(image, study),
                 )
                 if not tumours:
                     false[i].append(int(np.count_nonzero(keep & ~touches)))
@@ -1499,14 +1507,18 @@ def _lesion_operating_point(
     val_probability: npt.NDArray[np.uint8],
     image_probability: npt.NDArray[np.float32],
     image_threshold: float,
+    *,
+    top_k: int,
 ) -> tuple[LesionRule, dict[str, float]]:
-    """The lesion rule (threshold, peak, minimum volume, image gate) chosen on the validation
-    cases.
+    """The lesion rule (threshold, peak, minimum volume, image and study gates) chosen on the
+    validation cases.
 
     Every case's slices, on the model grid, are scored under each rule of
     :data:`LESION_THRESHOLDS` x :data:`LESION_PEAKS` x :data:`LESION_MIN_VOLUMES_MM3` x
-    :data:`LESION_IMAGE_GATES` (the gate at ``image_threshold`` on ``image_probability``, the
-    MLP's per-slice probabilities) as ``dicom-node evaluate`` scores the lesions of
+    :data:`LESION_IMAGE_GATES` x :data:`LESION_STUDY_GATES` (the image gate at
+    ``image_threshold`` on ``image_probability``, the MLP's per-slice probabilities; the study
+    gate on the study probability they give with ``top_k``) as ``dicom-node evaluate`` scores
+    the lesions of
     :func:`find_lesions` (:func:`lesion_rule_scores`). The rule with the best mean Dice of
     tumours of at least 6 mm among those within :data:`LESION_FP_LIMIT` false positives per
     tumour-free case is chosen (the fewest false positives when none is; ties: the better Dice,
@@ -1518,9 +1530,14 @@ def _lesion_operating_point(
             min_volume_mm3=volume,
             min_peak=peak,
             image_gate=image_threshold if gate else None,
+            study_gate=study_gate,
         )
-        for threshold, peak, volume, gate in itertools.product(
-            LESION_THRESHOLDS, LESION_PEAKS, LESION_MIN_VOLUMES_MM3, LESION_IMAGE_GATES
+        for threshold, peak, volume, gate, study_gate in itertools.product(
+            LESION_THRESHOLDS,
+            LESION_PEAKS,
+            LESION_MIN_VOLUMES_MM3,
+            LESION_IMAGE_GATES,
+            LESION_STUDY_GATES,
         )
         if peak is None or peak > threshold
     ]
@@ -1530,6 +1547,7 @@ def _lesion_operating_point(
             tuple(float(v) for v in val_bank.spacing_zyx[k]),
             val_probability[rows],
             image_probability[rows],
+            study_probability(image_probability[rows], top_k=top_k),
         )
         for k in range(len(val_bank.case_ids))
         for rows in (val_bank.case_rows(k),)
@@ -1553,12 +1571,14 @@ def _lesion_operating_point(
         best = min(tried, key=lambda t: (t[2], -t[1]))
     rule, dice, fp, found = best
     logger.info(
-        "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3, image gate %s: validation Dice"
-        " (>= 6 mm) %.3f, detection %.3f, %.2f false positives per tumour-free case",
+        "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3, image gate %s, study gate %s:"
+        " validation Dice (>= 6 mm) %.3f, detection %.3f, %.2f false positives per tumour-free"
+        " case",
         rule.threshold,
         "none" if rule.min_peak is None else f"{rule.min_peak:.2f}",
         rule.min_volume_mm3,
         "off" if rule.image_gate is None else f"at {rule.image_gate:.2f}",
+        "off" if rule.study_gate is None else f"at {rule.study_gate:.2f}",
         dice,
         found,
         fp,
@@ -1733,7 +1753,7 @@ def _finish(
         run.network, val_x, val_bank, top_k=config.top_k
     )
     rule, lesion_figures = _lesion_operating_point(
-        val_bank, val_probability, image_probability, image_threshold
+        val_bank, val_probability, image_probability, image_threshold, top_k=config.top_k
     )
     validation = {
         **figures,
@@ -1761,6 +1781,7 @@ def _finish(
             lesion_peak=rule.min_peak,
             lesion_min_volume_mm3=rule.min_volume_mm3,
             lesion_image_gate=rule.image_gate is not None,
+            lesion_study_gate=rule.study_gate,
         ),
         metrics=validation,
         training_data=training_data
@@ -1883,15 +1904,64 @@ __all__ = [
 ]
 
 
-def run_from_args(args: Any) -> int:
-    """The ``dicom-node train`` command: build the dataset, split and config from ``args``.
+def config_from_args(args: Any) -> TrainConfig:
+    """The run's settings from the ``dicom-node train`` namespace (see ``dicom_node.cli``).
+
+    Reads nothing and writes nothing, so that a command line whose settings do not fit
+    together is refused before any case is made or file written.
+
+    Raises
+    ------
+    ValueError
+        The settings do not fit together (as :class:`TrainConfig` says).
+    """
+    from dicom_node.training.datasets import default_workers
+
+    context_mm = args.context_mm or None
+    arch = Architecture(
+        encoder=args.encoder,
+        mlp_pooling=args.mlp_pooling,
+        mlp_context_mm=args.mlp_context_mm,
+        in_channels=input_channels(context_mm),
+    )
+    return TrainConfig(
+        architecture=arch,
+        input_size=args.input_size,
+        input_mode="spacing" if args.pixel_spacing else "fit",
+        pixel_spacing_mm=args.pixel_spacing,
+        context_mm=context_mm,
+        crop=args.crop,
+        lesion_fraction=args.lesion_fraction,
+        crop_dice=args.crop_dice,
+        batch_size=args.batch_size,
+        seg_steps=args.seg_steps,
+        seg_lr=args.seg_lr,
+        cls_epochs=args.cls_epochs,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        workers=args.workers or default_workers(),
+        encoder_weights=args.encoder_weights,
+        from_model=args.from_model,
+        keep_mlp=args.keep_mlp,
+        fine_tune=args.fine_tune,
+        name=args.name,
+        version=args.model_version,
+        progress=not args.no_progress,
+    )
+
+
+def run_from_args(args: Any, config: TrainConfig) -> int:
+    """The ``dicom-node train`` command: build the dataset and split from ``args`` and train
+    with ``config`` (:func:`config_from_args`).
 
     ``args`` is the argparse namespace of the ``train`` subcommand (see ``dicom_node.cli``).
     Returns the exit status (0).
     """
     from dicom_node.training.datasets import (
         PhantomSpec,
-        default_workers,
         open_dataset,
         read_split,
         split_cases,
@@ -1926,42 +1996,8 @@ def run_from_args(args: Any) -> int:
             split_path,
             patients={c: dataset.patient_id(c) for c in dataset.case_ids()},
         )
-    context_mm = args.context_mm or None
-    arch = Architecture(
-        encoder=args.encoder,
-        mlp_pooling=args.mlp_pooling,
-        mlp_context_mm=args.mlp_context_mm,
-        in_channels=input_channels(context_mm),
-    )
     if args.encoder != "resnet50":
         logger.warning("encoder %s: the product model is resnet50", args.encoder)
-    config = TrainConfig(
-        architecture=arch,
-        input_size=args.input_size,
-        input_mode="spacing" if args.pixel_spacing else "fit",
-        pixel_spacing_mm=args.pixel_spacing,
-        context_mm=context_mm,
-        crop=args.crop,
-        lesion_fraction=args.lesion_fraction,
-        crop_dice=args.crop_dice,
-        batch_size=args.batch_size,
-        seg_steps=args.seg_steps,
-        seg_lr=args.seg_lr,
-        cls_epochs=args.cls_epochs,
-        seed=args.seed,
-        max_minutes=args.max_minutes,
-        device=args.device,
-        precision=args.precision,
-        threads=args.threads,
-        workers=args.workers or default_workers(),
-        encoder_weights=args.encoder_weights,
-        from_model=args.from_model,
-        keep_mlp=args.keep_mlp,
-        fine_tune=args.fine_tune,
-        name=args.name,
-        version=args.model_version,
-        progress=not args.no_progress,
-    )
     what = (
         f"synthetic chest-CT phantoms (dicom_node.training.phantom): {spec.describe()}"
         if args.dataset == "phantoms"

@@ -318,6 +318,28 @@ def test_the_image_gate_comes_from_the_card_unless_configured() -> None:
     assert LesionRule.resolve(LesionSettings(image_gate=False), on).image_gate is None
     assert LesionRule.resolve(LesionSettings(image_gate=True), off).image_gate == 0.4
     rule = LesionRule.resolve(LesionSettings(), on)
-    flags = rule.flagged_slices(np.array([0.1, 0.4, 0.9], np.float32))
+    flags = rule.flagged_slices(np.array([0.1, 0.4, 0.9], np.float32), 0.5)
     assert flags is not None and flags.tolist() == [False, True, True]
-    assert LesionRule.resolve(LesionSettings(), off).flagged_slices(np.zeros(3)) is None
+    assert LesionRule.resolve(LesionSettings(), off).flagged_slices(np.zeros(3), 0.5) is None
+
+
+def test_the_study_gate_comes_from_the_card_unless_configured() -> None:
+    """Below the study gate no slice may hold a lesion, whatever the image gate says; at or
+    above it the image gate (or none) decides. A configured 0 turns the card's gate off."""
+    card = Thresholds(image=0.4, lesion_study_gate=0.7)
+    rule = LesionRule.resolve(LesionSettings(), card)
+    assert (rule.study_gate, rule.image_gate) == (0.7, None)
+    image = np.array([0.1, 0.4, 0.9], np.float32)
+    below = rule.flagged_slices(image, 0.69)
+    assert below is not None and not below.any() and below.shape == (3,)
+    assert rule.flagged_slices(image, 0.7) is None
+    both = LesionRule.resolve(LesionSettings(image_gate=True), card)
+    flags = both.flagged_slices(image, 0.8)
+    assert flags is not None and flags.tolist() == [False, True, True]
+    assert not np.any(both.flagged_slices(image, 0.5))
+    assert LesionRule.resolve(LesionSettings(study_gate=0.0), card).study_gate is None
+    assert LesionRule.resolve(LesionSettings(study_gate=0.3), card).study_gate == 0.3
+    assert LesionRule.resolve(LesionSettings(study_gate=0.3), Thresholds()).study_gate == 0.3
+    assert LesionRule.resolve(LesionSettings(), Thresholds()).study_gate is None
+    with pytest.raises(ValueError, match="study_gate"):
+        LesionSettings(study_gate=1.5)

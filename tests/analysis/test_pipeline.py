@@ -59,12 +59,13 @@ def test_analyze_writes_findings_seg_and_sr(
     assert set(series["seconds"]) >= {"volume", "model", "lesions", "seg", "sr"}
 
 
-def test_the_image_gate_drops_lesions_on_slices_the_classifier_does_not_flag(
+def test_the_gates_drop_lesions_the_classifier_does_not_back(
     tmp_path: Path, tiny_model_dir: Path, phantom_series: Callable[..., list[Path]]
 ) -> None:
-    """One model and lesion threshold without and with the image gate, at an image threshold
-    (0.9999) that the tiny model's slices do not reach: without the gate, threshold 0.5 finds
-    lesions (as above); with it, every one is dropped: an SR without lesions and no SEG."""
+    """One model and lesion threshold without a gate, with the image gate at an image threshold
+    (0.9999) that the tiny model's slices do not reach, and with a study gate (0.9999) its
+    study does not reach: without a gate, threshold 0.5 finds lesions (as above); with either,
+    every one is dropped: an SR without lesions and no SEG."""
     files = phantom_series()
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -72,7 +73,7 @@ def test_the_image_gate_drops_lesions_on_slices_the_classifier_does_not_flag(
     card.setdefault("thresholds", {})["image"] = 0.9999
     (model / "model.yaml").write_text(yaml.safe_dump(card))
     series = {}
-    for gate in ("false", "true"):
+    for gate in ("false", "true", "study"):
         done = node_cli(
             "analyze",
             str(files[0].parent),
@@ -80,18 +81,31 @@ def test_the_image_gate_drops_lesions_on_slices_the_classifier_does_not_flag(
             str(tmp_path / f"out-{gate}"),
             "--json",
             "--config",
-            str(_config(tmp_path, model, 0.5, f"image_gate: {gate}")),
+            str(
+                _config(
+                    tmp_path,
+                    model,
+                    0.5,
+                    "image_gate: false, study_gate: 0.9999"
+                    if gate == "study"
+                    else f"image_gate: {gate}",
+                )
+            ),
         )
         assert done.returncode == 0, done.stderr
         [series[gate]] = json.loads(done.stdout)["series"]
     assert series["false"]["lesions"]
     assert series["true"]["lesions"] == []
+    assert series["study"]["lesions"] == []
+    assert series["study"]["study_probability"] < 0.9999
     # findings.json (and the job's result) say which rule made the lesions
     rule = {"threshold": 0.5, "min_volume_mm3": 0.0, "min_peak": None}
-    assert series["false"]["lesion_rule"] == {**rule, "image_gate": None}
-    assert series["true"]["lesion_rule"] == {**rule, "image_gate": 0.9999}
-    [sr] = series["true"]["outputs"]
-    assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
+    assert series["false"]["lesion_rule"] == {**rule, "image_gate": None, "study_gate": None}
+    assert series["true"]["lesion_rule"] == {**rule, "image_gate": 0.9999, "study_gate": None}
+    assert series["study"]["lesion_rule"] == {**rule, "image_gate": None, "study_gate": 0.9999}
+    for gate in ("true", "study"):
+        [sr] = series[gate]["outputs"]
+        assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
 
 
 def test_analyze_without_lesions_writes_only_the_sr(

@@ -94,6 +94,22 @@ def test_the_image_gate_scores_only_lesions_on_flagged_slices() -> None:
     assert (out.predicted_lesions, out.false_positive_lesions) == (2, 1)
 
 
+def test_the_study_gate_scores_no_lesion_in_a_study_below_it() -> None:
+    """The same maps with a study gate: a study probability below it leaves no lesion (the
+    tumour is missed), one at it leaves both."""
+    case = _case()
+    prob = np.zeros(case.hu.shape, dtype=np.float32)
+    prob[2:4, 10:16, 10:16] = 0.95
+    prob[4:6, 25:30, 25:30] = 0.95
+    image = np.array([0.1, 0.1, 0.2, 0.7, 0.5, 0.1], dtype=np.float32)
+    gated = LesionRule(threshold=0.5, min_volume_mm3=10.0, study_gate=0.7)
+    out = score_case(case, prob, image, 0.69, rule=gated)
+    assert (out.predicted_lesions, out.false_positive_lesions) == (0, 0)
+    assert not out.lesions[0].detected and out.lesions[0].dice == 0.0
+    out = score_case(case, prob, image, 0.7, rule=gated)
+    assert (out.predicted_lesions, out.false_positive_lesions) == (2, 1)
+
+
 def test_the_errors_section_says_which_slices_and_tumours_were_missed() -> None:
     """By hand: a case with a large tumour (found), a small one (missed, no response) and
     three flagged slices without tumour; a tumour-free case with one flagged slice."""
@@ -182,20 +198,26 @@ def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "flags",
-    [["--keep-mlp"], ["--fine-tune"], ["--from-model", "m", "--keep-mlp", "--fine-tune"]],
+    ("flags", "said"),
+    [
+        (["--keep-mlp"], "--from-model"),
+        (["--fine-tune"], "--from-model"),
+        (["--from-model", "m", "--keep-mlp", "--fine-tune"], "choose one"),
+        (["--input-size", "100"], "multiples of 32"),
+        (["--lesion-fraction", "2"], "lesion_fraction must be in [0, 1]"),
+    ],
 )
-def test_train_refuses_model_flags_that_do_not_fit_together(
-    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_train_refuses_settings_that_do_not_fit_together(
+    flags: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--keep-mlp and --fine-tune need --from-model and exclude each other: a usage error
-    before any case is made or any file written."""
+    """--keep-mlp and --fine-tune need --from-model and exclude each other, and every other
+    rule of the training settings holds: a usage error that says which, before any case is
+    made or any file written (the split file included)."""
     from dicom_node.cli import EXIT_USAGE, main
 
     status = main(["train", "--output", str(tmp_path / "model"), *flags])
     assert status == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "--from-model" in err if "--from-model" not in flags else "choose one" in err
+    assert said in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -302,29 +302,58 @@ def test_the_lesion_rule_is_chosen_to_drop_unconfident_false_positives() -> None
     MLP flags the blob's slices too, so the image gate cannot, and it stays off."""
     bank, prob = _validation_with_a_false_positive(200)  # p = 0.78, never 0.9
     image = np.where(prob.reshape(len(prob), -1).max(axis=1) > 0, 0.9, 0.1).astype(np.float32)
-    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.5)
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.5, top_k=3)
     assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
     assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
     assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
     # The faint blob is 900 mm³ at p = 0.78: only a threshold or peak above it removes it.
     assert rule.threshold > 0.78 or (rule.min_peak is not None and rule.min_peak > 0.78)
     assert rule.image_gate is None
+    assert rule.study_gate is None
 
 
 def test_the_image_gate_is_chosen_when_only_it_drops_a_confident_false_positive() -> None:
     """A blob as confident as the tumour (p = 0.98) on slices the MLP does not flag: no
-    threshold, peak or volume removes it, the image gate at the image threshold does."""
+    threshold, peak or volume removes it, the image gate at the image threshold does. The MLP
+    flags three other slices of the tumour-free study, so no study gate tried removes it."""
     bank, prob = _validation_with_a_false_positive(250)
     depth = len(prob) // 2
     image = np.full(len(prob), 0.2, np.float32)
     image[:depth][bank.labels[:depth]] = 0.8  # the tumour's slices only
-    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.6)
+    image[depth : depth + 3] = 0.95  # slices 0-2 of the tumour-free study, away from the blob
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.6, top_k=3)
     assert rule.image_gate == 0.6
     assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
     assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
     # Without the gate every rule leaves the blob.
-    rule, figures = train_module._lesion_operating_point(bank, prob, np.ones_like(image), 0.6)
+    rule, figures = train_module._lesion_operating_point(
+        bank, prob, np.ones_like(image), 0.6, top_k=3
+    )
     assert figures["val_fp_lesions_per_tumour_free_study"] == 1.0
+
+
+def test_the_study_gate_is_chosen_when_only_it_drops_a_confident_false_positive() -> None:
+    """The blob as confident as the tumour, and the MLP flags one of its slices (so neither the
+    image gate nor any threshold, peak or volume removes it), but no others: the tumour-free
+    study's probability (mean of its top 3 slices) is 0.4 against the tumour's 0.9. The study
+    gate at 0.5, the lowest tried that is above 0.4, drops it and keeps the tumour."""
+    bank, prob = _validation_with_a_false_positive(250)
+    depth = len(prob) // 2
+    image = np.full(len(prob), 0.1, np.float32)
+    image[:depth][bank.labels[:depth]] = 0.9
+    blob = np.flatnonzero(prob[depth:].reshape(depth, -1).max(axis=1) > 0)
+    image[depth + blob[len(blob) // 2]] = 1.0
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.6, top_k=3)
+    assert rule.study_gate == 0.5
+    assert rule.image_gate is None  # ties go to the rule tried first
+    assert figures["val_fp_lesions_per_tumour_free_study"] == 0.0
+    assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
+    assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
+    # A study gate the tumour's study does not reach is never chosen: it loses the tumour.
+    image[:depth][bank.labels[:depth]] = 0.55
+    rule, figures = train_module._lesion_operating_point(bank, prob, image, 0.5, top_k=3)
+    assert rule.study_gate == 0.5
+    assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
 
 
 #: What the lesion rule search reads per case: tumour mask, spacing, tumour and image probability.
@@ -369,7 +398,8 @@ def _search_cases(seed: int) -> list[SearchCase]:
         prob[(prob > 0) & (rng.random(shape) < 0.3)] //= 2  # ragged maps: some voxels below
         # the classifier flags a few slices: some blobs lie on none of them
         image = np.where(rng.random(shape[0]) < 0.2, 0.8, 0.2).astype(np.float32)
-        cases.append((mask, spacing, prob, image))
+        # and calls the study: some study gates drop every lesion of some cases
+        cases.append((mask, spacing, prob, image, float(rng.uniform(0.45, 0.95))))
     return cases
 
 
@@ -382,17 +412,20 @@ def test_the_rule_search_scores_rules_as_evaluate_does(seed: int) -> None:
 
     cases = _search_cases(seed)
     rules = [
-        LesionRule(threshold=t, min_volume_mm3=v, min_peak=p, image_gate=0.5 if g else None)
-        for t, p, v, g in itertools.product(
+        LesionRule(
+            threshold=t, min_volume_mm3=v, min_peak=p, image_gate=0.5 if g else None, study_gate=s
+        )
+        for t, p, v, g, s in itertools.product(
             train_module.LESION_THRESHOLDS,
             train_module.LESION_PEAKS,
             train_module.LESION_MIN_VOLUMES_MM3,
             train_module.LESION_IMAGE_GATES,
+            train_module.LESION_STUDY_GATES,
         )
         if p is None or p > t
     ]
     fast = train_module.lesion_rule_scores(cases, rules)
-    assert len(fast) == len(rules) == 72
+    assert len(fast) == len(rules) == 432
     seen = set()
     for rule, got in zip(rules, fast, strict=True):
         outcomes = [
@@ -400,10 +433,10 @@ def test_the_rule_search_scores_rules_as_evaluate_does(seed: int) -> None:
                 Case(f"c{k}", f"p{k}", np.zeros(mask.shape, np.int16), mask, spacing),
                 prob.astype(np.float32) / 255.0,
                 image,
-                0.0,
+                study,
                 rule=rule,
             )
-            for k, (mask, spacing, prob, image) in enumerate(cases)
+            for k, (mask, spacing, prob, image, study) in enumerate(cases)
         ]
         large = [les for o in outcomes for les in o.lesions if les.diameter_mm >= 6.0]
         free = [o for o in outcomes if not o.study_truth]
@@ -439,6 +472,7 @@ def test_training_with_lesion_pooling_writes_a_card_with_a_lesion_rule(
     assert thresholds.lesion_peak in train_module.LESION_PEAKS
     assert thresholds.lesion_min_volume_mm3 in train_module.LESION_MIN_VOLUMES_MM3
     assert thresholds.lesion_image_gate in train_module.LESION_IMAGE_GATES
+    assert thresholds.lesion_study_gate in train_module.LESION_STUDY_GATES
     assert "val_fp_lesions_per_tumour_free_study" in result.validation
 
 
