@@ -231,7 +231,7 @@ class TrainConfig:
     fine_tune: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
-    version: str = "0.2.1"
+    version: str = "0.2.2"
     log_every: int = 10
     progress: bool = True
 
