@@ -44,9 +44,13 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 def wait_for_port(
-    port: int, *, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+    port: int, *, timeout: float = 90.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Wait until something listens on 127.0.0.1:port (or ``proc`` dies)."""
+    """Wait until something listens on 127.0.0.1:port (or ``proc`` dies).
+
+    The node listens once torch is imported and the model loaded: a few seconds on an idle
+    machine, more than 30 on two cores busy with other work. A process that dies is reported
+    at once, so the long timeout only delays the report of one that hangs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
