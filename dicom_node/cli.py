@@ -197,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     evaluate.add_argument(
         "--write-card", type=Path, default=None, help="write the model with held-out figures here"
     )
+    evaluate.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="score the lesions as a node with this configuration reports them (its lesions"
+        " section; default: the model card's lesion rule)",
+    )
     return parser
 
 
@@ -249,6 +256,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dicom_node.training.evaluate import run_from_args
 
+    if args.config is not None and args.write_card is not None:
+        # the card's figures describe the card's own lesion rule
+        raise UsageError("--write-card scores the card's own lesion rule: leave out --config")
     return run_from_args(args)
 
 

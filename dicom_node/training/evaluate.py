@@ -46,7 +46,7 @@ from tqdm import tqdm
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import LesionRule, find_lesions
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
-from dicom_node.config import InferenceSettings, LesionSettings
+from dicom_node.config import InferenceSettings, LesionSettings, load_config
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
 from dicom_node.training.metrics import BinaryScores, binary_scores, dice, roc_curve
 
@@ -105,11 +105,13 @@ class CaseOutcome:
 
 @dataclass(frozen=True, eq=False)
 class Evaluation:
-    """Outcomes of many cases and the card they were scored with."""
+    """Outcomes of many cases, the card they were scored with and the lesion rule (the card's,
+    or a configuration's where it sets its own)."""
 
     card: ModelCard
     cases: tuple[CaseOutcome, ...]
     overlays: tuple[Overlay, ...] = field(default=())
+    rule: LesionRule | None = None
 
     def image_scores(self) -> BinaryScores:
         """Per-image scores at the card's image threshold."""
@@ -167,6 +169,7 @@ class Evaluation:
             },
             "errors": self.errors(),
             "thresholds": self.card.thresholds.model_dump(),
+            "lesion_rule": None if self.rule is None else asdict(self.rule),
             "top_k": self.card.top_k,
             "seconds_per_case": mean([c.seconds for c in self.cases]),
         }
@@ -397,7 +400,7 @@ def evaluate(
                     image_probability=float(result.image_probabilities[k]),
                 )
             )
-    return Evaluation(card=engine.card, cases=tuple(outcomes), overlays=tuple(shown))
+    return Evaluation(card=engine.card, cases=tuple(outcomes), overlays=tuple(shown), rule=rule)
 
 
 def _jsonable(value: Any) -> Any:
@@ -441,6 +444,7 @@ def write_evaluation(
                 "study_probability": c.study_probability,
                 "volume_dice": c.volume_dice,
                 "false_positive_lesions": c.false_positive_lesions,
+                "predicted_lesions": c.predicted_lesions,
                 "lesions": [asdict(les) for les in c.lesions],
             }
             for c in held_out.cases
@@ -572,12 +576,19 @@ def run_from_args(args: Any) -> int:
             train_ids = [c for c in train_ids if c in trained]
     progress = not args.no_progress
     workers = args.workers or default_workers()
+    lesion_settings = None if args.config is None else load_config(args.config).lesions
     loaded = load_model(args.model)
     inference = InferenceSettings(device="cpu" if args.device == "auto" else args.device)
     if args.device == "auto" and torch.cuda.is_available():
         inference = InferenceSettings(device="auto")
     held_out = evaluate(
-        loaded, dataset, held_out_ids, inference=inference, progress=progress, workers=workers
+        loaded,
+        dataset,
+        held_out_ids,
+        inference=inference,
+        lesion_settings=lesion_settings,
+        progress=progress,
+        workers=workers,
     )
     train_eval = None
     if train_ids and args.train_eval_cases > 0:
@@ -586,6 +597,7 @@ def run_from_args(args: Any) -> int:
             train_dataset,
             train_ids[: args.train_eval_cases],
             inference=inference,
+            lesion_settings=lesion_settings,
             overlays=0,
             progress=progress,
             workers=workers,

@@ -282,3 +282,63 @@ def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
     assert {"held_out", "train", "baseline"} <= set(payload)
     assert "accuracy" in payload["baseline"]["held_out"]
     assert (tmp_path / "eval" / "report.png").exists()
+
+
+def test_evaluate_scores_the_lesions_a_configured_node_reports(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``evaluate --config FILE`` applies the file's ``lesions`` section over the card's rule,
+    as the node does: at threshold 0.5 the tiny random model's maps make lesions; a study gate
+    its studies do not reach leaves none. The rule used is in evaluation.json. With
+    ``--write-card`` it is a usage error (the card's figures are those of its own rule)."""
+    from dicom_node.cli import EXIT_USAGE, main
+
+    small = ["--phantoms", "2", "--phantom-shape", "16", "64", "64", "--threads", "1"]
+    found = {}
+    for name, lesions in [
+        ("open", "{threshold: 0.5, min_volume_mm3: 0}"),
+        ("gated", "{threshold: 0.5, min_volume_mm3: 0, study_gate: 0.9999}"),
+    ]:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"lesions: {lesions}\n")
+        status = main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_model_dir),
+                "--train-eval-cases",
+                "0",
+                "--no-progress",
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / name),
+                *small,
+            ]
+        )
+        assert status == 0
+        payload = json.loads((tmp_path / name / "evaluation.json").read_text())
+        found[name] = payload
+    open_rule, gated_rule = (found[n]["held_out"]["lesion_rule"] for n in ("open", "gated"))
+    assert (open_rule["threshold"], open_rule["min_volume_mm3"]) == (0.5, 0.0)
+    assert (open_rule["study_gate"], gated_rule["study_gate"]) == (None, 0.9999)
+    assert all(c["study_probability"] < 0.9999 for c in found["gated"]["per_case"])
+    predicted = {n: sum(c["predicted_lesions"] for c in found[n]["per_case"]) for n in found}
+    assert predicted["open"] > 0
+    assert predicted["gated"] == 0
+    capsys.readouterr()
+    status = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--config",
+            str(tmp_path / "open.yaml"),
+            "--write-card",
+            str(tmp_path / "card"),
+            *small,
+        ]
+    )
+    assert status == EXIT_USAGE
+    assert "--config" in capsys.readouterr().err
+    assert not (tmp_path / "card").exists()
