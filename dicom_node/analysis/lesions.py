@@ -109,7 +109,8 @@ class LesionMap:
     threshold
         The probability threshold used.
     dropped
-        Components left out: under the minimum volume, or beyond ``max_lesions``.
+        Components left out: under the minimum volume or peak, on no slice the gates allow,
+        or beyond ``max_lesions``.
     """
 
     labels: npt.NDArray[np.uint16]

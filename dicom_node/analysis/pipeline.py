@@ -80,6 +80,9 @@ class SeriesFindings:
     seconds: dict[str, float]
     #: The rule that made the lesions (card and configuration resolved).
     rule: LesionRule
+    #: Components above the rule's threshold that it did not report (volume, peak, gates, or
+    #: beyond ``max_lesions``): how much the rule withheld.
+    dropped_components: int = 0
 
     def summary(self) -> dict[str, Any]:
         """JSON-able form (no patient data)."""
@@ -97,6 +100,7 @@ class SeriesFindings:
                 "image_gate": self.rule.image_gate,
                 "study_gate": self.rule.study_gate,
             },
+            "dropped_components": self.dropped_components,
             "lesions": [
                 {
                     "label": les.label,
@@ -269,6 +273,7 @@ class AnalysisPipeline:
             outputs=outputs,
             seconds=seconds,
             rule=rule,
+            dropped_components=lesion_map.dropped,
         )
         logger.info(
             "series analysed",

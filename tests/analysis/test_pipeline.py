@@ -98,6 +98,9 @@ def test_the_gates_drop_lesions_the_classifier_does_not_back(
     assert series["true"]["lesions"] == []
     assert series["study"]["lesions"] == []
     assert series["study"]["study_probability"] < 0.9999
+    # what the gates withheld: every component the ungated rule reported (or left out itself)
+    every = len(series["false"]["lesions"]) + series["false"]["dropped_components"]
+    assert series["true"]["dropped_components"] == series["study"]["dropped_components"] == every
     # findings.json (and the job's result) say which rule made the lesions
     rule = {"threshold": 0.5, "min_volume_mm3": 0.0, "min_peak": None}
     assert series["false"]["lesion_rule"] == {**rule, "image_gate": None, "study_gate": None}
