@@ -163,6 +163,16 @@ class LesionRule:
             return None
         return image >= self.image_gate
 
+    def summary(self) -> dict[str, float | None]:
+        """JSON-able form: what decides which components are lesions."""
+        return {
+            "threshold": self.threshold,
+            "min_volume_mm3": self.min_volume_mm3,
+            "min_peak": self.min_peak,
+            "image_gate": self.image_gate,
+            "study_gate": self.study_gate,
+        }
+
     @classmethod
     def resolve(cls, settings: LesionSettings, thresholds: Thresholds) -> LesionRule:
         """The configuration's values where set, else the card's."""

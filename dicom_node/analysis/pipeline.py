@@ -93,13 +93,7 @@ class SeriesFindings:
             "study_probability": round(self.study_probability, 4),
             "classification": "cancerous" if self.study_positive else "non-cancerous",
             "threshold": self.threshold,
-            "lesion_rule": {
-                "threshold": self.rule.threshold,
-                "min_volume_mm3": self.rule.min_volume_mm3,
-                "min_peak": self.rule.min_peak,
-                "image_gate": self.rule.image_gate,
-                "study_gate": self.rule.study_gate,
-            },
+            "lesion_rule": self.rule.summary(),
             "dropped_components": self.dropped_components,
             "lesions": [
                 {

@@ -169,7 +169,7 @@ class Evaluation:
             },
             "errors": self.errors(),
             "thresholds": self.card.thresholds.model_dump(),
-            "lesion_rule": None if self.rule is None else asdict(self.rule),
+            "lesion_rule": None if self.rule is None else self.rule.summary(),
             "top_k": self.card.top_k,
             "seconds_per_case": mean([c.seconds for c in self.cases]),
         }
@@ -538,6 +538,8 @@ def run_from_args(args: Any) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # the configuration first: a file that does not load is refused before any case is read
+    lesion_settings = None if args.config is None else load_config(args.config).lesions
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     spec = PhantomSpec(
@@ -576,7 +578,6 @@ def run_from_args(args: Any) -> int:
             train_ids = [c for c in train_ids if c in trained]
     progress = not args.no_progress
     workers = args.workers or default_workers()
-    lesion_settings = None if args.config is None else load_config(args.config).lesions
     loaded = load_model(args.model)
     inference = InferenceSettings(device="cpu" if args.device == "auto" else args.device)
     if args.device == "auto" and torch.cuda.is_available():
