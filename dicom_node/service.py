@@ -105,6 +105,7 @@ class Node:
                 "fields": {"resumed_jobs": report.resumed_jobs, "reindexed": report.reindexed_files}
             },
         )
+        self.completion.listening()
         self.receiver.start()
         http = self.config.service
         if http.http_port:

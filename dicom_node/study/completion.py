@@ -4,6 +4,12 @@ A study is complete after ``stable_seconds`` without a new instance, or ``max_wa
 after it started (re-)arriving, or, with ``complete_on_release``, when the association that sent
 it is released and no other open association has sent to it. Associations are tracked per
 association, so studies interleaved across associations are never completed early.
+
+Time counts only while the node listens: nothing completes by time until ``stable_seconds`` after
+the node's start, and the maximum wait of a study that was arriving before it counts from the
+start. A study left receiving by a crash or a stop, whose sender's association was cut, is given
+a quiet period to send the rest before the part already spooled becomes a job, however long the
+node was down.
 """
 
 from __future__ import annotations
@@ -49,9 +55,14 @@ class Completion:
         self.settings = settings
         self.on_job = on_job
         self.clock = clock
+        self.listening_since = clock()
         self._lock = threading.Lock()
         self._by_assoc: dict[int, set[str]] = {}
         self._open: Counter[str] = Counter()
+
+    def listening(self) -> None:
+        """The node starts to receive now: the timing rules wait one quiet period from here."""
+        self.listening_since = self.clock()
 
     def instance_received(self, assoc: int, study_uid: str) -> None:
         """Note that association ``assoc`` sent an instance of ``study_uid``."""
@@ -78,11 +89,13 @@ class Completion:
     def scan(self) -> list[Job]:
         """Complete every study that has been quiet long enough or waited too long."""
         now = self.clock()
+        if now - self.listening_since < self.settings.stable_seconds:
+            return []  # a sender cut off by the node's stop has not had a quiet period to resume
         jobs = []
         for uid, since, last in self.store.receiving_studies():
             if now - last >= self.settings.stable_seconds:
                 job = self._complete(uid, "quiet period", quiet_since=last)
-            elif now - since >= self.settings.max_wait_seconds:
+            elif now - max(since, self.listening_since) >= self.settings.max_wait_seconds:
                 job = self._complete(uid, "maximum wait")
             else:
                 continue

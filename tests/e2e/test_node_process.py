@@ -48,9 +48,11 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(
     node_factory: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:
     """kill -9 while a study is arriving: every instance acknowledged before the kill is in the
-    spool and the job store after a restart, intact; re-sending completes the study once."""
+    spool and the job store after a restart, intact; re-sending completes the study once: the
+    part spooled before the kill does not become a job of its own, because the quiet period
+    counts from the restart, not from the last instance before the kill."""
     files = _series(tmp_path / "study", slices=120, size=256)
-    node = node_factory(study={"stable_seconds": 2.0})
+    node = node_factory(study={"stable_seconds": 5.0})
     sender = _storescu_in_background(files, node.port)
     assert sender.stdout is not None
     acked: list[str] = []

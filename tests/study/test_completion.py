@@ -88,3 +88,58 @@ def test_release_does_nothing_when_not_configured(tmp_path: Path) -> None:
     _record(store, clock, "1.1", "1.1.1")
     done.instance_received(1, "1.1")
     assert done.association_ended(1, released=True) == []
+
+
+def test_a_study_cut_off_by_a_stop_gets_a_quiet_period_after_the_start(tmp_path: Path) -> None:
+    """A study left receiving when the node stopped (its sender's association cut) does not
+    become a job the moment the node is back, however long it was down: the quiet period and
+    the maximum wait count only from the start, so the sender can send the rest first."""
+    store = JobStore(tmp_path / "j.sqlite")
+    clock = Clock()
+    _record(store, clock, "1.1", "1.1.1")
+    clock.now += 3600  # down for an hour: beyond stable_seconds and max_wait_seconds
+    done = Completion(store, StudySettings(stable_seconds=30, max_wait_seconds=100), clock=clock)
+    done.listening()
+    clock.now += 20
+    _record(store, clock, "1.1", "1.1.2")  # the sender resumes
+    clock.now += 29
+    assert done.scan() == []
+    clock.now += 2
+    [job] = done.scan()
+    assert job.study_uid == "1.1"
+    assert len(store.study_instances(job.study_uid)) == 2
+
+
+def test_a_study_nobody_resumes_completes_one_quiet_period_after_the_start(tmp_path: Path) -> None:
+    """No sender comes back: the part received before the stop becomes a job, stable_seconds
+    after the node started listening again."""
+    store = JobStore(tmp_path / "j.sqlite")
+    clock = Clock()
+    _record(store, clock, "1.1", "1.1.1")
+    clock.now += 600
+    done = Completion(store, StudySettings(stable_seconds=30), clock=clock)
+    done.listening()
+    clock.now += 29
+    assert done.scan() == []
+    clock.now += 1
+    assert [j.study_uid for j in done.scan()] == ["1.1"]
+
+
+def test_the_maximum_wait_of_a_study_cut_off_by_a_stop_counts_from_the_start(
+    tmp_path: Path,
+) -> None:
+    """A study that began arriving before the stop and never goes quiet after it completes
+    max_wait_seconds after the start, not at once for the time the node was down."""
+    store = JobStore(tmp_path / "j.sqlite")
+    clock = Clock()
+    _record(store, clock, "1.1", "1.1.0")
+    clock.now += 3600
+    done = Completion(store, StudySettings(stable_seconds=30, max_wait_seconds=100), clock=clock)
+    done.listening()
+    for i in range(1, 13):
+        clock.now += 10
+        _record(store, clock, "1.1", f"1.1.{i}")
+        if jobs := done.scan():
+            break
+    assert [j.study_uid for j in jobs] == ["1.1"]
+    assert i == 10  # 100 s after the start
