@@ -48,7 +48,19 @@ from dicom_node.analysis.lesions import LesionRule, find_lesions
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
 from dicom_node.config import InferenceSettings, LesionSettings, load_config
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
-from dicom_node.training.metrics import BinaryScores, binary_scores, dice, roc_curve
+from dicom_node.training.metrics import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    BinaryScores,
+    ConfusionMatrix,
+    binary_scores,
+    case_bootstrap_interval,
+    cohen_kappa,
+    dice,
+    mcc,
+    roc_auc,
+    roc_curve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +185,102 @@ class Evaluation:
             "top_k": self.card.top_k,
             "seconds_per_case": mean([c.seconds for c in self.cases]),
         }
+
+    def intervals(self, *, seed: int = 0) -> dict[str, Any]:
+        """Bootstrap intervals of the headline figures, resampling cases (patients), JSON-ready.
+
+        Per image: accuracy, sensitivity, specificity, MCC, kappa and ROC AUC at the card's
+        image threshold; per study: accuracy, MCC, AUC; the mean Dice and the detection of
+        tumours of 6 mm and more; false-positive lesions per tumour-free study. Each is
+        ``[low, high]``, or ``None`` where the cases cannot give it (see
+        :func:`~dicom_node.training.metrics.case_bootstrap_interval`).
+        """
+        threshold = self.card.thresholds.image
+        counts = np.array(
+            [
+                [
+                    np.sum(c.image_truth & flagged),
+                    np.sum(~c.image_truth & flagged),
+                    np.sum(~c.image_truth & ~flagged),
+                    np.sum(c.image_truth & ~flagged),
+                ]
+                for c in self.cases
+                for flagged in [c.image_probability >= threshold]
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 4)
+        study_truth = np.array([c.study_truth for c in self.cases])
+        study_probability = np.array([c.study_probability for c in self.cases])
+        large = [
+            [les for les in c.lesions if les.diameter_mm >= LARGE_LESION_MM] for c in self.cases
+        ]
+        false_positives = np.array([c.false_positive_lesions for c in self.cases], dtype=float)
+
+        def confusion(idx: npt.NDArray[np.int64]) -> ConfusionMatrix:
+            tp, fp, tn, fn = (int(v) for v in counts[idx].sum(axis=0))
+            return ConfusionMatrix(tp=tp, fp=fp, tn=tn, fn=fn)
+
+        def ratio(num: int, den: int) -> float | None:
+            return None if den == 0 else num / den
+
+        def image_auc(idx: npt.NDArray[np.int64]) -> float | None:
+            return roc_auc(
+                np.concatenate([self.cases[i].image_truth for i in idx]),
+                np.concatenate([self.cases[i].image_probability for i in idx]),
+            )
+
+        def study(idx: npt.NDArray[np.int64]) -> BinaryScores:
+            prob = study_probability[idx]
+            return binary_scores(study_truth[idx], prob >= self.card.thresholds.study)
+
+        def lesions(idx: npt.NDArray[np.int64]) -> list[LesionOutcome]:
+            return [les for i in idx for les in large[i]]
+
+        def mean(values: Sequence[float]) -> float | None:
+            return float(np.mean(values)) if len(values) else None
+
+        def per_free(idx: npt.NDArray[np.int64]) -> float | None:
+            return mean(false_positives[idx][~study_truth[idx]])
+
+        figures: dict[str, Any] = {
+            "image": {
+                "accuracy": lambda i: ratio((cm := confusion(i)).tp + cm.tn, cm.total),
+                "sensitivity": lambda i: ratio((cm := confusion(i)).tp, cm.tp + cm.fn),
+                "specificity": lambda i: ratio((cm := confusion(i)).tn, cm.tn + cm.fp),
+                "mcc": lambda i: mcc(confusion(i)),
+                "kappa": lambda i: cohen_kappa(confusion(i)),
+                "roc_auc": image_auc,
+            },
+            "study": {
+                "accuracy": lambda i: study(i).accuracy,
+                "mcc": lambda i: study(i).mcc,
+                "roc_auc": lambda i: roc_auc(study_truth[i], study_probability[i]),
+            },
+            f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": lambda i: mean(
+                [les.dice for les in lesions(i)]
+            ),
+            f"detection_sensitivity_ge_{LARGE_LESION_MM:g}mm": lambda i: mean(
+                [float(les.detected) for les in lesions(i)]
+            ),
+            "false_positives_per_tumour_free_study": per_free,
+        }
+
+        def interval(statistic: Any) -> list[float] | None:
+            found = case_bootstrap_interval(len(self.cases), statistic, seed=seed)
+            return None if found is None else [found[0], found[1]]
+
+        out: dict[str, Any] = {
+            "method": "percentile bootstrap over cases (patients)",
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "level": BOOTSTRAP_LEVEL,
+            "seed": seed,
+        }
+        for key, value in figures.items():
+            if isinstance(value, dict):
+                out[key] = {name: interval(f) for name, f in value.items()}
+            else:
+                out[key] = interval(value)
+        return out
 
     def errors(self) -> dict[str, Any]:
         """Where the mistakes are (see the module docstring), JSON-ready."""
@@ -425,6 +533,7 @@ def write_evaluation(
     from dicom_node.training.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    intervals = held_out.intervals()
     payload: dict[str, Any] = {
         "model": {"name": held_out.card.name, "version": held_out.card.version},
         "dataset": description,
@@ -437,6 +546,7 @@ def write_evaluation(
             "mcc_degenerate": "0 when a marginal of the confusion matrix is 0",
         },
         "held_out": held_out.summary(),
+        "held_out_intervals": intervals,
         "per_case": [
             {
                 "case_id": c.case_id,
@@ -457,7 +567,12 @@ def write_evaluation(
     json_path = out_dir / "evaluation.json"
     json_path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n", encoding="utf-8")
     png_path = write_report(
-        out_dir / "report.png", held_out, train=train, baseline=baseline, description=description
+        out_dir / "report.png",
+        held_out,
+        train=train,
+        baseline=baseline,
+        description=description,
+        intervals=intervals,
     )
     return json_path, png_path
 

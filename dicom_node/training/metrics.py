@@ -10,12 +10,17 @@ Conventions (each chosen so that a figure is always a number and never misleads 
 * ROC AUC is ``None`` when only one class is present (no curve can be drawn).
 * Dice of two empty masks is 1 (perfect agreement that there is nothing); one empty and one not
   gives 0.
+
+Intervals (:func:`case_bootstrap_interval`) resample whole cases, never slices or lesions: the
+slices of one patient are not independent draws, and a figure's spread between sets of patients
+is what a held-out set of a few dozen studies cannot hide.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -182,3 +187,38 @@ def dice(truth: npt.ArrayLike, predicted: npt.ArrayLike) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.sum(t & p)) / total
+
+
+#: Resamples and confidence level of the intervals ``dicom-node evaluate`` reports.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def case_bootstrap_interval(
+    cases: int,
+    statistic: Callable[[npt.NDArray[np.int64]], float | None],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a figure over cases (patients), not over slices.
+
+    ``statistic`` gets the indices of a resample of the ``cases`` (drawn with replacement, so an
+    index may repeat) and returns the figure on those cases, or ``None`` where the resample
+    cannot give it (no tumour of 6 mm in it, no tumour-free case); such resamples are left
+    out. ``None`` with fewer than two cases, or when fewer than half of the resamples give the
+    figure. Seeded: the same cases give the same interval.
+    """
+    if cases < 2:
+        return None
+    # Drawn here rather than with scipy.stats.bootstrap, whose intervals take every resample and
+    # warn on the undefined ones that are left out here.
+    draws = np.random.default_rng(seed).integers(0, cases, size=(resamples, cases))
+    values = np.array([math.nan if (v := statistic(d)) is None else float(v) for d in draws])
+    values = values[np.isfinite(values)]
+    if values.size < resamples / 2:
+        return None
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

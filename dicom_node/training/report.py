@@ -47,10 +47,18 @@ def _row(label: str, scores: dict[str, Any]) -> str:
     return f"{label:17s}" + "  ".join(_fmt(scores[k])[:5] for k in _SCORE_KEYS)
 
 
+def _interval(value: list[float] | None) -> str:
+    return "-" if value is None else f"{value[0]:.2f}-{value[1]:.2f}"
+
+
 def _summary_lines(
-    evaluation: Evaluation, train: Evaluation | None, baseline: dict[str, Any] | None
+    evaluation: Evaluation,
+    train: Evaluation | None,
+    baseline: dict[str, Any] | None,
+    intervals: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The text panel: scores per image and study, Dice, detection."""
+    """The text panel: scores per image and study, Dice, detection, and the 95 % intervals
+    of the headline figures when given."""
     summary = evaluation.summary()
     seg, det = summary["segmentation"], summary["detection"]
     lines = [
@@ -75,6 +83,15 @@ def _summary_lines(
         f"false-positive lesions per tumour-free study: "
         f"{_fmt(det['false_positives_per_tumour_free_study'])}",
     ]
+    if intervals is not None:
+        image = intervals["image"]
+        lines += [
+            f"{intervals['level']:.0%} intervals, cases resampled: image accuracy "
+            f"{_interval(image['accuracy'])}, MCC {_interval(image['mcc'])},",
+            f"  kappa {_interval(image['kappa'])}; Dice >= 6 mm "
+            f"{_interval(intervals['lesion_dice_mean_ge_6mm'])}; FP per tumour-free study "
+            f"{_interval(intervals['false_positives_per_tumour_free_study'])}",
+        ]
     errors = summary["errors"]
     areas = ", ".join(
         f"{b['area_mm2'][0]:g}-{b['area_mm2'][1]:g}: {_fmt(b['sensitivity'])}"
@@ -162,8 +179,10 @@ def write_report(
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
     description: str = "",
+    intervals: dict[str, Any] | None = None,
 ) -> Path:
-    """Draw the report of ``evaluation`` to ``path`` (PNG) and return ``path``."""
+    """Draw the report of ``evaluation`` to ``path`` (PNG) and return ``path``; ``intervals``:
+    :meth:`Evaluation.intervals`, shown with the figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +197,7 @@ def write_report(
     )
     ax = fig.add_subplot(grid[0, 0:2])
     ax.axis("off")
-    text = "\n".join(_summary_lines(evaluation, train, baseline))
+    text = "\n".join(_summary_lines(evaluation, train, baseline, intervals))
     ax.text(0.0, 1.0, text, va="top", family="monospace", fontsize=10)
     _roc(fig.add_subplot(grid[0, 2]), evaluation, baseline)
     _confusion(fig.add_subplot(grid[0, 3]), evaluation.image_scores().confusion, "per image")

@@ -12,7 +12,14 @@ import torch
 from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.weights import load_model, save_model
 from dicom_node.training.datasets import Case, PhantomDataset, PhantomSpec
-from dicom_node.training.evaluate import Evaluation, evaluate, score_case, write_evaluation
+from dicom_node.training.evaluate import (
+    CaseOutcome,
+    Evaluation,
+    LesionOutcome,
+    evaluate,
+    score_case,
+    write_evaluation,
+)
 from tests.analysis.lungct_tiny import make_card, make_network
 
 
@@ -161,6 +168,65 @@ def test_the_errors_section_says_which_slices_and_tumours_were_missed() -> None:
     assert large.peak_probability == pytest.approx(0.9) and large.mean_hu == pytest.approx(-850.0)
 
 
+def _outcome(k: int, right: bool, *, slices: int = 50) -> CaseOutcome:
+    """A case with tumour on every other slice, the classifier right or wrong on all of them;
+    odd cases are tumour-free (2 false-positive lesions when wrong), even ones hold a 10 mm
+    tumour (Dice 0.8 when right, missed when wrong)."""
+    free = k % 2 == 1
+    truth = np.zeros(slices, dtype=bool) if free else np.arange(slices) % 2 == 0
+    probability = np.where(truth == right, 0.9, 0.1).astype(np.float32)
+    lesions = () if free else (LesionOutcome(10.0, 524.0, right, 0.8 if right else 0.0),)
+    return CaseOutcome(
+        case_id=f"c{k}",
+        image_truth=truth,
+        image_probability=probability,
+        image_tumour_area_mm2=truth * 80.0,
+        study_truth=not free,
+        study_probability=0.9 if right != free else 0.1,
+        volume_dice=0.8 if right else 0.0,
+        lesions=lesions,
+        false_positive_lesions=0 if right or not free else 2,
+        predicted_lesions=int(right and not free) + (0 if right or not free else 2),
+        seconds=0.0,
+    )
+
+
+def test_intervals_resample_patients_not_slices() -> None:
+    """20 cases of 50 slices, the classifier right on every slice of 10 and wrong on every
+    slice of the others: the slices of one case stand or fall together, so the interval of
+    the accuracy is as wide as 20 draws make it (+- 0.22 about 0.5), not 1000 (+- 0.03); 20
+    cases each right on half their slices leave no doubt at all."""
+    cases = tuple(_outcome(k, right=k % 4 < 2) for k in range(20))
+    evaluation = Evaluation(card=make_card(), cases=cases)
+    assert evaluation.image_scores().accuracy == pytest.approx(0.5)
+    intervals = evaluation.intervals()
+    assert intervals["resamples"] == 2000 and intervals["level"] == 0.95
+    low, high = intervals["image"]["accuracy"]
+    assert 0.3 < high - low < 0.55 and low < 0.5 < high
+    for name in ("sensitivity", "specificity", "mcc", "kappa", "roc_auc"):
+        low, high = intervals["image"][name]
+        assert low <= high and high - low > 0.3, name
+    low, high = intervals["lesion_dice_mean_ge_6mm"]  # 0.4: half the tumours found at 0.8
+    assert 0.0 <= low < 0.4 < high <= 0.8
+    low, high = intervals["detection_sensitivity_ge_6mm"]
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    low, high = intervals["false_positives_per_tumour_free_study"]  # 1.0: 2 in half of them
+    assert 0.0 <= low < 1.0 < high <= 2.0
+    assert evaluation.intervals() == intervals  # seeded
+
+    half_right = []
+    for k in range(20):
+        case = _outcome(0, right=True)
+        flipped = case.image_probability.copy()
+        flipped[: flipped.size // 2] = 1.0 - flipped[: flipped.size // 2]
+        half_right.append(
+            CaseOutcome(**{**case.__dict__, "case_id": f"h{k}", "image_probability": flipped})
+        )
+    even = Evaluation(card=make_card(), cases=tuple(half_right)).intervals()
+    assert even["image"]["accuracy"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert even["false_positives_per_tumour_free_study"] is None  # no tumour-free case
+
+
 def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
     """Evaluating a (random) tiny model on phantoms writes evaluation.json and report.png."""
     torch.set_num_threads(1)
@@ -186,6 +252,10 @@ def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
         payload["held_out"]["image"]
     )
     assert payload["held_out"]["cases"] == 3 and len(payload["per_case"]) == 3
+    intervals = payload["held_out_intervals"]
+    assert intervals["method"] == "percentile bootstrap over cases (patients)"
+    low, high = intervals["image"]["accuracy"]
+    assert 0.0 <= low <= payload["held_out"]["image"]["accuracy"] <= high <= 1.0
     errors = payload["held_out"]["errors"]
     assert sum(b["images"] for b in errors["image_sensitivity_by_tumour_area"]) == sum(
         int(np.sum(c.image_truth)) for c in result.cases

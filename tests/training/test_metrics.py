@@ -10,6 +10,7 @@ import pytest
 from dicom_node.training.metrics import (
     ConfusionMatrix,
     binary_scores,
+    case_bootstrap_interval,
     choose_threshold,
     cohen_kappa,
     confusion_matrix,
@@ -84,3 +85,29 @@ def test_choose_threshold_separates_separable_scores() -> None:
     t = choose_threshold(truth, scores)
     assert mcc(confusion_matrix(truth, scores >= t)) == pytest.approx(1.0)
     assert choose_threshold([1, 1], [0.2, 0.3]) == 0.5
+
+
+def test_a_bootstrap_interval_of_a_mean_matches_the_normal_approximation() -> None:
+    """400 cases, half of them 1: the 95 % interval of the mean is the mean +- 1.96 standard
+    errors (0.049) to within the resampling's noise, and the same for the same seed."""
+    values = np.random.default_rng(1).uniform(size=400) < 0.5
+    low, high = case_bootstrap_interval(400, lambda i: float(values[i].mean())) or (0, 0)
+    mean = float(values.mean())
+    half = 1.96 * math.sqrt(mean * (1 - mean) / 400)
+    assert low < mean < high
+    assert high - low == pytest.approx(2 * half, rel=0.12)
+    assert (low + high) / 2 == pytest.approx(mean, abs=0.01)
+    assert case_bootstrap_interval(400, lambda i: float(values[i].mean())) == (low, high)
+    assert case_bootstrap_interval(400, lambda i: float(values[i].mean()), seed=1) != (low, high)
+
+
+def test_a_bootstrap_interval_leaves_out_resamples_without_the_figure() -> None:
+    """A figure some resamples cannot give (None) is taken over the others; one that most of
+    them cannot give has no interval, nor has a figure of fewer than two cases."""
+    values = np.array([5.0, 0.0, 0.0, 0.0])
+    # the figure exists where case 0 was drawn: in 1 - (3/4)^4 = 68 % of the resamples
+    interval = case_bootstrap_interval(4, lambda i: float(values[i].max()) if 0 in i else None)
+    assert interval == (5.0, 5.0)
+    # case 0 drawn three times or more out of 40: about 8 % of the resamples
+    assert case_bootstrap_interval(40, lambda i: 1.0 if (i == 0).sum() > 2 else None) is None
+    assert case_bootstrap_interval(1, lambda i: 1.0) is None
