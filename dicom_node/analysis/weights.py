@@ -527,6 +527,50 @@ def save_model(
     return written
 
 
+def save_card(card: ModelCard, path: Path, *, weights_from: Path | None = None) -> None:
+    """Write a model folder's card, keeping its weights file byte for byte.
+
+    For new figures or a new description on a model whose tensors do not change: the weights
+    file is not serialised again, so its bytes and the card's ``weights.sha256`` stay as they
+    were (a model folder under version control keeps one copy of its weights).
+
+    Parameters
+    ----------
+    card
+        The card to write; its ``weights`` section must name the weights file's SHA-256.
+    path
+        The model folder.
+    weights_from
+        Another model folder whose weights file is copied into ``path`` first (as it is).
+
+    Raises
+    ------
+    ModelError
+        The weights file (copied or already there) does not match the card's checksum, or the
+        files cannot be read or written.
+    """
+    source = (weights_from if weights_from is not None else path) / WEIGHTS_FILE
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{source}: cannot read the weights ({exc.strerror})") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.weights.sha256:
+        raise ModelError(
+            f"{source}: sha256 {digest} is not the card's ({card.weights.sha256}); "
+            "a card is written only beside the weights it describes"
+        )
+    text = yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if weights_from is not None and source.resolve() != (path / WEIGHTS_FILE).resolve():
+            _write_atomic(path / WEIGHTS_FILE, data)
+        _write_atomic(path / CARD_FILE, text.encode("utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write the model card ({exc.strerror})") from exc
+    logger.info("saved the card of %s %s to %s", card.name, card.version, path)
+
+
 def _write_atomic(target: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``target``, fsync it, rename it over ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

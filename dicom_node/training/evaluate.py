@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import LesionRule, find_lesions
-from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_model
+from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_card
 from dicom_node.config import InferenceSettings, LesionSettings, load_config
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
 from dicom_node.training.metrics import (
@@ -583,7 +583,8 @@ def card_figures(
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """The figures a model card carries: held-out (``heldout_*``), train and baseline scores."""
+    """The figures a model card carries: held-out (``heldout_*``, with the 95 % intervals of the
+    five target figures as ``heldout_*_ci95_low`` / ``_high``), train and baseline scores."""
     s = held_out.summary()
     seg, det = s["segmentation"], s["detection"]
     figures: dict[str, Any] = {
@@ -605,6 +606,16 @@ def card_figures(
         "heldout_detection_sensitivity_ge_6mm": det[f"sensitivity_ge_{LARGE_LESION_MM:g}mm"],
         "heldout_fp_lesions_per_tumour_free_study": det["false_positives_per_tumour_free_study"],
     }
+    intervals = held_out.intervals()
+    for name, interval in (
+        ("image_accuracy", intervals["image"]["accuracy"]),
+        ("image_mcc", intervals["image"]["mcc"]),
+        ("image_kappa", intervals["image"]["kappa"]),
+        ("lesion_dice_ge_6mm", intervals[f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm"]),
+        ("fp_lesions_per_tumour_free_study", intervals["false_positives_per_tumour_free_study"]),
+    ):
+        if interval is not None:  # the 95 % interval, cases resampled (Evaluation.intervals)
+            figures[f"heldout_{name}_ci95_low"], figures[f"heldout_{name}_ci95_high"] = interval
     if train is not None:
         t = train.summary()
         figures["train_image_accuracy"] = t["image"]["accuracy"]
@@ -739,16 +750,12 @@ def run_from_args(args: Any) -> int:
         card = card_with_figures(
             loaded.card, held_out, description=description, train=train_eval, baseline=baseline
         )
-        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-        written = save_model(
-            loaded.network, card, args.write_card, dtype=dtypes[loaded.card.weights.dtype]
-        )
-        # The tensors are the loaded ones, unchanged; the file's bytes (and so its SHA-256)
-        # can differ, as safetensors does not keep the order of the header's metadata.
+        # The weights file is the evaluated one, byte for byte (copied when another folder).
+        save_card(card, args.write_card, weights_from=args.model)
         logger.info(
             "model with held-out figures written to %s (sha256 %s)",
             args.write_card,
-            written.weights.sha256,
+            card.weights.sha256,
         )
     summary = held_out.summary()
     print(

@@ -18,6 +18,7 @@ from dicom_node.analysis.weights import (
     ModelCard,
     load_model,
     read_card,
+    save_card,
     save_model,
 )
 from dicom_node.errors import ModelError
@@ -307,3 +308,28 @@ def test_a_running_variance_beyond_float16_is_rescaled_exactly(tmp_path: Path) -
         after, _ = loaded(x)
     torch.testing.assert_close(after, before, atol=0.05, rtol=0.01)
     assert float(norm.running_var[0]) == pytest.approx(1.3e5)  # the network is not changed
+
+
+def test_a_new_card_keeps_the_weights_file_byte_for_byte(tmp_path: Path) -> None:
+    """save_card writes the card beside the weights it describes, without serialising them
+    again: in place, or copied from another folder; a card whose checksum the file does not
+    match is refused and nothing is written."""
+    source = tmp_path / "source"
+    card = save_model(make_network(), make_card(), source)
+    weights = (source / WEIGHTS_FILE).read_bytes()
+    figured = card.model_copy(update={"metrics": {"heldout_image_accuracy": 0.9}})
+    save_card(figured, source)
+    assert (source / WEIGHTS_FILE).read_bytes() == weights
+    assert load_model(source).card.metrics == {"heldout_image_accuracy": 0.9}
+    copy = tmp_path / "copy"
+    save_card(figured, copy, weights_from=source)
+    assert (copy / WEIGHTS_FILE).read_bytes() == weights
+    assert load_model(copy).card == load_model(source).card
+    other = tmp_path / "other"
+    save_model(make_network(seed=5), make_card(), other)
+    with pytest.raises(ModelError, match="not the card's"):
+        save_card(figured, other)
+    assert read_card(other / CARD_FILE).metrics == {}
+    with pytest.raises(ModelError, match="not the card's"):
+        save_card(figured, tmp_path / "third", weights_from=other)
+    assert not (tmp_path / "third").exists()

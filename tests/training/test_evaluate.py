@@ -325,6 +325,7 @@ def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
     assert status == 0
     split = json.loads((tmp_path / "model-work" / "split.json").read_text())
     assert len(split["train"]) == 3 and len(split["val"]) == 1
+    weights = (tmp_path / "model" / "weights.safetensors").read_bytes()
     status = main(
         [
             "evaluate",
@@ -347,6 +348,13 @@ def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
     assert status == 0
     card = load_model(tmp_path / "model").card
     assert "heldout_image_accuracy" in card.metrics and "val_image_accuracy" in card.metrics
+    low, high = (
+        card.metrics["heldout_image_accuracy_ci95_low"],
+        card.metrics["heldout_image_accuracy_ci95_high"],
+    )
+    assert low <= card.metrics["heldout_image_accuracy"] <= high
+    # the card is new, the weights file is the evaluated one byte for byte
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == weights
     assert "Held-out evaluation" in card.description
     payload = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert {"held_out", "train", "baseline"} <= set(payload)
