@@ -55,9 +55,8 @@ from dicom_node.training.metrics import (
     ConfusionMatrix,
     binary_scores,
     case_bootstrap_interval,
-    cohen_kappa,
+    confusion_scores,
     dice,
-    mcc,
     roc_auc,
     roc_curve,
 )
@@ -216,12 +215,9 @@ class Evaluation:
         ]
         false_positives = np.array([c.false_positive_lesions for c in self.cases], dtype=float)
 
-        def confusion(idx: npt.NDArray[np.int64]) -> ConfusionMatrix:
+        def image(idx: npt.NDArray[np.int64]) -> BinaryScores:
             tp, fp, tn, fn = (int(v) for v in counts[idx].sum(axis=0))
-            return ConfusionMatrix(tp=tp, fp=fp, tn=tn, fn=fn)
-
-        def ratio(num: int, den: int) -> float | None:
-            return None if den == 0 else num / den
+            return confusion_scores(ConfusionMatrix(tp=tp, fp=fp, tn=tn, fn=fn))
 
         def image_auc(idx: npt.NDArray[np.int64]) -> float | None:
             return roc_auc(
@@ -244,11 +240,11 @@ class Evaluation:
 
         figures: dict[str, Any] = {
             "image": {
-                "accuracy": lambda i: ratio((cm := confusion(i)).tp + cm.tn, cm.total),
-                "sensitivity": lambda i: ratio((cm := confusion(i)).tp, cm.tp + cm.fn),
-                "specificity": lambda i: ratio((cm := confusion(i)).tn, cm.tn + cm.fp),
-                "mcc": lambda i: mcc(confusion(i)),
-                "kappa": lambda i: cohen_kappa(confusion(i)),
+                "accuracy": lambda i: image(i).accuracy,
+                "sensitivity": lambda i: image(i).sensitivity,
+                "specificity": lambda i: image(i).specificity,
+                "mcc": lambda i: image(i).mcc,
+                "kappa": lambda i: image(i).kappa,
                 "roc_auc": image_auc,
             },
             "study": {

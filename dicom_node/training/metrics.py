@@ -137,7 +137,14 @@ def binary_scores(
     truth: npt.ArrayLike, predicted: npt.ArrayLike, *, scores: npt.ArrayLike | None = None
 ) -> BinaryScores:
     """All scores of boolean ``predicted`` against boolean ``truth``; AUC from ``scores``."""
-    cm = confusion_matrix(truth, predicted)
+    return confusion_scores(
+        confusion_matrix(truth, predicted),
+        auc=None if scores is None else roc_auc(truth, scores),
+    )
+
+
+def confusion_scores(cm: ConfusionMatrix, *, auc: float | None = None) -> BinaryScores:
+    """The scores of a confusion matrix (``auc``, which it cannot give, as given)."""
     sens = _ratio(cm.tp, cm.tp + cm.fn)
     prec = _ratio(cm.tp, cm.tp + cm.fp)
     errors_and_hits = 2 * cm.tp + cm.fp + cm.fn
@@ -152,7 +159,7 @@ def binary_scores(
         f1=f1,
         mcc=mcc(cm),
         kappa=cohen_kappa(cm),
-        roc_auc=None if scores is None else roc_auc(truth, scores),
+        roc_auc=auc,
         confusion=cm,
     )
 
