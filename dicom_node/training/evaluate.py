@@ -632,16 +632,19 @@ def card_with_figures(
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """The card with the evaluation's figures merged in and the held-out set named."""
+    """The card with the evaluation's figures merged in and the held-out set named.
+
+    Every ``heldout_*`` figure is this evaluation's: those of an earlier one go, so a figure
+    this evaluation cannot give (an interval without tumours of 6 mm, say) is absent rather
+    than stale. Train and baseline figures are replaced only when given.
+    """
     note = f" Held-out evaluation (metrics heldout_*): {description}."
     text = card.description if note in card.description else card.description + note
+    kept = {k: v for k, v in card.metrics.items() if not k.startswith("heldout_")}
     return card.model_copy(
         update={
             "description": text,
-            "metrics": {
-                **card.metrics,
-                **card_figures(held_out, train=train, baseline=baseline),
-            },
+            "metrics": {**kept, **card_figures(held_out, train=train, baseline=baseline)},
         }
     )
 

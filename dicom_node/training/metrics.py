@@ -12,8 +12,8 @@ Conventions (each chosen so that a figure is always a number and never misleads 
   gives 0.
 
 Intervals (:func:`case_bootstrap_interval`) resample whole cases, never slices or lesions: the
-slices of one patient are not independent draws, and a figure's spread between sets of patients
-is what a held-out set of a few dozen studies cannot hide.
+slices of one patient are not independent draws, and what a held-out set of a few dozen studies
+leaves uncertain is the choice of patients.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dicom_node.training.evaluate import (
     CaseOutcome,
     Evaluation,
     LesionOutcome,
+    card_with_figures,
     evaluate,
     score_case,
     write_evaluation,
@@ -225,6 +226,22 @@ def test_intervals_resample_patients_not_slices() -> None:
     even = Evaluation(card=make_card(), cases=tuple(half_right)).intervals()
     assert even["image"]["accuracy"] == [pytest.approx(0.5), pytest.approx(0.5)]
     assert even["false_positives_per_tumour_free_study"] is None  # no tumour-free case
+
+
+def test_the_card_takes_every_held_out_figure_from_the_new_evaluation() -> None:
+    """Held-out figures of an earlier evaluation leave the card (a figure the new one cannot
+    give is absent, not stale); other figures stay; the intervals come with the figures."""
+    card = make_card().model_copy(
+        update={"metrics": {"heldout_lesion_dice_ge_6mm_ci95_low": 0.9, "val_image_mcc": 0.5}}
+    )
+    free = tuple(_outcome(k, right=k % 4 == 1) for k in (1, 3, 5, 7))  # no tumour at all
+    written = card_with_figures(card, Evaluation(card=card, cases=free), description="four")
+    assert written.metrics["val_image_mcc"] == 0.5
+    assert "heldout_lesion_dice_ge_6mm_ci95_low" not in written.metrics
+    assert written.metrics["heldout_image_accuracy"] == pytest.approx(0.5)
+    low = written.metrics["heldout_fp_lesions_per_tumour_free_study_ci95_low"]
+    high = written.metrics["heldout_fp_lesions_per_tumour_free_study_ci95_high"]
+    assert 0.0 <= low < 1.0 < high <= 2.0
 
 
 def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
