@@ -83,6 +83,19 @@ class SeriesFindings:
     #: Components above the rule's threshold that it did not report (volume, peak, gates, or
     #: beyond ``max_lesions``): how much the rule withheld.
     dropped_components: int = 0
+    #: The MLP's cancer probability of each slice, in the volume's order (the order of the
+    #: lesions' ``first_slice``/``last_slice``), and the card's image threshold.
+    image_probabilities: tuple[float, ...] = ()
+    image_threshold: float = 0.5
+
+    def flagged_images(self) -> list[dict[str, Any]]:
+        """The slices the classifier calls cancerous (probability at or above the image
+        threshold): ``{"slice": index, "probability": p}``, in slice order."""
+        return [
+            {"slice": k, "probability": round(p, 4)}
+            for k, p in enumerate(self.image_probabilities)
+            if p >= self.image_threshold
+        ]
 
     def summary(self) -> dict[str, Any]:
         """JSON-able form (no patient data)."""
@@ -95,6 +108,13 @@ class SeriesFindings:
             "threshold": self.threshold,
             "lesion_rule": self.rule.summary(),
             "dropped_components": self.dropped_components,
+            "images": {
+                "threshold": self.image_threshold,
+                "highest_probability": (
+                    round(max(self.image_probabilities), 4) if self.image_probabilities else None
+                ),
+                "flagged": self.flagged_images(),
+            },
             "lesions": [
                 {
                     "label": les.label,
@@ -268,6 +288,8 @@ class AnalysisPipeline:
             seconds=seconds,
             rule=rule,
             dropped_components=lesion_map.dropped,
+            image_probabilities=tuple(float(p) for p in result.image_probabilities),
+            image_threshold=card.thresholds.image,
         )
         logger.info(
             "series analysed",

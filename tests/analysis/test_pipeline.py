@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from pydicom import dcmread
 
+from dicom_node.analysis.lesions import LesionRule
+from dicom_node.analysis.pipeline import SeriesFindings
 from tests.peers import node_cli
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -57,6 +59,38 @@ def test_analyze_writes_findings_seg_and_sr(
     study = str(dcmread(files[0]).StudyInstanceUID)
     assert all(str(dcmread(p).StudyInstanceUID) == study for p in series["outputs"])
     assert set(series["seconds"]) >= {"volume", "model", "lesions", "seg", "sr"}
+    images = series["images"]
+    assert all(0 <= f["slice"] < len(files) for f in images["flagged"])
+    assert all(f["probability"] >= images["threshold"] for f in images["flagged"])
+    assert bool(images["flagged"]) == (images["highest_probability"] >= images["threshold"])
+
+
+def test_findings_name_the_slices_the_classifier_calls_cancerous() -> None:
+    """The findings list each slice at or above the image threshold, in slice order, with its
+    probability, and the highest probability of any slice."""
+    findings = SeriesFindings(
+        series_instance_uid="1.2.3",
+        label="CT 1",
+        slices=5,
+        lesions=(),
+        study_probability=0.6,
+        study_positive=False,
+        threshold=0.89,
+        outputs=(),
+        seconds={},
+        rule=LesionRule(threshold=0.5, min_volume_mm3=10.0),
+        image_probabilities=(0.1, 0.61234, 0.37, 0.369, 0.9),
+        image_threshold=0.37,
+    )
+    assert findings.summary()["images"] == {
+        "threshold": 0.37,
+        "highest_probability": 0.9,
+        "flagged": [
+            {"slice": 1, "probability": 0.6123},
+            {"slice": 2, "probability": 0.37},
+            {"slice": 4, "probability": 0.9},
+        ],
+    }
 
 
 def test_the_gates_drop_lesions_the_classifier_does_not_back(
@@ -106,6 +140,8 @@ def test_the_gates_drop_lesions_the_classifier_does_not_back(
     assert series["false"]["lesion_rule"] == {**rule, "image_gate": None, "study_gate": None}
     assert series["true"]["lesion_rule"] == {**rule, "image_gate": 0.9999, "study_gate": None}
     assert series["study"]["lesion_rule"] == {**rule, "image_gate": None, "study_gate": 0.9999}
+    assert series["true"]["images"]["flagged"] == []  # no slice reaches 0.9999
+    assert series["true"]["images"]["threshold"] == 0.9999
     for gate in ("true", "study"):
         [sr] = series[gate]["outputs"]
         assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
