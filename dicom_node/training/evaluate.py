@@ -73,6 +73,11 @@ SIZE_BINS_MM = (0.0, 6.0, 10.0, 20.0, math.inf)
 NEAR_SLICES = 2
 
 
+def _mean(values: Sequence[float] | npt.NDArray[np.float64]) -> float | None:
+    """The mean, or ``None`` of nothing."""
+    return float(np.mean(values)) if len(values) else None
+
+
 @dataclass(frozen=True)
 class LesionOutcome:
     """One ground-truth lesion: size, whether it was found, and its Dice."""
@@ -143,18 +148,15 @@ class Evaluation:
         tumour_free = [c for c in self.cases if not c.study_truth]
         with_tumour = [c for c in self.cases if c.study_truth]
 
-        def mean(values: Sequence[float]) -> float | None:
-            return float(np.mean(values)) if values else None
-
         return {
             "cases": len(self.cases),
             "studies_with_tumour": len(with_tumour),
             "image": self.image_scores().as_dict(),
             "study": self.study_scores().as_dict(),
             "segmentation": {
-                "volume_dice_mean_tumour_studies": mean([c.volume_dice for c in with_tumour]),
-                "lesion_dice_mean": mean([les.dice for les in lesions]),
-                f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": mean([les.dice for les in large]),
+                "volume_dice_mean_tumour_studies": _mean([c.volume_dice for c in with_tumour]),
+                "lesion_dice_mean": _mean([les.dice for les in lesions]),
+                f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": _mean([les.dice for les in large]),
                 f"lesion_dice_median_ge_{LARGE_LESION_MM:g}mm": (
                     float(np.median([les.dice for les in large])) if large else None
                 ),
@@ -167,14 +169,14 @@ class Evaluation:
             "detection": {
                 "lesions": len(lesions),
                 f"lesions_ge_{LARGE_LESION_MM:g}mm": len(large),
-                "sensitivity": mean([float(les.detected) for les in lesions]),
-                f"sensitivity_ge_{LARGE_LESION_MM:g}mm": mean(
+                "sensitivity": _mean([float(les.detected) for les in lesions]),
+                f"sensitivity_ge_{LARGE_LESION_MM:g}mm": _mean(
                     [float(les.detected) for les in large]
                 ),
-                "false_positives_per_study": mean(
+                "false_positives_per_study": _mean(
                     [float(c.false_positive_lesions) for c in self.cases]
                 ),
-                "false_positives_per_tumour_free_study": mean(
+                "false_positives_per_tumour_free_study": _mean(
                     [float(c.false_positive_lesions) for c in tumour_free]
                 ),
             },
@@ -182,7 +184,7 @@ class Evaluation:
             "thresholds": self.card.thresholds.model_dump(),
             "lesion_rule": None if self.rule is None else self.rule.summary(),
             "top_k": self.card.top_k,
-            "seconds_per_case": mean([c.seconds for c in self.cases]),
+            "seconds_per_case": _mean([c.seconds for c in self.cases]),
         }
 
     def intervals(self, *, seed: int = 0) -> dict[str, Any]:
@@ -232,11 +234,8 @@ class Evaluation:
         def lesions(idx: npt.NDArray[np.int64]) -> list[LesionOutcome]:
             return [les for i in idx for les in large[i]]
 
-        def mean(values: Sequence[float]) -> float | None:
-            return float(np.mean(values)) if len(values) else None
-
         def per_free(idx: npt.NDArray[np.int64]) -> float | None:
-            return mean(false_positives[idx][~study_truth[idx]])
+            return _mean(false_positives[idx][~study_truth[idx]])
 
         figures: dict[str, Any] = {
             "image": {
@@ -252,10 +251,10 @@ class Evaluation:
                 "mcc": lambda i: study(i).mcc,
                 "roc_auc": lambda i: roc_auc(study_truth[i], study_probability[i]),
             },
-            f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": lambda i: mean(
+            f"lesion_dice_mean_ge_{LARGE_LESION_MM:g}mm": lambda i: _mean(
                 [les.dice for les in lesions(i)]
             ),
-            f"detection_sensitivity_ge_{LARGE_LESION_MM:g}mm": lambda i: mean(
+            f"detection_sensitivity_ge_{LARGE_LESION_MM:g}mm": lambda i: _mean(
                 [float(les.detected) for les in lesions(i)]
             ),
             "false_positives_per_tumour_free_study": per_free,
@@ -311,9 +310,7 @@ class Evaluation:
                 {
                     "diameter_mm": [low, None if math.isinf(high) else high],
                     "lesions": len(group),
-                    "sensitivity": (
-                        float(np.mean([les.detected for les in group])) if group else None
-                    ),
+                    "sensitivity": _mean([float(les.detected) for les in group]),
                 }
             )
         missed = [
