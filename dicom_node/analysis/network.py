@@ -357,3 +357,38 @@ def study_probability(image_probabilities: npt.ArrayLike, *, top_k: int) -> floa
     k = min(top_k, probs.size)
     top = np.partition(probs, probs.size - k)[probs.size - k :]
     return float(top.mean())
+
+
+def image_calls(
+    image_probabilities: npt.ArrayLike,
+    *,
+    threshold: float,
+    study_probability: float,
+    study_gate: float | None = None,
+) -> npt.NDArray[np.bool_]:
+    """Which slices the per-image classifier calls cancerous.
+
+    A slice is called at or above ``threshold`` (the card's ``thresholds.image``), and, with a
+    ``study_gate`` (``thresholds.image_study_gate``), only in a study whose study probability
+    reaches the gate: a slice the MLP flags in a study it otherwise finds unlikely to hold
+    cancer is an isolated response (a vessel, a granuloma), not a finding.
+
+    Parameters
+    ----------
+    image_probabilities
+        (z,) probabilities, one per slice.
+    threshold
+        The image threshold.
+    study_probability
+        The study's probability (:func:`study_probability` of the same slices).
+    study_gate
+        ``None``: no gate.
+
+    Returns
+    -------
+    ndarray of bool, shape (z,)
+    """
+    probs = np.asarray(image_probabilities, dtype=np.float64).reshape(-1)
+    if study_gate is not None and study_probability < study_gate:
+        return np.zeros(probs.shape, dtype=bool)
+    return probs >= threshold

@@ -23,6 +23,7 @@ import numpy as np
 
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
+from dicom_node.analysis.network import image_calls
 from dicom_node.config import Config
 from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
 from dicom_node.metrics import record_metrics
@@ -84,17 +85,25 @@ class SeriesFindings:
     #: beyond ``max_lesions``): how much the rule withheld.
     dropped_components: int = 0
     #: The MLP's cancer probability of each slice, in the volume's order (the order of the
-    #: lesions' ``first_slice``/``last_slice``), and the card's image threshold.
+    #: lesions' ``first_slice``/``last_slice``), and the card's image threshold and image study
+    #: gate.
     image_probabilities: tuple[float, ...] = ()
     image_threshold: float = 0.5
+    image_study_gate: float | None = None
 
     def flagged_images(self) -> list[dict[str, Any]]:
-        """The slices the classifier calls cancerous (probability at or above the image
-        threshold): ``{"slice": index, "probability": p}``, in slice order."""
+        """The slices the classifier calls cancerous (:func:`image_calls`: probability at or
+        above the image threshold, in a study that reaches the image study gate):
+        ``{"slice": index, "probability": p}``, in slice order."""
+        called = image_calls(
+            self.image_probabilities,
+            threshold=self.image_threshold,
+            study_probability=self.study_probability,
+            study_gate=self.image_study_gate,
+        )
         return [
-            {"slice": k, "probability": round(p, 4)}
-            for k, p in enumerate(self.image_probabilities)
-            if p >= self.image_threshold
+            {"slice": int(k), "probability": round(self.image_probabilities[k], 4)}
+            for k in np.flatnonzero(called)
         ]
 
     def summary(self) -> dict[str, Any]:
@@ -110,6 +119,7 @@ class SeriesFindings:
             "dropped_components": self.dropped_components,
             "images": {
                 "threshold": self.image_threshold,
+                "study_gate": self.image_study_gate,
                 "highest_probability": (
                     round(max(self.image_probabilities), 4) if self.image_probabilities else None
                 ),
@@ -290,6 +300,7 @@ class AnalysisPipeline:
             dropped_components=lesion_map.dropped,
             image_probabilities=tuple(float(p) for p in result.image_probabilities),
             image_threshold=card.thresholds.image,
+            image_study_gate=card.thresholds.image_study_gate,
         )
         logger.info(
             "series analysed",

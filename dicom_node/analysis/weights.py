@@ -150,6 +150,9 @@ class Thresholds(_CardSection):
     segmentation: Probability = 0.5
     #: A slice is "positive" at or above this probability.
     image: Probability = 0.5
+    #: A slice is "positive" only in a study whose study probability reaches this (unset: every
+    #: slice at or above ``image``; see :func:`~dicom_node.analysis.network.image_calls`).
+    image_study_gate: Probability | None = None
     #: A study is "positive" at or above this probability.
     study: Probability = 0.5
     #: A lesion is kept only when its highest voxel probability reaches this (unset: every

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import LesionRule, find_lesions
+from dicom_node.analysis.network import image_calls
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_card
 from dicom_node.config import InferenceSettings, LesionSettings, load_config
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
@@ -129,11 +130,23 @@ class Evaluation:
     overlays: tuple[Overlay, ...] = field(default=())
     rule: LesionRule | None = None
 
+    def image_calls(self, case: CaseOutcome) -> npt.NDArray[np.bool_]:
+        """The slices of ``case`` the node calls cancerous: the card's image threshold and
+        image study gate (:func:`~dicom_node.analysis.network.image_calls`)."""
+        return image_calls(
+            case.image_probability,
+            threshold=self.card.thresholds.image,
+            study_probability=case.study_probability,
+            study_gate=self.card.thresholds.image_study_gate,
+        )
+
     def image_scores(self) -> BinaryScores:
-        """Per-image scores at the card's image threshold."""
+        """Per-image scores of the node's calls (:meth:`image_calls`); the ROC AUC of the
+        image probabilities."""
         truth = np.concatenate([c.image_truth for c in self.cases])
         prob = np.concatenate([c.image_probability for c in self.cases])
-        return binary_scores(truth, prob >= self.card.thresholds.image, scores=prob)
+        called = np.concatenate([self.image_calls(c) for c in self.cases])
+        return binary_scores(truth, called, scores=prob)
 
     def study_scores(self) -> BinaryScores:
         """Per-study scores at the card's study threshold."""
@@ -190,13 +203,12 @@ class Evaluation:
     def intervals(self, *, seed: int = 0) -> dict[str, Any]:
         """Bootstrap intervals of the headline figures, resampling cases (patients), JSON-ready.
 
-        Per image: accuracy, sensitivity, specificity, MCC, kappa and ROC AUC at the card's
-        image threshold; per study: accuracy, MCC, AUC; the mean Dice and the detection of
-        tumours of 6 mm and more; false-positive lesions per tumour-free study. Each is
-        ``[low, high]``, or ``None`` where the cases cannot give it (see
+        Per image: accuracy, sensitivity, specificity, MCC, kappa of the node's calls
+        (:meth:`image_calls`) and ROC AUC; per study: accuracy, MCC, AUC; the mean Dice and the
+        detection of tumours of 6 mm and more; false-positive lesions per tumour-free study.
+        Each is ``[low, high]``, or ``None`` where the cases cannot give it (see
         :func:`~dicom_node.training.metrics.case_bootstrap_interval`).
         """
-        threshold = self.card.thresholds.image
         counts = np.array(
             [
                 [
@@ -206,7 +218,7 @@ class Evaluation:
                     np.sum(c.image_truth & ~flagged),
                 ]
                 for c in self.cases
-                for flagged in [c.image_probability >= threshold]
+                for flagged in [self.image_calls(c)]
             ],
             dtype=np.int64,
         ).reshape(-1, 4)
@@ -279,10 +291,9 @@ class Evaluation:
 
     def errors(self) -> dict[str, Any]:
         """Where the mistakes are (see the module docstring), JSON-ready."""
-        threshold = self.card.thresholds.image
         by_area = []
         area = np.concatenate([c.image_tumour_area_mm2 for c in self.cases])
-        flagged = np.concatenate([c.image_probability >= threshold for c in self.cases])
+        flagged = np.concatenate([self.image_calls(c) for c in self.cases])
         for low, high in itertools.pairwise(AREA_BINS_MM2):
             rows = (area > low) & (area <= high)
             by_area.append(
@@ -295,7 +306,7 @@ class Evaluation:
         near = elsewhere = tumour_free = 0
         for c in self.cases:
             tumour_slices = np.flatnonzero(c.image_truth)
-            for k in np.flatnonzero((c.image_probability >= threshold) & ~c.image_truth):
+            for k in np.flatnonzero(self.image_calls(c) & ~c.image_truth):
                 if tumour_slices.size == 0:
                     tumour_free += 1
                 elif np.abs(tumour_slices - k).min() <= NEAR_SLICES:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from dicom_node.analysis.context import CONTEXT_CHANNELS, input_channels, with_context
 from dicom_node.analysis.lesions import Components, LesionRule
-from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
+from dicom_node.analysis.network import Architecture, LungCTNet, image_calls, study_probability
 from dicom_node.analysis.weights import (
     Classes,
     ClassInfo,
@@ -60,7 +60,7 @@ from dicom_node.errors import ModelError, TrainingBudgetError
 from dicom_node.training.augment import AugmentConfig, augment_batch
 from dicom_node.training.datasets import CaseDataset, Split, map_cases
 from dicom_node.training.evaluate import LARGE_LESION_MM, equivalent_diameter_mm
-from dicom_node.training.metrics import binary_scores, choose_threshold
+from dicom_node.training.metrics import BinaryScores, binary_scores, choose_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -1421,6 +1421,9 @@ LESION_FP_LIMIT = 0.25
 #: ``find_lesions`` had taken about 270 s for 72), three times that for a shared machine and
 #: other maps.
 LESION_SEARCH_S_PER_MVOXEL = 0.2
+#: Image study gates tried with the image threshold (``None``: no gate): a slice is called
+#: cancerous only in a study whose study probability reaches the gate.
+IMAGE_STUDY_GATES: tuple[float | None, ...] = (None, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def lesion_rule_scores(
@@ -1590,23 +1593,84 @@ def _lesion_operating_point(
     }
 
 
+def _image_operating_point(
+    val_bank: SliceBank, image_probability: npt.NDArray[np.float32], *, top_k: int
+) -> tuple[float, float | None, BinaryScores]:
+    """The image threshold and image study gate chosen on the validation slices, and the
+    scores of the calls they give.
+
+    For each gate of :data:`IMAGE_STUDY_GATES` the image threshold with the best MCC of the
+    gated calls (:func:`image_calls`) is found; the gate whose calls then have the best MCC
+    wins (ties: the one tried first, no gate first).
+    """
+    labels = val_bank.labels
+    cases = [
+        (rows, study_probability(image_probability[rows], top_k=top_k))
+        for k in range(len(val_bank.case_ids))
+        for rows in (val_bank.case_rows(k),)
+    ]
+
+    def calls(threshold: float, gate: float | None) -> npt.NDArray[np.bool_]:
+        called = np.zeros(labels.shape, dtype=bool)
+        for rows, study in cases:
+            called[rows] = image_calls(
+                image_probability[rows],
+                threshold=threshold,
+                study_probability=study,
+                study_gate=gate,
+            )
+        return called
+
+    tried: list[tuple[float | None, float, BinaryScores]] = []
+    for gate in IMAGE_STUDY_GATES:
+        # A gated study's slices are called at no threshold: they count as probability 0.
+        gated = image_probability.astype(np.float64)
+        for rows, study in cases:
+            if gate is not None and study < gate:
+                gated[rows] = 0.0
+        threshold = choose_threshold(labels, gated)
+        tried.append(
+            (
+                gate,
+                threshold,
+                binary_scores(labels, calls(threshold, gate), scores=image_probability),
+            )
+        )
+    best = max(range(len(tried)), key=lambda i: (tried[i][2].mcc, -i))
+    gate, threshold, scores = tried[best]
+    logger.info(
+        "image operating point: threshold %.2f, study gate %s: validation MCC %.3f (tried: %s)",
+        threshold,
+        "off" if gate is None else f"at {gate:.2f}",
+        scores.mcc,
+        ", ".join(
+            f"{'off' if g is None else f'{g:.1f}'} {sc.mcc:.3f} at {t:.2f}" for g, t, sc in tried
+        ),
+    )
+    return threshold, gate, scores
+
+
 def _operating_points(
     network: LungCTNet, val_x: torch.Tensor, val_bank: SliceBank, *, top_k: int
-) -> tuple[float, float, dict[str, float], npt.NDArray[np.float32]]:
-    """Image and study thresholds (best MCC on validation), the validation figures there and
-    the MLP's probability for each validation slice."""
+) -> tuple[float, float | None, float, dict[str, float], npt.NDArray[np.float32]]:
+    """Image threshold and image study gate (:func:`_image_operating_point`), study threshold
+    (best MCC on validation), the validation figures there and the MLP's probability for each
+    validation slice."""
     with torch.no_grad():
         val_probs = torch.sigmoid(_mlp_logits(network.cpu(), val_x)).float().numpy()
-    labels = val_bank.labels
-    image_threshold = choose_threshold(labels, val_probs)
-    study_probs, study_labels = [], []
-    for k in range(len(val_bank.case_ids)):
-        rows = val_bank.case_rows(k)
-        study_probs.append(study_probability(val_probs[rows], top_k=top_k))
-        study_labels.append(bool(labels[rows].any()))
-    s_prob, s_truth = np.array(study_probs), np.array(study_labels)
+    image_threshold, image_study_gate, image_scores = _image_operating_point(
+        val_bank, val_probs, top_k=top_k
+    )
+    s_prob = np.array(
+        [
+            study_probability(val_probs[val_bank.case_rows(k)], top_k=top_k)
+            for k in range(len(val_bank.case_ids))
+        ]
+    )
+    s_truth = np.array(
+        [bool(val_bank.labels[val_bank.case_rows(k)].any()) for k in range(len(val_bank.case_ids))]
+    )
     study_threshold = choose_threshold(s_truth, s_prob)
-    image_scores = binary_scores(labels, val_probs >= image_threshold, scores=val_probs)
     study_scores = binary_scores(s_truth, s_prob >= study_threshold, scores=s_prob)
     figures: dict[str, float | None] = {
         "val_image_accuracy": image_scores.accuracy,
@@ -1617,6 +1681,7 @@ def _operating_points(
     }
     return (
         image_threshold,
+        image_study_gate,
         study_threshold,
         {k: float(v) for k, v in figures.items() if v is not None},
         val_probs.astype(np.float32),
@@ -1749,8 +1814,8 @@ def _finish(
     else:
         assert train_bank is not None
         epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
-    image_threshold, study_threshold, figures, image_probability = _operating_points(
-        run.network, val_x, val_bank, top_k=config.top_k
+    image_threshold, image_study_gate, study_threshold, figures, image_probability = (
+        _operating_points(run.network, val_x, val_bank, top_k=config.top_k)
     )
     rule, lesion_figures = _lesion_operating_point(
         val_bank, val_probability, image_probability, image_threshold, top_k=config.top_k
@@ -1768,6 +1833,7 @@ def _finish(
         stage="done",
         elapsed_s=run.elapsed(),
         image_threshold=image_threshold,
+        image_study_gate=image_study_gate,
         study_threshold=study_threshold,
         stopped_by=run.stopped_by,
         **validation,
@@ -1777,6 +1843,7 @@ def _finish(
         thresholds=Thresholds(
             segmentation=rule.threshold,
             image=image_threshold,
+            image_study_gate=image_study_gate,
             study=study_threshold,
             lesion_peak=rule.min_peak,
             lesion_min_volume_mm3=rule.min_volume_mm3,

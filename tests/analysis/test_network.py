@@ -9,7 +9,7 @@ import segmentation_models_pytorch as smp
 import torch
 from pydantic import ValidationError
 
-from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
+from dicom_node.analysis.network import Architecture, LungCTNet, image_calls, study_probability
 from tests.analysis.lungct_tiny import make_network
 
 
@@ -100,6 +100,17 @@ def test_study_probability_is_mean_of_top_k() -> None:
     probs = [0.1, 0.9, 0.2, 0.8, 0.7, 0.05]
     assert study_probability(probs, top_k=3) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
     assert study_probability(probs, top_k=1) == pytest.approx(0.9)
+
+
+def test_image_calls_follow_the_threshold_and_the_study_gate() -> None:
+    probs = [0.2, 0.5, 0.49, 0.8]
+    ungated = [False, True, False, True]
+    assert image_calls(probs, threshold=0.5, study_probability=0.1).tolist() == ungated
+    # a study at the gate keeps its calls; one just under it has none
+    at = image_calls(probs, threshold=0.5, study_probability=0.6, study_gate=0.6)
+    assert at.tolist() == ungated
+    under = image_calls(probs, threshold=0.5, study_probability=0.5999, study_gate=0.6)
+    assert under.tolist() == [False] * 4
 
 
 def test_study_probability_clips_k_to_the_number_of_images() -> None:

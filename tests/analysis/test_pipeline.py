@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -67,7 +68,8 @@ def test_analyze_writes_findings_seg_and_sr(
 
 def test_findings_name_the_slices_the_classifier_calls_cancerous() -> None:
     """The findings list each slice at or above the image threshold, in slice order, with its
-    probability, and the highest probability of any slice."""
+    probability, and the highest probability of any slice; none in a study under the image
+    study gate."""
     findings = SeriesFindings(
         series_instance_uid="1.2.3",
         label="CT 1",
@@ -84,6 +86,7 @@ def test_findings_name_the_slices_the_classifier_calls_cancerous() -> None:
     )
     assert findings.summary()["images"] == {
         "threshold": 0.37,
+        "study_gate": None,
         "highest_probability": 0.9,
         "flagged": [
             {"slice": 1, "probability": 0.6123},
@@ -91,6 +94,14 @@ def test_findings_name_the_slices_the_classifier_calls_cancerous() -> None:
             {"slice": 4, "probability": 0.9},
         ],
     }
+    # With an image study gate the study (0.6) does not reach, no slice is called; at one it
+    # reaches, the same slices are.
+    below = dataclasses.replace(findings, image_study_gate=0.7).summary()["images"]
+    assert below["study_gate"] == 0.7
+    assert below["flagged"] == []
+    assert below["highest_probability"] == 0.9
+    reached = dataclasses.replace(findings, image_study_gate=0.6).summary()["images"]
+    assert reached["flagged"] == findings.summary()["images"]["flagged"]
 
 
 def test_the_gates_drop_lesions_the_classifier_does_not_back(

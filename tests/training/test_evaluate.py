@@ -228,6 +228,36 @@ def test_intervals_resample_patients_not_slices() -> None:
     assert even["false_positives_per_tumour_free_study"] is None  # no tumour-free case
 
 
+def test_the_image_study_gate_withdraws_the_calls_of_a_study_under_it() -> None:
+    """A tumour study the classifier gets right (study probability 0.9) and a tumour-free one
+    where it flags 5 of 50 slices at 0.65 (study probability 0.65). Without an image study
+    gate those are 5 false-positive slices: 95 of 100 right. With the gate at 0.7 the second
+    study's slices are not called: all 100 right, and no false-positive slice in the errors.
+    The ROC AUC reads the probabilities and does not move."""
+    flagged = np.full(50, 0.1, dtype=np.float32)
+    flagged[10:15] = 0.65
+    free = CaseOutcome(
+        **{
+            **_outcome(1, right=True).__dict__,
+            "image_probability": flagged,
+            "study_probability": 0.65,
+        }
+    )
+    cases = (_outcome(0, right=True), free)
+    ungated = Evaluation(card=make_card(), cases=cases)
+    card = make_card(
+        thresholds={"segmentation": 0.5, "image": 0.5, "study": 0.5, "image_study_gate": 0.7}
+    )
+    gated = Evaluation(card=card, cases=cases)
+    assert ungated.image_scores().accuracy == pytest.approx(0.95)
+    assert gated.image_scores().accuracy == 1.0
+    assert gated.image_scores().roc_auc == ungated.image_scores().roc_auc
+    assert ungated.errors()["false_positive_images"]["in_tumour_free_studies"] == 5
+    assert gated.errors()["false_positive_images"]["in_tumour_free_studies"] == 0
+    assert gated.intervals()["image"]["accuracy"] == [1.0, 1.0]
+    assert gated.summary()["thresholds"]["image_study_gate"] == 0.7
+
+
 def test_the_card_takes_every_held_out_figure_from_the_new_evaluation() -> None:
     """Held-out figures of an earlier evaluation leave the card (a figure the new one cannot
     give is absent, not stale); other figures stay; the intervals come with the figures."""

@@ -356,6 +356,44 @@ def test_the_study_gate_is_chosen_when_only_it_drops_a_confident_false_positive(
     assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
 
 
+def _image_bank(cases: int, depth: int) -> train_module.SliceBank:
+    """``cases`` cases of ``depth`` slices of 8 x 8; even cases hold tumour on slices 3-6."""
+    masks = np.zeros((cases * depth, 8, 8), np.uint8)
+    for k in range(0, cases, 2):
+        masks[k * depth + 3 : k * depth + 7, 2:5, 2:5] = 1
+    return train_module.SliceBank(
+        hu=np.full(masks.shape, -800, np.int16),
+        masks=masks,
+        labels=np.asarray(masks.reshape(len(masks), -1).any(axis=1)),
+        case_index=np.repeat(np.arange(cases), depth),
+        case_ids=tuple(f"c{k}" for k in range(cases)),
+        spacing_zyx=np.tile([2.0, 1.5, 1.5], (cases, 1)),
+    )
+
+
+def test_the_image_study_gate_is_chosen_when_only_it_withdraws_confident_false_calls() -> None:
+    """Tumour slices at 0.9 (study probability 0.9); in each tumour-free study one slice at
+    0.95 (study probability (0.95 + 0.1 + 0.1) / 3 = 0.38): no image threshold separates
+    them, the study gate at 0.5 (the first tried above 0.38) does. Where the tumour-free
+    studies' slices stay low, no gate is chosen."""
+    depth = 10
+    bank = _image_bank(4, depth)
+    image = np.where(bank.labels, 0.9, 0.1).astype(np.float32)
+    image[[depth + 5, 3 * depth + 1]] = 0.95
+    threshold, gate, scores = train_module._image_operating_point(bank, image, top_k=3)
+    assert gate == 0.5
+    assert scores.mcc == pytest.approx(1.0) and threshold <= 0.9
+    clean = np.where(bank.labels, 0.9, 0.1).astype(np.float32)
+    threshold, gate, scores = train_module._image_operating_point(bank, clean, top_k=3)
+    assert gate is None
+    assert scores.mcc == pytest.approx(1.0) and 0.1 < threshold <= 0.9
+    # A gate above the tumour studies' probability would withdraw their calls: never chosen.
+    weak = np.where(bank.labels, 0.45, 0.1).astype(np.float32)
+    weak[[depth + 5, 3 * depth + 1]] = 0.95
+    threshold, gate, scores = train_module._image_operating_point(bank, weak, top_k=3)
+    assert gate is None and scores.mcc < 1.0
+
+
 #: What the lesion rule search reads per case: tumour mask, spacing, tumour and image probability.
 SearchCase = tuple[
     npt.NDArray[np.uint8],
