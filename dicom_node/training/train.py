@@ -54,6 +54,7 @@ from dicom_node.analysis.weights import (
     Normalisation,
     Thresholds,
     load_model,
+    save_card,
     save_model,
 )
 from dicom_node.errors import ModelError, TrainingBudgetError
@@ -1859,7 +1860,12 @@ def _finish(
         ),
     )
     written: ModelCard | None = None
-    if output is not None:
+    if output is not None and config.keep_mlp:
+        # Not one tensor changed: the source's weights file, byte for byte, beside the new card.
+        assert run.source_card is not None and config.from_model is not None
+        written = card.model_copy(update={"weights": run.source_card.weights})
+        save_card(written, output, weights_from=config.from_model)
+    elif output is not None:
         written = save_model(run.network.cpu(), card, output, dtype=torch.float16)
     logger.info("training done in %.1f min: %s", run.elapsed() / 60.0, validation)
     return TrainResult(

@@ -612,9 +612,10 @@ def test_from_model_keeps_the_segmentation_network_and_fits_an_mlp_with_slice_co
 def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
     phantoms: PhantomDataset, tmp_path: Path
 ) -> None:
-    """--from-model --keep-mlp: every weight is the source's, no training case is read (the
-    split has none), and on the source's own validation cases the image and study thresholds
-    come out as the source's; the card says where the network came from."""
+    """--from-model --keep-mlp: every weight is the source's (the weights file is copied as it
+    is), no training case is read (the split has none), and on the source's own validation
+    cases the image and study thresholds come out as the source's; the card says where the
+    network came from."""
     split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
     arch = TINY.model_copy(update={"mlp_pooling": "lesion", "mlp_context_mm": 5.0})
     train(
@@ -644,7 +645,12 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
+    # the source's weights file byte for byte (not serialised again), its checksum on the card
+    weights = "weights.safetensors"
+    assert (tmp_path / "k" / weights).read_bytes() == (tmp_path / "a" / weights).read_bytes()
+    assert kept.card.weights == source.card.weights
     assert kept.card.thresholds.image == source.card.thresholds.image
+    assert kept.card.thresholds.image_study_gate == source.card.thresholds.image_study_gate
     assert kept.card.thresholds.study == source.card.thresholds.study
     assert result.cls_epochs_done == int(source.card.metrics["cls_epochs"])
     assert result.seg_steps_done == int(source.card.metrics["seg_steps"])
