@@ -232,7 +232,7 @@ class TrainConfig:
     fine_tune: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
-    version: str = "0.2.2"
+    version: str = "0.2.3"
     log_every: int = 10
     progress: bool = True
 
