@@ -224,6 +224,15 @@ def _dataset_args(
     p.add_argument(
         "--phantom-shape", type=int, nargs=3, default=(32, 256, 256), metavar=("Z", "Y", "X")
     )
+    p.add_argument(
+        "--phantom-matrix",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="N",
+        help="phantoms: render each on one of these in-plane matrices, by seed (e.g. 256 512),"
+        " in place of --phantom-shape's rows and columns",
+    )
     p.add_argument("--shift", type=float, default=shift, help="phantoms: site shift amount")
     p.add_argument(
         "--widen",

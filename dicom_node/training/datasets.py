@@ -397,6 +397,11 @@ class PhantomSpec:
         randomisation for training; 0: none).
     tumour_probability
         Probability that a phantom holds tumours.
+    matrices
+        In-plane matrices (rows = columns) the phantoms are rendered on, phantom of seed ``s``
+        on ``matrices[s % len(matrices)]``, in place of ``shape_zyx``'s rows and columns: the
+        same field of view on 256² and 512² gives 1.5 mm and 0.75 mm pixels, each with its own
+        noise texture (empty: every phantom on ``shape_zyx``).
     """
 
     first_seed: int = 0
@@ -405,6 +410,7 @@ class PhantomSpec:
     shift: float = 0.0
     tumour_probability: float = 0.5
     widen: float = 0.0
+    matrices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.first_seed < 0:
@@ -413,13 +419,27 @@ class PhantomSpec:
             raise ValueError("widen must not be negative")
         if min(self.shape_zyx) < 1:
             raise ValueError("shape_zyx must be positive")
+        if any(m < 8 for m in self.matrices):
+            raise ValueError("every matrix must be at least 8")
+
+    def shape_for(self, seed: int) -> tuple[int, int, int]:
+        """(slices, rows, columns) of the phantom of ``seed``."""
+        if not self.matrices:
+            return self.shape_zyx
+        matrix = self.matrices[seed % len(self.matrices)]
+        return (self.shape_zyx[0], matrix, matrix)
 
     def describe(self) -> str:
         """A one-line description for model cards."""
         z, y, x = self.shape_zyx
+        voxels = (
+            f"{z}x{y}x{x} voxels"
+            if not self.matrices
+            else f"{z} slices of {' or '.join(f'{m}x{m}' for m in self.matrices)} (by seed)"
+        )
         return (
             f"{self.count} phantoms, seeds {self.first_seed}-{self.first_seed + self.count - 1}, "
-            f"{z}x{y}x{x} voxels, SiteDistribution shifted by {self.shift:g}"
+            f"{voxels}, SiteDistribution shifted by {self.shift:g}"
             + (f" and widened by {self.widen:g}" if self.widen else "")
             + f", tumour probability {self.tumour_probability:g}"
         )
@@ -449,9 +469,10 @@ class PhantomDataset:
         self.distribution = shifted.widened(spec.widen) if spec.widen else shifted
         #: Generated cases are kept here (``.npz``) and read back instead of regenerated.
         self.cache_dir = cache_dir
-        self._cache_key = hashlib.sha256(
-            repr((spec.shape_zyx, spec.tumour_probability, self.distribution)).encode()
-        ).hexdigest()[:12]
+        key: tuple[object, ...] = (spec.shape_zyx, spec.tumour_probability, self.distribution)
+        if spec.matrices:  # (without them the key is what it was before matrices existed)
+            key += (spec.matrices,)
+        self._cache_key = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
@@ -511,7 +532,7 @@ class PhantomDataset:
             try:
                 phantom = generate_phantom(
                     seed=seed + attempt * _FALLBACK_SEED_STEP,
-                    shape_zyx=self.spec.shape_zyx,
+                    shape_zyx=self.spec.shape_for(seed),
                     site_distribution=self.distribution,
                     tumour_probability=self.spec.tumour_probability,
                 )

@@ -61,8 +61,12 @@ def _summary_lines(
     of the headline figures when given."""
     summary = evaluation.summary()
     seg, det = summary["segmentation"], summary["detection"]
+    thresholds = evaluation.card.thresholds
+    gate = thresholds.image_study_gate
     lines = [
         f"held-out cases: {summary['cases']} ({summary['studies_with_tumour']} with tumour)",
+        f"a slice is called at p >= {thresholds.image:.2f}"
+        + ("" if gate is None else f", in a study at p >= {gate:.2f}"),
         "",
         f"{'per image':17s}acc    sens   spec   F1     MCC    kappa  AUC",
     ]
@@ -188,8 +192,8 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(22, 10), dpi=100)
-    grid = fig.add_gridspec(2, 5, height_ratios=(1, 1.1))
+    fig = plt.figure(figsize=(22, 11), dpi=100)
+    grid = fig.add_gridspec(2, 5, height_ratios=(1.2, 1.1))
     fig.suptitle(
         f"{evaluation.card.name} {evaluation.card.version} - {description}\n"
         "Synthetic data; not for clinical use.",

@@ -2048,6 +2048,7 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
         first_seed=args.first_seed,
         count=args.phantoms,
         shape_zyx=tuple(args.phantom_shape),
+        matrices=tuple(args.phantom_matrix),
         shift=args.shift,
         tumour_probability=args.tumour_probability,
         widen=args.widen,

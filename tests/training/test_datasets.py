@@ -222,6 +222,27 @@ def test_widened_phantoms_use_the_widened_distribution() -> None:
         PhantomSpec(widen=-1.0)
 
 
+def test_phantoms_on_several_matrices_follow_their_seed(tmp_path: Path) -> None:
+    """With ``matrices`` each phantom is rendered on one of them by seed (same field of view,
+    finer pixels on the larger matrix); the cache keeps them apart from single-matrix ones."""
+    spec = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, matrices=(48, 64))
+    dataset = PhantomDataset(spec, cache_dir=tmp_path)
+    even, odd = dataset.load("phantom-000010"), dataset.load("phantom-000011")
+    assert even.hu.shape == (16, 48, 48) and odd.hu.shape == (16, 64, 64)
+    assert even.tumour_mask.shape == even.hu.shape
+    assert spec.shape_for(12) == (16, 48, 48)
+    plain = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL)
+    # the same site for seed 10 on 48 columns as on 64: pixels 64/48 times as large
+    single = PhantomDataset(plain).load("phantom-000010")
+    assert even.spacing_mm[1] == pytest.approx(single.spacing_mm[1] * 64 / 48)
+    assert even.spacing_mm[0] == pytest.approx(single.spacing_mm[0])
+    assert "16 slices of 48x48 or 64x64 (by seed)" in spec.describe()
+    assert PhantomDataset(plain)._cache_key != dataset._cache_key
+    assert len(list(tmp_path.glob("phantom-*.npz"))) == 2
+    with pytest.raises(ValueError, match="matrix"):
+        PhantomSpec(matrices=(4,))
+
+
 def test_cases_load_in_order_in_worker_processes() -> None:
     """Two loader processes give the cases of one process, in the order asked, and errors too."""
     dataset = PhantomDataset(PhantomSpec(first_seed=3, count=5, shape_zyx=SMALL))

@@ -390,10 +390,14 @@ def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
             "--write-card",
             str(tmp_path / "model"),
             *small,
+            "--phantom-matrix",  # held-out phantoms on two matrices, as a site mix would be
+            "48",
+            "64",
         ]
     )
     assert status == 0
     card = load_model(tmp_path / "model").card
+    assert "16 slices of 48x48 or 64x64 (by seed)" in card.description
     assert "heldout_image_accuracy" in card.metrics and "val_image_accuracy" in card.metrics
     low, high = (
         card.metrics["heldout_image_accuracy_ci95_low"],
