@@ -245,6 +245,7 @@ class AnalysisPipeline:
             progress=None if progress is None else lambda d, n: progress(label, d, n),
         )
         seconds["model"] = time.perf_counter() - t
+        image_probabilities = tuple(float(p) for p in result.image_probabilities)
         card = self.engine.card
         rule = LesionRule.resolve(self.config.lesions, card.thresholds)
         t = time.perf_counter()
@@ -278,7 +279,7 @@ class AnalysisPipeline:
             settings=self.config.results,
             uid_root=self.config.uid_root,
             out_dir=out_dir,
-            image_probabilities=[float(p) for p in result.image_probabilities],
+            image_probabilities=image_probabilities,
             frame_numbers=volume.frame_numbers,
             midline_x_mm=field_of_view_centre_x_mm(volume),
         )
@@ -298,7 +299,7 @@ class AnalysisPipeline:
             seconds=seconds,
             rule=rule,
             dropped_components=lesion_map.dropped,
-            image_probabilities=tuple(float(p) for p in result.image_probabilities),
+            image_probabilities=image_probabilities,
             image_threshold=card.thresholds.image,
             image_study_gate=card.thresholds.image_study_gate,
         )

@@ -293,7 +293,8 @@ class Evaluation:
         """Where the mistakes are (see the module docstring), JSON-ready."""
         by_area = []
         area = np.concatenate([c.image_tumour_area_mm2 for c in self.cases])
-        flagged = np.concatenate([self.image_calls(c) for c in self.cases])
+        calls = [self.image_calls(c) for c in self.cases]
+        flagged = np.concatenate(calls)
         for low, high in itertools.pairwise(AREA_BINS_MM2):
             rows = (area > low) & (area <= high)
             by_area.append(
@@ -304,9 +305,9 @@ class Evaluation:
                 }
             )
         near = elsewhere = tumour_free = 0
-        for c in self.cases:
+        for c, called in zip(self.cases, calls, strict=True):
             tumour_slices = np.flatnonzero(c.image_truth)
-            for k in np.flatnonzero(self.image_calls(c) & ~c.image_truth):
+            for k in np.flatnonzero(called & ~c.image_truth):
                 if tumour_slices.size == 0:
                     tumour_free += 1
                 elif np.abs(tumour_slices - k).min() <= NEAR_SLICES:
@@ -532,12 +533,15 @@ def write_evaluation(
     description: str,
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
+    intervals: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``evaluation.json`` and ``report.png`` into ``out_dir``; return both paths."""
+    """Write ``evaluation.json`` and ``report.png`` into ``out_dir``; return both paths.
+    ``intervals``: ``held_out.intervals()`` where the caller has them already."""
     from dicom_node.training.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    intervals = held_out.intervals()
+    if intervals is None:
+        intervals = held_out.intervals()
     payload: dict[str, Any] = {
         "model": {"name": held_out.card.name, "version": held_out.card.version},
         "dataset": description,
@@ -586,9 +590,11 @@ def card_figures(
     *,
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
+    intervals: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """The figures a model card carries: held-out (``heldout_*``, with the 95 % intervals of the
-    five target figures as ``heldout_*_ci95_low`` / ``_high``), train and baseline scores."""
+    five target figures as ``heldout_*_ci95_low`` / ``_high``), train and baseline scores.
+    ``intervals``: ``held_out.intervals()`` where the caller has them already."""
     s = held_out.summary()
     seg, det = s["segmentation"], s["detection"]
     figures: dict[str, Any] = {
@@ -610,7 +616,8 @@ def card_figures(
         "heldout_detection_sensitivity_ge_6mm": det[f"sensitivity_ge_{LARGE_LESION_MM:g}mm"],
         "heldout_fp_lesions_per_tumour_free_study": det["false_positives_per_tumour_free_study"],
     }
-    intervals = held_out.intervals()
+    if intervals is None:
+        intervals = held_out.intervals()
     for name, interval in (
         ("image_accuracy", intervals["image"]["accuracy"]),
         ("image_mcc", intervals["image"]["mcc"]),
@@ -639,6 +646,7 @@ def card_with_figures(
     description: str,
     train: Evaluation | None = None,
     baseline: dict[str, Any] | None = None,
+    intervals: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The card with the evaluation's figures merged in and the held-out set named.
 
@@ -652,7 +660,10 @@ def card_with_figures(
     return card.model_copy(
         update={
             "description": text,
-            "metrics": {**kept, **card_figures(held_out, train=train, baseline=baseline)},
+            "metrics": {
+                **kept,
+                **card_figures(held_out, train=train, baseline=baseline, intervals=intervals),
+            },
         }
     )
 
@@ -752,12 +763,23 @@ def run_from_args(args: Any) -> int:
             workers=workers,
         )
     description = f"{dataset.name}: {len(held_out_ids)} cases"
+    intervals = held_out.intervals()  # for the JSON, the report and the card
     json_path, png_path = write_evaluation(
-        args.out, held_out, description=description, train=train_eval, baseline=baseline
+        args.out,
+        held_out,
+        description=description,
+        train=train_eval,
+        baseline=baseline,
+        intervals=intervals,
     )
     if args.write_card is not None:
         card = card_with_figures(
-            loaded.card, held_out, description=description, train=train_eval, baseline=baseline
+            loaded.card,
+            held_out,
+            description=description,
+            train=train_eval,
+            baseline=baseline,
+            intervals=intervals,
         )
         # The weights file is the evaluated one, byte for byte (copied when another folder).
         save_card(card, args.write_card, weights_from=args.model)

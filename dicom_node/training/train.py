@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from dicom_node.analysis.context import CONTEXT_CHANNELS, input_channels, with_context
 from dicom_node.analysis.lesions import Components, LesionRule
-from dicom_node.analysis.network import Architecture, LungCTNet, image_calls, study_probability
+from dicom_node.analysis.network import Architecture, LungCTNet, study_probability
 from dicom_node.analysis.weights import (
     Classes,
     ClassInfo,
@@ -1601,8 +1601,8 @@ def _image_operating_point(
     scores of the calls they give.
 
     For each gate of :data:`IMAGE_STUDY_GATES` the image threshold with the best MCC of the
-    gated calls (:func:`image_calls`) is found; the gate whose calls then have the best MCC
-    wins (ties: the one tried first, no gate first).
+    gated calls (as :func:`~dicom_node.analysis.network.image_calls` makes them) is found; the
+    gate whose calls then have the best MCC wins (ties: the one tried first, no gate first).
     """
     labels = val_bank.labels
     cases = [
@@ -1611,31 +1611,17 @@ def _image_operating_point(
         for rows in (val_bank.case_rows(k),)
     ]
 
-    def calls(threshold: float, gate: float | None) -> npt.NDArray[np.bool_]:
-        called = np.zeros(labels.shape, dtype=bool)
-        for rows, study in cases:
-            called[rows] = image_calls(
-                image_probability[rows],
-                threshold=threshold,
-                study_probability=study,
-                study_gate=gate,
-            )
-        return called
-
     tried: list[tuple[float | None, float, BinaryScores]] = []
     for gate in IMAGE_STUDY_GATES:
-        # A gated study's slices are called at no threshold: they count as probability 0.
+        # image_calls as probabilities: a gated study's slices are 0, under every threshold
+        # choose_threshold tries (0.02 and up), so ``gated >= threshold`` are the calls.
         gated = image_probability.astype(np.float64)
         for rows, study in cases:
             if gate is not None and study < gate:
                 gated[rows] = 0.0
         threshold = choose_threshold(labels, gated)
         tried.append(
-            (
-                gate,
-                threshold,
-                binary_scores(labels, calls(threshold, gate), scores=image_probability),
-            )
+            (gate, threshold, binary_scores(labels, gated >= threshold, scores=image_probability))
         )
     best = max(range(len(tried)), key=lambda i: (tried[i][2].mcc, -i))
     gate, threshold, scores = tried[best]
