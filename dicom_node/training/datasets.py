@@ -469,10 +469,6 @@ class PhantomDataset:
         self.distribution = shifted.widened(spec.widen) if spec.widen else shifted
         #: Generated cases are kept here (``.npz``) and read back instead of regenerated.
         self.cache_dir = cache_dir
-        key: tuple[object, ...] = (spec.shape_zyx, spec.tumour_probability, self.distribution)
-        if spec.matrices:  # (without them the key is what it was before matrices existed)
-            key += (spec.matrices,)
-        self._cache_key = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
@@ -519,11 +515,22 @@ class PhantomDataset:
             tmp.replace(cached)
         return case
 
+    def cache_key(self, case_id: str) -> str:
+        """What the phantom of ``case_id`` depends on besides its seed, hashed: its shape, the
+        tumour probability and the site distribution. A phantom rendered on 256² by a spec with
+        ``matrices`` is the one a 256²-only spec makes, and shares its cached file."""
+        key = (
+            self.spec.shape_for(self._seed(case_id)),
+            self.spec.tumour_probability,
+            self.distribution,
+        )
+        return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+
     def _cache_path(self, case_id: str) -> Path | None:
         self._seed(case_id)
         if self.cache_dir is None:
             return None
-        return self.cache_dir / f"{case_id}-{self._cache_key}.npz"
+        return self.cache_dir / f"{case_id}-{self.cache_key(case_id)}.npz"
 
     def _generate(self, case_id: str) -> Case:
         seed = self._seed(case_id)

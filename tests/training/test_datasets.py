@@ -224,7 +224,8 @@ def test_widened_phantoms_use_the_widened_distribution() -> None:
 
 def test_phantoms_on_several_matrices_follow_their_seed(tmp_path: Path) -> None:
     """With ``matrices`` each phantom is rendered on one of them by seed (same field of view,
-    finer pixels on the larger matrix); the cache keeps them apart from single-matrix ones."""
+    finer pixels on the larger matrix); the cache keeps phantoms of different shapes apart and
+    gives a single-matrix spec the phantoms already made on its matrix."""
     spec = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, matrices=(48, 64))
     dataset = PhantomDataset(spec, cache_dir=tmp_path)
     even, odd = dataset.load("phantom-000010"), dataset.load("phantom-000011")
@@ -237,8 +238,23 @@ def test_phantoms_on_several_matrices_follow_their_seed(tmp_path: Path) -> None:
     assert even.spacing_mm[1] == pytest.approx(single.spacing_mm[1] * 64 / 48)
     assert even.spacing_mm[0] == pytest.approx(single.spacing_mm[0])
     assert "16 slices of 48x48 or 64x64 (by seed)" in spec.describe()
-    assert PhantomDataset(plain)._cache_key != dataset._cache_key
     assert len(list(tmp_path.glob("phantom-*.npz"))) == 2
+    # seed 11 was made on 64 columns, which is what the plain spec makes: read, not made again
+    cached = PhantomDataset(plain, cache_dir=tmp_path)
+    assert cached.cache_key("phantom-000011") == dataset.cache_key("phantom-000011")
+    assert cached.cache_key("phantom-000010") != dataset.cache_key("phantom-000010")
+    marked = odd.hu.copy()
+    marked[0, 0, 0] = 12345  # a mark in the shared file shows it is read
+    np.savez(
+        tmp_path / f"phantom-000011-{cached.cache_key('phantom-000011')}.npz",
+        hu=marked,
+        tumour_mask=odd.tumour_mask,
+        spacing_mm=np.array(odd.spacing_mm),
+        origin_mm=np.array(odd.origin_mm),
+    )
+    assert cached.load("phantom-000011").hu[0, 0, 0] == 12345
+    np.testing.assert_array_equal(cached.load("phantom-000010").hu, single.hu)
+    assert len(list(tmp_path.glob("phantom-*.npz"))) == 3
     with pytest.raises(ValueError, match="matrix"):
         PhantomSpec(matrices=(4,))
 
