@@ -1776,6 +1776,22 @@ def train(
 
 #: How a ``keep_mlp`` card's ``training_data`` names the cases its operating points came from.
 _CHOSEN_ON = "Operating points chosen on the validation cases of: "
+#: How a ``from_model`` card's ``training_data`` names the cases its segmentation network was
+#: trained on, when that network was taken from the source (and fine-tuned or not).
+_SEGMENTATION_ON = "Segmentation network trained on: "
+
+
+def _cases_of(dataset: CaseDataset, split: Split) -> str:
+    """A card's ``training_data`` when the caller gives none."""
+    return f"{dataset.name}; train {len(split.train)} cases, validation {len(split.val)} cases"
+
+
+def _segmentation_data(card: ModelCard) -> str:
+    """What the segmentation network of ``card`` was trained on, from its ``training_data``."""
+    data = card.training_data
+    if _SEGMENTATION_ON in data:
+        data = data.split(_SEGMENTATION_ON, 1)[1]
+    return data.split(_CHOSEN_ON)[0].rstrip()
 
 
 def _finish(
@@ -1801,6 +1817,11 @@ def _finish(
     else:
         assert train_bank is not None
         epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
+        if run.source_card is not None:  # the segmentation network learnt on the source's cases
+            these = training_data or _cases_of(dataset, split)
+            training_data = f"{these} {_SEGMENTATION_ON}{_segmentation_data(run.source_card)}" + (
+                f"; fine-tuned on: {these}" if config.fine_tune else ""
+            )
     image_threshold, image_study_gate, study_threshold, figures, image_probability = (
         _operating_points(run.network, val_x, val_bank, top_k=config.top_k)
     )
@@ -1838,8 +1859,7 @@ def _finish(
             lesion_study_gate=rule.study_gate,
         ),
         metrics=validation,
-        training_data=training_data
-        or f"{dataset.name}; train {len(split.train)} cases, validation {len(split.val)} cases",
+        training_data=training_data or _cases_of(dataset, split),
         stopped_by=run.stopped_by,
         source=(
             None if run.source_card is None else f"{run.source_card.name} {run.source_card.version}"

@@ -585,16 +585,47 @@ def test_from_model_keeps_the_segmentation_network_and_fits_an_mlp_with_slice_co
     from dicom_node.config import InferenceSettings
 
     split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
-    train(phantoms, split, config=_config(), output=tmp_path / "a", work_dir=tmp_path / "wa")
+    train(
+        phantoms,
+        split,
+        config=_config(),
+        output=tmp_path / "a",
+        work_dir=tmp_path / "wa",
+        training_data="four tiny phantoms.",
+    )
     arch = TINY.model_copy(update={"mlp_context_mm": 5.0})
     config = _config(architecture=arch, from_model=tmp_path / "a")
-    result = train(phantoms, split, config=config, output=tmp_path / "b", work_dir=tmp_path / "wb")
+    result = train(
+        phantoms,
+        split,
+        config=config,
+        output=tmp_path / "b",
+        work_dir=tmp_path / "wb",
+        training_data="the same on 512x512.",
+    )
     assert result.seg_steps_done == 4  # the source's steps; none here
     assert result.stopped_by == "from-model"
     assert '"stage": "seg"' not in (tmp_path / "wb" / "metrics.jsonl").read_text()
     source, refit = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     assert refit.card.architecture.mlp_context_mm == 5.0
     assert f"taken from {source.card.name} {source.card.version}," in refit.card.description
+    # the card says which cases the MLP learnt on and which the segmentation network did
+    assert refit.card.training_data == (
+        "the same on 512x512. Segmentation network trained on: four tiny phantoms."
+    )
+    # ... and a recalibration of it, or a second refit on it, still says so
+    again = _config(architecture=arch, from_model=tmp_path / "b")
+    train(phantoms, split, config=again, output=tmp_path / "c", work_dir=tmp_path / "wd")
+    assert load_model(tmp_path / "c").card.training_data.endswith(
+        "Segmentation network trained on: four tiny phantoms."
+    )
+    kept = _config(architecture=arch, from_model=tmp_path / "b", keep_mlp=True)
+    only_val = dataclasses.replace(split, train=())
+    train(phantoms, only_val, config=kept, output=tmp_path / "k", work_dir=tmp_path / "wk")
+    recalibrated = load_model(tmp_path / "k").card.training_data
+    assert recalibrated.startswith(
+        "the same on 512x512. Segmentation network trained on: four tiny phantoms. Operating"
+    )
     before, after = source.network.state_dict(), refit.network.state_dict()
     for name, tensor in before.items():
         if not name.startswith("classifier."):
@@ -693,6 +724,8 @@ def test_fine_tune_trains_the_source_network_further_from_its_weights(
     assert [r["step"] for r in records if r["stage"] == "seg"] == [2, 4]
     tuned = load_model(tmp_path / "b")
     assert f"fine-tuned from {source.card.name} {source.card.version}" in tuned.card.description
+    seg_data = tuned.card.training_data.split("Segmentation network trained on: ")[1]
+    assert seg_data.startswith(source.card.training_data) and "; fine-tuned on: " in seg_data
     assert tuned.card.metrics["seg_steps"] == 8.0
     before, after = source.network.state_dict(), tuned.network.state_dict()
     best = max(checks, key=lambda r: r["val_dice"])
