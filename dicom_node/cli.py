@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         "--fine-tune",
         action="store_true",
         help="with --from-model: train its segmentation network further (--seg-steps at"
-        " --seg-lr, from its weights), then fit the MLP and operating points anew",
+        " --seg-lr, from its weights; on this run's grid, which may differ from the model's),"
+        " then fit the MLP and operating points anew",
     )
     train.add_argument(
         "--seg-lr",

@@ -839,12 +839,12 @@ def _features(
             disable=not progress,
             mininterval=10,
         ):
-            hu = torch.from_numpy(bank.inputs(chunk, config.context_mm))
+            hu = torch.from_numpy(bank.inputs(chunk, config.context_mm)).to(device)
             if augmented:
                 m = torch.from_numpy(bank.masks[chunk].astype(np.float32)).unsqueeze(1)
                 x, _ = augment_batch(
                     hu,
-                    m,
+                    m.to(device),
                     config=config.augment,
                     generator=generator,
                     window=config.window,
@@ -852,7 +852,7 @@ def _features(
                 )
             else:
                 x = _normalise(hu, config)
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
                 if needs_seg:
                     seg, pooled = network.trunk(x)
@@ -1099,10 +1099,17 @@ class _Run:
             if config.keep_mlp
             else {"mlp_hidden", "mlp_activation", "dropout", "mlp_pooling", "mlp_context_mm"}
         )
+        # Fine-tuning teaches the network this run's grid (transfer learning: another pixel
+        # size or input size); what a pixel holds (its planes, the window) must still match.
+        grid_fields = _GRID_FIELDS if config.fine_tune else set()
         differs = [
             what
             for what, mine, theirs in (
-                ("input", config.input_spec(), card.input),
+                (
+                    "input",
+                    config.input_spec().model_dump(exclude=grid_fields),
+                    card.input.model_dump(exclude=grid_fields),
+                ),
                 ("normalisation", config.normalisation(), card.normalisation),
                 (
                     "architecture",
@@ -1116,7 +1123,11 @@ class _Run:
             raise ModelError(
                 f"{path}: its {', '.join(differs)} differ from this run's; the "
                 + ("network" if config.keep_mlp else "segmentation network")
-                + " can only be taken over unchanged"
+                + (
+                    " may be fine-tuned on another grid (size, pixel spacing), nothing else"
+                    if config.fine_tune
+                    else " can only be taken over unchanged (fine-tuning may change its grid)"
+                )
             )
         state = {
             name: tensor.float()
@@ -1164,17 +1175,17 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         hu, mask = sampler.draw(self.rng, config.batch_size)
-        x, target = augment_batch(
-            hu,
-            mask,
+        x, target = augment_batch(  # on the device: the draws stay on the CPU generator
+            hu.to(self.device),
+            mask.to(self.device),
             config=config.augment,
             generator=self.generator,
             window=config.window,
             scale_shift=config.normalisation().scale_shift(),
         )
         with _autocast(self.device, config.precision):
-            seg, _ = self.network.trunk(x.to(self.device))
-        loss = bce_dice_loss(seg, target.to(self.device), crop_dice=config.crop_dice)
+            seg, _ = self.network.trunk(x)
+        loss = bce_dice_loss(seg, target, crop_dice=config.crop_dice)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
@@ -1774,6 +1785,17 @@ def train(
     )
 
 
+#: Input fields a fine-tuned network may change (the grid); the others must be the source's.
+_GRID_FIELDS = {"size", "mode", "pixel_spacing_mm", "interpolation"}
+
+
+def _grid_text(spec: InputSpec) -> str:
+    """An input grid as a card's description names it: ``256x256 slices (spacing, 1.5 mm
+    pixels)``."""
+    pixels = f", {spec.pixel_spacing_mm} mm pixels" if spec.mode == "spacing" else ""
+    return f"{spec.size}x{spec.size} slices ({spec.mode}{pixels})"
+
+
 #: How a ``keep_mlp`` card's ``training_data`` names the cases its operating points came from.
 _CHOSEN_ON = "Operating points chosen on the validation cases of: "
 #: How a ``from_model`` card's ``training_data`` names the cases its segmentation network was
@@ -1792,6 +1814,17 @@ def _segmentation_data(card: ModelCard) -> str:
     if _SEGMENTATION_ON in data:
         data = data.split(_SEGMENTATION_ON, 1)[1]
     return data.split(_CHOSEN_ON)[0].rstrip()
+
+
+def _source_text(source: ModelCard, config: TrainConfig) -> str:
+    """The source model as a card's description names it, with its grid when fine-tuning
+    moved the network to another one."""
+    text = f"{source.name} {source.version}"
+    if source.input.model_dump(include=_GRID_FIELDS) != config.input_spec().model_dump(
+        include=_GRID_FIELDS
+    ):
+        text += f", which read {_grid_text(source.input)}"
+    return text
 
 
 def _finish(
@@ -1861,9 +1894,7 @@ def _finish(
         metrics=validation,
         training_data=training_data or _cases_of(dataset, split),
         stopped_by=run.stopped_by,
-        source=(
-            None if run.source_card is None else f"{run.source_card.name} {run.source_card.version}"
-        ),
+        source=None if run.source_card is None else _source_text(run.source_card, config),
     )
     written: ModelCard | None = None
     if output is not None and config.keep_mlp:

@@ -769,6 +769,22 @@ def test_fine_tune_trains_the_source_network_further_from_its_weights(
     for name, tensor in whole.items():
         if not name.startswith("classifier"):
             torch.testing.assert_close(again[name], tensor)
+    # Fine-tuning may move the network to another grid (transfer learning); the card says so.
+    finer = _config(from_model=tmp_path / "a", fine_tune=True, pixel_spacing_mm=4.0, input_size=96)
+    train(phantoms, split, config=finer, output=tmp_path / "f", work_dir=tmp_path / "wf")
+    moved = load_model(tmp_path / "f").card
+    assert (moved.input.size, moved.input.pixel_spacing_mm) == (96, 4.0)
+    assert (
+        f"fine-tuned from {source.card.name} {source.card.version}, which read 64x64 slices"
+        " (spacing, 6.0 mm pixels) (stage 1 ended by steps)" in moved.description
+    )
+    assert "which read" not in tuned.card.description  # the same grid goes unsaid
+    # ... but what a pixel holds stays: 2.5-D planes make another network
+    planes = _config(
+        architecture=TINY_CONTEXT, context_mm=6.0, from_model=tmp_path / "a", fine_tune=True
+    )
+    with pytest.raises(ModelError, match="its input, architecture differ"):
+        train(phantoms, split, config=planes, output=None, work_dir=tmp_path / "wp")
     with pytest.raises(ValueError, match="fine_tune"):
         _config(fine_tune=True)
     with pytest.raises(ValueError, match="fine_tune"):
