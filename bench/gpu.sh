@@ -20,17 +20,8 @@ py=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
 
-step() {
-    local name=$1
-    shift
-    local started=$SECONDS
-    echo "== $name: $*"
-    "$@" >"$logdir/$name.log" 2>&1
-    local rc=$?
-    echo "== $name: exit $rc in $((SECONDS - started)) s"
-    tail -n "${TAIL:-25}" "$logdir/$name.log"
-    if [ $rc -ne 0 ] && [ $status -eq 0 ]; then status=$rc; fi
-}
+# shellcheck source=bench/steps.sh
+source bench/steps.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'

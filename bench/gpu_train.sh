@@ -15,10 +15,10 @@
 #       (PYTHON defaults to .venv/bin/python, else python3; WORKERS to the number of cores)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bench/gpu_train.sh OUTDIR [train options...]}
+logdir=${1:?usage: bench/gpu_train.sh OUTDIR [train options...]}
 shift
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+mkdir -p "$logdir"
+logdir=$(cd "$logdir" && pwd)
 py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
 workers=${WORKERS:-$(nproc)}
@@ -26,25 +26,16 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cli=(-c 'import sys; from dicom_node.cli import main; sys.exit(main())')
 status=0
 
-step() {
-    local name=$1
-    shift
-    local started=$SECONDS
-    echo "== $name"
-    "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    echo "== $name: exit $rc in $((SECONDS - started)) s"
-    tail -n "${TAIL:-15}" "$out/$name.log"
-    if [ $rc -ne 0 ] && [ $status -eq 0 ]; then status=$rc; fi
-}
+# shellcheck source=bench/steps.sh
+source bench/steps.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'
 recipe=(--pixel-spacing 1.0 --input-size 384 --batch-size 32 --seg-steps 30000
         --max-minutes "${MINUTES:-6}" --workers "$workers" --no-progress)
-step train "$py" "${cli[@]}" train --output "$out/model" --work-dir "$out/run" "${recipe[@]}" "$@"
-step train-timing "$py" - "$out/run/metrics.jsonl" <<'PY'
+step train "$py" "${cli[@]}" train --output "$logdir/model" --work-dir "$logdir/run" "${recipe[@]}" "$@"
+step train-timing "$py" - "$logdir/run/metrics.jsonl" <<'PY'
 import json
 import sys
 
@@ -64,9 +55,9 @@ for r in rows:  # the first row of each stage: when it began, in seconds from th
 print("first row of each stage at (s):", {k: round(v) for k, v in marks.items()})
 PY
 read -r -a held_out <<<"${EVAL_ARGS:---first-seed 100000 --phantoms 40 --shift 0.5}"
-step evaluate "$py" "${cli[@]}" evaluate --model "$out/model" --out "$out/eval" \
+step evaluate "$py" "${cli[@]}" evaluate --model "$logdir/model" --out "$logdir/eval" \
     --workers "$workers" --no-progress "${held_out[@]}"
-step figures "$py" - "$out/eval/evaluation.json" <<'PY'
+step figures "$py" - "$logdir/eval/evaluation.json" <<'PY'
 import json
 import sys
 
