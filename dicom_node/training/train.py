@@ -1851,18 +1851,14 @@ def _finish(
         assert train_bank is not None
         epochs_done, val_x, val_probability = run.classification(train_bank, val_bank)
         if run.source_card is not None:  # the segmentation network learnt on the source's cases
-            these, source_data = (
-                training_data or _cases_of(dataset, split),
-                _segmentation_data(run.source_card),
-            )
-            # On the same cases (the description says where the network came from) once is
-            # enough; on others, both.
+            these = training_data or _cases_of(dataset, split)
+            source_data = _segmentation_data(run.source_card)
+            # On the same cases once is enough (the description names the source); else both.
+            training_data = these
             if source_data != these:
                 training_data = f"{these} {_SEGMENTATION_ON}{source_data}" + (
                     f"; fine-tuned on: {these}" if config.fine_tune else ""
                 )
-            else:
-                training_data = these
     image_threshold, image_study_gate, study_threshold, figures, image_probability = (
         _operating_points(run.network, val_x, val_bank, top_k=config.top_k)
     )
