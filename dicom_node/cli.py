@@ -153,6 +153,16 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         default=0.0,
         help="2.5-D input: planes this many mm before and after each slice (0: the slice alone)",
     )
+    train.add_argument(
+        "--seg-scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="test-time scales of the segmentation, 1 among them (e.g. 1 1.25: the mean of the "
+        "logits on the slice and on it magnified by 1.25); the operating points are chosen "
+        "with them and the card keeps them",
+    )
     train.add_argument("--crop", type=int, default=128)
     train.add_argument(
         "--lesion-fraction",

@@ -297,7 +297,7 @@ class InferenceEngine:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
         #: What runs per batch: segmentation logits and the MLP's pooled vectors. The MLP
         #: itself runs once per volume, after the last batch (its slice context needs them all).
-        self._network: nn.Module = _Trunk(network)
+        self._network: nn.Module = _Trunk(network, model.card.input.seg_scales)
         self._lock = threading.Lock()
         scale, shift = self.card.normalisation.scale_shift()
         self._scale, self._shift = scale, shift
@@ -316,7 +316,7 @@ class InferenceEngine:
         if self._cuda:
             self._warm_up()
         logger.info(
-            "inference engine ready: %s %s on %s, %s, batch %d%s%s",
+            "inference engine ready: %s %s on %s, %s, batch %d%s%s%s",
             self.card.name,
             self.card.version,
             self.device,
@@ -324,6 +324,9 @@ class InferenceEngine:
             self.batch_size,
             ", channels_last" if self._channels_last else "",
             ", compiled" if self.settings.compile else "",
+            f", segmentation at scales {', '.join(f'{s:g}' for s in self.card.input.seg_scales)}"
+            if len(self.card.input.seg_scales) > 1
+            else "",
         )
 
     @classmethod
@@ -688,14 +691,16 @@ class InferenceEngine:
 
 
 class _Trunk(nn.Module):
-    """The network's per-slice part (:meth:`LungCTNet.trunk`) as a module, to compile it."""
+    """The network's per-slice part (:meth:`LungCTNet.trunk`) at the card's segmentation
+    scales, as a module, to compile it."""
 
-    def __init__(self, network: LungCTNet) -> None:
+    def __init__(self, network: LungCTNet, scales: tuple[float, ...]) -> None:
         super().__init__()
         self.network = network
+        self.scales = scales
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.network.trunk(x)
+        return self.network.trunk(x, self.scales)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

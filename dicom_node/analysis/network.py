@@ -23,6 +23,7 @@ The network is always built with ``encoder_weights=None``: nothing here touches 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import numpy as np
@@ -312,15 +313,49 @@ class LungCTNet(nn.Module):
         cls = self.classifier(features[-1], seg, spacing_z_mm)
         return seg, cls
 
-    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk(
+        self, x: torch.Tensor, scales: Sequence[float] = (1.0,)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Segmentation logits (N, 1, H, W) and the MLP's pooled vectors (N, D), float32.
 
         The part of :meth:`forward` that reads one slice at a time; a volume's pooled vectors
         then go through ``classifier.with_context`` and ``classifier.score``.
+
+        ``scales`` other than 1 (the card's ``input.seg_scales``) run the segmentation network
+        again on the slices magnified by that factor (bilinear, to the nearest multiple of the
+        output stride) and bring its logits back to (H, W); the logits returned are then the
+        mean over every scale. The MLP reads the pass at scale 1 only, as in training.
         """
         features = self.encoder(x)
         seg: torch.Tensor = self.segmentation_head(self.decoder(features))
-        return seg, self.classifier.pool(features[-1], seg)
+        pooled = self.classifier.pool(features[-1], seg)
+        others = [scale for scale in scales if scale != 1.0]
+        if others:
+            total = seg.float()
+            for scale in others:
+                total = total + self._seg_logits_at(x, scale)
+            seg = total / (1 + len(others))
+        return seg, pooled
+
+    def _seg_logits_at(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Segmentation logits of ``x`` magnified by ``scale``, on ``x``'s (H, W), float32."""
+        stride = self.architecture.output_stride
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        size = (
+            max(stride, round(height * scale / stride) * stride),
+            max(stride, round(width * scale / stride) * stride),
+        )
+        zoomed = F.interpolate(
+            x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0
+        )
+        logits: torch.Tensor = self.segmentation_head(self.decoder(self.encoder(zoomed)))
+        return F.interpolate(
+            logits.float(),
+            size=(height, width),
+            mode="bilinear",
+            align_corners=False,
+            antialias=scale > 1.0,
+        )
 
 
 def study_probability(image_probabilities: npt.ArrayLike, *, top_k: int) -> float:

@@ -104,11 +104,19 @@ class InputSpec(_CardSection):
     #: slices) are two more input channels (:mod:`dicom_node.analysis.context`); ``None``: the
     #: slice alone. ``architecture.in_channels`` must be 3 with it, 1 without.
     context_mm: Annotated[float, Field(gt=0.0, le=50.0)] | None = None
+    #: Test-time scales of the segmentation: the tumour logits are the mean of the network's
+    #: on the input and on the input magnified by each other factor (1.25: as if its pixels
+    #: were a quarter finer), brought back to the input grid
+    #: (:meth:`~dicom_node.analysis.network.LungCTNet.trunk`). 1 must be one of them: the MLP
+    #: reads that pass. The operating points of a card are chosen with its scales.
+    seg_scales: tuple[Annotated[float, Field(ge=0.5, le=2.0)], ...] = (1.0,)
 
     @model_validator(mode="after")
     def _spacing_given(self) -> InputSpec:
         if self.mode == "spacing" and self.pixel_spacing_mm is None:
             raise ValueError("mode 'spacing' needs pixel_spacing_mm")
+        if 1.0 not in self.seg_scales or len(set(self.seg_scales)) != len(self.seg_scales):
+            raise ValueError("seg_scales must hold 1.0, and each scale once")
         return self
 
 

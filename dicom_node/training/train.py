@@ -195,6 +195,7 @@ class TrainConfig:
     input_mode: Literal["fit", "spacing"] = "spacing"
     pixel_spacing_mm: float | None = 1.5
     context_mm: float | None = None
+    seg_scales: tuple[float, ...] = (1.0,)
     window: tuple[float, float] = (-1000.0, 400.0)
     crop: int = 128
     batch_size: int = 8
@@ -244,6 +245,7 @@ class TrainConfig:
             raise ValueError("input_mode 'spacing' needs pixel_spacing_mm")
         if self.architecture.in_channels != input_channels(self.context_mm):
             raise ValueError("architecture.in_channels must be 3 with context_mm, 1 without")
+        self.input_spec()  # seg_scales: 1.0 among them, each once, within [0.5, 2]
         for name in ("positive_fraction", "lesion_fraction", "crop_dice", "patience_after"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
@@ -268,6 +270,7 @@ class TrainConfig:
             pixel_spacing_mm=self.pixel_spacing_mm if self.input_mode == "spacing" else None,
             interpolation="bilinear",
             context_mm=self.context_mm,
+            seg_scales=self.seg_scales,
         )
 
     def normalisation(self) -> Normalisation:
@@ -818,12 +821,13 @@ def _features(
     progress: bool,
     indices: npt.NDArray[np.int64] | None = None,
     keep_probability: bool = False,
+    scales: tuple[float, ...] = (1.0,),
 ) -> tuple[torch.Tensor, npt.NDArray[np.uint8] | None]:
     """The MLP's pooled input for bank slices (full slices), and optionally their seg maps.
 
     Returns (n, D) float32 pooled vectors (see :meth:`MLPHead.pool`) of ``indices`` (every
     slice when ``None``) and, with ``keep_probability``, their (n, S, S) tumour probabilities
-    as ``round(p * 255)``.
+    as ``round(p * 255)``, the segmentation taken at ``scales`` (:meth:`LungCTNet.trunk`).
     """
     network.eval()
     out: list[torch.Tensor] = []
@@ -855,7 +859,7 @@ def _features(
             x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
                 if needs_seg:
-                    seg, pooled = network.trunk(x)
+                    seg, pooled = network.trunk(x, scales if keep_probability else (1.0,))
                 else:  # global average pooling needs no decoder
                     seg, pooled = None, network.classifier.pool(network.encoder(x)[-1], None)
             out.append(pooled.cpu())
@@ -1018,7 +1022,14 @@ class _Run:
             if self.config.architecture.mlp_context_mm > 0
             else min(len(train_bank), self.config.cls_max_slices)
         )
-        slices = read * max(1, self.config.feature_views) + len(val_bank) + self.config.val_slices
+        # The validation slices' maps are taken at every segmentation scale, a pass costing
+        # about scale² of the probe's (which ran at scale 1).
+        val_cost = sum(scale * scale for scale in self.config.seg_scales)
+        slices = (
+            read * max(1, self.config.feature_views)
+            + len(val_bank) * val_cost
+            + self.config.val_slices
+        )
         search = LESION_SEARCH_S_PER_MVOXEL * val_bank.masks.size / 1e6
         need = 1.3 * (per_slice * slices + search) + 60.0
         reserve = max(self.config.stage2_share * self.budget_s, need)
@@ -1101,7 +1112,9 @@ class _Run:
         )
         # Fine-tuning teaches the network this run's grid (transfer learning: another pixel
         # size or input size); what a pixel holds (its planes, the window) must still match.
-        grid_fields = _GRID_FIELDS if config.fine_tune else set()
+        # The segmentation scales are how the network is run, not what it learnt: any run
+        # may choose its own (the operating points are chosen with them).
+        grid_fields = (_GRID_FIELDS if config.fine_tune else set()) | {"seg_scales"}
         differs = [
             what
             for what, mine, theirs in (
@@ -1346,6 +1359,7 @@ class _Run:
             generator=self.generator,
             progress=False,
             keep_probability=True,
+            scales=self.config.seg_scales,
         )
         assert val_prob is not None
         if network.classifier.context_mm > 0:
@@ -1971,6 +1985,13 @@ def make_card(
                 if source is not None
                 else f"); stage 1 ended by {stopped_by}"
             )
+            + (
+                "; segmentation run at scales "
+                + ", ".join(f"{scale:g}" for scale in config.seg_scales)
+                + " (mean logits)"
+                if len(config.seg_scales) > 1
+                else ""
+            )
             + ". Research prototype: NOT FOR CLINICAL USE."
         ),
         architecture=arch,
@@ -2044,6 +2065,7 @@ def config_from_args(args: Any) -> TrainConfig:
         input_mode="spacing" if args.pixel_spacing else "fit",
         pixel_spacing_mm=args.pixel_spacing,
         context_mm=context_mm,
+        seg_scales=tuple(args.seg_scales),
         crop=args.crop,
         lesion_fraction=args.lesion_fraction,
         crop_dice=args.crop_dice,

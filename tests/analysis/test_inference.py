@@ -10,13 +10,14 @@ out-of-memory error.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dicom_node.analysis.inference import (
     CPU_AUTO_BATCH_SIZE,
@@ -84,13 +85,15 @@ class SimulatedOOMNet(LungCTNet):
         self.error = error
         self.batch_sizes: list[int] = []
 
-    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk(
+        self, x: torch.Tensor, scales: Sequence[float] = (1.0,)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raise the simulated out-of-memory error above ``limit`` slices, else run the net
         (the engine runs the per-slice part, :meth:`LungCTNet.trunk`, batch by batch)."""
         self.batch_sizes.append(x.shape[0])
         if x.shape[0] > self.limit:
             raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return super().trunk(x)
+        return super().trunk(x, scales)
 
 
 def _oom_model(
@@ -493,3 +496,32 @@ def test_slice_context_reads_neighbours_across_batches_in_slice_order() -> None:
     with torch.inference_mode():
         expected = torch.sigmoid(context_net.classifier.score(read)).numpy()
     np.testing.assert_allclose(result.image_probabilities, expected, atol=1e-6)
+
+
+def test_segmentation_scales_of_the_card_are_the_mean_of_the_logits_at_each_scale() -> None:
+    """A card with ``input.seg_scales`` [1, 1.25]: the engine's tumour probability is the
+    sigmoid of the mean of the network's logits on the model input and on it magnified by 1.25
+    (brought back to the input grid), and the image probabilities are those of the scale-1
+    pass alone (the MLP reads what it was trained on)."""
+    net = make_network()
+    volume = _volume(depth=3, height=128, width=128)
+    results = {}
+    for scales in ((1.0,), (1.0, 1.25)):
+        card = make_card(input={"size": 128, "mode": "fit", "seg_scales": scales})
+        model = LoadedModel(
+            network=net, card=card, path=None, device=torch.device("cpu"), dtype=torch.float32
+        )
+        results[scales] = _engine(model, batch_size=3, precision="fp32").run(volume, SPACING)
+    one, two = results[(1.0,)], results[(1.0, 1.25)]
+    np.testing.assert_allclose(two.image_probabilities, one.image_probabilities, atol=1e-6)
+    assert np.abs(two.probability - one.probability).max() > 1e-3  # the second scale counts
+    scale, shift = make_card().normalisation.scale_shift()
+    x = torch.from_numpy(np.clip(volume.astype(np.float32), -1000.0, 400.0) * scale + shift)
+    x = x[:, None]  # 128 x 128 slices on a 128 x 128 input: no resize
+    with torch.inference_mode():
+        at_one = net.segmentation_head(net.decoder(net.encoder(x)))
+        magnified = F.interpolate(x, size=(160, 160), mode="bilinear")
+        at_scale = net.segmentation_head(net.decoder(net.encoder(magnified)))
+        back = F.interpolate(at_scale, size=(128, 128), mode="bilinear", antialias=True)
+        expected = torch.sigmoid((at_one + back) / 2)[:, 0].numpy()
+    np.testing.assert_allclose(two.probability, expected, atol=1e-5)

@@ -7,6 +7,7 @@ import math
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from dicom_node.analysis.network import Architecture, LungCTNet, image_calls, study_probability
@@ -225,3 +226,21 @@ def test_slice_context_is_bounded() -> None:
         Architecture(mlp_context_mm=-1.0)
     with pytest.raises(ValidationError):
         Architecture(mlp_context_mm=60.0)
+
+
+def test_trunk_at_several_scales_averages_the_segmentation_logits() -> None:
+    """``trunk(x, scales)``: the logits are the mean of those on ``x`` and on ``x`` magnified
+    by each other scale (brought back to ``x``'s size); the pooled vectors are the scale-1
+    pass's, whatever the scales."""
+    net = make_network()
+    x = torch.randn(2, 1, 128, 64)
+    with torch.inference_mode():
+        seg, pooled = net.trunk(x)
+        seg2, pooled2 = net.trunk(x, (1.0, 1.5))
+        big = F.interpolate(x, size=(192, 96), mode="bilinear", align_corners=False)
+        at_big = net.segmentation_head(net.decoder(net.encoder(big)))
+        back = F.interpolate(at_big, size=(128, 64), mode="bilinear", antialias=True)
+    assert seg2.shape == seg.shape == (2, 1, 128, 64)
+    torch.testing.assert_close(pooled2, pooled)
+    torch.testing.assert_close(seg2, (seg + back) / 2)
+    assert float((seg2 - seg).abs().max()) > 1e-3

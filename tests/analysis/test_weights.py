@@ -177,6 +177,9 @@ def test_card_not_yaml(model_dir: Path) -> None:
             {"normalisation": {"window_low_hu": 100, "window_high_hu": -100}},
             "window_high_hu must be above",
         ),
+        ({"input": {"size": 64, "seg_scales": [1.25]}}, "seg_scales must hold 1.0"),
+        ({"input": {"size": 64, "seg_scales": [1.0, 1.25, 1.25]}}, "each scale once"),
+        ({"input": {"size": 64, "seg_scales": [1.0, 3.0]}}, "input.seg_scales[1]: 3.0 is invalid"),
     ],
 )
 def test_invalid_card_names_the_key(

@@ -322,6 +322,7 @@ def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
         (["--from-model", "m", "--keep-mlp", "--fine-tune"], "choose one"),
         (["--input-size", "100"], "multiples of 32"),
         (["--lesion-fraction", "2"], "lesion_fraction must be in [0, 1]"),
+        (["--seg-scales", "1.25"], "seg_scales must hold 1.0"),
     ],
 )
 def test_train_refuses_settings_that_do_not_fit_together(

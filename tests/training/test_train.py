@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -701,6 +701,37 @@ def test_keep_mlp_takes_the_whole_network_and_only_chooses_operating_points(
         train(phantoms, split, config=other, output=None, work_dir=tmp_path / "wc")
     with pytest.raises(ValueError, match="keep_mlp"):
         _config(keep_mlp=True)
+
+
+def test_keep_mlp_with_segmentation_scales_chooses_the_lesion_rule_on_their_maps(
+    phantoms: PhantomDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--keep-mlp --seg-scales 1 1.5: the validation maps the lesion rule is chosen on are
+    taken at both scales, the card keeps the scales and says so, and the weights file is the
+    source's byte for byte; scales without 1 are refused before any case is read."""
+    split = split_cases(phantoms, val_fraction=0.25, test_fraction=0.0)
+    train(phantoms, split, config=_config(), output=tmp_path / "a", work_dir=tmp_path / "wa")
+    seen: list[tuple[float, ...]] = []
+    trunk = LungCTNet.trunk
+
+    def spy(
+        self: LungCTNet, x: torch.Tensor, scales: Sequence[float] = (1.0,)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(tuple(scales))
+        return trunk(self, x, scales)
+
+    monkeypatch.setattr(LungCTNet, "trunk", spy)
+    config = _config(from_model=tmp_path / "a", keep_mlp=True, seg_scales=(1.0, 1.5))
+    only_val = dataclasses.replace(split, train=())
+    train(phantoms, only_val, config=config, output=tmp_path / "k", work_dir=tmp_path / "wk")
+    assert (1.0, 1.5) in seen
+    kept = load_model(tmp_path / "k")
+    assert kept.card.input.seg_scales == (1.0, 1.5)
+    assert "segmentation run at scales 1, 1.5 (mean logits)" in kept.card.description
+    weights = "weights.safetensors"
+    assert (tmp_path / "k" / weights).read_bytes() == (tmp_path / "a" / weights).read_bytes()
+    with pytest.raises(ValueError, match=r"seg_scales must hold 1\.0"):
+        _config(seg_scales=(1.5,))
 
 
 def test_fine_tune_trains_the_source_network_further_from_its_weights(
