@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     train.add_argument("--cls-epochs", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--name", default="lung-ct-unet-resnet50")
-    train.add_argument("--model-version", default="0.2.3")
+    train.add_argument("--model-version", default="0.2.4")
 
     evaluate = sub.add_parser("evaluate", help="score a model on a dataset; JSON + PNG report")
     _dataset_args(evaluate, first_seed=100000, count=40, shift=0.5, tumour_probability=0.5)

@@ -233,7 +233,7 @@ class TrainConfig:
     fine_tune: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "lung-ct-unet-resnet50"
-    version: str = "0.2.3"
+    version: str = "0.2.4"
     log_every: int = 10
     progress: bool = True
 
