@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
         type=Path,
         default=None,
         help="score the lesions as a node with this configuration reports them (its lesions"
-        " section; default: the model card's lesion rule)",
+        " section and inference.seg_scales; default: the model card's)",
     )
     return parser
 

@@ -285,6 +285,20 @@ class ModelSettings(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+def _check_seg_scales(value: tuple[float, ...]) -> tuple[float, ...]:
+    if 1.0 not in value or len(set(value)) != len(value):
+        raise ValueError("seg_scales must hold 1.0, and each scale once")
+    return value
+
+
+#: Test-time scales of the segmentation
+#: (:meth:`~dicom_node.analysis.network.LungCTNet.trunk`): magnifications of the model input
+#: within [0.5, 2], 1 among them (the MLP reads that pass), each once.
+SegScales = Annotated[
+    tuple[Annotated[float, Field(ge=0.5, le=2.0)], ...], AfterValidator(_check_seg_scales)
+]
+
+
 class InferenceSettings(_Section):
     """How the model runs: device, batch size, precision."""
 
@@ -306,6 +320,10 @@ class InferenceSettings(_Section):
     prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
     #: Storage of the probability map: ``float32``, or ``uint8`` (p * 255, a quarter the memory).
     probability_dtype: Literal["float32", "uint8"] = "uint8"
+    #: Test-time scales of the segmentation (the model card's ``input.seg_scales``); unset: the
+    #: card's. ``[1.0]`` runs the network once per slice, for speed (the shipped card's
+    #: ``[1.0, 1.25]`` takes 2.5-3 times as long); the card's lesion rule was chosen at its own.
+    seg_scales: SegScales | None = None
 
 
 class LesionSettings(_Section):

@@ -297,7 +297,13 @@ class InferenceEngine:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
         #: What runs per batch: segmentation logits and the MLP's pooled vectors. The MLP
         #: itself runs once per volume, after the last batch (its slice context needs them all).
-        self._network: nn.Module = _Trunk(network, model.card.input.seg_scales)
+        #: The segmentation's test-time scales: the configuration's, else the card's.
+        self.seg_scales: tuple[float, ...] = (
+            self.settings.seg_scales
+            if self.settings.seg_scales is not None
+            else model.card.input.seg_scales
+        )
+        self._network: nn.Module = _Trunk(network, self.seg_scales)
         self._lock = threading.Lock()
         scale, shift = self.card.normalisation.scale_shift()
         self._scale, self._shift = scale, shift
@@ -324,8 +330,8 @@ class InferenceEngine:
             self.batch_size,
             ", channels_last" if self._channels_last else "",
             ", compiled" if self.settings.compile else "",
-            f", segmentation at scales {', '.join(f'{s:g}' for s in self.card.input.seg_scales)}"
-            if len(self.card.input.seg_scales) > 1
+            f", segmentation at scales {', '.join(f'{s:g}' for s in self.seg_scales)}"
+            if len(self.seg_scales) > 1
             else "",
         )
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from dicom_node.analysis.context import input_channels
 from dicom_node.analysis.network import Architecture, LungCTNet
-from dicom_node.config import describe_errors
+from dicom_node.config import SegScales, describe_errors
 from dicom_node.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -109,14 +109,12 @@ class InputSpec(_CardSection):
     #: were a quarter finer), brought back to the input grid
     #: (:meth:`~dicom_node.analysis.network.LungCTNet.trunk`). 1 must be one of them: the MLP
     #: reads that pass. The operating points of a card are chosen with its scales.
-    seg_scales: tuple[Annotated[float, Field(ge=0.5, le=2.0)], ...] = (1.0,)
+    seg_scales: SegScales = (1.0,)
 
     @model_validator(mode="after")
     def _spacing_given(self) -> InputSpec:
         if self.mode == "spacing" and self.pixel_spacing_mm is None:
             raise ValueError("mode 'spacing' needs pixel_spacing_mm")
-        if 1.0 not in self.seg_scales or len(set(self.seg_scales)) != len(self.seg_scales):
-            raise ValueError("seg_scales must hold 1.0, and each scale once")
         return self
 
 

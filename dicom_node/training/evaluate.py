@@ -122,13 +122,14 @@ class CaseOutcome:
 
 @dataclass(frozen=True, eq=False)
 class Evaluation:
-    """Outcomes of many cases, the card they were scored with and the lesion rule (the card's,
-    or a configuration's where it sets its own)."""
+    """Outcomes of many cases, the card they were scored with, the lesion rule and the
+    segmentation scales (the card's, or a configuration's where it sets its own)."""
 
     card: ModelCard
     cases: tuple[CaseOutcome, ...]
     overlays: tuple[Overlay, ...] = field(default=())
     rule: LesionRule | None = None
+    seg_scales: tuple[float, ...] = (1.0,)
 
     def image_calls(self, case: CaseOutcome) -> npt.NDArray[np.bool_]:
         """The slices of ``case`` the node calls cancerous: the card's image threshold and
@@ -196,6 +197,7 @@ class Evaluation:
             "errors": self.errors(),
             "thresholds": self.card.thresholds.model_dump(),
             "lesion_rule": None if self.rule is None else self.rule.summary(),
+            "seg_scales": list(self.seg_scales),
             "top_k": self.card.top_k,
             "seconds_per_case": _mean([c.seconds for c in self.cases]),
         }
@@ -513,7 +515,13 @@ def evaluate(
                     image_probability=float(result.image_probabilities[k]),
                 )
             )
-    return Evaluation(card=engine.card, cases=tuple(outcomes), overlays=tuple(shown), rule=rule)
+    return Evaluation(
+        card=engine.card,
+        cases=tuple(outcomes),
+        overlays=tuple(shown),
+        rule=rule,
+        seg_scales=engine.seg_scales,
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -683,7 +691,9 @@ def run_from_args(args: Any) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # the configuration first: a file that does not load is refused before any case is read
-    lesion_settings = None if args.config is None else load_config(args.config).lesions
+    node_config = None if args.config is None else load_config(args.config)
+    lesion_settings = None if node_config is None else node_config.lesions
+    seg_scales = None if node_config is None else node_config.inference.seg_scales
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     spec = PhantomSpec(
@@ -725,9 +735,8 @@ def run_from_args(args: Any) -> int:
     progress = not args.no_progress
     workers = args.workers or default_workers()
     loaded = load_model(args.model)
-    inference = InferenceSettings(device="cpu" if args.device == "auto" else args.device)
-    if args.device == "auto" and torch.cuda.is_available():
-        inference = InferenceSettings(device="auto")
+    device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
+    inference = InferenceSettings(device=device, seg_scales=seg_scales)
     held_out = evaluate(
         loaded,
         dataset,

@@ -502,17 +502,20 @@ def test_segmentation_scales_of_the_card_are_the_mean_of_the_logits_at_each_scal
     """A card with ``input.seg_scales`` [1, 1.25]: the engine's tumour probability is the
     sigmoid of the mean of the network's logits on the model input and on it magnified by 1.25
     (brought back to the input grid), and the image probabilities are those of the scale-1
-    pass alone (the MLP reads what it was trained on)."""
+    pass alone (the MLP reads what it was trained on). ``inference.seg_scales: [1.0]`` runs
+    such a card's network once per slice."""
     net = make_network()
     volume = _volume(depth=3, height=128, width=128)
     results = {}
-    for scales in ((1.0,), (1.0, 1.25)):
+    for scales, setting in (((1.0,), None), ((1.0, 1.25), None), ((1.0, 1.25), (1.0,))):
         card = make_card(input={"size": 128, "mode": "fit", "seg_scales": scales})
         model = LoadedModel(
             network=net, card=card, path=None, device=torch.device("cpu"), dtype=torch.float32
         )
-        results[scales] = _engine(model, batch_size=3, precision="fp32").run(volume, SPACING)
-    one, two = results[(1.0,)], results[(1.0, 1.25)]
+        engine = _engine(model, batch_size=3, precision="fp32", seg_scales=setting)
+        results[scales, setting] = engine.run(volume, SPACING)
+    one, two = results[(1.0,), None], results[(1.0, 1.25), None]
+    np.testing.assert_array_equal(results[(1.0, 1.25), (1.0,)].probability, one.probability)
     np.testing.assert_allclose(two.image_probabilities, one.image_probabilities, atol=1e-6)
     assert np.abs(two.probability - one.probability).max() > 1e-3  # the second scale counts
     scale, shift = make_card().normalisation.scale_shift()

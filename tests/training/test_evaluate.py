@@ -419,18 +419,23 @@ def test_evaluate_scores_the_lesions_a_configured_node_reports(
 ) -> None:
     """``evaluate --config FILE`` applies the file's ``lesions`` section over the card's rule,
     as the node does: at threshold 0.5 the tiny random model's maps make lesions; a study gate
-    its studies do not reach leaves none. The rule used is in evaluation.json. With
+    its studies do not reach leaves none. The rule used is in evaluation.json, and so are the
+    segmentation scales (the file's ``inference.seg_scales`` where it sets them). With
     ``--write-card`` it is a usage error (the card's figures are those of its own rule)."""
     from dicom_node.cli import EXIT_USAGE, main
 
     small = ["--phantoms", "2", "--phantom-shape", "16", "64", "64", "--threads", "1"]
     found = {}
-    for name, lesions in [
-        ("open", "{threshold: 0.5, min_volume_mm3: 0}"),
-        ("gated", "{threshold: 0.5, min_volume_mm3: 0, study_gate: 0.9999}"),
+    for name, lesions, inference in [
+        ("open", "{threshold: 0.5, min_volume_mm3: 0}", "{}"),
+        (
+            "gated",
+            "{threshold: 0.5, min_volume_mm3: 0, study_gate: 0.9999}",
+            "{seg_scales: [1.0, 1.5]}",
+        ),
     ]:
         config = tmp_path / f"{name}.yaml"
-        config.write_text(f"lesions: {lesions}\n")
+        config.write_text(f"lesions: {lesions}\ninference: {inference}\n")
         status = main(
             [
                 "evaluate",
@@ -452,6 +457,8 @@ def test_evaluate_scores_the_lesions_a_configured_node_reports(
     open_rule, gated_rule = (found[n]["held_out"]["lesion_rule"] for n in ("open", "gated"))
     assert (open_rule["threshold"], open_rule["min_volume_mm3"]) == (0.5, 0.0)
     assert (open_rule["study_gate"], gated_rule["study_gate"]) == (None, 0.9999)
+    assert found["open"]["held_out"]["seg_scales"] == [1.0]
+    assert found["gated"]["held_out"]["seg_scales"] == [1.0, 1.5]
     assert all(c["study_probability"] < 0.9999 for c in found["gated"]["per_case"])
     predicted = {n: sum(c["predicted_lesions"] for c in found[n]["per_case"]) for n in found}
     assert predicted["open"] > 0
