@@ -697,7 +697,7 @@ class InferenceEngine:
 
 
 class _Trunk(nn.Module):
-    """The network's per-slice part (:meth:`LungCTNet.trunk`) at the card's segmentation
+    """The network's per-slice part (:meth:`LungCTNet.trunk`) at the engine's segmentation
     scales, as a module, to compile it."""
 
     def __init__(self, network: LungCTNet, scales: tuple[float, ...]) -> None:
