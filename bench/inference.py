@@ -87,15 +87,17 @@ def _product_model(size: int) -> LoadedModel:
     )
 
 
-def flops_per_slice(model: LoadedModel) -> float:
-    """FLOPs of one forward pass on one slice at the card's input size (counted on 'meta')."""
+def flops_per_slice(model: LoadedModel, scales: tuple[float, ...] = (1.0,)) -> float:
+    """FLOPs of the network's per-slice part on one slice at the card's input size and the
+    segmentation scales the engine runs (counted on 'meta'; the MLP, once per volume, is
+    negligible beside it)."""
     size = model.card.input.size
     with torch.device("meta"):
         network = LungCTNet(model.card.architecture).eval()
         x = torch.zeros(1, 1, size, size)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        network(x, spacing_z_mm=1.0)  # one slice: a slice context reads the slice itself
+        network.trunk(x, scales)
     return float(counter.get_total_flops())
 
 
@@ -150,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
         base = base.model_copy(update={"batch_size": batch})
     model = load_model(args.model) if args.model else _product_model(args.size)
-    flops = flops_per_slice(model)
+    scales = base.seg_scales if base.seg_scales is not None else model.card.input.seg_scales
+    flops = flops_per_slice(model, scales)
     size = model.card.input.size
     print(
         f"model {model.card.name} ({model.card.architecture.encoder} U-Net + MLP) at "
-        f"{size}x{size}: {flops / 1e9:.1f} GFLOP per slice; input slices {SLICE}x{SLICE}; "
+        f"{size}x{size}, segmentation scales {', '.join(f'{s:g}' for s in scales)}: "
+        f"{flops / 1e9:.1f} GFLOP per slice; input slices {SLICE}x{SLICE}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     )
 
