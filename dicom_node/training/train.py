@@ -859,7 +859,7 @@ def _features(
             x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
                 if needs_seg:
-                    seg, pooled = network.trunk(x, scales if keep_probability else (1.0,))
+                    seg, pooled = network.trunk(x, scales)
                 else:  # global average pooling needs no decoder
                     seg, pooled = None, network.classifier.pool(network.encoder(x)[-1], None)
             out.append(pooled.cpu())
