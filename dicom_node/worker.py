@@ -105,6 +105,8 @@ class Worker:
             # The boundary: every outcome of the pipeline becomes a job state here.
             try:
                 result = self.pipeline(study)
+                outputs = [_output_file(p) for p in result.outputs]
+                destinations = self.route(study)
             except StudySkipped as exc:
                 done = self.store.finish_job(job.id, JobState.SKIPPED, error=str(exc))
                 logger.info("job skipped: %s", exc)
@@ -127,15 +129,16 @@ class Worker:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
                 done = self.store.finish_with_outputs(
-                    job.id,
-                    result=summary,
-                    outputs=[_output_file(p) for p in result.outputs],
-                    destinations=self.route(study),
+                    job.id, result=summary, outputs=outputs, destinations=destinations
                 )
                 if done.state == JobState.SENDING:
                     self.on_outputs()
                 logger.info(
-                    "job done", extra={"fields": {"seconds": round(time.monotonic() - started, 3)}}
+                    "job %s",
+                    "superseded: its study was re-opened while it ran"
+                    if done.state == JobState.SUPERSEDED
+                    else "done",
+                    extra={"fields": {"seconds": round(time.monotonic() - started, 3)}},
                 )
         JOB_SECONDS.observe(time.monotonic() - started)
         JOBS_FINISHED.labels(done.state.value).inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,58 @@ def write_study(tmp_path: Path) -> Callable[..., list[Path]]:
         )
 
     return make
+
+
+@dataclass
+class InProcessReceiver:
+    """The node's receiver in this process, on its own job store and spool."""
+
+    receiver: Any
+    store: Any
+    spool: Any
+    completion: Any
+
+    @property
+    def port(self) -> int:
+        return int(self.receiver.port)
+
+
+@pytest.fixture
+def receiver_in_process(tmp_path: Path) -> Iterator[Callable[..., InProcessReceiver]]:
+    """Start the real C-STORE receiver (real sockets, job store and spool) inside the test
+    process, where a test can reach its parts to time a fault exactly; stopped at the end.
+    ``make(**settings)`` takes overrides of the configuration's sections."""
+    from dicom_node.config import load_config
+    from dicom_node.receive.scp import Receiver
+    from dicom_node.store.jobs import JobStore
+    from dicom_node.store.spool import Spool
+    from dicom_node.study.completion import Completion
+    from dicom_node.testing.orthanc import free_port
+
+    started: list[Any] = []
+
+    def make(**settings: Any) -> InProcessReceiver:
+        overrides = {
+            **settings,
+            "node": {"port": free_port(), "host": "127.0.0.1", **settings.get("node", {})},
+            "storage": {
+                "data_dir": str(tmp_path / "var"),
+                "min_free_disk_mb": 0,
+                **settings.get("storage", {}),
+            },
+        }
+        config = load_config(None, overrides=overrides)
+        store = JobStore(tmp_path / "var" / "jobs.sqlite")
+        spool = Spool(tmp_path / "var" / "spool", min_free_bytes=0)
+        completion = Completion(store, config.study)
+        receiver = Receiver(config, spool=spool, store=store, completion=completion)
+        receiver.start()
+        started.append(receiver)
+        return InProcessReceiver(receiver, store, spool, completion)
+
+    yield make
+    for receiver in started:
+        receiver.stop(drain_seconds=1)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import threading
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
-from dicom_node.dispatch.scu import send_files
+from dicom_node.dispatch.scu import SendOutcome, send_files
 from dicom_node.metrics import SENDS
 from dicom_node.store.outbox import DeliveryState, Outbox
 
@@ -66,12 +66,16 @@ class Dispatcher:
                 for item in items:
                     self.outbox.failed(item.id, f"destination {name!r} is no longer configured")
                 continue
-            outcomes = send_files(
-                peer,
-                [i.path for i in items],
-                calling_ae=self.config.node.ae_title,
-                settings=self.config.dispatch,
-            )
+            try:
+                outcomes = send_files(
+                    peer,
+                    [i.path for i in items],
+                    calling_ae=self.config.node.ae_title,
+                    settings=self.config.dispatch,
+                )
+            except Exception as exc:  # whatever it was, the rows retry with backoff
+                logger.exception("sending failed", extra={"fields": {"destination": name}})
+                outcomes = [SendOutcome(i.path, False, None, type(exc).__name__) for i in items]
             retry_later = False
             for item, outcome in zip(items, outcomes, strict=True):
                 self.audit.sent(

@@ -68,6 +68,10 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
 def _why_not_established(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
+    refused = getattr(assoc, "rejected_contexts", None)
+    if refused and not getattr(assoc, "accepted_contexts", None):  # pynetdicom then aborts
+        classes = sorted({str(getattr(c, "abstract_syntax", "?")) for c in refused})
+        return f"not accepted by the peer: no presentation context for {', '.join(classes)}"
     if getattr(assoc, "is_aborted", False):
         return "association aborted"
     return "no association (peer unreachable or timed out)"
@@ -76,28 +80,43 @@ def _why_not_established(assoc: object) -> str:
 def send_files(
     peer: Peer, files: Sequence[Path], *, calling_ae: str, settings: DispatchSettings
 ) -> list[SendOutcome]:
-    """C-STORE ``files`` to ``peer`` in one association.
+    """C-STORE ``files`` to ``peer`` in one association; one outcome per file, in their order.
 
     Proposes one presentation context per (SOP class, transfer syntax) the files need, and
     nothing else. Never raises for a peer's behaviour: every file gets an outcome.
     """
     contexts: dict[tuple[str, str], None] = {}
-    metas = []
-    outcomes: list[SendOutcome] = []
-    for path in files:
+    outcomes: dict[int, SendOutcome] = {}
+    readable: list[int] = []
+    for k, path in enumerate(files):
         try:
             meta = read_file_meta_info(path)
         except (OSError, InvalidDicomError) as exc:
-            outcomes.append(SendOutcome(path, False, None, f"cannot read file: {exc}"))
+            outcomes[k] = SendOutcome(path, False, None, f"cannot read file: {exc}")
             continue
         contexts[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
-        metas.append(path)
-    if not metas:
-        return outcomes
+        readable.append(k)
+    sent = _send_readable(
+        peer, [files[k] for k in readable], contexts, calling_ae=calling_ae, settings=settings
+    )
+    outcomes.update(zip(readable, sent, strict=True))
+    return [outcomes[k] for k in range(len(files))]
+
+
+def _send_readable(
+    peer: Peer,
+    files: list[Path],
+    contexts: dict[tuple[str, str], None],
+    *,
+    calling_ae: str,
+    settings: DispatchSettings,
+) -> list[SendOutcome]:
+    if not files:
+        return []
     try:
         tls_args = _tls_args(peer)
     except ConfigError as exc:
-        return outcomes + [SendOutcome(p, False, None, str(exc)) for p in metas]
+        return [SendOutcome(p, False, None, str(exc)) for p in files]
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
@@ -105,9 +124,10 @@ def send_files(
     _no_delay(assoc)
     if not assoc.is_established:
         why = _why_not_established(assoc)
-        return outcomes + [SendOutcome(p, False, None, why) for p in metas]
+        return [SendOutcome(p, False, None, why) for p in files]
+    outcomes = []
     try:
-        for path in metas:
+        for path in files:
             if _alive(assoc):
                 outcomes.append(_store_one(assoc, path, peer))
             else:
@@ -132,7 +152,14 @@ def _alive(assoc: Association) -> bool:
 
 
 def _store_one(assoc: Association, path: Path, peer: Peer) -> SendOutcome:
-    rsp = assoc.send_c_store(dcmread(path))
+    try:
+        dataset = dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        return SendOutcome(path, False, None, f"cannot read file: {exc}")
+    try:
+        rsp = assoc.send_c_store(dataset)
+    except ValueError as exc:  # pynetdicom: the peer accepted no context for this SOP class
+        return SendOutcome(path, False, None, f"not accepted by the peer: {exc}")
     if "Status" not in rsp:
         return SendOutcome(path, False, None, "no response (timeout or abort)")
     status = int(rsp.Status)

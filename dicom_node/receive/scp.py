@@ -373,7 +373,12 @@ class Receiver:
         except DatasetError as exc:
             return self._refuse("unparseable", raw, StoreStatus.CANNOT_PARSE, exc, calling)
         except Exception as exc:
-            logger.exception("C-STORE failed", extra={"fields": {"calling_ae": calling}})
+            logger.error(  # noqa: TRY400 - its text may hold spool paths (UIDs): a trace only in DEBUG
+                "C-STORE failed (%s)",
+                type(exc).__name__,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+                extra={"fields": {"calling_ae": calling}},
+            )
             return self._refuse("error", raw, StoreStatus.PROCESSING_FAILURE, exc, calling)
         INSTANCES.labels(outcome).inc()
         BYTES.labels(outcome).inc(len(raw))
@@ -418,11 +423,13 @@ class Receiver:
             return reason
 
         path = self.spool.path_for(ident.study_uid, ident.series_uid, ident.sop_instance_uid)
+        # Before the study exists in the store: an association of the same study released
+        # meanwhile must not complete it while this one is still filing (complete_on_release).
+        self.completion.instance_received(id(event.assoc), ident.study_uid)
         stripe = self._stripes[hash(ident.sop_instance_uid) % len(self._stripes)]
-        with stripe:
+        with self.spool.filing(), stripe:
             known = self.store.instance_location(ident.sop_instance_uid)
             if known is not None and _same_content(known[0], known[1], raw):
-                self.completion.instance_received(id(event.assoc), ident.study_uid)
                 return "duplicate"
             head = file_meta_bytes(
                 sop_class_uid=ident.sop_class_uid,
@@ -433,20 +440,24 @@ class Receiver:
             self.spool.store(raw, path, head=head)
             if known is not None and known[0] != path:
                 self.spool.remove(known[0])  # same instance, moved to another study or series
-            recorded = self.store.record_instance(
-                InstanceRecord(
-                    sop_instance_uid=ident.sop_instance_uid,
-                    study_uid=ident.study_uid,
-                    series_uid=ident.series_uid,
-                    sop_class_uid=ident.sop_class_uid,
-                    modality=ident.modality,
-                    path=path,
-                    size=len(raw),
-                    calling_ae=calling,
-                    received_at=time.time(),
+            try:
+                recorded = self.store.record_instance(
+                    InstanceRecord(
+                        sop_instance_uid=ident.sop_instance_uid,
+                        study_uid=ident.study_uid,
+                        series_uid=ident.series_uid,
+                        sop_class_uid=ident.sop_class_uid,
+                        modality=ident.modality,
+                        path=path,
+                        size=len(raw),
+                        calling_ae=calling,
+                        received_at=time.time(),
+                    )
                 )
-            )
-        self.completion.instance_received(id(event.assoc), ident.study_uid)
+            except Exception:
+                if known is None:  # refused: not left for the next start to index and process
+                    self.spool.remove(path)
+                raise
         self._tally.setdefault(id(event.assoc), Counter())[ident.study_uid] += 1
         if recorded is Recorded.REPLACED:
             logger.info(

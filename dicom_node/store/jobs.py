@@ -8,7 +8,9 @@ completion makes a job for the next *version* of the study. A job moves::
     queued -> running -> done | skipped
                       -> sending (results in the outbox) -> done | dead (a delivery died)
                       -> failed (retry at ``not_before``) -> running ... -> dead
-    queued | failed -> superseded   (a newer instance re-opened the study before it ran)
+    queued | failed -> superseded   (a newer instance re-opened the study before it ran, or
+                                     a newer version exists when it is due to run again)
+    running -> superseded           (its study was re-opened while it ran: nothing is sent)
 
 ``dicom-node retry`` moves a dead job back to ``queued``. Every change is recorded in
 ``job_events``. After a crash, :meth:`JobStore.recover` puts ``running`` jobs back in the queue.
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.errors import JobStoreError
+from dicom_node.errors import JobStoreError, OutOfResourcesError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (destination, state, not_before);
 """
+
+
+#: The job ``j`` has been overtaken: its study has a newer version, or is receiving again.
+_OVERTAKEN = (
+    "(EXISTS (SELECT 1 FROM jobs n WHERE n.study_uid = j.study_uid AND n.version > j.version)"
+    " OR EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = j.study_uid"
+    " AND s.state = 'receiving'))"
+)
 
 
 class StudyState(enum.StrEnum):
@@ -253,14 +263,21 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """One write transaction; a full disk raises :class:`OutOfResourcesError`."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # a failed COMMIT may have ended it already
+                        self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise OutOfResourcesError(f"job store: {exc}") from exc
+            raise
 
     def writable(self) -> bool:
         """True when a write transaction can be opened (for readiness checks)."""
@@ -353,20 +370,43 @@ class JobStore:
             for r in rows
         ]
 
-    def forget_study(self, study_uid: str) -> list[Path]:
-        """Drop a study's instance and study rows (jobs stay, as history); returns the paths
-        the rows named, for the caller to delete. A study still receiving is left alone."""
+    def removable_paths(self, study_uid: str, newest_job_id: int) -> list[Path] | None:
+        """The spooled paths of a study that may be deleted now, or ``None`` when it may not.
+
+        It may when its study row exists, it is not receiving, and its newest job is still
+        ``newest_job_id`` and in a final state: what the caller judged, re-checked in one
+        transaction, since a re-send may have re-opened (or re-completed) the study since. The
+        caller deletes the files (while the receiver cannot file into the study: see
+        :meth:`~dicom_node.store.spool.Spool.removing`), then the rows with :meth:`forget_study`,
+        so that a crash in between leaves rows without files (dropped at the next start), never
+        files without rows (which would be indexed again as a new version of the study).
+        """
         with self._tx() as db:
             row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
             if row is None or row["state"] == StudyState.RECEIVING:
-                return []
-            paths = [
+                return None
+            newest = db.execute(
+                "SELECT id, state FROM jobs WHERE study_uid=? ORDER BY version DESC LIMIT 1",
+                (study_uid,),
+            ).fetchone()
+            if newest is None or newest["id"] != newest_job_id:
+                return None
+            if JobState(newest["state"]) not in FINAL_STATES:
+                return None
+            return [
                 Path(r[0])
                 for r in db.execute("SELECT path FROM instances WHERE study_uid=?", (study_uid,))
             ]
+
+    def forget_study(self, study_uid: str) -> None:
+        """Drop a study's instance and study rows (jobs stay, as history), after
+        :meth:`removable_paths`. A study receiving again is left alone."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] == StudyState.RECEIVING:
+                return
             db.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,))
             db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,))
-            return paths
 
     def known_paths(self) -> set[str]:
         """Paths of every recorded instance (for reconciling the spool after a crash)."""
@@ -473,9 +513,21 @@ class JobStore:
         )
 
     def claim_next_job(self, now: float | None = None) -> Job | None:
-        """Take the oldest runnable job (queued, or failed and due) and mark it running."""
+        """Take the oldest runnable job (queued, or failed and due) and mark it running.
+
+        A job that was running when a late instance re-opened its study, and then failed or was
+        interrupted by a stop, is runnable again while its study receives or after a newer
+        version was queued: it is superseded instead, so that a study is never analysed in an
+        outdated version beside (or before) the new one.
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
+            for stale in db.execute(
+                f"SELECT j.id FROM jobs j WHERE j.state IN ('queued', 'failed') AND {_OVERTAKEN}"  # noqa: S608 - a constant
+            ).fetchall():
+                self.set_state(
+                    db, stale["id"], JobState.SUPERSEDED, "its study was re-opened while it ran"
+                )
             row = db.execute(
                 "SELECT id FROM jobs WHERE state IN ('queued', 'failed') AND not_before <= ?"
                 " ORDER BY not_before, id LIMIT 1",
@@ -513,9 +565,27 @@ class JobStore:
         destinations: Sequence[str],
     ) -> Job:
         """A job produced files: queue each for each destination (state ``sending``) in the same
-        transaction; with nothing to send (or nowhere to send it) the job is ``done`` at once."""
+        transaction; with nothing to send (or nowhere to send it) the job is ``done`` at once.
+
+        A job whose study was re-opened while it ran (it receives again, or a newer version is
+        queued) is ``superseded`` instead and sends nothing: the newer version's results go in
+        its place, so that a re-sent study supersedes its results and never doubles them.
+        """
         now = time.time()
         with self._tx() as db:
+            overtaken = db.execute(
+                f"SELECT 1 FROM jobs j WHERE j.id=? AND {_OVERTAKEN}",  # noqa: S608 - a constant
+                (job_id,),
+            ).fetchone()
+            if overtaken is not None:
+                return self._finish(
+                    db,
+                    job_id,
+                    JobState.SUPERSEDED,
+                    result=result,
+                    error="its study was re-opened while it ran; the newer version's results"
+                    " go instead",
+                )
             if not outputs or not destinations:
                 return self._finish(db, job_id, JobState.DONE, result=result)
             for dest in destinations:
@@ -570,10 +640,11 @@ class JobStore:
                 raise JobStoreError(
                     f"job {job_id} is {row['state']}; only dead or failed jobs are retried"
                 )
-            dead_sends = db.execute(
-                "UPDATE outbox SET state='pending', attempts=0, not_before=0, updated_at=?"
-                " WHERE job_id=? AND state='dead'",
-                (time.time(), job_id),
+            now = time.time()
+            dead_sends = db.execute(  # their age limit counts from the retry, as their attempts
+                "UPDATE outbox SET state='pending', attempts=0, not_before=0, created_at=?,"
+                " updated_at=? WHERE job_id=? AND state='dead'",
+                (now, now, job_id),
             ).rowcount
             if dead_sends:  # the analysis succeeded; only delivery died: send again
                 self.set_state(db, job_id, JobState.SENDING, f"re-sending {dead_sends} result(s)")

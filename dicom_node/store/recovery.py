@@ -9,6 +9,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 
+from dicom_node.logs import study_key
 from dicom_node.store.jobs import InstanceRecord, JobStore
 from dicom_node.store.spool import Spool
 from dicom_node.uids import is_valid_uid
@@ -28,11 +29,13 @@ class RecoveryReport:
 def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
     """Make the job store and the spool agree again, and resume interrupted jobs.
 
+    - files left half-written in the spool's ``incoming/`` are removed (never acknowledged);
     - jobs left ``running`` go back to the queue;
     - a spooled file the store does not know (its record was lost with the last transactions
       of a power cut) is read and recorded, which re-opens its study;
     - a record whose file is gone is dropped, with an error in the log.
     """
+    spool.clean_incoming()
     resumed = store.recover()
     known = store.known_paths()
     reindexed = 0
@@ -64,8 +67,12 @@ def _reindex(path: Path, store: JobStore) -> bool:
     try:
         ds = dcmread(path, stop_before_pixels=True)
         uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-    except Exception:  # a file we cannot read is not an instance we acknowledged intact
-        logger.exception("unreadable file in the spool left in place: %s", path.name)
+    except Exception as exc:  # noqa: BLE001 - unreadable: not an instance we acknowledged intact
+        logger.error(  # noqa: TRY400 - a traceback would name the file (a SOP Instance UID)
+            "unreadable file in the spool left in place (%s)",
+            type(exc).__name__,
+            extra={"fields": {"study": study_key(path.parent.parent.name)}},
+        )
         return False
     if not all(is_valid_uid(u) for u in uids):
         return False

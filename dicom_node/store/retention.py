@@ -6,6 +6,12 @@
 - Failed and dead jobs keep everything until retried or purged by the operator
   (:func:`purge`, ``dicom-node purge``).
 - A study still receiving, or whose newest job is queued/running/sending, is never touched.
+
+A study is deleted under the spool's exclusive lock (:meth:`Spool.removing`), after the job
+store has confirmed, in the same moment, that its newest job is still the one judged and still
+final: a re-send that arrives meanwhile waits, and is filed afterwards as a new study. Its
+files go before its rows, so that a crash in between never leaves files the next start would
+index again as a new version.
 """
 
 from __future__ import annotations
@@ -41,14 +47,20 @@ def _newest_jobs(store: JobStore) -> dict[str, Job]:
     return newest
 
 
-def _remove_study(store: JobStore, spool: Spool, work_root: Path, study_uid: str) -> int:
-    paths = store.forget_study(study_uid)
-    for path in paths:
-        spool.remove(path)
-    for job in store.jobs():
-        if job.study_uid == study_uid:
-            shutil.rmtree(work_root / f"{job.id}-v{job.version}", ignore_errors=True)
-    logger.info("study removed by retention", extra={"fields": {"study": study_key(study_uid)}})
+def _remove_study(store: JobStore, spool: Spool, work_root: Path, job: Job) -> int | None:
+    """Delete a study whose newest job is ``job``; the number of spooled files it had, or
+    ``None`` when it is gone already or no longer ``job``'s to judge (a re-send re-opened it)."""
+    with spool.removing():
+        paths = store.removable_paths(job.study_uid, job.id)
+        if paths is None:
+            return None
+        for path in paths:
+            spool.remove(path)
+        for old in store.jobs():
+            if old.study_uid == job.study_uid:
+                shutil.rmtree(work_root / f"{old.id}-v{old.version}", ignore_errors=True)
+        store.forget_study(job.study_uid)
+    logger.info("study removed by retention", extra={"fields": {"study": study_key(job.study_uid)}})
     return len(paths)
 
 
@@ -66,10 +78,10 @@ def apply_retention(
     now = time.time() if now is None else now
     cutoff = now - keep_hours * 3600
     studies = files = 0
-    for uid, job in _newest_jobs(store).items():
+    for job in _newest_jobs(store).values():
         if job.state in _ENDED_WELL and job.finished_at is not None and job.finished_at <= cutoff:
-            n = _remove_study(store, spool, work_root, uid)
-            if n:
+            n = _remove_study(store, spool, work_root, job)
+            if n is not None:
                 studies += 1
                 files += n
     return Removed(studies, files)
@@ -88,8 +100,10 @@ def purge(
     now = time.time() if now is None else now
     cutoff = now - older_than_hours * 3600
     studies = files = 0
-    for uid, job in _newest_jobs(store).items():
+    for job in _newest_jobs(store).values():
         if job.state in _ENDED_BADLY and (job.finished_at or job.updated_at) <= cutoff:
-            files += _remove_study(store, spool, work_root, uid)
-            studies += 1
+            n = _remove_study(store, spool, work_root, job)
+            if n is not None:
+                studies += 1
+                files += n
     return Removed(studies, files)

@@ -4,20 +4,25 @@ Layout under ``<data_dir>/spool``::
 
     incoming/                    temporary files being written (same file system, for rename)
     <study uid>/<series uid>/<sop instance uid>.dcm
+    .lock                        held shared while an instance is filed, exclusive while a
+                                 study is deleted (retention, purge: also from another process)
 
 Each file holds exactly the bytes the peer sent, behind a File Meta header
 (``event.encoded_dataset()``). A file is written to ``incoming/``, flushed and fsynced, renamed
-into place and its directory fsynced before the receiver acknowledges it. Only UIDs that pass
+into place and its directory fsynced before the receiver acknowledges it; a new study or series
+folder is fsynced into its parent before any file in it is acknowledged. Only UIDs that pass
 :func:`dicom_node.uids.is_valid_uid` become path parts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from dicom_node.errors import InvalidUIDError, OutOfResourcesError
@@ -26,6 +31,7 @@ from dicom_node.uids import is_valid_uid
 logger = logging.getLogger(__name__)
 
 _INCOMING = "incoming"
+_LOCK = ".lock"
 
 
 class Spool:
@@ -49,15 +55,40 @@ class Spool:
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
-        self._clean_incoming()
 
-    def _clean_incoming(self) -> None:
-        """Remove files left half-written by a crash: they were never acknowledged."""
+    def clean_incoming(self) -> None:
+        """Remove files left half-written by a crash: they were never acknowledged.
+
+        For the node's start only (:func:`~dicom_node.store.recovery.reconcile`): another
+        process that opens the spool while the node runs (``dicom-node purge``) must not touch
+        the files its receiver is writing.
+        """
+        removed = 0
         for leftover in self._incoming.iterdir():
-            logger.info(
-                "removing an unacknowledged partial file left by a crash: %s", leftover.name
-            )
             leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:  # the names hold SOP Instance UIDs: counted, not named
+            logger.info("removed %d unacknowledged partial file(s) left by a crash", removed)
+
+    @contextmanager
+    def _flock(self, operation: int) -> Iterator[None]:
+        fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def filing(self) -> AbstractContextManager[None]:
+        """Held (shared) by the receiver from looking an instance up to recording it, so that
+        no study is deleted under it; any number of filings run at once."""
+        return self._flock(fcntl.LOCK_SH)
+
+    def removing(self) -> AbstractContextManager[None]:
+        """Held (exclusive) while a study's files and rows are deleted: no instance is filed
+        meanwhile, in this process or another (``dicom-node purge``). A re-send waits and is
+        then filed as a new study, instead of being acknowledged and deleted."""
+        return self._flock(fcntl.LOCK_EX)
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives. Raises :class:`InvalidUIDError` for a UID that is not valid."""
@@ -106,27 +137,31 @@ class Spool:
             finally:
                 os.close(fd)
             parent = dest.parent
-            new_dir = self._ensure_dir(parent)
+            self._ensure_dir(parent)
             tmp.replace(dest)
             if self.fsync:
                 _fsync_dir(parent)
-                if new_dir:
-                    _fsync_dir(parent.parent)
-                    _fsync_dir(parent.parent.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfResourcesError(f"disk full while writing: {exc.strerror}") from exc
             raise
 
-    def _ensure_dir(self, path: Path) -> bool:
+    def _ensure_dir(self, path: Path) -> None:
+        """Make a series folder (and its study folder) durable before any file goes in it.
+
+        Under the lock: a second writer into a folder another one is creating waits until the
+        folders are fsynced into their parents, instead of acknowledging a file whose folder a
+        power cut could still lose.
+        """
         with self._dirs_lock:
             if path in self._known_dirs:
-                return False
-            created = not path.is_dir()
+                return
             path.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(path.parent)  # names the series folder
+                _fsync_dir(path.parent.parent)  # names the study folder
             self._known_dirs.add(path)
-            return created
 
     def remove(self, path: Path) -> None:
         """Delete one spooled file (and its series/study folders once empty)."""

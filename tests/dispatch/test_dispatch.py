@@ -248,3 +248,97 @@ def test_send_and_echo_commands(
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "2 of 2 delivered to pacs" in sent.stdout
     assert len(pacs.received()) == 2
+
+
+def _as_sr(src: Path, out: Path) -> Path:
+    """A copy of a CT file relabelled as a Comprehensive 3D SR (a SOP class the test PACS does
+    not accept; its content never leaves the node)."""
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(src)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out)
+    return out
+
+
+_CT_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[CT]
+PresentationContext1 = CTImageStorage\\Uncompressed
+
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CT
+"""
+
+
+def test_a_sop_class_the_pacs_does_not_accept_is_retried_then_dead_lettered(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """storescp accepting CT only (a PACS without SR storage): the CT output is delivered, the
+    other fails with the reason, retries with backoff and is dead-lettered; the dispatcher
+    stays usable (nothing is left 'sending')."""
+    [ct] = write_study(slices=1)
+    sr = _as_sr(ct, tmp_path / "sr.dcm")
+    (tmp_path / "ct-only.cfg").write_text(_CT_ONLY)
+    pacs = scps("pacs", "-xf", str(tmp_path / "ct-only.cfg"), "CTOnly")
+    cfg = _config(tmp_path, {"pacs": pacs.port}, max_attempts=2)
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, [ct, sr], ["pacs"])
+    dispatcher = Dispatcher(cfg, outbox)
+    _drain_until(dispatcher, outbox, lambda: store.job(job_id).state == JobState.DEAD)
+    by_path = {i.path: i for i in outbox.items()}
+    assert by_path[ct].state == DeliveryState.DELIVERED
+    assert by_path[sr].state == DeliveryState.DEAD and by_path[sr].attempts == 2
+    assert "not accepted by the peer" in (by_path[sr].last_error or "")
+    assert [dcmread(p).SOPInstanceUID for p in pacs.received()] == [dcmread(ct).SOPInstanceUID]
+
+
+def test_an_unreadable_output_fails_alone(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """Of two outputs the second is gone from disk: it fails (and retries), the first is
+    delivered and recorded as such; each outcome lands on its own outbox row."""
+    first, second = write_study(slices=2)
+    pacs = scps("pacs")
+    cfg = _config(tmp_path, {"pacs": pacs.port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, [first, second], ["pacs"])
+    gone = dcmread(second).SOPInstanceUID
+    second.unlink()
+    Dispatcher(cfg, outbox).drain("pacs")
+    by_uid = {i.sop_instance_uid: i for i in outbox.items()}
+    assert by_uid[gone].state == DeliveryState.PENDING
+    assert "cannot read file" in (by_uid[gone].last_error or "")
+    [(uid, item)] = [(u, i) for u, i in by_uid.items() if u != gone]
+    assert item.state == DeliveryState.DELIVERED
+    assert [dcmread(p).SOPInstanceUID for p in pacs.received()] == [uid]
+    assert store.job(job_id).state == JobState.SENDING
+
+
+def test_a_retried_dead_delivery_ages_from_the_retry(
+    tmp_path: Path, write_study: Callable[..., list[Path]]
+) -> None:
+    """A delivery dead-lettered for its age gets its attempts again after `retry`: one more
+    failure makes it wait for the next attempt, not dead at once."""
+    files = write_study(slices=1)
+    cfg = _config(tmp_path, {"pacs": free_port()}, max_age_hours=1.0)
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["pacs"])
+    with store.transaction() as db:  # queued four days ago
+        db.execute("UPDATE outbox SET created_at = created_at - 4 * 86400")
+    [item] = outbox.claim("pacs")
+    assert outbox.failed(item.id, "PACS down") == DeliveryState.DEAD
+    assert store.retry_job(job_id).state == JobState.SENDING
+    [item] = outbox.claim("pacs")
+    assert outbox.failed(item.id, "PACS down") == DeliveryState.PENDING

@@ -67,6 +67,15 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(
     sender.wait(30)
     assert 30 <= len(acked) < len(files), "the kill must land mid-study"
 
+    # As the kill left it: whatever lies at a final path is whole (only incoming/ may hold
+    # part of the instance that was in flight)
+    sources = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    left = sorted((node.data_dir / "spool").glob("*/*/*.dcm"))
+    assert len(left) >= len(acked)
+    for path in left:
+        ds = dcmread(path)
+        assert ds.PixelData == dcmread(sources[str(ds.SOPInstanceUID)]).PixelData
+
     node.start()  # same data folder
     with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
         recorded = {r[0]: r[1] for r in db.execute("SELECT sop_instance_uid, path FROM instances")}
@@ -75,6 +84,7 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(
         assert ds.SOPInstanceUID in recorded
         assert dcmread(recorded[ds.SOPInstanceUID]).PixelData == ds.PixelData
     assert not list((node.data_dir / "spool" / "incoming").iterdir())
+    assert sorted(recorded.values()) == [str(p) for p in left]  # one row for each file
 
     assert storescu(files, node.port).returncode == 0  # the PACS re-sends the whole study
     listing = node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done")

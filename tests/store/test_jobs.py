@@ -117,3 +117,109 @@ def test_recover_requeues_running_jobs_after_a_crash(tmp_path: Path) -> None:
     claimed = second.claim_next_job()
     assert claimed is not None
     assert claimed.attempts == 2
+
+
+@pytest.mark.parametrize("interruption", ["failed", "stopped"])
+def test_a_job_whose_study_reopened_while_it_ran_is_superseded(
+    tmp_path: Path, interruption: str
+) -> None:
+    """Version 1 is running when a late instance re-opens the study; it then fails (or the node
+    stops and resumes it). It is never run again: while the study receives nothing runs, and
+    once version 2 is queued only version 2 does."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.record_instance(_rec(tmp_path, "1.1"))
+    v1 = store.complete_study("1.2.3", reason="quiet")
+    assert v1 is not None and store.claim_next_job() is not None
+    store.record_instance(_rec(tmp_path, "1.2"))  # late instance while v1 runs
+    if interruption == "failed":
+        store.finish_job(v1.id, JobState.FAILED, error="transient", not_before=0.0)
+    else:
+        store = JobStore(tmp_path / "jobs.sqlite")  # killed and restarted
+        store.recover()
+    assert store.claim_next_job() is None  # the study is receiving: v1 must not run on
+    assert store.job(v1.id).state == JobState.SUPERSEDED
+    v2 = store.complete_study("1.2.3", reason="quiet")
+    assert v2 is not None
+    claimed = store.claim_next_job()
+    assert claimed is not None and claimed.id == v2.id
+    assert store.claim_next_job() is None
+
+
+def test_a_stale_job_left_queued_is_superseded_by_the_newer_version(tmp_path: Path) -> None:
+    """A job queued again (a restart) after a newer version exists is superseded when due."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.record_instance(_rec(tmp_path, "1.1"))
+    v1 = store.complete_study("1.2.3", reason="quiet")
+    assert v1 is not None and store.claim_next_job() is not None
+    store.record_instance(_rec(tmp_path, "1.2"))
+    v2 = store.complete_study("1.2.3", reason="quiet")  # v1 still running
+    assert v2 is not None
+    store = JobStore(tmp_path / "jobs.sqlite")
+    [resumed] = store.recover()
+    assert resumed.id == v1.id
+    claimed = store.claim_next_job()
+    assert claimed is not None and claimed.id == v2.id
+    assert store.job(v1.id).state == JobState.SUPERSEDED
+
+
+def test_removable_paths_rechecks_what_retention_judged(tmp_path: Path) -> None:
+    """A study may be deleted only while its newest job is the one judged and final, and it is
+    not receiving; forget_study drops its rows, never those of a study receiving again."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.record_instance(_rec(tmp_path, "1.1"))
+    v1 = store.complete_study("1.2.3", reason="quiet")
+    assert v1 is not None
+    assert store.removable_paths("1.2.3", v1.id) is None  # queued
+    store.claim_next_job()
+    store.finish_job(v1.id, JobState.DONE, result={})
+    assert store.removable_paths("1.2.3", v1.id) == [tmp_path / "1.1.dcm"]
+    store.record_instance(_rec(tmp_path, "1.2"))  # re-sent
+    assert store.removable_paths("1.2.3", v1.id) is None  # receiving
+    store.forget_study("1.2.3")
+    assert [s.instances for s in store.studies()] == [2]
+    v2 = store.complete_study("1.2.3", reason="quiet")
+    assert v2 is not None
+    assert store.removable_paths("1.2.3", v1.id) is None  # v1 is no longer the newest
+    assert store.removable_paths("9.9", v1.id) is None  # no such study
+    store.claim_next_job()
+    store.finish_job(v2.id, JobState.DONE, result={})
+    assert len(store.removable_paths("1.2.3", v2.id) or []) == 2
+    store.forget_study("1.2.3")
+    assert store.studies() == []
+
+
+def test_a_full_database_raises_out_of_resources(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" becomes OutOfResourcesError (0xA700 at the
+    receiver); the store works again once there is room."""
+    from dicom_node.errors import OutOfResourcesError
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(OutOfResourcesError, match="full"):
+        for i in range(1000):
+            store.record_instance(_rec(tmp_path, f"1.{i + 1}" + "0" * 60))
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert store.record_instance(_rec(tmp_path, "2.1")) is Recorded.NEW
+    assert store.writable()
+
+
+def test_results_of_a_job_overtaken_while_it_ran_are_not_sent(tmp_path: Path) -> None:
+    """Version 1 finishes with outputs after a late instance re-opened its study: it ends
+    superseded and queues nothing, so the study's results are not doubled."""
+    from dicom_node.store.jobs import OutputFile
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.record_instance(_rec(tmp_path, "1.1"))
+    v1 = store.complete_study("1.2.3", reason="quiet")
+    assert v1 is not None and store.claim_next_job() is not None
+    store.record_instance(_rec(tmp_path, "1.2"))  # late instance while v1 runs
+    outputs = [OutputFile(tmp_path / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.34", "2.25.1")]
+    done = store.finish_with_outputs(v1.id, result={"n": 1}, outputs=outputs, destinations=["p"])
+    assert done.state == JobState.SUPERSEDED and done.finished_at is not None
+    with store.transaction() as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    v2 = store.complete_study("1.2.3", reason="quiet")
+    assert v2 is not None and store.claim_next_job() is not None
+    done = store.finish_with_outputs(v2.id, result={"n": 2}, outputs=outputs, destinations=["p"])
+    assert done.state == JobState.SENDING

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.store.jobs import InstanceRecord, JobState, JobStore
+import pytest
+
+from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, StudyState
 from dicom_node.store.retention import apply_retention, purge
 from dicom_node.store.spool import Spool
+from tests.conftest import InProcessReceiver
+from tests.peers import storescu
 
 
 def _study(store: JobStore, spool: Spool, study: str, n: int = 2) -> list[Path]:
@@ -110,3 +117,80 @@ def test_reconcile_reindexes_a_spooled_file_the_store_lost(
     meta_len = 144 + int(read_file_meta_info(src).FileMetaInformationGroupLength)
     assert rec.size == src.stat().st_size - meta_len
     assert store.studies()[0].state == "receiving"
+
+
+def test_retention_leaves_a_study_re_completed_since_it_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newest jobs are read once per pass; a study re-sent and completed again (version 2
+    queued) after that read keeps its instances and rows."""
+    from dicom_node.store import retention
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    paths = _study(store, spool, "1.1")
+    _finish(store, "1.1", JobState.DONE)
+    judged = retention._newest_jobs(store)  # the pass's view, before the re-send
+    _study(store, spool, "1.1")  # re-sent: re-opened ...
+    assert store.complete_study("1.1", reason="released") is not None  # ... and queued as v2
+    monkeypatch.setattr(retention, "_newest_jobs", lambda _store: judged)
+    removed = apply_retention(store, spool, tmp_path / "work", keep_hours=0, now=time.time() + 5)
+    assert removed == retention.Removed(0, 0)
+    assert all(p.exists() for p in paths)
+    assert [s.instances for s in store.studies()] == [2]
+
+
+def test_retention_passes_over_studies_it_removed_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Job rows stay as history after their study is removed; later passes find nothing to
+    remove there and say nothing of it."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    _study(store, spool, "1.1")
+    _finish(store, "1.1", JobState.DONE)
+    later = time.time() + 5
+    assert apply_retention(store, spool, tmp_path / "work", keep_hours=0, now=later).studies == 1
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = apply_retention(store, spool, tmp_path / "work", keep_hours=0, now=later)
+    assert again.studies == 0
+    assert "removed" not in caplog.text
+
+
+def test_a_resend_during_removal_waits_and_is_kept(
+    receiver_in_process: Callable[..., InProcessReceiver],
+    write_study: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A study re-sent (dcmtk's storescu, to the real receiver) while retention deletes it:
+    the receiver waits until the deletion is over, then files the re-send as a new study.
+    Nothing it acknowledged is deleted."""
+    node = receiver_in_process()
+    store, spool = node.store, node.spool
+    files = write_study(slices=3)
+    assert storescu(files, node.port).returncode == 0
+    [study] = store.studies()
+    _finish(store, study.study_uid, JobState.DONE)
+    sent: list[subprocess.CompletedProcess[str]] = []
+    resend = threading.Thread(target=lambda: sent.append(storescu(files, node.port)))
+    real_remove = spool.remove
+
+    def remove(path: Path) -> None:
+        if resend.ident is None:  # the first file: the PACS sends the study again now
+            resend.start()
+            time.sleep(1.5)
+            assert not sent, "a re-send was answered while its study was being deleted"
+        real_remove(path)
+
+    monkeypatch.setattr(spool, "remove", remove)
+    removed = apply_retention(store, spool, tmp_path / "work", keep_hours=0, now=time.time() + 5)
+    resend.join(120)
+    assert removed.studies == 1
+    [done] = sent
+    assert (done.stdout + done.stderr).count("Received Store Response (Success)") == 3
+    rows = store.study_instances(study.study_uid)
+    assert len(rows) == 3
+    assert all(r.path.exists() for r in rows)
+    assert [s.state for s in store.studies()] == [StudyState.RECEIVING]

@@ -1,0 +1,130 @@
+"""How the receiver files an instance, with faults timed inside it (the receiver in process,
+real sockets, dcmtk's storescu as the peer, a real job store and spool)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicom_node.store import spool as spool_module
+from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, Recorded
+from dicom_node.store.recovery import reconcile
+from dicom_node.store.spool import Spool
+from tests.conftest import InProcessReceiver
+from tests.peers import storescu
+
+
+def _answers(done: object) -> str:
+    return str(getattr(done, "stdout", "")) + str(getattr(done, "stderr", ""))
+
+
+def test_another_association_ending_mid_filing_does_not_complete_the_study(
+    receiver_in_process: Callable[..., InProcessReceiver],
+    write_study: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With complete_on_release, a second association sending the same study is released
+    while the first is between spooling an instance and recording it: the study is not
+    complete until the first is released too (one job, after all its instances)."""
+    node = receiver_in_process(study={"complete_on_release": True})
+    files = write_study(slices=4)
+    from pydicom import dcmread
+
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    other = 10**9  # an association id that is not a live one
+    node.completion.instance_received(other, study_uid)  # it sent part of the study before
+    real_record = node.store.record_instance
+    seen: list[int] = []
+
+    def record(rec: InstanceRecord) -> Recorded:
+        recorded = real_record(rec)
+        if not seen:  # the other association is released right after the first record
+            node.completion.association_ended(other, released=True)
+        seen.append(len(node.store.jobs()))
+        return recorded
+
+    monkeypatch.setattr(node.store, "record_instance", record)
+    done = storescu(files, node.port)
+    assert _answers(done).count("Received Store Response (Success)") == 4
+    assert seen == [0, 0, 0, 0]  # no job while this association was still sending
+    [job] = node.store.jobs()
+    assert job.state == JobState.QUEUED
+    assert [s.instances for s in node.store.studies()] == [4]
+
+
+def test_a_full_job_store_answers_out_of_resources_and_keeps_nothing(
+    receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
+) -> None:
+    """SQLite cannot grow (max_page_count: its "database or disk is full"): every instance it
+    could not record is refused with 0xA700 and leaves no file for the next start to index;
+    the rest are acknowledged and recorded. Once there is room again, a re-send is filed."""
+    node = receiver_in_process()
+    db = node.store._db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    files = write_study(slices=60)
+    answers = _answers(storescu(files, node.port, extra=["--no-halt"]))
+    refused = answers.count("Refused: OutOfResources")
+    acknowledged = answers.count("Received Store Response (Success)")
+    assert refused > 0 and refused + acknowledged == 60
+    spooled = list(node.spool.iter_files())
+    assert len(spooled) == acknowledged == len(node.store.known_paths())
+    assert list((node.spool.root / "incoming").iterdir()) == []
+    assert reconcile(node.spool, node.store).reindexed_files == 0
+    db.execute("PRAGMA max_page_count = 1073741823")
+    answers = _answers(storescu(files, node.port))
+    assert answers.count("Received Store Response (Success)") == 60
+    assert len(node.store.known_paths()) == 60
+
+
+def test_a_new_series_folder_is_durable_before_any_file_in_it_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers into a series folder neither has seen: the second does not return (the
+    receiver's acknowledgement) before the first has fsynced the new folders into their
+    parents."""
+    events: list[str] = []
+    real_fsync_dir = spool_module._fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if path.name == "1.2.3":  # the study folder, naming the new series folder
+            time.sleep(0.5)
+        real_fsync_dir(path)
+        events.append(f"fsync {path.name}")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+
+    def write(sop: str) -> None:
+        spool.store(b"x" * 10, spool.path_for("1.2.3", "1.2.3.4", sop))
+        events.append(f"stored {sop}")
+
+    writers = [threading.Thread(target=write, args=(f"1.2.3.4.{i}",)) for i in (1, 2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    first_store = min(i for i, e in enumerate(events) if e.startswith("stored"))
+    assert "fsync 1.2.3" in events[:first_store]
+    assert "fsync spool" in events[:first_store]
+
+
+def test_partial_files_left_by_a_crash_are_removed_at_start_without_naming_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's start removes partial files; another process opening the spool while the
+    node runs does not. Their names hold SOP Instance UIDs: the log counts them."""
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "1.2.826.0.1.3680043.8.498.777.dcm.1.part").write_bytes(b"half")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    assert len(list(incoming.iterdir())) == 1  # opening the spool (as purge does) keeps it
+    with caplog.at_level(logging.INFO):
+        reconcile(spool, JobStore(tmp_path / "jobs.sqlite"))  # the node's start
+    assert list(incoming.iterdir()) == []
+    assert "removed 1 unacknowledged partial file" in caplog.text
+    assert "3680043" not in caplog.text

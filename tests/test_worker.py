@@ -1,0 +1,61 @@
+"""The worker's one boundary: every outcome of a job becomes a job state, on a real job store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from dicom_node.config import JobSettings
+from dicom_node.pipeline import StudyInput, StudyResult
+from dicom_node.store.jobs import InstanceRecord, JobState, JobStore
+from dicom_node.worker import Worker
+
+
+def _queued_job(store: JobStore, tmp_path: Path) -> int:
+    store.record_instance(
+        InstanceRecord(
+            sop_instance_uid="1.1",
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            modality="CT",
+            path=tmp_path / "1.1.dcm",
+            size=10,
+            calling_ae="PACS",
+            received_at=time.time(),
+        )
+    )
+    job = store.complete_study("1.2.3", reason="quiet")
+    assert job is not None
+    return job.id
+
+
+def test_an_output_that_is_not_dicom_fails_the_job_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A pipeline whose output file cannot be read as DICOM (a stand-in pipeline in this test:
+    the fault is in what it returns): the job fails and is retried later; the worker loop
+    keeps running and takes the next job."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _queued_job(store, tmp_path)
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        bad = study.work_dir / "SR.dcm"
+        bad.write_bytes(b"not DICOM")
+        return StudyResult(summary={}, outputs=(bad,))
+
+    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 30
+    while store.job(job_id).state != JobState.FAILED:
+        assert time.monotonic() < deadline and loop.is_alive()
+        time.sleep(0.05)
+    assert "InvalidDicomError" in (store.job(job_id).last_error or "")
+    assert loop.is_alive()
+    stop.set()
+    worker.wake.set()
+    loop.join(10)
+    assert not loop.is_alive()
