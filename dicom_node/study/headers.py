@@ -90,15 +90,16 @@ class FrameHeader:
     slice_thickness_mm
         Slice Thickness, mm; ``None`` if absent.
     rescale_slope, rescale_intercept
-        Stored value to HU: ``hu = stored * slope + intercept`` (1 and 0 when absent).
+        Stored value to HU: ``hu = stored * slope + intercept``; ``None`` if absent or
+        malformed (Type 1 in CT: a volume is not made of such a frame).
     """
 
     position_mm: tuple[float, float, float] | None
     orientation: tuple[float, float, float, float, float, float] | None
     pixel_spacing_mm: tuple[float, float] | None
     slice_thickness_mm: float | None
-    rescale_slope: float = 1.0
-    rescale_intercept: float = 0.0
+    rescale_slope: float | None
+    rescale_intercept: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,8 +262,8 @@ def _frames(ds: Dataset) -> tuple[FrameHeader, ...]:
         orientation=_orientation(_get(ds, "ImageOrientationPatient")),
         pixel_spacing_mm=_pair(_get(ds, "PixelSpacing")),
         slice_thickness_mm=_positive(_get(ds, "SliceThickness")),
-        rescale_slope=_number(_get(ds, "RescaleSlope"), 1.0),
-        rescale_intercept=_number(_get(ds, "RescaleIntercept"), 0.0),
+        rescale_slope=_number(_get(ds, "RescaleSlope")),
+        rescale_intercept=_number(_get(ds, "RescaleIntercept")),
     )
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = _items(ds, "PerFrameFunctionalGroupsSequence")
@@ -298,12 +299,10 @@ def _frame_from_groups(
             _positive(_get(measures, "SliceThickness")) if measures else top.slice_thickness_mm
         ),
         rescale_slope=(
-            _number(_get(transform, "RescaleSlope"), 1.0) if transform else top.rescale_slope
+            _number(_get(transform, "RescaleSlope")) if transform else top.rescale_slope
         ),
         rescale_intercept=(
-            _number(_get(transform, "RescaleIntercept"), 0.0)
-            if transform
-            else top.rescale_intercept
+            _number(_get(transform, "RescaleIntercept")) if transform else top.rescale_intercept
         ),
     )
 
@@ -385,9 +384,9 @@ def _pair(value: object) -> tuple[float, float] | None:
     return (v[0], v[1])
 
 
-def _number(value: object, default: float) -> float:
+def _number(value: object) -> float | None:
     v = _floats(value, 1)
-    return v[0] if v is not None else default
+    return v[0] if v is not None and math.isfinite(v[0]) else None
 
 
 def _positive(value: object) -> float | None:

@@ -412,8 +412,8 @@ def plan_volume(
             sop_instance_uid=inst.sop_instance_uid,
             frame_number=index + 1,
             position_mm=_tuple3(positions[k]),
-            rescale_slope=frame.rescale_slope,
-            rescale_intercept=frame.rescale_intercept,
+            rescale_slope=_rescale(inst, index, frame.rescale_slope, "Slope"),
+            rescale_intercept=_rescale(inst, index, frame.rescale_intercept, "Intercept"),
             transfer_syntax_uid=inst.transfer_syntax_uid,
         )
         for k, (inst, index, frame) in enumerate(frames)
@@ -459,6 +459,17 @@ def _where(inst: InstanceHeader, index: int) -> str:
     """An image named without patient data: its instance number (and frame)."""
     number = f"image {inst.instance_number}" if inst.instance_number is not None else "an image"
     return f"{number} frame {index + 1}" if inst.number_of_frames > 1 else number
+
+
+def _rescale(inst: InstanceHeader, index: int, value: float | None, which: str) -> float:
+    """Rescale Slope or Intercept. Required (Type 1) in CT: without it the stored values are
+    not Hounsfield units, and guessing 1 or 0 can shift a slice by 1024 HU. Images of other
+    modalities without one (MR) keep their stored values."""
+    if value is None and inst.modality != "CT":
+        return 1.0 if which == "Slope" else 0.0
+    if value is None or (which == "Slope" and value == 0.0):
+        raise VolumeDecodeError(f"{_where(inst, index)} has no valid Rescale {which}")
+    return value
 
 
 def _position(inst: InstanceHeader, index: int, frame: FrameHeader) -> tuple[float, float, float]:

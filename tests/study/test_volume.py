@@ -93,6 +93,32 @@ def test_two_stacks_in_one_series_are_refused(write_series: WriteSeries) -> None
         _read(paths)
 
 
+@pytest.mark.parametrize("fault", ["absent intercept", "malformed intercept", "zero slope"])
+def test_a_ct_slice_without_a_valid_rescale_is_refused(
+    write_series: WriteSeries, fault: str
+) -> None:
+    """Rescale Intercept and Slope are Type 1 in CT; a slice without a usable one is refused
+    with its image number, never read as intercept 0 / slope 1 (1024 HU off)."""
+    import pydicom
+
+    paths = write_series("s", SeriesSpec(), n_slices=12, rescale_intercept=-1024.0)
+    ds = pydicom.dcmread(paths[5])
+    if fault == "absent intercept":
+        del ds.RescaleIntercept
+    elif fault == "malformed intercept":
+        from pydicom.dataelem import RawDataElement
+        from pydicom.tag import Tag
+
+        tag = Tag(0x0028, 0x1052)  # written as it is, not a decimal string
+        ds._dict[tag] = RawDataElement(tag, "DS", 6, b"x1024 ", 0, False, True)
+    else:
+        ds.RescaleSlope = 0
+    ds.save_as(paths[5])
+    which = "Slope" if fault == "zero slope" else "Intercept"
+    with pytest.raises(VolumeDecodeError, match=rf"^image 6 has no valid Rescale {which}$"):
+        _read(paths)
+
+
 def test_uneven_spacing_is_refused(write_series: WriteSeries) -> None:
     """Steps that differ from the median by more than the tolerance are refused with where."""
     positions = [float(k) for k in range(20)]
