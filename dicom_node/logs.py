@@ -1,7 +1,10 @@
 """Structured logging, set up in one place; job and study context travel in context variables.
 
 Patient data stays out of the logs by default: studies are named by :func:`study_key`, a short
-digest of the Study Instance UID, unless ``logging.include_patient_data`` is on.
+digest of the Study Instance UID, unless ``logging.include_patient_data`` is on. Tracebacks keep
+their frames but not the exceptions' messages, which may quote a spool path (UIDs) or a header
+value (a birth date); pydicom, which warns with the value it could not read, is heard only at
+``DEBUG``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +43,23 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def _exception_text(formatter: logging.Formatter, exc_info: Any) -> str:
+    """A traceback; without its exceptions' messages unless identifiers may be logged."""
+    if _include_identifiers:
+        return formatter.formatException(exc_info)
+    chain: list[BaseException] = []
+    exc: BaseException | None = exc_info[1]
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    parts = []
+    for exc in reversed(chain):
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(exc.__traceback__))
+        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__} (message not logged)\n")
+    return "".join(parts).rstrip("\n")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -53,13 +74,16 @@ class _JsonFormatter(logging.Formatter):
         if isinstance(extra, dict):
             out.update(extra)
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = _exception_text(self, record.exc_info)
         return json.dumps(out, default=str)
 
 
 class _ConsoleFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _exception_text(logging.Formatter(), ei)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -85,5 +109,9 @@ def setup_logging(settings: LoggingSettings) -> None:
     # (refusals, security events, failed deliveries, with context), so pynetdicom speaks only
     # when we debug.
     logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
+    )
+    # pydicom warns with the value it could not read (a UID, a date): only when debugging
+    logging.getLogger("pydicom").setLevel(
         logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
     )

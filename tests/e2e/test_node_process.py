@@ -119,6 +119,9 @@ def test_failing_job_retries_then_dies_and_retry_requeues(
     [job] = listing["jobs"]
     assert job["attempts"] == 3
     assert "spooled instance unreadable" in job["last_error"]
+    # the job store keeps the whole reason; the log, with patient data off, no UID of it
+    assert victim.parent.parent.name not in node.log()  # the Study Instance UID
+    assert victim.stem not in node.log()  # the SOP Instance UID
     table = node_cli("jobs", "--config", str(node.config_path))
     assert re.search(rf"\b{job['id']}\s+dead\s+1\s+3\b", table.stdout), table.stdout
     shutil.move(saved, victim)

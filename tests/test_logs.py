@@ -1,0 +1,87 @@
+"""What the node's log says of a failure: no patient data unless the configuration allows it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node import logs
+from dicom_node.config import LoggingSettings
+
+UID = "1.2.826.0.1.3680043.8.498.424242"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {n: logging.getLogger(n).level for n in ("pydicom", "pynetdicom")}
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)
+    logs._include_identifiers = False
+
+
+def _fail() -> None:
+    try:
+        open(f"/nonexistent/spool/{UID}/{UID}.dcm")  # noqa: SIM115 - the failure itself
+    except OSError as exc:
+        raise RuntimeError(f"analysis failed for study {UID}") from exc
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_traceback_keeps_its_frames_but_not_the_messages(
+    fmt: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup_logging(LoggingSettings(format=fmt))
+    try:
+        _fail()
+    except RuntimeError:
+        logging.getLogger("dicom_node.worker").exception("job failed")
+    err = capsys.readouterr().err
+    assert "job failed" in err
+    assert "_fail" in err  # the frames are there
+    assert "FileNotFoundError (message not logged)" in err
+    assert "RuntimeError (message not logged)" in err
+    assert UID not in err
+    if fmt == "json":
+        [line] = err.strip().splitlines()
+        assert "exc" in json.loads(line)
+
+
+def test_with_patient_data_allowed_the_messages_are_logged(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.setup_logging(LoggingSettings(include_patient_data=True))
+    try:
+        _fail()
+    except RuntimeError:
+        logging.getLogger("dicom_node.worker").exception("job failed")
+    assert f"analysis failed for study {UID}" in capsys.readouterr().err
+
+
+def test_pydicom_does_not_log_the_values_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """An invalid UID in a header: pydicom would warn with the value; the node's log stays
+    silent unless it is at DEBUG."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    with pytest.warns(UserWarning):  # pydicom says so when it is set, too
+        ds.FrameOfReferenceUID = "1.2.03.4567"
+        ds.save_as(tmp_path / "bad.dcm")
+    logs.setup_logging(LoggingSettings())
+    with pytest.warns(UserWarning):
+        str(pydicom.dcmread(tmp_path / "bad.dcm").FrameOfReferenceUID)
+    assert "1.2.03.4567" not in capsys.readouterr().err
