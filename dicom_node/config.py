@@ -9,6 +9,7 @@ equal. A bad file fails at start with each bad key's path, its value and what wa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -63,7 +64,19 @@ AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, AfterValidator(_check_port)]
 UIDRoot = Annotated[str, AfterValidator(_check_uid_root)]
 Name = Annotated[str, AfterValidator(_check_name)]
-Seconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _check_ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(
+            "is not an IP address (the caller's address is compared, not its name)"
+        ) from None
+
+
+IPAddress = Annotated[str, AfterValidator(_check_ip_address)]
 
 
 class _Section(BaseModel):
@@ -74,7 +87,7 @@ class AllowedCaller(_Section):
     """A calling AE that may associate; ``host`` (an IP address) pins it to one address."""
 
     ae_title: AETitle
-    host: str | None = None
+    host: IPAddress | None = None
 
 
 class TLSSettings(_Section):
@@ -231,7 +244,8 @@ class ServiceSettings(_Section):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535)] = 9108
     #: How long SIGTERM waits for open associations and the job in hand before parking it.
-    drain_seconds: Seconds = 30.0
+    #: At most 60: systemd's TimeoutStopSec (90 s) must leave room for the rest of the stop.
+    drain_seconds: Annotated[Seconds, Field(le=60)] = 30.0
 
 
 class JobSettings(_Section):

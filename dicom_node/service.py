@@ -188,14 +188,15 @@ class Node:
         """
         logger.info("stopping: no new associations")
         self.notifier.stopping()
-        self.receiver.stop(drain_seconds=min(drain_seconds, 10.0))
+        deadline = time.monotonic() + drain_seconds  # one budget for associations and the job
+        self.receiver.stop(drain_seconds=drain_seconds)
         self._stop.set()
         self.worker.wake.set()
-        deadline = time.monotonic() + drain_seconds
         self.dispatcher.wake.set()
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.dispatcher.join(max(0.0, deadline - time.monotonic()))
+        self.worker.stopping.set()  # a job cut off from here on is parked, not failed
         close = getattr(self.worker.pipeline, "close", None)
         if close is not None:
             close()

@@ -68,6 +68,9 @@ class Worker:
         self.settings = settings
         self.work_root = work_root
         self.wake = threading.Event()
+        #: Set by the node's stop before it ends the analysis: a job cut off then is parked
+        #: (left ``running``, resumed at the next start), not counted as a failure.
+        self.stopping = threading.Event()
         self.busy = False
         self.last_beat = time.monotonic()
 
@@ -111,6 +114,12 @@ class Worker:
                 done = self.store.finish_job(job.id, JobState.SKIPPED, error=str(exc))
                 logger.info("job skipped: %s", exc)
             except Exception as exc:
+                if self.stopping.is_set():
+                    logger.warning(
+                        "job parked: the node stops (%s); it resumes at the next start",
+                        type(exc).__name__,
+                    )
+                    return job
                 reason = f"{type(exc).__name__}: {exc}"
                 if job.attempts >= self.settings.max_attempts:
                     done = self.store.finish_job(job.id, JobState.DEAD, error=reason)

@@ -44,6 +44,12 @@ def test_config_is_frozen() -> None:
         ("destinations: [{name: a, host: h, port: 1}]", "destinations[0].ae_title: missing"),
         ("node: {allowed_callers: [{ae_title: 'X\\x01'}]}", "node.allowed_callers[0].ae_title"),
         ("logging: {level: LOUD}", 'logging.level: "LOUD" is invalid'),
+        (
+            "node: {allowed_callers: [{ae_title: PACS, host: pacs.example}]}",
+            'node.allowed_callers[0].host: "pacs.example" is not an IP address',
+        ),
+        ("jobs: {job_timeout_seconds: .inf}", "jobs.job_timeout_seconds: Infinity is invalid"),
+        ("service: {drain_seconds: 120}", "service.drain_seconds: 120 is invalid"),
         ("inference: {seg_scales: [1.25]}", "seg_scales must hold 1.0, and each scale once"),
         ("- just\n- a list", "the top level must be a mapping"),
         ("node: [unclosed", "not valid YAML"),

@@ -299,6 +299,46 @@ def test_a_hung_analysis_is_killed_and_retried_while_receiving_goes_on(
     assert classes.count(COMPREHENSIVE_3D_SR) == 2
 
 
+def test_sigterm_during_a_job_past_the_drain_time_parks_it(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    pacs: StoreSCP,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """H5: SIGTERM while a job is still running when service.drain_seconds is up (its analysis
+    process frozen, so it cannot finish): the node ends the analysis process and exits 0, the
+    job is parked (left running: no attempt is spent on a failure, even with max_attempts 1),
+    and the next start runs it to the end."""
+    import sqlite3
+
+    node = _node(
+        node_factory,
+        tiny_model_dir,
+        pacs.port,
+        0.5,
+        jobs={"max_attempts": 1, "job_timeout_seconds": 600.0, "analysis_nice": 0},
+        service={"drain_seconds": 2.0},
+    )
+    assert node.proc is not None
+    frozen = analysis_process(node.proc.pid)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert storescu(phantom_series(seed=1), node.port).returncode == 0
+        node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "running", timeout=60)
+        assert node.terminate() == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
+        assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("running", 1)]
+    assert "job parked: the node stops" in node.log()
+    node.start()
+    listing = node.wait_jobs(lambda j: j["jobs"][0]["state"] == "done", timeout=180)
+    assert listing["jobs"][0]["attempts"] == 2
+    classes = [str(dcmread(p).SOPClassUID) for p in pacs.received()]
+    assert classes.count(COMPREHENSIVE_3D_SR) == 1
+
+
 def test_the_analysis_process_ends_with_the_node(
     node_factory: Callable[..., NodeProcess], tiny_model_dir: Path, pacs: StoreSCP
 ) -> None:

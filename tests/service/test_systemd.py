@@ -56,6 +56,7 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2",
         "User=dicom-node",
         "StateDirectory=dicom-node",
         "ConfigurationDirectory=dicom-node",
