@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -137,6 +137,20 @@ class InferenceResult:
     batch_size: int
     model_name: str
     model_version: str
+
+    def flipped(self, axes: tuple[int, ...]) -> InferenceResult:
+        """The same result with the volume's ``axes`` (0 z, 1 y, 2 x) reversed: the model's
+        answer for a volume it was given flipped, brought back to the volume's own order."""
+        if not axes:
+            return self
+        image = self.image_probabilities
+        back = tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(3))
+        probability = self.probability[back].copy(order="C")
+        return replace(
+            self,
+            probability=probability,
+            image_probabilities=np.ascontiguousarray(image[::-1]) if 0 in axes else image,
+        )
 
     def probability_float32(self) -> npt.NDArray[np.float32]:
         """(z, y, x) float32 probabilities in [0, 1] (a copy when stored as uint8)."""

@@ -239,11 +239,14 @@ class AnalysisPipeline:
                 )
         t = time.perf_counter()
         label = candidate.label
+        # The model reads the volume as it was trained (x left, y back, z up: a prone or
+        # feet-first series flipped to it); its answer comes back to the volume's own order.
+        flips = volume.axes_against_lps
         result = self.engine.run(
-            volume.hu,
+            np.flip(volume.hu, flips) if flips else volume.hu,
             volume.spacing_mm,
             progress=None if progress is None else lambda d, n: progress(label, d, n),
-        )
+        ).flipped(flips)
         seconds["model"] = time.perf_counter() - t
         image_probabilities = tuple(float(p) for p in result.image_probabilities)
         card = self.engine.card

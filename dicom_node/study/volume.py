@@ -284,6 +284,18 @@ class CTVolume:
         z, y, x = self.hu.shape
         return (z, y, x)
 
+    @property
+    def axes_against_lps(self) -> tuple[int, ...]:
+        """Index axes (0 z, 1 y, 2 x) that run against the LPS axis they follow: flipping them
+        gives the orientation the model was trained on (x towards the patient's left, y towards
+        the back, z towards the head), whatever the patient position (prone, feet first)."""
+        direction = self.direction
+        return tuple(
+            axis
+            for axis, sign in ((0, direction[2, 2]), (1, direction[1, 1]), (2, direction[0, 0]))
+            if sign < 0
+        )
+
     def index_to_lps(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Patient coordinates of voxel indices.
 
