@@ -365,14 +365,21 @@ class DicomSegDataset:
             skip_overlap_checks=True,
             assert_missing_frames_are_empty=True,
         )
-        mask = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.uint8)
+        mask = np.clip(pixels, 0, 255).astype(np.uint8)
+        # Both in the orientation the node's engine gives the model (x left, y back, z up),
+        # as for the other datasets: a prone or feet-first series is flipped to it.
+        flips = volume.axes_against_lps
+        first = [volume.shape[a] - 1 if a in flips else 0 for a in range(3)]
+        x, y, z = (float(v) for v in volume.index_to_lps(first))
+        back = tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))
+        hu = volume.hu[back].copy(order="C")
         return Case(
             case_id=case_id,
             patient_id=self._patients[case_id],
-            hu=volume.hu,
-            tumour_mask=mask,
+            hu=hu,
+            tumour_mask=mask[back].copy(order="C"),
             spacing_mm=volume.spacing_mm,
-            origin_mm=volume.origin_mm,
+            origin_mm=(x, y, z),
         )
 
 

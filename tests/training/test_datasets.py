@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
 from dicom_node.errors import DatasetError
+from dicom_node.training.ctseries import SeriesSpec, StudyIdentity, write_ct_series
 from dicom_node.training.datasets import (
     Case,
     CaseDataset,
@@ -74,16 +75,32 @@ def test_msd_loader_refuses_a_folder_without_dataset_json(tmp_path: Path) -> Non
         MSDDataset(tmp_path)
 
 
-def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path) -> None:
-    """SEG frames land on the CT slices they reference, giving back the phantom's mask."""
+@pytest.mark.parametrize("position", ["HFS", "HFP"])
+def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path, position: str) -> None:
+    """SEG frames land on the CT slices they reference, giving back the phantom's mask; a
+    prone series (its pixels stored rotated) comes back in the orientation the model reads."""
     phantom = generate_phantom(seed=3, shape_zyx=SMALL, tumour_probability=1.0)
     assert phantom.has_tumour
-    files = write_phantom_dicom(phantom, tmp_path / "ct")
-    sources = [pydicom.dcmread(f) for f in files]
     mask = phantom.tumour_mask > 0
+    if position == "HFS":
+        files = write_phantom_dicom(phantom, tmp_path / "ct")
+        stored_mask = mask
+    else:
+        (_, dy, dx), (ox, oy, oz) = phantom.spacing_mm, phantom.origin_mm
+        _, rows, columns = phantom.hu.shape
+        files = write_ct_series(
+            np.ascontiguousarray(phantom.hu[:, ::-1, ::-1]),
+            tmp_path / "ct",
+            spacing_mm=phantom.spacing_mm,
+            study=StudyIdentity.random(3),
+            series=SeriesSpec(image_orientation=(-1, 0, 0, 0, -1, 0), patient_position="HFP"),
+            origin_mm=(ox + (columns - 1) * dx, oy + (rows - 1) * dy, oz),
+        )
+        stored_mask = np.ascontiguousarray(mask[:, ::-1, ::-1])
+    sources = [pydicom.dcmread(f) for f in files]
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=mask,
+        pixel_array=stored_mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
             hd.seg.SegmentDescription(
@@ -110,6 +127,7 @@ def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path) -> None:
     assert case.hu.shape == phantom.hu.shape
     np.testing.assert_array_equal(case.hu, phantom.hu)
     np.testing.assert_array_equal(case.tumour_mask > 0, mask)
+    assert case.origin_mm == pytest.approx(phantom.origin_mm, abs=1e-3)
     assert ds.patient_id(case_id) == str(sources[0].PatientID)
     again = pickle.loads(pickle.dumps(ds))  # what loader processes receive
     np.testing.assert_array_equal(again.load(case_id).tumour_mask > 0, mask)
