@@ -257,7 +257,7 @@ class AnalysisPipeline:
             volume.hu,
             spacing_mm=volume.spacing_mm,
             origin_lps=volume.origin_mm,
-            direction=volume.direction,
+            direction=volume.step_direction,
             threshold=rule.threshold,
             min_volume_mm3=rule.min_volume_mm3,
             min_peak=rule.min_peak,

@@ -285,6 +285,17 @@ class CTVolume:
         return (z, y, x)
 
     @property
+    def step_direction(self) -> npt.NDArray[np.float64]:
+        """(3, 3) like :attr:`direction`, but its third column is the measured step between
+        slices over the slice spacing: ``origin + step_direction @ (x * sx, y * sy, z * sz)``
+        is :meth:`index_to_lps` exactly, also for a gantry tilt within tolerance (where the
+        step is not along the normal). What :func:`~dicom_node.analysis.lesions.find_lesions`
+        places lesions with."""
+        sz, sy, sx = self.spacing_mm
+        out: npt.NDArray[np.float64] = self.affine[:3, :3] / np.array([sx, sy, sz])
+        return out
+
+    @property
     def axes_against_lps(self) -> tuple[int, ...]:
         """Index axes (0 z, 1 y, 2 x) that run against the LPS axis they follow: flipping them
         gives the orientation the model was trained on (x towards the patient's left, y towards
@@ -590,7 +601,17 @@ def _check_spacing(along: npt.NDArray[np.float64], *, settings: VolumeGeometrySe
         shown = "; ".join(problems[:_SHOWN_PROBLEMS])
         more = len(problems) - _SHOWN_PROBLEMS
         raise VolumeGeometryError(shown + (f" (and {more} more)" if more > 0 else ""))
-    return float(along[-1] - along[0]) / (len(along) - 1)
+    mean = float(along[-1] - along[0]) / (len(along) - 1)
+    # Steps each within the tolerance may still add up (0.95 mm, then 1.04 mm): the volume's
+    # even grid must stay within half a slice of every slice's own position.
+    drift = np.abs(along - (along[0] + mean * np.arange(len(along))))
+    worst = int(np.argmax(drift))
+    if drift[worst] > 0.5 * nominal:
+        raise VolumeGeometryError(
+            f"uneven spacing: slice positions drift up to {_mm(float(drift[worst]))} mm from an"
+            f" even {_mm(mean)} mm grid (at z={_mm(float(along[worst]))} mm)"
+        )
+    return mean
 
 
 def _check_tilt(

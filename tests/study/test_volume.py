@@ -131,6 +131,17 @@ def test_uneven_spacing_is_refused(write_series: WriteSeries) -> None:
     assert read_volume(paths, settings=loose).shape == (20, 16, 16)
 
 
+def test_steps_each_within_tolerance_that_drift_apart_are_refused(
+    write_series: WriteSeries,
+) -> None:
+    """150 steps of 0.95 mm then 149 of 1.04 mm: each step passes, but the even grid the volume
+    would use lies 6.7 mm from the middle slice's own position."""
+    positions = [0.95 * k for k in range(151)] + [142.5 + 1.04 * k for k in range(1, 150)]
+    paths = write_series("s", SeriesSpec(), n_slices=300, positions_mm=positions)
+    with pytest.raises(VolumeGeometryError, match=r"^uneven spacing: slice positions drift up to"):
+        _read(paths)
+
+
 def test_gantry_tilt_is_detected_from_geometry(write_series: WriteSeries) -> None:
     """Positions sheared 15° off the normal are refused as gantry tilt, with the angle."""
     paths = write_series("s", SeriesSpec(), n_slices=20, gantry_tilt_deg=15.0)
@@ -147,6 +158,39 @@ def test_small_tilt_within_tolerance_keeps_exact_positions(write_series: WriteSe
     k = np.arange(20)
     index = np.stack([k, np.zeros(20), np.zeros(20)], axis=1)
     np.testing.assert_allclose(ct.index_to_lps(index), ct.slice_positions_mm, atol=1e-4)
+
+
+def test_lesions_on_a_tilted_series_lie_where_its_slices_are(write_series: WriteSeries) -> None:
+    """Within the tilt tolerance the slices step off the normal; a lesion found near the last of
+    300 slices is placed with the measured step (step_direction), on its slice's position."""
+    from dicom_node.analysis.lesions import find_lesions
+
+    paths = write_series("s", SeriesSpec(), n_slices=300, gantry_tilt_deg=0.9)
+    ct = _read(paths)
+    probability = np.zeros(ct.shape, dtype=np.float32)
+    probability[290:294, 6:10, 6:10] = 1.0
+    [lesion] = find_lesions(
+        probability,
+        ct.hu,
+        spacing_mm=ct.spacing_mm,
+        origin_lps=ct.origin_mm,
+        direction=ct.step_direction,
+        threshold=0.5,
+        min_volume_mm3=0.0,
+    ).lesions
+    expected = ct.index_to_lps([291.5, 7.5, 7.5])
+    np.testing.assert_allclose(lesion.centroid_lps, expected, atol=1e-6)
+    # what the plain direction (slices along the normal) would say: millimetres away
+    plain = find_lesions(
+        probability,
+        ct.hu,
+        spacing_mm=ct.spacing_mm,
+        origin_lps=ct.origin_mm,
+        direction=ct.direction,
+        threshold=0.5,
+        min_volume_mm3=0.0,
+    ).lesions[0]
+    assert np.linalg.norm(np.subtract(plain.centroid_lps, expected)) > 3.0
 
 
 def test_mixed_orientations_are_refused(write_series: WriteSeries) -> None:
