@@ -431,8 +431,9 @@ class VolumeGeometrySettings(_Section):
 class SelectionSettings(_Section):
     """Which series of a study is analysed: the rules, as data, checked from headers alone."""
 
-    #: ``best``: the one qualifying series with the thinnest slice spacing, then the most slices,
-    #: then ORIGINAL\PRIMARY; ``all``: every qualifying series.
+    #: ``best``: of the qualifying series that cover (nearly) as much as the widest one, the one
+    #: with the thinnest slice spacing, then the most slices, then ORIGINAL\PRIMARY; ``all``:
+    #: every qualifying series.
     policy: Literal["best", "all"] = "best"
     #: Modality (0008,0060) values that qualify.
     modalities: tuple[CodeString, ...] = ("CT",)
@@ -443,7 +444,7 @@ class SelectionSettings(_Section):
     )
     #: Images with any of these Image Type (0008,0008) values are left out of their series (a
     #: scout filed with the axial images); a series left with no image fails.
-    excluded_image_types: tuple[CodeString, ...] = ("LOCALIZER",)
+    excluded_image_types: tuple[CodeString, ...] = ("LOCALIZER", "TOPOGRAM")
     #: ``true``: only ORIGINAL\PRIMARY series qualify; ``false``: they are only preferred.
     require_original_primary: bool = False
     #: Fewest slices (frames of an Enhanced CT) a series needs.

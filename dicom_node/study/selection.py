@@ -17,10 +17,13 @@ summaries alone (:mod:`dicom_node.study.headers`), in this order, for each serie
    uneven spacing, tilt or mixed orientation), then at most ``max_slice_spacing_mm`` between
    slices.
 
-Of the series that pass, policy ``best`` chooses one: the thinnest slice spacing, then the most
-slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all`` keeps all, in that
-order. If none passes, :class:`~dicom_node.errors.StudySkipped` says, for every series, every
-rule it failed (rules 1-6 are all reported; the geometry is checked only when they pass).
+Of the series that pass, policy ``best`` chooses one: among those that cover (in the plane and
+along the body) at least nine tenths of what the widest one covers, the thinnest slice spacing,
+then the most slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all``
+keeps all, in that order. A targeted reconstruction (one lung, a small field of view) is thus
+never chosen over the whole chest for being thinner. If none passes,
+:class:`~dicom_node.errors.StudySkipped` says, for every series, every rule it failed (rules
+1-6 are all reported; the geometry is checked only when they pass).
 
 Series are named in messages and logs by number and description, never by patient data.
 """
@@ -181,7 +184,8 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
         raise StudySkipped(
             "no series qualifies for analysis: " + "; ".join(str(r) for r in rejected)
         )
-    candidates.sort(key=_preference)
+    widest = max(_coverage(c) for c in candidates)
+    candidates.sort(key=lambda c: (_coverage(c) < _FULL_COVERAGE * widest, *_preference(c)))
     if settings.policy == "best":
         chosen, passed_over = tuple(candidates[:1]), tuple(candidates[1:])
     else:
@@ -201,6 +205,17 @@ def _series_order(instances: Sequence[InstanceHeader], uid: str) -> tuple[bool, 
     """Series in messages: by number (those without one last), then UID."""
     number = instances[0].series_number
     return (number is None, number or 0, uid)
+
+
+#: A series covering at least this fraction of the widest candidate's volume covers it all.
+_FULL_COVERAGE = 0.9
+
+
+def _coverage(c: SeriesCandidate) -> float:
+    """mm³ the series spans: its field of view times its extent along the slice normal."""
+    depth, rows, columns = c.plan.shape
+    dz, dy, dx = c.plan.spacing_mm
+    return rows * dy * columns * dx * max(depth - 1, 1) * dz
 
 
 def _preference(c: SeriesCandidate) -> tuple[float, int, bool, float, str]:

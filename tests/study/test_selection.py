@@ -119,11 +119,12 @@ def test_oblique_axial_passes_or_fails_by_the_configured_tolerance(
 def test_policy_all_returns_every_qualifying_series_best_first(
     write_series: WriteSeries,
 ) -> None:
-    """Two qualifying recons: ``best`` keeps the thinner, ``all`` keeps both, thinner first."""
+    """Two qualifying recons of the same stretch: ``best`` keeps the thinner, ``all`` keeps
+    both, thinner first."""
     two = write_series(
         "two", SeriesSpec(series_number=2, series_description="2mm"), spacing_mm=(2.0, 0.7, 0.7)
     )
-    one = write_series("one", SeriesSpec(series_number=3, series_description="1mm"))
+    one = write_series("one", SeriesSpec(series_number=3, series_description="1mm"), n_slices=47)
     headers = _headers(two, one)
     best = select_series(headers, settings=DEFAULTS)
     assert [c.series_number for c in best.chosen] == [3]
@@ -149,6 +150,27 @@ def test_ties_go_to_more_slices_then_original(write_series: WriteSeries) -> None
     strict = SelectionSettings(require_original_primary=True)
     with pytest.raises(StudySkipped, match=r"not ORIGINAL\\PRIMARY \(DERIVED\\SECONDARY\)"):
         select_series(_headers(derived), settings=strict)
+
+
+def test_a_targeted_reconstruction_does_not_beat_the_whole_chest(
+    write_series: WriteSeries,
+) -> None:
+    """A thinner reconstruction of part of the field of view (one lung, a quarter of the area)
+    is not chosen over the whole-chest series; among series covering the same, the thinner
+    one still is."""
+    chest = write_series(
+        "chest", SeriesSpec(series_number=2), n_slices=30, spacing_mm=(1.0, 0.7, 0.7)
+    )
+    target = write_series(
+        "target", SeriesSpec(series_number=3), n_slices=60, spacing_mm=(0.5, 0.35, 0.35)
+    )
+    thin_chest = write_series(
+        "thin", SeriesSpec(series_number=4), n_slices=59, spacing_mm=(0.5, 0.7, 0.7)
+    )
+    chosen = select_series(_headers(chest, target), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [2]
+    chosen = select_series(_headers(chest, target, thin_chest), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [4]
 
 
 def test_scout_filed_inside_the_axial_series_is_left_out(
