@@ -29,7 +29,7 @@ from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkip
 from dicom_node.metrics import record_metrics
 from dicom_node.pipeline import StudyInput, StudyResult
 from dicom_node.results.writer import write_results
-from dicom_node.study.coverage import lung_coverage
+from dicom_node.study.coverage import LungCoverage, lung_coverage
 from dicom_node.study.headers import read_headers
 from dicom_node.study.selection import SeriesCandidate, select_series
 from dicom_node.study.volume import CTVolume, load_volume
@@ -48,22 +48,18 @@ def resolve_model_path(path: Path) -> Path:
     return shipped if shipped.exists() else path
 
 
-def field_of_view_centre_x_mm(volume: CTVolume) -> float:
-    """LPS x (mm) of the centre of the volume's field of view, mean of first and last slice.
+def midline_x_mm(volume: CTVolume, coverage: LungCoverage) -> float:
+    """LPS x (mm) of the patient's midline, which the SR's laterality is decided against.
 
-    The SR's laterality is decided against it; computed from the volume's geometry, so it
-    serves single-frame series and Enhanced CT alike.
+    The middle of the body across the image (at the volume's middle slice), where the whole
+    width of the body is in the field of view; where it is not (a targeted reconstruction of
+    one side), the scanner's isocentre, x = 0, on which the patient lies centred.
     """
-    depth, rows, columns = volume.hu.shape
-    dz, dy, dx = volume.spacing_mm
-    direction = np.asarray(volume.direction, dtype=np.float64)
-    first = (
-        np.asarray(volume.origin_mm, dtype=np.float64)
-        + direction[:, 0] * (columns - 1) / 2.0 * dx
-        + direction[:, 1] * (rows - 1) / 2.0 * dy
-    )
-    last = first + direction[:, 2] * (depth - 1) * dz
-    return float((first[0] + last[0]) / 2.0)
+    if coverage.body_columns is None or coverage.body_cut:
+        return 0.0
+    depth, rows, _ = volume.shape
+    middle = (coverage.body_columns[0] + coverage.body_columns[1]) / 2.0
+    return float(volume.index_to_lps([(depth - 1) / 2.0, (rows - 1) / 2.0, middle])[0])
 
 
 @dataclass(frozen=True)
@@ -229,14 +225,13 @@ class AnalysisPipeline:
         volume = load_volume(candidate.plan)
         seconds["volume"] = time.perf_counter() - t
         minimum = self.config.selection.min_lung_fraction
-        if minimum > 0:
-            coverage = lung_coverage(volume.hu)
-            if coverage.lung_fraction < minimum:
-                raise StudySkipped(
-                    f"{candidate.label}: no lung in the field of view (lung-density tissue"
-                    f" {100 * coverage.lung_fraction:.1f}% of the body, expected at least"
-                    f" {100 * minimum:.0f}%)"
-                )
+        coverage = lung_coverage(volume.hu)
+        if minimum > 0 and coverage.lung_fraction < minimum:
+            raise StudySkipped(
+                f"{candidate.label}: no lung in the field of view (lung-density tissue"
+                f" {100 * coverage.lung_fraction:.1f}% of the body, expected at least"
+                f" {100 * minimum:.0f}%)"
+            )
         t = time.perf_counter()
         label = candidate.label
         # The model reads the volume as it was trained (x left, y back, z up: a prone or
@@ -284,7 +279,7 @@ class AnalysisPipeline:
             out_dir=out_dir,
             image_probabilities=image_probabilities,
             frame_numbers=volume.frame_numbers,
-            midline_x_mm=field_of_view_centre_x_mm(volume),
+            midline_x_mm=midline_x_mm(volume, coverage),
         )
         seconds["seg"] = files.seg_seconds
         seconds["sr"] = files.sr_seconds + files.read_seconds

@@ -31,9 +31,10 @@ Preliminary Flag PRELIMINARY, the device observer, and the algorithm on every gr
 
 Laterality: DICOM's patient coordinate system is LPS, +x towards the patient's **left**. A
 lesion whose centroid lies at a smaller x than the patient's midline is on the patient's
-**right**, at a larger x on the **left**. The midline is given by the caller or, by default, taken
-as the centre of the reconstructed field of view (:func:`field_of_view_centre_x`), which
-scanners centre on the patient; exactly on the midline no laterality is written.
+**right**, at a larger x on the **left**. The midline is given by the caller (the node's
+pipeline gives the middle of the body across the image: :func:`~dicom_node.analysis.pipeline.
+midline_x_mm`) or, by default, taken as the centre of the reconstructed field of view
+(:func:`field_of_view_centre_x`); exactly on the midline no laterality is written.
 """
 
 from __future__ import annotations

@@ -22,10 +22,18 @@ _LUNG_HU = (-950.0, -500.0)
 
 @dataclass(frozen=True)
 class LungCoverage:
-    """How much of the body inside the field of view is lung-density tissue."""
+    """How much of the body inside the field of view is lung-density tissue, and where the
+    body lies across the image.
+
+    ``body_columns``: the first and last image column (x index) the body reaches, ``None``
+    without a body; ``body_cut``: the body reaches the first or the last column (the field of
+    view is narrower than the patient, as in a targeted reconstruction).
+    """
 
     body_voxels: int
     lung_voxels: int
+    body_columns: tuple[int, int] | None = None
+    body_cut: bool = False
 
     @property
     def lung_fraction(self) -> float:
@@ -49,4 +57,7 @@ def lung_coverage(hu: npt.NDArray[np.generic], *, step: int = 2) -> LungCoverage
     for z in range(body.shape[0]):  # holes per axial slice: lungs and airways join the body
         body[z] = ndimage.binary_fill_holes(body[z])
     lung = body & (sample >= _LUNG_HU[0]) & (sample < _LUNG_HU[1])
-    return LungCoverage(int(body.sum()), int(lung.sum()))
+    columns = np.flatnonzero(body.any(axis=(0, 1)))
+    first, last = int(columns[0]) * step, int(columns[-1]) * step
+    cut = first == 0 or last >= hu.shape[2] - step
+    return LungCoverage(int(body.sum()), int(lung.sum()), (first, last), cut)

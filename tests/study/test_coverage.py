@@ -49,3 +49,37 @@ def test_analyze_skips_a_head_ct(tmp_path: Path, tiny_model_dir: Path) -> None:
     )
     assert done.returncode == 3, done.stderr
     assert "no lung in the field of view" in done.stderr
+
+
+def test_the_midline_is_the_middle_of_the_body_not_of_the_field_of_view(tmp_path: Path) -> None:
+    """The laterality's midline: the same chest in a field of view 30 columns wider on the
+    patient's left keeps its midline (the body's middle), while the field of view's centre
+    moves by 15 columns (45 mm); a field of view narrower than the body falls back to x = 0."""
+    from dicom_node.analysis.pipeline import midline_x_mm
+    from dicom_node.config import VolumeGeometrySettings
+    from dicom_node.study.volume import read_volume
+
+    phantom = generate_phantom(
+        seed=2, shape_zyx=(24, 128, 128), spacing_mm=(5.0, 3.0, 3.0), tumour_probability=0.0
+    )
+    hu = np.asarray(phantom.hu)
+    found = {}
+    wider = np.pad(hu, ((0, 0), (0, 0), (0, 30)), constant_values=-1000)
+    for name, pixels in (("full", hu), ("wider", wider), ("narrow", hu[:, :, 40:88])):
+        files = write_ct_series(
+            np.ascontiguousarray(pixels),
+            tmp_path / name,
+            spacing_mm=phantom.spacing_mm,
+            study=StudyIdentity.random(2),
+            series=SeriesSpec(),
+            origin_mm=phantom.origin_mm,
+        )
+        volume = read_volume(files, settings=VolumeGeometrySettings())
+        coverage = lung_coverage(volume.hu)
+        found[name] = (midline_x_mm(volume, coverage), coverage.body_cut)
+    full, wider, narrow = found["full"], found["wider"], found["narrow"]
+    assert not full[1] and not wider[1]
+    assert abs(full[0] - wider[0]) <= 2 * 3.0  # the sampling step of two columns
+    centre_full = phantom.origin_mm[0] + 127 / 2 * 3.0
+    assert abs(full[0] - centre_full) < 15.0  # the phantom's patient lies near the centre
+    assert narrow == (0.0, True)
