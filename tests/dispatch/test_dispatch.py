@@ -342,3 +342,31 @@ def test_a_retried_dead_delivery_ages_from_the_retry(
     assert store.retry_job(job_id).state == JobState.SENDING
     [item] = outbox.claim("pacs")
     assert outbox.failed(item.id, "PACS down") == DeliveryState.PENDING
+
+
+def test_a_warning_status_counts_as_delivered(
+    tmp_path: Path, write_study: Callable[..., list[Path]]
+) -> None:
+    """O2: a PACS that stores with a warning (0xB000, coercion of data elements; a pynetdicom
+    SCP here, since storescp cannot answer one) has the result: delivered, its status kept."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _e: 0xB000)]
+    )
+    try:
+        files = write_study(slices=1)
+        cfg = _config(tmp_path, {"pacs": port})
+        store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+        outbox = Outbox(store, cfg.dispatch)
+        job_id = _job_with_outputs(store, files, ["pacs"])
+        Dispatcher(cfg, outbox).drain("pacs")
+        [item] = outbox.items()
+        assert (item.state, item.last_status) == (DeliveryState.DELIVERED, 0xB000)
+        assert store.job(job_id).state == JobState.DONE
+    finally:
+        server.shutdown()
