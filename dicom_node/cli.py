@@ -279,6 +279,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.config is not None and args.write_card is not None:
         # the card's figures describe the card's own lesion rule
         raise UsageError("--write-card scores the card's own lesion rule: leave out --config")
+    if args.dataset != "phantoms" and args.split is None:
+        # without a split every case of the folder is scored, those trained on included
+        if args.write_card is not None:
+            raise UsageError(
+                f"--write-card on {args.dataset} data needs --split: without it every case is"
+                " scored as held out, the training cases too"
+            )
+        if args.baseline:
+            raise UsageError(
+                f"--baseline on {args.dataset} data needs --split: its training cases come"
+                " from the split"
+            )
     return run_from_args(args)
 
 

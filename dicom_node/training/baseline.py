@@ -181,8 +181,13 @@ class BaselineModel:
     threshold: float = 0.5
 
     def predict_proba(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """(n,) probability that each slice holds tumour."""
-        proba: npt.NDArray[np.float64] = self.classifier.predict_proba(features)[:, 1]
+        """(n,) probability that each slice holds tumour (0 for every slice of a classifier
+        whose training slices held none, 1 for one whose slices all did)."""
+        classes = [int(c) for c in self.classifier.classes_]
+        columns = self.classifier.predict_proba(features)
+        if 1 not in classes:
+            return np.zeros(len(features), dtype=np.float64)
+        proba: npt.NDArray[np.float64] = columns[:, classes.index(1)].astype(np.float64)
         return proba
 
 

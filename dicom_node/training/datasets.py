@@ -18,6 +18,7 @@ slices are on both sides; :func:`write_split` and :func:`read_split` keep a spli
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -238,17 +239,19 @@ class MSDDataset:
             label = sitk.ReadImage(str(label_path))
         except RuntimeError as exc:
             raise DatasetError(f"case {case_id}: cannot read NIfTI ({exc})") from exc
+        # Both to increasing x, y, z along the LPS axes, as the node gives the model its
+        # volumes: flipped, and permuted where the axes are stored in another order (a volume
+        # stored sagittal or coronal).
+        image = sitk.DICOMOrient(image, "LPS")  # type: ignore[no-untyped-call, unused-ignore]
+        label = sitk.DICOMOrient(label, "LPS")  # type: ignore[no-untyped-call, unused-ignore]
         raw_direction = image.GetDirection()  # type: ignore[no-untyped-call, unused-ignore]
         direction = np.asarray(raw_direction, dtype=np.float64).reshape(3, 3)
-        if not np.allclose(np.abs(direction), np.eye(3), atol=1e-3):
+        if not np.allclose(direction, np.eye(3), atol=1e-3):
             logger.warning("case %s: oblique direction %s read as axial", case_id, direction)
         hu = sitk.GetArrayFromImage(image)
         mask = sitk.GetArrayFromImage(label)
-        # Bring both arrays to increasing z, y, x along the LPS axes as the node sees them.
-        for axis, sign in ((0, direction[2, 2]), (1, direction[1, 1]), (2, direction[0, 0])):
-            if sign < 0:
-                hu = np.flip(hu, axis=axis)
-                mask = np.flip(mask, axis=axis)
+        if mask.shape != hu.shape:
+            raise DatasetError(f"case {case_id}: label {mask.shape} and image {hu.shape} differ")
         raw_spacing = image.GetSpacing()  # type: ignore[no-untyped-call, unused-ignore]
         sx, sy, sz = (float(v) for v in raw_spacing)
         hu_arr = (
@@ -256,12 +259,7 @@ class MSDDataset:
             if np.issubdtype(hu.dtype, np.integer) and hu.min() >= -32768 and hu.max() <= 32767
             else np.ascontiguousarray(hu, dtype=np.float32)
         )
-        # The origin is the position of the (possibly flipped) first voxel.
-        size = image.GetSize()  # type: ignore[no-untyped-call, unused-ignore]
-        first = tuple(
-            int(size[i]) - 1 if direction[i, i] < 0 else 0 for i in range(3)
-        )  # (x, y, z) index
-        raw_origin = image.TransformIndexToPhysicalPoint(first)  # type: ignore[no-untyped-call, unused-ignore]
+        raw_origin = image.GetOrigin()  # type: ignore[no-untyped-call, unused-ignore]
         origin = tuple(float(v) for v in raw_origin)
         return Case(
             case_id=case_id,
@@ -581,11 +579,32 @@ def _triple(values: npt.NDArray[np.float64]) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class Split:
-    """Case ids by split name (``train``, ``val``, ``test``); a patient is in one split only."""
+    """Case ids by split name (``train``, ``val``, ``test``); a patient is in one split only.
+
+    ``phantoms``: for a split of generated phantoms, how they were made. A phantom's case id
+    names its seed, not its site distribution or tumour probability: the same id made with
+    other settings is another case, so whoever reads the split makes its phantoms this way
+    (:meth:`phantoms_for`).
+    """
 
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
+    phantoms: PhantomSpec | None = None
+
+    def phantoms_for(self, asked: PhantomSpec, *, source: str = "the split") -> PhantomSpec:
+        """The phantoms this split's ids stand for: its own settings where it records them
+        (with a warning when ``asked`` differs), else ``asked``."""
+        if self.phantoms is None:
+            return asked
+        if self.phantoms != asked:
+            logger.warning(
+                "%s was made of phantoms %s: its cases are made that way, not as %s",
+                source,
+                self.phantoms.describe(),
+                asked.describe(),
+            )
+        return self.phantoms
 
     def get(self, name: str) -> tuple[str, ...]:
         """The case ids of split ``name``; ``ValueError`` for an unknown name."""
@@ -640,11 +659,13 @@ def write_split(split: Split, path: Path, *, patients: Mapping[str, str] | None 
     """Write a split as JSON: ``{"train": [...], "val": [...], "test": [...]}``.
 
     ``patients`` (case id to patient id), when given, is stored too so that the file can be
-    checked for patient leaks later.
+    checked for patient leaks later; so is ``split.phantoms``, how its phantoms were made.
     """
     payload: dict[str, object] = {name: list(split.get(name)) for name in SPLIT_NAMES}
     if patients is not None:
         payload["patients"] = dict(patients)
+    if split.phantoms is not None:
+        payload["phantoms"] = dataclasses.asdict(split.phantoms)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
@@ -677,7 +698,16 @@ def read_split(path: Path) -> Split:
                     raise DatasetError(
                         f"{path}: patient {patient} is in {owner[patient]} and {name}"
                     )
-    return Split(train=parts["train"], val=parts["val"], test=parts["test"])
+    phantoms = None
+    if raw.get("phantoms") is not None:
+        try:
+            made = dict(raw["phantoms"])
+            made["shape_zyx"] = tuple(int(v) for v in made["shape_zyx"])
+            made["matrices"] = tuple(int(v) for v in made.get("matrices", ()))
+            phantoms = PhantomSpec(**made)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{path}: its phantoms are not readable ({exc})") from exc
+    return Split(train=parts["train"], val=parts["val"], test=parts["test"], phantoms=phantoms)
 
 
 def open_dataset(

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ from dicom_node.analysis.lesions import LesionRule, find_lesions
 from dicom_node.analysis.network import image_calls
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_card
 from dicom_node.config import InferenceSettings, LesionSettings, load_config
+from dicom_node.errors import DatasetError
 from dicom_node.training.datasets import Case, CaseDataset, iter_cases
 from dicom_node.training.metrics import (
     BOOTSTRAP_LEVEL,
@@ -647,6 +649,10 @@ def card_figures(
     return {k: float(v) for k, v in figures.items() if v is not None}
 
 
+#: The held-out note :func:`card_with_figures` adds, up to its closing full stop.
+_HELD_OUT_NOTE = re.compile(r" Held-out evaluation \(metrics heldout_\*\): .*?\.(?=\s|$)")
+
+
 def card_with_figures(
     card: ModelCard,
     held_out: Evaluation,
@@ -660,11 +666,17 @@ def card_with_figures(
 
     Every ``heldout_*`` figure is this evaluation's: those of an earlier one go, so a figure
     this evaluation cannot give (an interval without tumours of 6 mm, say) is absent rather
-    than stale. Train and baseline figures are replaced only when given.
+    than stale; so does an earlier held-out note in the description. The baseline's figures
+    compare it with the network on a held-out set: they go unless given again. Train figures
+    (the network on its training cases) are replaced only when given.
     """
-    note = f" Held-out evaluation (metrics heldout_*): {description}."
-    text = card.description if note in card.description else card.description + note
-    kept = {k: v for k, v in card.metrics.items() if not k.startswith("heldout_")}
+    earlier = re.sub(_HELD_OUT_NOTE, "", card.description)
+    text = f"{earlier} Held-out evaluation (metrics heldout_*): {description}."
+    kept = {
+        k: v
+        for k, v in card.metrics.items()
+        if not k.startswith("heldout_") and (baseline is not None or not k.startswith("baseline_"))
+    }
     return card.model_copy(
         update={
             "description": text,
@@ -676,16 +688,68 @@ def card_with_figures(
     )
 
 
+def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, list[str]]:
+    """The held-out dataset and case ids, and the training ones, from ``evaluate``'s arguments.
+
+    With a split of phantoms, its cases are made as the split records (its ids name seeds, not
+    how the phantoms were made); an empty held-out set is refused before anything runs.
+    """
+    from dicom_node.training.datasets import PhantomSpec, open_dataset, read_split
+
+    spec = PhantomSpec(
+        first_seed=args.first_seed,
+        count=args.phantoms,
+        shape_zyx=tuple(args.phantom_shape),
+        matrices=tuple(args.phantom_matrix),
+        shift=args.shift,
+        tumour_probability=args.tumour_probability,
+        widen=args.widen,
+    )
+    split = None if args.split is None else read_split(args.split)
+    if split is not None and args.dataset == "phantoms":
+        spec = split.phantoms_for(spec, source=str(args.split))  # what its ids stand for
+    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
+    train_dataset: CaseDataset
+    if split is not None:
+        held_out_ids = list(split.get(args.split_name))
+        if not held_out_ids:
+            raise DatasetError(
+                f"the {args.split_name!r} part of {args.split} holds no case (train writes"
+                " none unless --test-fraction is given): name another with --split-name"
+            )
+        train_ids = list(split.train)
+        train_dataset = dataset
+    else:
+        held_out_ids = dataset.case_ids()
+        if not held_out_ids:
+            raise DatasetError(f"{dataset.name} holds no case: nothing to evaluate")
+        train_spec = PhantomSpec(
+            first_seed=args.train_first_seed,
+            count=args.train_phantoms,
+            shape_zyx=tuple(args.phantom_shape),
+            matrices=tuple(args.phantom_matrix),
+            shift=args.train_shift,
+            tumour_probability=args.train_tumour_probability,
+            widen=args.train_widen,
+        )
+        train_split = None if args.train_split is None else read_split(args.train_split)
+        if train_split is not None and args.dataset == "phantoms":
+            train_spec = train_split.phantoms_for(train_spec, source=str(args.train_split))
+        train_dataset = open_dataset(
+            args.dataset, path=args.data, phantoms=train_spec, cache_dir=args.cache_dir
+        )
+        train_ids = train_dataset.case_ids() if args.dataset == "phantoms" else []
+        if train_split is not None:  # only the cases the network was trained on
+            trained = set(train_split.train)
+            train_ids = [c for c in train_ids if c in trained]
+    return dataset, held_out_ids, train_dataset, train_ids
+
+
 def run_from_args(args: Any) -> int:
     """The ``dicom-node evaluate`` command (``args`` from its argparse subcommand)."""
     import torch
 
-    from dicom_node.training.datasets import (
-        PhantomSpec,
-        default_workers,
-        open_dataset,
-        read_split,
-    )
+    from dicom_node.training.datasets import default_workers
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -696,42 +760,7 @@ def run_from_args(args: Any) -> int:
     seg_scales = None if node_config is None else node_config.inference.seg_scales
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    spec = PhantomSpec(
-        first_seed=args.first_seed,
-        count=args.phantoms,
-        shape_zyx=tuple(args.phantom_shape),
-        matrices=tuple(args.phantom_matrix),
-        shift=args.shift,
-        tumour_probability=args.tumour_probability,
-        widen=args.widen,
-    )
-    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
-    train_dataset: CaseDataset
-    if args.split is not None:
-        split = read_split(args.split)
-        held_out_ids = list(split.get(args.split_name))
-        train_ids = list(split.train)
-        train_dataset = dataset
-    else:
-        held_out_ids = dataset.case_ids()
-        train_dataset = open_dataset(
-            args.dataset,
-            path=args.data,
-            phantoms=PhantomSpec(
-                first_seed=args.train_first_seed,
-                count=args.train_phantoms,
-                shape_zyx=tuple(args.phantom_shape),
-                matrices=tuple(args.phantom_matrix),
-                shift=args.train_shift,
-                tumour_probability=args.train_tumour_probability,
-                widen=args.train_widen,
-            ),
-            cache_dir=args.cache_dir,
-        )
-        train_ids = train_dataset.case_ids() if args.dataset == "phantoms" else []
-        if args.train_split is not None:  # only the cases the network was trained on
-            trained = set(read_split(args.train_split).train)
-            train_ids = [c for c in train_ids if c in trained]
+    dataset, held_out_ids, train_dataset, train_ids = _cases_from_args(args)
     progress = not args.no_progress
     workers = args.workers or default_workers()
     loaded = load_model(args.model)

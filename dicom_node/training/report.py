@@ -196,7 +196,7 @@ def write_report(
     grid = fig.add_gridspec(2, 5, height_ratios=(1.2, 1.1))
     fig.suptitle(
         f"{evaluation.card.name} {evaluation.card.version} - {description}\n"
-        "Synthetic data; not for clinical use.",
+        "A research model; not for clinical use.",
         fontsize=13,
     )
     ax = fig.add_subplot(grid[0, 0:2])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -1463,7 +1464,7 @@ def lesion_rule_scores(
         ]
     ],
     rules: Sequence[LesionRule],
-) -> list[tuple[float, float, float]]:
+) -> list[tuple[float | None, float | None, float | None]]:
     """(mean Dice of tumours >= 6 mm, their detection sensitivity, false-positive lesions per
     tumour-free case) of each rule over ``cases``: (tumour mask, spacing, tumour probability,
     image probability, study probability) each.
@@ -1473,8 +1474,9 @@ def lesion_rule_scores(
     the lesions that share a voxel with it, and its Dice is taken against their union; a lesion
     touching no tumour is a false positive), without measuring any lesion: each case is
     labelled once per threshold, and each rule's volume, peak and gates only choose among those
-    components. Rules keep every lesion (no ``max_lesions``). 0.0 where no case has a tumour of
-    6 mm, or none is tumour-free.
+    components. Rules keep every lesion (no ``max_lesions``). ``None`` where no case has a
+    tumour of 6 mm (Dice, detection), or none is tumour-free (false positives), as
+    ``dicom-node evaluate`` reports them.
     """
     dice: list[list[float]] = [[] for _ in rules]
     found: list[list[bool]] = [[] for _ in rules]
@@ -1523,9 +1525,9 @@ def lesion_rule_scores(
                     dice[i].append(2.0 * int(shared[hit].sum()) / (int(truth_voxels[g]) + size))
     return [
         (
-            float(np.mean(d)) if d else 0.0,
-            float(np.mean(f)) if f else 0.0,
-            float(np.mean(n)) if n else 0.0,
+            float(np.mean(d)) if d else None,
+            float(np.mean(f)) if f else None,
+            float(np.mean(n)) if n else None,
         )
         for d, f, n in zip(dice, found, false, strict=True)
     ]
@@ -1593,30 +1595,47 @@ def _lesion_operating_point(
         val_probability.size / 1e6,
         time.monotonic() - began,
     )
-    within = [t for t in tried if t[2] <= LESION_FP_LIMIT]
+    if tried and tried[0][2] is None:
+        logger.warning(
+            "no tumour-free validation case: the lesion rule is chosen without its false"
+            " positives (give the split tumour-free validation cases)"
+        )
+    if tried and tried[0][1] is None:
+        logger.warning(
+            "no validation tumour of 6 mm or more: the lesion rule is chosen on its false"
+            " positives alone"
+        )
+
+    def fp_of(t: tuple[LesionRule, float | None, float | None, float | None]) -> float:
+        return 0.0 if t[2] is None else t[2]
+
+    def dice_of(t: tuple[LesionRule, float | None, float | None, float | None]) -> float:
+        return 0.0 if t[1] is None else t[1]
+
+    within = [t for t in tried if fp_of(t) <= LESION_FP_LIMIT]
     if within:
-        best = max(within, key=lambda t: (t[1], -t[2]))
+        best = max(within, key=lambda t: (dice_of(t), -fp_of(t)))
     else:
-        best = min(tried, key=lambda t: (t[2], -t[1]))
+        best = min(tried, key=lambda t: (fp_of(t), -dice_of(t)))
     rule, dice, fp, found = best
     logger.info(
         "lesion rule: threshold %.2f, peak %s, minimum %.0f mm3, image gate %s, study gate %s:"
-        " validation Dice (>= 6 mm) %.3f, detection %.3f, %.2f false positives per tumour-free"
-        " case",
+        " validation Dice (>= 6 mm) %s, detection %s, %s false positives per tumour-free case",
         rule.threshold,
         "none" if rule.min_peak is None else f"{rule.min_peak:.2f}",
         rule.min_volume_mm3,
         "off" if rule.image_gate is None else f"at {rule.image_gate:.2f}",
         "off" if rule.study_gate is None else f"at {rule.study_gate:.2f}",
-        dice,
-        found,
-        fp,
+        "n/a" if dice is None else f"{dice:.3f}",
+        "n/a" if found is None else f"{found:.3f}",
+        "n/a" if fp is None else f"{fp:.2f}",
     )
-    return rule, {
+    figures = {
         "val_lesion_dice_ge_6mm": dice,
         "val_detection_sensitivity_ge_6mm": found,
         "val_fp_lesions_per_tumour_free_study": fp,
     }
+    return rule, {k: v for k, v in figures.items() if v is not None}
 
 
 def _image_operating_point(
@@ -2116,18 +2135,23 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
         tumour_probability=args.tumour_probability,
         widen=args.widen,
     )
-    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
     work_dir: Path = args.work_dir or args.output.with_name(args.output.name + "-work")
     split_path: Path = args.split or work_dir / "split.json"
+    phantoms = args.dataset == "phantoms"
     if split_path.exists():
         split = read_split(split_path)
+        if phantoms:  # the split's ids stand for the phantoms it was made of
+            spec = split.phantoms_for(spec, source=str(split_path))
+        dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
     else:
+        dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
         split = split_cases(
             dataset,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed,
         )
+        split = dataclasses.replace(split, phantoms=spec if phantoms else None)
         write_split(
             split,
             split_path,
@@ -2149,7 +2173,7 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
         resume=args.resume,
         training_data=(
             f"{what}; patient-level split {split_path.name}: {len(split.train)} training and "
-            f"{len(split.val)} validation cases. No real patient data."
+            f"{len(split.val)} validation cases." + (" No real patient data." if phantoms else "")
         ),
     )
     print(

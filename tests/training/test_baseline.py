@@ -40,3 +40,16 @@ def test_baseline_reports_train_and_held_out_scores() -> None:
     assert result["train"]["accuracy"] > 0.9  # a forest fits its own training slices
     assert 0.0 <= result["held_out"]["accuracy"] <= 1.0
     assert result["train"]["confusion"]["tp"] + result["train"]["confusion"]["fn"] > 0
+
+
+def test_a_baseline_fitted_on_one_class_scores_without_failing() -> None:
+    """Training slices without any tumour (a tumour-free training split): the forest knows one
+    class; every slice gets probability 0 instead of an error."""
+    from dicom_node.training.baseline import fit_baseline
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(20, len(FEATURE_NAMES)))
+    model = fit_baseline(features, np.zeros(20, dtype=bool))
+    assert model.predict_proba(features).tolist() == [0.0] * 20
+    both = fit_baseline(features, np.arange(20) % 2 == 0)
+    assert both.predict_proba(features).shape == (20,)

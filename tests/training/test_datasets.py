@@ -230,6 +230,26 @@ def test_msd_loader_flips_ras_stored_volumes_to_increasing_lps(tmp_path: Path) -
     assert case.origin_mm == pytest.approx((10.0 - 2.4, 20.0 - 1.4, 30.0))
 
 
+def test_msd_loader_brings_a_volume_stored_sagittal_to_axial(tmp_path: Path) -> None:
+    """Axes stored in another order (index i towards the back, j up, k to the left): the
+    loader permutes them to (z, y, x) along the LPS axes, spacing with them, mask alike."""
+    stored = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)  # (k, j, i)
+    label = np.zeros_like(stored, dtype=np.uint8)
+    label[3, 1, 2] = 1  # k=3 (x), j=1 (z), i=2 (y)
+    _write_msd(tmp_path, {"lung_001": (stored, label)})
+    for folder in ("imagesTr", "labelsTr"):
+        path = tmp_path / folder / "lung_001.nii.gz"
+        image = sitk.ReadImage(str(path))
+        # columns: i -> +y (P), j -> +z (S), k -> +x (L)
+        image.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))  # type: ignore[no-untyped-call, unused-ignore]
+        image.SetSpacing((0.6, 2.5, 0.9))  # type: ignore[no-untyped-call, unused-ignore]
+        sitk.WriteImage(image, str(path))
+    case = MSDDataset(tmp_path).load("lung_001")
+    np.testing.assert_array_equal(case.hu, stored.transpose(1, 2, 0))  # [z, y, x] = [j, i, k]
+    assert case.spacing_mm == pytest.approx((2.5, 0.6, 0.9))
+    assert np.argwhere(case.tumour_mask).tolist() == [[1, 2, 3]]
+
+
 def test_widened_phantoms_use_the_widened_distribution() -> None:
     """``widen`` applies :meth:`SiteDistribution.widened` after the shift and is described."""
     spec = PhantomSpec(first_seed=10, count=2, shape_zyx=SMALL, shift=0.5, widen=1.0)

@@ -274,6 +274,23 @@ def test_the_card_takes_every_held_out_figure_from_the_new_evaluation() -> None:
     assert 0.0 <= low < 1.0 < high <= 2.0
 
 
+def test_a_new_held_out_set_replaces_the_note_and_the_baseline_of_the_earlier_one() -> None:
+    """Written again on another set, the card names only that set, and the baseline's figures
+    of the earlier set go (they compared it with the network there)."""
+    free = tuple(_outcome(k, right=k % 4 == 1) for k in (1, 3, 5, 7))
+    base = {"train": {"accuracy": 1.0, "mcc": 1.0}, "held_out": {"accuracy": 0.2, "mcc": 0.0}}
+    card = make_card()
+    first = card_with_figures(
+        card, Evaluation(card=card, cases=free), description="set 1 (3.5 mm)", baseline=base
+    )
+    assert first.metrics["baseline_heldout_image_accuracy"] == pytest.approx(0.2)
+    again = card_with_figures(first, Evaluation(card=first, cases=free), description="set 2")
+    assert again.description.count("Held-out evaluation") == 1
+    assert again.description.endswith("Held-out evaluation (metrics heldout_*): set 2.")
+    assert "set 1" not in again.description
+    assert not any(k.startswith("baseline_") for k in again.metrics)
+
+
 def test_evaluate_writes_json_and_png(tmp_path: Path) -> None:
     """Evaluating a (random) tiny model on phantoms writes evaluation.json and report.png."""
     torch.set_num_threads(1)
@@ -412,6 +429,34 @@ def test_train_and_evaluate_commands_run_end_to_end(tmp_path: Path) -> None:
     assert {"held_out", "train", "baseline"} <= set(payload)
     assert "accuracy" in payload["baseline"]["held_out"]
     assert (tmp_path / "eval" / "report.png").exists()
+
+    # The split records how its phantoms were made (train's settings: no shift, widened by 1,
+    # tumour probability 0.6); evaluate --split makes its cases that way, not with its own
+    # defaults, and refuses the empty test part train wrote.
+    assert split["phantoms"]["widen"] == 1.0 and split["phantoms"]["tumour_probability"] == 0.6
+    split_args = ["--split", str(tmp_path / "model-work" / "split.json"), *small]
+    status = main(["evaluate", "--model", str(tmp_path / "model"), *split_args,
+                   "--split-name", "val", "--out", str(tmp_path / "eval-val")])  # fmt: skip
+    assert status == 0
+    described = json.loads((tmp_path / "eval-val" / "evaluation.json").read_text())["dataset"]
+    assert "widened by 1" in described and "tumour probability 0.6" in described
+    status = main(["evaluate", "--model", str(tmp_path / "model"), *split_args,
+                   "--out", str(tmp_path / "eval-test")])  # fmt: skip
+    assert status == 1
+    assert not (tmp_path / "eval-test").exists()
+
+
+@pytest.mark.parametrize("flag", [["--baseline"], ["--write-card", "card"]])
+def test_evaluate_refuses_a_folder_without_its_split_for_held_out_claims(
+    flag: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MSD or DICOM+SEG data without --split: every case would be scored as held out, those
+    trained on too, and the baseline would have no training cases: refused at once."""
+    from dicom_node.cli import EXIT_USAGE, main
+
+    status = main(["evaluate", "--model", "m", "--dataset", "msd", "--data", str(tmp_path), *flag])
+    assert status == EXIT_USAGE
+    assert "needs --split" in capsys.readouterr().err
 
 
 def test_evaluate_scores_the_lesions_a_configured_node_reports(

@@ -356,6 +356,29 @@ def test_the_study_gate_is_chosen_when_only_it_drops_a_confident_false_positive(
     assert figures["val_detection_sensitivity_ge_6mm"] == 1.0
 
 
+def test_without_tumour_free_validation_cases_no_false_positive_figure_is_claimed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a case with tumour to validate on: the rule is chosen without its false positives,
+    the card gets no false-positive figure (not 0.0), and the log says why."""
+    bank, prob = _validation_with_a_false_positive(200)
+    depth = len(prob) // 2
+    only = train_module.SliceBank(
+        hu=bank.hu[:depth],
+        masks=bank.masks[:depth],
+        labels=bank.labels[:depth],
+        case_index=bank.case_index[:depth],
+        case_ids=bank.case_ids[:1],
+        spacing_zyx=bank.spacing_zyx[:1],
+    )
+    image = np.full(depth, 0.9, np.float32)
+    with caplog.at_level("WARNING"):
+        _, figures = train_module._lesion_operating_point(only, prob[:depth], image, 0.5, top_k=3)
+    assert "val_fp_lesions_per_tumour_free_study" not in figures
+    assert figures["val_lesion_dice_ge_6mm"] == pytest.approx(1.0)
+    assert "no tumour-free validation case" in caplog.text
+
+
 def _image_bank(cases: int, depth: int) -> train_module.SliceBank:
     """``cases`` cases of ``depth`` slices of 8 x 8; even cases hold tumour on slices 3-6."""
     masks = np.zeros((cases * depth, 8, 8), np.uint8)
