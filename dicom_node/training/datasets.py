@@ -592,19 +592,27 @@ class Split:
     test: tuple[str, ...]
     phantoms: PhantomSpec | None = None
 
-    def phantoms_for(self, asked: PhantomSpec, *, source: str = "the split") -> PhantomSpec:
-        """The phantoms this split's ids stand for: its own settings where it records them
-        (with a warning when ``asked`` differs), else ``asked``."""
+    def phantoms_for(
+        self, asked: PhantomSpec, *, source: str = "the split", listing: bool = True
+    ) -> PhantomSpec:
+        """The phantoms this split's ids stand for: made with its own settings where it
+        records them (with a warning when ``asked`` differs), else ``asked``. ``listing``:
+        its seeds too; ``False`` keeps the seeds asked for (fewer of the split's cases, say)."""
         if self.phantoms is None:
             return asked
-        if self.phantoms != asked:
+        made = (
+            self.phantoms
+            if listing
+            else dataclasses.replace(self.phantoms, first_seed=asked.first_seed, count=asked.count)
+        )
+        if made != asked:
             logger.warning(
                 "%s was made of phantoms %s: its cases are made that way, not as %s",
                 source,
-                self.phantoms.describe(),
+                made.describe(),
                 asked.describe(),
             )
-        return self.phantoms
+        return made
 
     def get(self, name: str) -> tuple[str, ...]:
         """The case ids of split ``name``; ``ValueError`` for an unknown name."""

@@ -734,7 +734,9 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
         )
         train_split = None if args.train_split is None else read_split(args.train_split)
         if train_split is not None and args.dataset == "phantoms":
-            train_spec = train_split.phantoms_for(train_spec, source=str(args.train_split))
+            train_spec = train_split.phantoms_for(
+                train_spec, source=str(args.train_split), listing=False
+            )
         train_dataset = open_dataset(
             args.dataset, path=args.data, phantoms=train_spec, cache_dir=args.cache_dir
         )

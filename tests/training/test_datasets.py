@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -310,3 +311,20 @@ def test_cases_load_in_order_in_worker_processes() -> None:
         assert a.spacing_mm == b.spacing_mm
     with pytest.raises(KeyError, match="phantom-000099"):
         list(iter_cases(dataset, [*ids[:2], "phantom-000099"], workers=2))
+
+
+def test_a_split_of_phantoms_records_how_they_were_made(tmp_path: Path) -> None:
+    """The split file keeps the phantoms' settings; reading it back, they win over other
+    settings asked for (the same ids made otherwise are other cases), with the split's seeds,
+    or with the seeds asked for when only some of its cases are wanted."""
+    made = PhantomSpec(first_seed=0, count=6, shape_zyx=SMALL, widen=1.0, tumour_probability=0.6)
+    split = dataclasses.replace(split_cases(PhantomDataset(made), seed=1), phantoms=made)
+    write_split(split, tmp_path / "split.json")
+    back = read_split(tmp_path / "split.json")
+    assert back == split
+    asked = PhantomSpec(first_seed=100, count=2, shape_zyx=SMALL, shift=0.5)
+    assert back.phantoms_for(asked) == made
+    assert back.phantoms_for(asked, listing=False) == dataclasses.replace(
+        made, first_seed=100, count=2
+    )
+    assert dataclasses.replace(back, phantoms=None).phantoms_for(asked) == asked
