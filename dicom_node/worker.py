@@ -123,7 +123,9 @@ class Worker:
                 reason = f"{type(exc).__name__}: {exc}"
                 if job.attempts >= self.settings.max_attempts:
                     done = self.store.finish_job(job.id, JobState.DEAD, error=reason)
-                    logger.exception("job dead after %d attempts", job.attempts)
+                    logger.exception(
+                        "job dead after %d attempts (%s)", job.attempts, type(exc).__name__
+                    )
                 else:
                     delay = backoff_delay(
                         job.attempts,
@@ -133,7 +135,7 @@ class Worker:
                     done = self.store.finish_job(
                         job.id, JobState.FAILED, error=reason, not_before=time.time() + delay
                     )
-                    logger.exception("job failed; retry in %.0f s", delay)
+                    logger.exception("job failed (%s); retry in %.0f s", type(exc).__name__, delay)
             else:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
