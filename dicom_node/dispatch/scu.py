@@ -121,7 +121,7 @@ def _send_readable(
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    _no_delay(assoc)
+    _tune_socket(assoc, settings)
     if not assoc.is_established:
         why = _why_not_established(assoc)
         return [SendOutcome(p, False, None, why) for p in files]
@@ -138,13 +138,20 @@ def _send_readable(
     return outcomes
 
 
-def _no_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off on the association's socket: pynetdicom leaves it on, and a
-    C-STORE then waits ~40 ms for the peer's delayed ACK before its last segment goes out."""
+def _tune_socket(assoc: Association, settings: DispatchSettings) -> None:
+    """Nagle's algorithm off, and a timeout on every read and write of the association's socket.
+
+    pynetdicom leaves Nagle on (a C-STORE then waits ~40 ms for the peer's delayed ACK before
+    its last segment goes out) and clears the socket's timeout once connected: a peer that
+    stops half-way through a PDU would hold the sending thread in ``recv`` for good, beyond
+    every pynetdicom timeout. With ``network_timeout_seconds`` on the socket the read fails,
+    the association is aborted and the delivery retried.
+    """
     sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):  # already closed: the send will report it
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(settings.network_timeout_seconds)
 
 
 def _alive(assoc: Association) -> bool:
@@ -185,6 +192,7 @@ def echo(peer: Peer, *, calling_ae: str, settings: DispatchSettings) -> tuple[bo
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    _tune_socket(assoc, settings)
     if not assoc.is_established:
         return False, _why_not_established(assoc)
     try:

@@ -370,3 +370,56 @@ def test_a_warning_status_counts_as_delivered(
         assert store.job(job_id).state == JobState.DONE
     finally:
         server.shutdown()
+
+
+def test_a_pacs_that_stalls_mid_pdu_is_given_up_and_retried(
+    tmp_path: Path, write_study: Callable[..., list[Path]]
+) -> None:
+    """A PACS (raw sockets) that accepts the association and the C-STORE, then sends the first
+    bytes of a PDU and nothing more: the send gives up after dispatch.network_timeout_seconds
+    instead of waiting for ever, the result waits for its retry, and the sending thread is free."""
+    import socket
+    import struct
+
+    from tests.hardening.pdus import EXPLICIT_VR_LE, IMPLEMENTATION_UID, _ae, _item, pdu
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def pacs() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(6)
+            body = b""
+            while len(body) < struct.unpack(">L", header[2:])[0]:
+                body += conn.recv(65536)
+            items = _item(0x10, b"1.2.840.10008.3.1.1.1")
+            items += _item(0x21, bytes([1, 0, 0, 0]) + _item(0x40, EXPLICIT_VR_LE.encode()))
+            user = _item(0x51, struct.pack(">L", 16384)) + _item(0x52, IMPLEMENTATION_UID.encode())
+            fixed = struct.pack(">HH", 1, 0) + _ae("PACS") + _ae("DICOM_NODE") + bytes(32)
+            conn.sendall(pdu(0x02, fixed + items + _item(0x50, user)))
+            conn.recv(65536)  # the C-STORE begins
+            conn.sendall(struct.pack(">BBL", 0x04, 0, 100) + bytes(10))  # 10 of 100 bytes
+            done.wait(60)
+
+    server = threading.Thread(target=pacs, daemon=True)
+    server.start()
+    try:
+        files = write_study(slices=1)
+        cfg = _config(tmp_path, {"pacs": port}, network_timeout_seconds=2, dimse_timeout_seconds=2)
+        store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+        outbox = Outbox(store, cfg.dispatch)
+        job_id = _job_with_outputs(store, files, ["pacs"])
+        started = time.monotonic()
+        sender = threading.Thread(target=Dispatcher(cfg, outbox).drain, args=("pacs",))
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "the send is still blocked on the stalled PACS"
+        assert time.monotonic() - started < 20
+        [item] = outbox.items()
+        assert item.state == DeliveryState.PENDING and item.attempts == 1
+        assert store.job(job_id).state == JobState.SENDING
+    finally:
+        done.set()
+        listener.close()
