@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,6 +21,38 @@ from dicom_node.metrics import REGISTRY
 logger = logging.getLogger(__name__)
 
 Checks = Callable[[], dict[str, bool]]
+
+#: A client has this long to send its request and take the answer.
+CLIENT_SECONDS = 5.0
+#: Requests served at once; more are closed at once (the endpoint is for probes and scrapes).
+MAX_CLIENTS = 16
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per request, at most :data:`MAX_CLIENTS` of them: slow or idle clients cannot
+    take the node's threads (the unit's TasksMax) one by one."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class HealthServer:
@@ -37,6 +70,8 @@ class HealthServer:
         checks = {"/healthz": live, "/readyz": ready}
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = CLIENT_SECONDS  # on the socket: a client that stalls is dropped
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -60,8 +95,7 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 logger.debug("http: " + format, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property

@@ -314,8 +314,22 @@ class Receiver:
         ASSOCIATIONS.labels("established").inc()
 
     def _on_rejected(self, event: Event) -> None:
+        """An association pynetdicom rejected itself (ours are rejected in _on_requested and
+        reported there): a wrong called AE title, or an application context it does not know."""
         self._admission.leave(event.assoc)
         ASSOCIATIONS.labels("rejected").inc()
+        request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
+        called = str(request.called_ae_title).strip()
+        wrong_called = called != self.ae.ae_title.strip()
+        self.security_event(
+            "called_ae_not_recognised" if wrong_called else "association_rejected",
+            "called AE not recognised; association rejected"
+            if wrong_called
+            else "association rejected",
+            calling_ae=str(request.calling_ae_title).strip(),
+            called_ae=called,
+            peer=event.assoc.requestor.address,
+        )
 
     def _audit_association(self, event: Event, outcome: str) -> None:
         tally = self._tally.pop(id(event.assoc), None)

@@ -107,6 +107,7 @@ def test_audit_log_records_who_sent_what_and_security_events(
     node = node_factory(node={"allowed_callers": [{"ae_title": "STORESCU"}]})
     assert storescu(files, node.port).returncode == 0
     assert echoscu(node.port, calling="STRANGER").returncode != 0
+    assert echoscu(node.port, calling="STORESCU", called="SOMEONE_ELSE").returncode != 0
     assert node.terminate() == 0
     records = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()]
     events = [
@@ -116,12 +117,15 @@ def test_audit_log_records_who_sent_what_and_security_events(
         ("Application Activity", "start"),
         ("DICOM Instances Transferred", "received"),
         ("Security Alert", "calling AE not allowed"),
+        ("Security Alert", "called AE not recognised; association rejected"),
         ("Application Activity", "stop"),
     ]
     transfer = records[1]
     assert transfer["calling_ae"] == "STORESCU"
     assert transfer["studies"] == {str(dcmread(files[0]).StudyInstanceUID): 4}
     assert records[2]["calling_ae"] == "STRANGER"
+    assert records[3]["code"] == "called_ae_not_recognised"
+    assert records[3]["called_ae"] == "SOMEONE_ELSE"
     # ordinary logs carry no Study Instance UID by default
     assert str(dcmread(files[0]).StudyInstanceUID) not in node.log()
 
