@@ -147,6 +147,9 @@ class NodeSettings(_Section):
     max_associations_per_caller: Annotated[int, Field(ge=1, le=1000)] | None = None
     #: Largest P-DATA PDU we advertise; large PDUs cut per-PDU overhead on big CT slices.
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 1024 * 1024
+    #: Largest data set one C-STORE may carry, in MiB (a 2000-frame Enhanced CT of 512² is
+    #: 1000 MiB); the association of a longer one is aborted before it fills the memory.
+    max_dataset_mb: Annotated[int, Field(ge=1, le=64 * 1024)] = 2048
     network_timeout_seconds: Seconds = 60.0
     acse_timeout_seconds: Seconds = 30.0
     dimse_timeout_seconds: Seconds = 60.0

@@ -11,7 +11,9 @@ pynetdicom 3.0.4's server leaves these open (measured here, see the platform not
 :class:`GuardedAssociationServer` closes them: the handshake runs in the connection's own
 thread against a deadline; every socket has a timeout and every PDU must arrive whole within
 ``network_timeout_seconds``; a P-DATA PDU longer than ``max_pdu_bytes`` (or another PDU longer
-than :data:`MAX_CONTROL_PDU_BYTES`) is answered with an A-ABORT before its body is read;
+than :data:`MAX_CONTROL_PDU_BYTES`) is answered with an A-ABORT before its body is read, and so
+is the PDU that takes one message's data set past ``max_dataset_mb`` (pynetdicom gathers a
+data set in memory whatever its length);
 connections not yet associated are bounded on their own (:attr:`ConnectionLimits.max_pending`),
 apart from associations. :class:`Admission` counts associations, in total and per calling AE,
 for the receiver's A-ASSOCIATE-RJ (rejected-transient, local-limit-exceeded).
@@ -82,6 +84,8 @@ class ConnectionLimits:
         Longest P-DATA-TF PDU accepted (its length field, as advertised in the A-ASSOCIATE-AC).
     max_control_pdu_bytes
         Longest other PDU accepted.
+    max_dataset_bytes
+        Longest data set of one message, summed over its fragments.
     """
 
     max_pending: int
@@ -89,6 +93,8 @@ class ConnectionLimits:
     pdu_seconds: float
     max_pdata_bytes: int
     max_control_pdu_bytes: int = MAX_CONTROL_PDU_BYTES
+    #: Longest data set of one DIMSE message (the sum of its fragments).
+    max_dataset_bytes: int = 2 << 30
 
 
 class GuardedAssociationSocket(AssociationSocket):
@@ -102,7 +108,9 @@ class GuardedAssociationSocket(AssociationSocket):
     _report: SecurityReporter
     _peer: str
     _body: int | None
+    _body_type: int
     _deadline: float
+    _dataset_bytes: int
 
     @classmethod
     def guard(
@@ -125,7 +133,9 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._report = report
         guarded._peer = peer
         guarded._body = None
+        guarded._body_type = 0
         guarded._deadline = 0.0
+        guarded._dataset_bytes = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), within the PDU's deadline.
@@ -139,7 +149,10 @@ class GuardedAssociationSocket(AssociationSocket):
         """
         if self._body is not None:  # the body of the PDU whose header was just read
             self._body = None
-            return self._read(nr_bytes)
+            body = self._read(nr_bytes)
+            if self._body_type == _P_DATA_TF:
+                self._count_dataset(body)
+            return body
         self._deadline = time.monotonic() + self._limits.pdu_seconds
         data = self._read(nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
@@ -153,7 +166,37 @@ class GuardedAssociationSocket(AssociationSocket):
                 if length > limit:
                     self._refuse(pdu_type, length, limit)
                 self._body = length
+                self._body_type = pdu_type
         return data
+
+    def _count_dataset(self, body: bytearray) -> None:
+        """Add the data-set fragments of a P-DATA-TF body to the message's running size;
+        refuse the message once it passes ``max_dataset_bytes``. Each PDV item: 4-byte
+        length, context id, message control header (bit 0: command, bit 1: last fragment)."""
+        pos = 0
+        while pos + 6 <= len(body):
+            (item_length,) = struct.unpack_from(">L", body, pos)
+            control = body[pos + 5]
+            if not control & 0x01:  # a data-set fragment
+                self._dataset_bytes += max(item_length - 2, 0)
+                if self._dataset_bytes > self._limits.max_dataset_bytes:
+                    self._refuse_dataset()
+                if control & 0x02:  # its last fragment: the next message starts afresh
+                    self._dataset_bytes = 0
+            pos += 4 + item_length
+
+    def _refuse_dataset(self) -> None:
+        size, limit = self._dataset_bytes, self._limits.max_dataset_bytes
+        self._report(
+            "dataset_too_long",
+            "data set longer than allowed; association aborted",
+            peer=self._peer,
+            calling_ae=self._calling_ae(),
+            length=size,
+            limit=limit,
+        )
+        self._send_abort()
+        raise PDUTooLongError(f"a data set of more than {limit} bytes")
 
     def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -199,6 +242,10 @@ class GuardedAssociationSocket(AssociationSocket):
             length=length,
             limit=limit,
         )
+        self._send_abort()
+        raise PDUTooLongError(f"PDU of type 0x{pdu_type:02X} announces {length} bytes (> {limit})")
+
+    def _send_abort(self) -> None:
         sock = self.socket
         if sock is not None:
             try:
@@ -206,7 +253,6 @@ class GuardedAssociationSocket(AssociationSocket):
                 sock.sendall(_A_ABORT_INVALID_PARAMETER)
             except OSError:
                 pass  # the connection is being dropped anyway
-        raise PDUTooLongError(f"PDU of type 0x{pdu_type:02X} announces {length} bytes (> {limit})")
 
 
 class GuardedRequestHandler(RequestHandler):

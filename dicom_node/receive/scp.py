@@ -131,6 +131,7 @@ class Receiver:
             handshake_seconds=node.acse_timeout_seconds,
             pdu_seconds=node.network_timeout_seconds,
             max_pdata_bytes=node.max_pdu_bytes,
+            max_dataset_bytes=node.max_dataset_mb * 1024 * 1024,
         )
         self._admission = Admission(
             total=node.max_associations, per_caller=node.max_associations_per_caller

@@ -305,3 +305,47 @@ def test_n7_abort_in_the_middle_of_a_c_store(
     assert status == 0
     assert sop_instance in instances(node.node)
     node.check()
+
+
+def test_a_data_set_longer_than_allowed_is_aborted_before_it_fills_the_memory(
+    module_nodes: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """N6/D: a C-STORE whose data set runs past node.max_dataset_mb (1 MiB here) without
+    ending: the association is aborted at the fragment that passes it, a security event says
+    so, the node's memory stays where it was; a CT slice under the limit is stored after."""
+    proc = module_nodes(
+        "dataset",
+        node={
+            "max_dataset_mb": 1,
+            "network_timeout_seconds": TIMEOUT,
+            "acse_timeout_seconds": TIMEOUT,
+            "max_pdu_bytes": MAX_PDU,
+        },
+    )
+    node = baseline(proc)
+    data, _, sop_class, sop_instance = dataset_of(write_study(slices=1, size=128)[0])
+    with RawPeer(proc.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        for frame in fragments(1, c_store_rq(sop_class, sop_instance), command=True):
+            peer.send(frame)
+        chunk = MAX_PDU - 6
+        sent = 0
+        with pytest.raises(OSError):  # the node aborts and closes: a send fails
+            for _ in range(8 * 1024 * 1024 // chunk):  # 8 MiB, no last fragment
+                peer.send(p_data([(1, 0, bytes(chunk))]))
+                sent += chunk
+            peer.wait_closed(TIMEOUT + 3)
+            raise OSError("not closed")
+    assert sent < 8 * 1024 * 1024 - chunk  # the node closed before the end
+    [alert] = [r for r in audit(proc) if r.get("code") == "dataset_too_long"]
+    # refused at the fragment that passed the limit (what the sender got out beyond it sat in
+    # the kernels' socket buffers)
+    assert 1024 * 1024 < alert["length"] <= 1024 * 1024 + chunk
+    assert security_codes(proc)[-1] == "dataset_too_long"
+    assert sop_instance not in instances(proc)
+    with RawPeer(proc.port) as again:
+        assert again.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        status = again.store(1, data, sop_class=sop_class, sop_instance=sop_instance)
+        again.release()
+    assert status == 0
+    node.check()
