@@ -107,6 +107,8 @@ class GuardedAssociationSocket(AssociationSocket):
     _limits: ConnectionLimits
     _report: SecurityReporter
     _peer: str
+    #: The peer has closed the connection.
+    peer_closed: bool
     _body: int | None
     _body_type: int
     _deadline: float
@@ -132,6 +134,7 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._limits = limits
         guarded._report = report
         guarded._peer = peer
+        guarded.peer_closed = False
         guarded._body = None
         guarded._body_type = 0
         guarded._deadline = 0.0
@@ -211,6 +214,7 @@ class GuardedAssociationSocket(AssociationSocket):
                     sock.settimeout(max(self._deadline - time.monotonic(), 1e-6))
                     n = sock.recv_into(view[got:], min(nr_bytes - got, _CHUNK))
                     if n == 0:
+                        self._closed_by_peer()
                         break  # peer closed; the DUL sees a short PDU
                     got += n
         except TimeoutError:
@@ -227,6 +231,15 @@ class GuardedAssociationSocket(AssociationSocket):
                 self.socket.settimeout(self._limits.pdu_seconds)
         del buf[got:]
         return buf
+
+    def _closed_by_peer(self) -> None:
+        """The peer closed the connection. Before its A-ASSOCIATE-RQ, pynetdicom's association
+        thread would wait out the ACSE timeout for a request that cannot come, counting against
+        ``maximum_associations`` all the while: it is woken as by that timeout (an empty
+        primitive), and ends."""
+        self.peer_closed = True
+        if self.assoc.requestor.primitive is None:
+            self.assoc.dul.to_user_queue.put(None)
 
     def _calling_ae(self) -> str | None:
         primitive = self.assoc.requestor.primitive
@@ -300,6 +313,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         # every connection without an association yet, exactly once: token -> its association
         # once made (None before: in the TLS handshake, or its thread not yet running)
         self._pending: dict[int, Association | None] = {}
+        self._addresses: dict[int, str] = {}  # token -> the peer's address
         self._tokens: dict[int, int] = {}  # id(accepted socket) -> token, until its thread runs
         self._next_token = itertools.count()
         self._local = threading.local()
@@ -313,19 +327,23 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             request_handler=GuardedRequestHandler,
         )
 
-    def pending_connections(self) -> int:
-        """Connections without an association yet: in the TLS handshake, or waiting for their
-        A-ASSOCIATE-RQ (pynetdicom keeps a closed one's thread until the ACSE timeout; it
-        counts until then)."""
+    def pending_connections(self, address: str | None = None) -> int:
+        """Connections without an association yet (from ``address`` only, when given): in the
+        TLS handshake, or waiting for their A-ASSOCIATE-RQ. One whose peer has closed it counts
+        no more, though pynetdicom keeps its thread until the ACSE timeout."""
         with self._lock:
             for token, assoc in list(self._pending.items()):
                 if assoc is None:
                     continue
                 requested = assoc.requestor.primitive is not None
                 ended = assoc.ident is not None and not assoc.is_alive()
-                if requested or ended:
+                closed = getattr(assoc.dul.socket, "peer_closed", False)
+                if requested or ended or closed:
                     del self._pending[token]
-            return len(self._pending)
+                    self._addresses.pop(token, None)
+            if address is None:
+                return len(self._pending)
+            return sum(1 for t in self._pending if self._addresses.get(t) == address)
 
     def handed_over(self, assoc: Association) -> None:
         """The connection of this thread now has ``assoc`` (called by the request handler)."""
@@ -342,19 +360,25 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Refuse (close) a connection when ``max_pending`` others have no association yet."""
+        """Refuse (close) a connection when ``max_pending`` others have no association yet, or
+        half of them come from its address (one host cannot take every slot)."""
+        address = str(client_address[0])
         pending = self.pending_connections()
-        if pending >= self.limits.max_pending:
+        mine = self.pending_connections(address)
+        per_address = max(1, self.limits.max_pending // 2)
+        if pending >= self.limits.max_pending or mine >= per_address:
             self.report(
                 "connection_limit",
                 "too many connections without an association; connection closed",
-                peer=str(client_address[0]),
+                peer=address,
                 pending=pending,
+                from_peer=mine,
             )
             return False
         with self._lock:
             token = next(self._next_token)
             self._pending[token] = None
+            self._addresses[token] = address
             self._tokens[id(request)] = token
         return True
 
@@ -374,6 +398,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         with self._lock:
             if token is not None and not (keep_handed_over and self._pending.get(token)):
                 self._pending.pop(token, None)
+                self._addresses.pop(token, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """In the connection's thread: TLS handshake (if any) by its deadline, then the

@@ -134,19 +134,36 @@ def _closed_by_node(sock: socket.socket, timeout: float) -> float:
     return time.monotonic() - started
 
 
+def _connect_from(host: str, port: int) -> socket.socket:
+    """A connection to the node from another loopback address (another "host")."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 def test_n4_idle_sockets_cannot_hold_the_node(node: Baseline) -> None:
-    """N4: idle sockets (connected, silent) are bounded apart from associations: below the
-    bound they do not stop a C-ECHO; past it a connection is closed at once; all of them
-    are closed after acse_timeout_seconds and their slots come back."""
+    """N4: idle sockets (connected, silent) are bounded apart from associations: one host may
+    hold half of the slots (its next connection is closed at once) and does not stop
+    another's C-ECHO; past the bound in all, a connection is closed at once; all are closed
+    after acse_timeout_seconds and their slots come back. Connections their peer has closed
+    count no more (a host probing the port cannot lock the others out)."""
     port = node.node.port
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(PENDING - 1)]
+    share = PENDING // 2
+    for _ in range(2 * PENDING):  # connect and close: no slot stays taken
+        _connect_from("127.0.0.4", port).close()
+    time.sleep(0.3)
+    assert echo(node.node) == 0
+    idle = [_connect_from("127.0.0.2", port) for _ in range(share)]
     try:
         time.sleep(0.2)
-        assert echo(node.node) == 0  # idle sockets below the bound do not block an association
-        idle.append(socket.create_connection(("127.0.0.1", port)))  # the bound is reached
+        with _connect_from("127.0.0.2", port) as extra:
+            assert _closed_by_node(extra, 1.0) < 1.0  # that host's share is taken
+        assert echo(node.node) == 0  # another host's association goes ahead
+        idle += [_connect_from("127.0.0.3", port) for _ in range(PENDING - share)]
         time.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", port)) as extra:
-            assert _closed_by_node(extra, 1.0) < 1.0  # refused at once
+        with _connect_from("127.0.0.4", port) as extra:
+            assert _closed_by_node(extra, 1.0) < 1.0  # the bound in all is reached
         took = max(_closed_by_node(s, TIMEOUT + 3) for s in idle)
         assert took < TIMEOUT + 2
     finally:
