@@ -167,6 +167,7 @@ class Node:
         next_retention = 0.0
         while not self._stop.wait(poll):
             try:
+                self.receiver.reap()  # associations that ended unannounced (Receiver.reap)
                 self.completion.scan()
                 FREE_DISK.set(self.spool.free_bytes())
                 if time.monotonic() >= next_retention:

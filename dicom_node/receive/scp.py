@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -115,6 +116,9 @@ class Receiver:
     ) -> None:
         self.audit = audit or AuditLog(None)
         self._tally: dict[int, Counter[str]] = {}
+        #: Established associations not yet over (released, aborted or closed), by id.
+        self._live: dict[int, Association] = {}
+        self._live_lock = threading.Lock()
         self.config = config
         self.spool = spool
         self.store = store
@@ -248,6 +252,7 @@ class Receiver:
         # that latency is paid on every instance. A shorter poll costs a little CPU per open
         # association and buys ~30% ingest throughput on one association (bench/ingest.py).
         event.assoc.dul._run_loop_delay = _DUL_POLL_SECONDS
+        self.reap()
         request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         calling = str(request.calling_ae_title).strip()
         address = event.assoc.requestor.address
@@ -312,6 +317,8 @@ class Receiver:
         )
 
     def _on_established(self, event: Event) -> None:
+        with self._live_lock:
+            self._live[id(event.assoc)] = event.assoc
         ASSOCIATIONS.labels("established").inc()
 
     def _on_rejected(self, event: Event) -> None:
@@ -332,27 +339,40 @@ class Receiver:
             peer=event.assoc.requestor.address,
         )
 
-    def _audit_association(self, event: Event, outcome: str) -> None:
-        tally = self._tally.pop(id(event.assoc), None)
+    def _association_over(self, assoc: Association, *, released: bool) -> None:
+        """The end of an association: admission, metrics, the audit record of what it sent,
+        and study completion (each of which holds for an association once)."""
+        with self._live_lock:
+            self._live.pop(id(assoc), None)
+        self._admission.leave(assoc)
+        ASSOCIATIONS.labels("released" if released else "aborted").inc()
+        tally = self._tally.pop(id(assoc), None)
         if tally:
             self.audit.received(
-                calling_ae=event.assoc.requestor.ae_title.strip(),
-                peer=event.assoc.requestor.address,
+                calling_ae=assoc.requestor.ae_title.strip(),
+                peer=assoc.requestor.address,
                 studies=dict(tally),
-                outcome=outcome,
+                outcome="success" if released else "association aborted",
             )
+        self.completion.association_ended(id(assoc), released=released)
 
     def _on_released(self, event: Event) -> None:
-        self._admission.leave(event.assoc)
-        ASSOCIATIONS.labels("released").inc()
-        self._audit_association(event, "success")
-        self.completion.association_ended(id(event.assoc), released=True)
+        self._association_over(event.assoc, released=True)
 
     def _on_aborted(self, event: Event) -> None:
-        self._admission.leave(event.assoc)
-        ASSOCIATIONS.labels("aborted").inc()
-        self._audit_association(event, "association aborted")
-        self.completion.association_ended(id(event.assoc), released=False)
+        self._association_over(event.assoc, released=False)
+
+    def reap(self) -> int:
+        """End, as aborted, every established association whose thread has ended without
+        pynetdicom saying so (its DUL thread failed on a malformed PDU: no release or abort
+        event comes). Called on each new association and by the node's housekeeping loop;
+        returns how many."""
+        with self._live_lock:
+            gone = [a for a in self._live.values() if a.ident is not None and not a.is_alive()]
+        for assoc in gone:
+            logger.warning("an association ended without release or abort; counted as aborted")
+            self._association_over(assoc, released=False)
+        return len(gone)
 
     # -- C-STORE --------------------------------------------------------------------------------
 

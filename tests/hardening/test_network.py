@@ -366,3 +366,27 @@ def test_a_data_set_longer_than_allowed_is_aborted_before_it_fills_the_memory(
         again.release()
     assert status == 0
     node.check()
+
+
+def test_an_association_whose_reactor_fails_is_still_audited_and_released(
+    node: Baseline, write_study: Callable[..., list[Path]]
+) -> None:
+    """N6: after a stored instance, a PDV of length 1 makes pynetdicom's reactor fail: no
+    release or abort event comes. The node still ends the association as aborted: its audit
+    record says what it sent, its slot comes back, and the node goes on."""
+    data, _, sop_class, sop_instance = dataset_of(write_study(slices=1)[0])
+    before = len(audit(node.node))
+    with RawPeer(node.node.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        assert peer.store(1, data, sop_class=sop_class, sop_instance=sop_instance) == 0
+        peer.send(pdu(P_DATA_TF, struct.pack(">LB", 1, 1)))
+        peer.wait_closed(TIMEOUT + 3)
+    wait_for(
+        lambda: any(r["event"] == "DICOM Instances Transferred" for r in audit(node.node)[before:]),
+        timeout=10,
+        what="the audit record of the failed association",
+    )
+    [record] = [r for r in audit(node.node)[before:] if r["event"] == "DICOM Instances Transferred"]
+    assert record["outcome"] == "association aborted"
+    assert sop_instance in instances(node.node)
+    node.check()
