@@ -51,6 +51,9 @@ _PDU_TYPES = frozenset(range(0x01, 0x08))
 #: A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6).
 _A_ABORT_INVALID_PARAMETER = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
 _CHUNK = 256 * 1024
+#: Slowest average a data set may arrive at once it has taken longer than the network timeout
+#: (a link of 1 Mbit/s carries 128 KiB/s).
+MIN_DATASET_BYTES_PER_SECOND = 8 * 1024
 
 
 class SecurityReporter(Protocol):
@@ -113,6 +116,7 @@ class GuardedAssociationSocket(AssociationSocket):
     _body_type: int
     _deadline: float
     _dataset_bytes: int
+    _dataset_started: float
 
     @classmethod
     def guard(
@@ -139,6 +143,7 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._body_type = 0
         guarded._deadline = 0.0
         guarded._dataset_bytes = 0
+        guarded._dataset_started = 0.0
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), within the PDU's deadline.
@@ -174,19 +179,44 @@ class GuardedAssociationSocket(AssociationSocket):
 
     def _count_dataset(self, body: bytearray) -> None:
         """Add the data-set fragments of a P-DATA-TF body to the message's running size;
-        refuse the message once it passes ``max_dataset_bytes``. Each PDV item: 4-byte
-        length, context id, message control header (bit 0: command, bit 1: last fragment)."""
+        refuse the message once it passes ``max_dataset_bytes``, or once it has taken longer
+        than ``pdu_seconds`` at under :data:`MIN_DATASET_BYTES_PER_SECOND` (a peer that drips
+        a few bytes a PDU would otherwise hold its association for good: each PDU is whole in
+        time). Each PDV item: 4-byte length, context id, message control header (bit 0:
+        command, bit 1: last fragment)."""
         pos = 0
+        now = time.monotonic()
         while pos + 6 <= len(body):
             (item_length,) = struct.unpack_from(">L", body, pos)
             control = body[pos + 5]
             if not control & 0x01:  # a data-set fragment
+                if self._dataset_bytes == 0:
+                    self._dataset_started = now
                 self._dataset_bytes += max(item_length - 2, 0)
                 if self._dataset_bytes > self._limits.max_dataset_bytes:
                     self._refuse_dataset()
                 if control & 0x02:  # its last fragment: the next message starts afresh
                     self._dataset_bytes = 0
             pos += 4 + item_length
+        taken = now - self._dataset_started
+        if (
+            self._dataset_bytes
+            and taken > self._limits.pdu_seconds
+            and self._dataset_bytes < MIN_DATASET_BYTES_PER_SECOND * taken
+        ):
+            self._refuse_slow(taken)
+
+    def _refuse_slow(self, taken: float) -> None:
+        self._report(
+            "peer_too_slow",
+            "data set arriving too slowly; association aborted",
+            peer=self._peer,
+            calling_ae=self._calling_ae(),
+            length=self._dataset_bytes,
+            seconds=round(taken, 1),
+        )
+        self._send_abort()
+        raise ConnectionError(f"a data set at under {MIN_DATASET_BYTES_PER_SECOND} bytes/s")
 
     def _refuse_dataset(self) -> None:
         size, limit = self._dataset_bytes, self._limits.max_dataset_bytes

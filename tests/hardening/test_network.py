@@ -390,3 +390,20 @@ def test_an_association_whose_reactor_fails_is_still_audited_and_released(
     assert record["outcome"] == "association aborted"
     assert sop_instance in instances(node.node)
     node.check()
+
+
+def test_n5_a_data_set_dripped_a_few_bytes_at_a_time_is_aborted(node: Baseline) -> None:
+    """N5: each PDU whole and in time, but a data set of two bytes every half second: once it
+    has taken longer than the network timeout at under 8 KiB/s, the association is aborted
+    (it would otherwise hold its slot for good)."""
+    with RawPeer(node.node.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        peer.send(p_data([(1, COMMAND | LAST, c_store_rq(CT_IMAGE_STORAGE, "1.2.3.4"))]))
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - started < 20:
+                peer.send(p_data([(1, 0, b"\0\0")]))
+                time.sleep(0.5)
+    assert time.monotonic() - started < TIMEOUT + 8
+    assert "peer_too_slow" in security_codes(node.node)
+    node.check()
