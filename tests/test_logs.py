@@ -39,15 +39,19 @@ def _fail() -> None:
         raise RuntimeError(f"analysis failed for study {UID}") from exc
 
 
+def _log_a_failure() -> None:
+    try:
+        _fail()
+    except RuntimeError:
+        logging.getLogger("dicom_node.worker").exception("job failed")
+
+
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_a_traceback_keeps_its_frames_but_not_the_messages(
     fmt: str, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     logs.setup_logging(LoggingSettings(format=fmt))
-    try:
-        _fail()
-    except RuntimeError:
-        logging.getLogger("dicom_node.worker").exception("job failed")
+    _log_a_failure()
     err = capsys.readouterr().err
     assert "job failed" in err
     assert "_fail" in err  # the frames are there
@@ -63,10 +67,7 @@ def test_with_patient_data_allowed_the_messages_are_logged(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     logs.setup_logging(LoggingSettings(include_patient_data=True))
-    try:
-        _fail()
-    except RuntimeError:
-        logging.getLogger("dicom_node.worker").exception("job failed")
+    _log_a_failure()
     assert f"analysis failed for study {UID}" in capsys.readouterr().err
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -572,6 +572,21 @@ class PhantomDataset:
 def _triple(values: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return (a, b, c)
+
+
+def phantom_spec_from_args(args: Any, *, prefix: str = "") -> PhantomSpec:
+    """The phantoms a command line asks for (``dicom-node train`` / ``evaluate``): its
+    ``--first-seed``, ``--phantoms``, ``--shift``, ``--widen``, ``--tumour-probability``, or
+    with ``prefix="train_"`` the ``--train-...`` ones; shape and matrices are shared."""
+    return PhantomSpec(
+        first_seed=getattr(args, f"{prefix}first_seed"),
+        count=getattr(args, f"{prefix}phantoms"),
+        shape_zyx=tuple(args.phantom_shape),
+        matrices=tuple(args.phantom_matrix),
+        shift=getattr(args, f"{prefix}shift"),
+        tumour_probability=getattr(args, f"{prefix}tumour_probability"),
+        widen=getattr(args, f"{prefix}widen"),
+    )
 
 
 # ---------------------------------------------------------------------- splits

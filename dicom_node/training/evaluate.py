@@ -694,17 +694,9 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
     With a split of phantoms, its cases are made as the split records (its ids name seeds, not
     how the phantoms were made); an empty held-out set is refused before anything runs.
     """
-    from dicom_node.training.datasets import PhantomSpec, open_dataset, read_split
+    from dicom_node.training.datasets import open_dataset, phantom_spec_from_args, read_split
 
-    spec = PhantomSpec(
-        first_seed=args.first_seed,
-        count=args.phantoms,
-        shape_zyx=tuple(args.phantom_shape),
-        matrices=tuple(args.phantom_matrix),
-        shift=args.shift,
-        tumour_probability=args.tumour_probability,
-        widen=args.widen,
-    )
+    spec = phantom_spec_from_args(args)
     split = None if args.split is None else read_split(args.split)
     if split is not None and args.dataset == "phantoms":
         spec = split.phantoms_for(spec, source=str(args.split))  # what its ids stand for
@@ -723,15 +715,7 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
         held_out_ids = dataset.case_ids()
         if not held_out_ids:
             raise DatasetError(f"{dataset.name} holds no case: nothing to evaluate")
-        train_spec = PhantomSpec(
-            first_seed=args.train_first_seed,
-            count=args.train_phantoms,
-            shape_zyx=tuple(args.phantom_shape),
-            matrices=tuple(args.phantom_matrix),
-            shift=args.train_shift,
-            tumour_probability=args.train_tumour_probability,
-            widen=args.train_widen,
-        )
+        train_spec = phantom_spec_from_args(args, prefix="train_")
         train_split = None if args.train_split is None else read_split(args.train_split)
         if train_split is not None and args.dataset == "phantoms":
             train_spec = train_split.phantoms_for(

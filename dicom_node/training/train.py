@@ -2116,8 +2116,8 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     Returns the exit status (0).
     """
     from dicom_node.training.datasets import (
-        PhantomSpec,
         open_dataset,
+        phantom_spec_from_args,
         read_split,
         split_cases,
         write_split,
@@ -2126,15 +2126,7 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    spec = PhantomSpec(
-        first_seed=args.first_seed,
-        count=args.phantoms,
-        shape_zyx=tuple(args.phantom_shape),
-        matrices=tuple(args.phantom_matrix),
-        shift=args.shift,
-        tumour_probability=args.tumour_probability,
-        widen=args.widen,
-    )
+    spec = phantom_spec_from_args(args)
     work_dir: Path = args.work_dir or args.output.with_name(args.output.name + "-work")
     split_path: Path = args.split or work_dir / "split.json"
     phantoms = args.dataset == "phantoms"
