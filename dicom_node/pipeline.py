@@ -33,6 +33,9 @@ class StudyInput:
     instances: tuple[InstanceRecord, ...]
     #: A folder of the job's own, for outputs; created by the worker.
     work_dir: Path
+    #: The outputs of the newest earlier version of the study whose results went out (or are
+    #: going out): what this version's results revise.
+    earlier_outputs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

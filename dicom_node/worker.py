@@ -101,6 +101,7 @@ class Worker:
             version=job.version,
             instances=tuple(self.store.study_instances(job.study_uid)),
             work_dir=work,
+            earlier_outputs=self.store.earlier_outputs(job.study_uid, job.version),
         )
         started = time.monotonic()
         with log_context(job=job.id, study=study_key(job.study_uid), version=job.version):

@@ -169,7 +169,10 @@ class AnalysisPipeline:
 
     def __call__(self, study: StudyInput, /) -> StudyResult:
         findings = self.analyse(
-            [i.path for i in study.instances], out_dir=study.work_dir, job_version=study.version
+            [i.path for i in study.instances],
+            out_dir=study.work_dir,
+            job_version=study.version,
+            earlier_outputs=study.earlier_outputs,
         )
         outputs = tuple(p for f in findings for p in f.outputs)
         result = StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
@@ -183,10 +186,13 @@ class AnalysisPipeline:
         out_dir: Path,
         job_version: int = 1,
         progress: Callable[[str, int, int], None] | None = None,
+        earlier_outputs: Sequence[Path] = (),
     ) -> list[SeriesFindings]:
         """Analyse the instances at ``paths`` (one study) and write the results to ``out_dir``.
 
         ``progress(series_label, slices_done, slices_total)`` follows the model's progress.
+        ``earlier_outputs``: the files an earlier version of the study sent; an SR of theirs
+        on the same series is named as the new SR's predecessor.
 
         Raises
         ------
@@ -206,7 +212,11 @@ class AnalysisPipeline:
         out: list[SeriesFindings] = []
         for candidate in selection.chosen:
             findings = self._analyse_series(
-                candidate, out_dir=out_dir, job_version=job_version, progress=progress
+                candidate,
+                out_dir=out_dir,
+                job_version=job_version,
+                progress=progress,
+                earlier_outputs=earlier_outputs,
             )
             findings.seconds["headers_and_selection"] = read_s
             out.append(findings)
@@ -219,6 +229,7 @@ class AnalysisPipeline:
         out_dir: Path,
         job_version: int,
         progress: Callable[[str, int, int], None] | None = None,
+        earlier_outputs: Sequence[Path] = (),
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -280,6 +291,7 @@ class AnalysisPipeline:
             image_probabilities=image_probabilities,
             frame_numbers=volume.frame_numbers,
             midline_x_mm=midline_x_mm(volume, coverage),
+            earlier_outputs=earlier_outputs,
         )
         seconds["seg"] = files.seg_seconds
         seconds["sr"] = files.sr_seconds + files.read_seconds

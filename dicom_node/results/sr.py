@@ -337,6 +337,7 @@ def build_report(
     image_probabilities: Sequence[float] | None = None,
     midline_x_mm: float | None = None,
     frame_numbers: Sequence[int] | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of one analysed series.
 
@@ -451,6 +452,7 @@ def build_report(
         performed_procedure_codes=[codes.CT_OF_CHEST],
         series_description=series_description,
         contributing_equipment=[producer.contributing_equipment()],
+        previous_versions=list(previous_versions) or None,
     )
     sr.ManufacturerModelName = producer.manufacturer_model_name
     # highdicom annotates SoftwareVersions as ``str | tuple[str]``; a list is what pydicom

@@ -21,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.analysis.lesions import Lesion
 from dicom_node.config import ResultsSettings
@@ -94,6 +96,28 @@ def _save(ds: Dataset, path: Path) -> None:
     partial.replace(path)
 
 
+def _earlier_reports(paths: Sequence[Path], source: Dataset) -> list[Dataset]:
+    """The SRs among ``paths`` of ``source``'s study whose evidence holds its series."""
+    found: list[Dataset] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError):
+            continue  # gone with retention, or never written whole: nothing to refer to
+        if str(ds.get("SOPClassUID", "")) != Comprehensive3DSRStorage:
+            continue
+        if str(ds.get("StudyInstanceUID", "")) != str(source.StudyInstanceUID):
+            continue
+        series = {
+            str(s.SeriesInstanceUID)
+            for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for s in item.get("ReferencedSeriesSequence", [])
+        }
+        if str(source.SeriesInstanceUID) in series:
+            found.append(ds)
+    return found
+
+
 def write_results(
     *,
     source_files: Sequence[Path],
@@ -111,6 +135,7 @@ def write_results(
     image_probabilities: Sequence[float] | None = None,
     midline_x_mm: float | None = None,
     frame_numbers: Sequence[int] | None = None,
+    earlier_outputs: Sequence[Path] = (),
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
 
@@ -147,6 +172,11 @@ def write_results(
         Optional per-slice probability of cancer, (z,).
     midline_x_mm
         LPS x of the patient's midline for laterality; default: the field-of-view centre.
+    earlier_outputs
+        Files an earlier version of the study sent: an SR among them on the same series (of
+        the same study) becomes the new SR's predecessor (Predecessor Documents Sequence), so
+        that a viewer shows the new report as a revision of the old one. Missing or unreadable
+        files are passed over.
 
     Returns
     -------
@@ -214,6 +244,7 @@ def write_results(
         image_probabilities=image_probabilities,
         midline_x_mm=midline_x_mm,
         frame_numbers=frame_numbers,
+        previous_versions=_earlier_reports(earlier_outputs, first),
     )
     sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
     _save(sr, sr_path)

@@ -664,6 +664,20 @@ class JobStore:
                 for r in rows
             ]
 
+    def earlier_outputs(self, study_uid: str, version: int) -> tuple[Path, ...]:
+        """The output files of the newest version of a study before ``version`` whose results
+        were delivered or are being sent (``done`` or ``sending``); empty when there is none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT result FROM jobs WHERE study_uid=? AND version<? AND state IN"
+                " ('done', 'sending') ORDER BY version DESC LIMIT 1",
+                (study_uid, version),
+            ).fetchone()
+        if row is None or not row["result"]:
+            return ()
+        outputs = json.loads(row["result"]).get("outputs", [])
+        return tuple(Path(str(p)) for p in outputs)
+
     def job(self, job_id: int) -> Job:
         """One job. Raises :class:`JobStoreError` when there is none."""
         with self._lock:

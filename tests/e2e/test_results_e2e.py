@@ -113,14 +113,26 @@ def test_study_without_lesion_yields_only_the_sr(
     pacs: StoreSCP,
     phantom_series: Callable[..., list[Path]],
 ) -> None:
-    """No lesion found: only the SR reaches the PACS (no empty SEG)."""
+    """No lesion found: only the SR reaches the PACS (no empty SEG). The study corrected and
+    sent again (one image with new content) makes version 2, whose SR names the first as the
+    report it revises."""
     files = phantom_series(tumour=False)
     node = _node(node_factory, tiny_model_dir, pacs.port, 0.99)
     assert storescu(files, node.port).returncode == 0
     node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=120)
     [sr] = pacs.received()
-    assert str(dcmread(sr).SOPClassUID) == COMPREHENSIVE_3D_SR
+    first = dcmread(sr)
+    assert str(first.SOPClassUID) == COMPREHENSIVE_3D_SR
     assert _dciodvfy_errors(sr) == []
+
+    corrected = dcmread(files[3])
+    corrected.ImageComments = "corrected"
+    corrected.save_as(sr.parent.parent / "corrected.dcm")
+    assert storescu(sr.parent.parent / "corrected.dcm", node.port).returncode == 0
+    node.wait_jobs(lambda j: len(j["jobs"]) == 2 and j["jobs"][0]["state"] == "done", timeout=120)
+    [second] = [dcmread(p) for p in pacs.received() if p != sr]
+    [revised] = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert revised.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
 def test_refusing_pacs_is_retried_across_a_restart(

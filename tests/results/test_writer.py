@@ -18,7 +18,14 @@ from dicom_node.results.writer import ResultFiles, write_results
 from tests.results.conftest import CTCase, Dciodvfy, make_case, report_content
 
 
-def _write(case: CTCase, out: Path, settings: ResultsSettings | None = None) -> ResultFiles:
+def _write(
+    case: CTCase,
+    out: Path,
+    settings: ResultsSettings | None = None,
+    *,
+    job_version: int = 1,
+    earlier_outputs: tuple[Path, ...] = (),
+) -> ResultFiles:
     return write_results(
         source_files=case.files,
         labels=case.lesion_map.labels,
@@ -29,10 +36,11 @@ def _write(case: CTCase, out: Path, settings: ResultsSettings | None = None) -> 
         image_probabilities=[0.2] * len(case.files),
         model_name="lung-ct",
         model_version="1.2.0",
-        job_version=1,
+        job_version=job_version,
         settings=settings or ResultsSettings(),
         uid_root="2.25",
         out_dir=out,
+        earlier_outputs=earlier_outputs,
     )
 
 
@@ -106,3 +114,26 @@ def test_source_files_of_two_series_are_refused(two_lesions: CTCase, tmp_path: P
     )
     with pytest.raises(ValueError, match="series"):
         _write(mixed, tmp_path / "out")
+
+
+def test_a_new_version_names_the_report_it_revises(
+    two_lesions: CTCase, tmp_path: Path, dciodvfy: Dciodvfy
+) -> None:
+    """Version 2 of a study, given what version 1 sent: its SR lists version 1's SR in the
+    Predecessor Documents Sequence (a viewer shows it as a revision), and passes dciodvfy.
+    Files that are gone, the SEG, and an SR of another study are passed over."""
+    first = _write(two_lesions, tmp_path / "v1")
+    other = make_case(tmp_path / "other-ct", [], slices=4, size=32)  # another study
+    elsewhere = _write(other, tmp_path / "other")
+    assert first.seg is not None
+    earlier = (first.seg, first.sr, elsewhere.sr, tmp_path / "v1" / "gone.dcm")
+    second = _write(two_lesions, tmp_path / "v2", job_version=2, earlier_outputs=earlier)
+    _check_file(second.sr, dciodvfy)
+    sr = pydicom.dcmread(second.sr)
+    [study] = sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == sr.StudyInstanceUID
+    [series] = study.ReferencedSeriesSequence
+    [instance] = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPInstanceUID == first.uids.sr_instance
+    assert series.SeriesInstanceUID == first.uids.sr_series
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(first.sr)
