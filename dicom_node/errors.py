@@ -38,6 +38,11 @@ class PipelineError(NodeError):
     """A study could not be processed; the message says why and becomes the job's last error."""
 
 
+class AnalysisUnavailableError(PipelineError):
+    """No analysis can run now (its process could not be started): the job waits and is tried
+    again, without spending one of its attempts on what is not the study's fault."""
+
+
 class StudySkipped(NodeError):  # noqa: N818 - an outcome, not a failure: "the study was skipped"
     """The study holds nothing to analyse; the message says which rule each series failed."""
 

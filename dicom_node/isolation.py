@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dicom_node.config import LoggingSettings
-from dicom_node.errors import PipelineError, StudySkipped
+from dicom_node.errors import AnalysisUnavailableError, PipelineError, StudySkipped
 from dicom_node.logs import log_context, setup_logging
 from dicom_node.pipeline import StudyInput, StudyPipeline, StudyResult
 
@@ -94,6 +94,18 @@ def _lower_priority(nice: int, cpu_policy: CpuPolicy) -> str | None:
     return "; ".join(problems.values()) or None
 
 
+#: The analysis process's ``oom_score_adj``: out of memory, the kernel ends it before the
+#: receiver (a job is retried in a fresh process; an acknowledged instance is never lost).
+OOM_SCORE_ADJ = 500
+
+
+def _first_for_the_oom_killer() -> None:
+    try:  # raising it needs no privilege
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n", encoding="ascii")
+    except OSError as exc:
+        logger.debug("oom_score_adj left as it is: %s", exc)
+
+
 def _child_main(
     conn: Connection,
     factory: Callable[[], StudyPipeline],
@@ -103,6 +115,7 @@ def _child_main(
 ) -> None:
     """The child: build the pipeline, say ready, then run jobs until told to stop."""
     _die_with_parent()
+    _first_for_the_oom_killer()
     problem = _lower_priority(nice, cpu_policy)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -213,7 +226,9 @@ class IsolatedPipeline:
                 self._restart("the analysis process had ended")
             conn = self._conn
             if conn is None:
-                raise PipelineError("no analysis process (it did not restart, or the node stops)")
+                raise AnalysisUnavailableError(
+                    "no analysis process (it did not restart, or the node stops)"
+                )
             fields = {"job": study.job_id, "version": study.version}
             try:
                 conn.send(("run", study, fields))

@@ -18,7 +18,7 @@ from pydicom.filereader import read_file_meta_info
 
 from dicom_node.backoff import backoff_delay
 from dicom_node.config import JobSettings
-from dicom_node.errors import StudySkipped
+from dicom_node.errors import AnalysisUnavailableError, StudySkipped
 from dicom_node.logs import log_context, study_key
 from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
 from dicom_node.pipeline import StudyInput, StudyPipeline
@@ -81,7 +81,7 @@ class Worker:
 
     def run_once(self) -> Job | None:
         """Run the next due job, if any; returns the job as it finished."""
-        job = self.store.claim_next_job()
+        job = self.store.claim_next_job(max_attempts=self.settings.max_attempts)
         if job is None:
             return None
         self.busy = True
@@ -120,7 +120,15 @@ class Worker:
                         "job parked: the node stops (%s); it resumes at the next start",
                         type(exc).__name__,
                     )
-                    return job
+                    return self.store.requeue(
+                        job.id, not_before=0.0, detail="parked: the node stopped during it"
+                    )
+                if isinstance(exc, AnalysisUnavailableError):
+                    delay = self.settings.retry_base_seconds
+                    logger.warning("no analysis can run now; the job waits %.0f s", delay)
+                    return self.store.requeue(
+                        job.id, not_before=time.time() + delay, detail=f"{exc}"
+                    )
                 reason = f"{type(exc).__name__}: {exc}"
                 if job.attempts >= self.settings.max_attempts:
                     done = self.store.finish_job(job.id, JobState.DEAD, error=reason)
@@ -157,9 +165,16 @@ class Worker:
         return done
 
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
-        """Run jobs until ``stop`` is set; finishes the job in hand before returning."""
+        """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error
+        outside a job's boundary (the job store itself failing: a full disk) is logged and the
+        loop goes on after a pause; the job it hit resumes at the next start or retry."""
         while not stop.is_set():
             self.last_beat = time.monotonic()
-            if self.run_once() is None:
+            try:
+                ran = self.run_once()
+            except Exception:
+                logger.exception("the worker loop failed; trying again")
+                ran = None
+            if ran is None:
                 self.wake.wait(poll_seconds)
                 self.wake.clear()

@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from dicom_node.config import JobSettings
 from dicom_node.pipeline import StudyInput, StudyResult
 from dicom_node.store.jobs import InstanceRecord, JobState, JobStore
@@ -59,3 +61,60 @@ def test_an_output_that_is_not_dicom_fails_the_job_and_the_worker_goes_on(
     worker.wake.set()
     loop.join(10)
     assert not loop.is_alive()
+
+
+def test_no_analysis_process_makes_the_job_wait_without_spending_an_attempt(
+    tmp_path: Path,
+) -> None:
+    """The analysis process cannot start (a stand-in pipeline raises what the isolated one
+    raises then): the job goes back to the queue for later with its attempt refunded, instead
+    of being failed and dead-lettered with every other queued study."""
+    from dicom_node.errors import AnalysisUnavailableError
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _queued_job(store, tmp_path)
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        raise AnalysisUnavailableError("no analysis process")
+
+    worker = Worker(store, pipeline, JobSettings(max_attempts=1), tmp_path / "work")
+    done = worker.run_once()
+    assert done is not None
+    job = store.job(job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    assert job.not_before > time.time()
+
+
+def test_a_failing_job_store_does_not_end_the_worker_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job store fails outside any job (its disk full, say): the loop logs it, waits and
+    goes on; once the store works again the queued job runs."""
+    from dicom_node.errors import OutOfResourcesError
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _queued_job(store, tmp_path)
+    real_claim = store.claim_next_job
+    failures = iter([OutOfResourcesError("job store: database or disk is full")])
+
+    def claim(*args: object, **kwargs: object) -> object:
+        for exc in failures:
+            raise exc
+        return real_claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "claim_next_job", claim)
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        return StudyResult(summary={})
+
+    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 30
+    while store.job(job_id).state != JobState.DONE:
+        assert time.monotonic() < deadline and loop.is_alive()
+        time.sleep(0.05)
+    stop.set()
+    worker.wake.set()
+    loop.join(10)

@@ -6,6 +6,7 @@ A study is ``receiving`` while instances arrive and ``complete`` once quiet (or 
 completion makes a job for the next *version* of the study. A job moves::
 
     queued -> running -> done | skipped
+                      -> queued (the node stopped, or no analysis could run: attempt refunded)
                       -> sending (results in the outbox) -> done | dead (a delivery died)
                       -> failed (retry at ``not_before``) -> running ... -> dead
     queued | failed -> superseded   (a newer instance re-opened the study before it ran, or
@@ -512,16 +513,34 @@ class JobStore:
             (job_id, now, state.value, detail),
         )
 
-    def claim_next_job(self, now: float | None = None) -> Job | None:
+    def claim_next_job(
+        self, now: float | None = None, *, max_attempts: int | None = None
+    ) -> Job | None:
         """Take the oldest runnable job (queued, or failed and due) and mark it running.
 
         A job that was running when a late instance re-opened its study, and then failed or was
         interrupted by a stop, is runnable again while its study receives or after a newer
         version was queued: it is superseded instead, so that a study is never analysed in an
         outdated version beside (or before) the new one.
+
+        With ``max_attempts``, a queued job that has used them all is dead-lettered instead of
+        run: every attempt was cut off by the node's end (a crash, a kill, the watchdog), which
+        the job itself may cause; it would otherwise take the node down at every start.
         """
         now = time.time() if now is None else now
         with self._tx() as db:
+            if max_attempts is not None:
+                for spent in db.execute(
+                    "SELECT id, attempts FROM jobs WHERE state='queued' AND attempts >= ?",
+                    (max_attempts,),
+                ).fetchall():
+                    why = (
+                        f"each of its {spent['attempts']} attempts was cut off by the node's end"
+                        " (a crash or a kill while it ran)"
+                    )
+                    self.set_state(
+                        db, spent["id"], JobState.DEAD, why, last_error=why, finished_at=now
+                    )
             for stale in db.execute(
                 f"SELECT j.id FROM jobs j WHERE j.state IN ('queued', 'failed') AND {_OVERTAKEN}"  # noqa: S608 - a constant
             ).fetchall():
@@ -628,6 +647,19 @@ class JobStore:
             fields["finished_at"] = time.time()
         self.set_state(db, job_id, state, error, **fields)
         return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def requeue(self, job_id: int, *, not_before: float, detail: str) -> Job:
+        """Put a running job back in the queue without spending the attempt it was on: the
+        node stopped under it, or no analysis could run (not the study's fault)."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JobStoreError(f"no job {job_id}")
+            if row["state"] != JobState.RUNNING:
+                raise JobStoreError(f"job {job_id} is {row['state']}, not running")
+            db.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE id=?", (job_id,))
+            self.set_state(db, job_id, JobState.QUEUED, detail, not_before=not_before)
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def retry_job(self, job_id: int) -> Job:
         """Put a dead or failed job back to work now: its dead deliveries are sent again, or (when

@@ -319,8 +319,8 @@ def test_sigterm_during_a_job_past_the_drain_time_parks_it(
 ) -> None:
     """H5: SIGTERM while a job is still running when service.drain_seconds is up (its analysis
     process frozen, so it cannot finish): the node ends the analysis process and exits 0, the
-    job is parked (left running: no attempt is spent on a failure, even with max_attempts 1),
-    and the next start runs it to the end."""
+    job is parked (queued again with its attempt given back: none is spent on a failure, even
+    with max_attempts 1), and the next start runs it to the end."""
     import sqlite3
 
     node = _node(
@@ -342,11 +342,11 @@ def test_sigterm_during_a_job_past_the_drain_time_parks_it(
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)
     with sqlite3.connect(node.data_dir / "jobs.sqlite") as db:
-        assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("running", 1)]
+        assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("queued", 0)]
     assert "job parked: the node stops" in node.log()
     node.start()
     listing = node.wait_jobs(lambda j: j["jobs"][0]["state"] == "done", timeout=180)
-    assert listing["jobs"][0]["attempts"] == 2
+    assert listing["jobs"][0]["attempts"] == 1
     classes = [str(dcmread(p).SOPClassUID) for p in pacs.received()]
     assert classes.count(COMPREHENSIVE_3D_SR) == 1
 

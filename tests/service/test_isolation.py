@@ -98,6 +98,21 @@ def test_close_ends_the_child(tmp_path: Path) -> None:
         pipeline(_study(10, tmp_path))
 
 
+def test_the_child_is_the_first_the_oom_killer_ends() -> None:
+    """Out of memory, the kernel picks the analysis process before the receiver."""
+    from dicom_node.isolation import OOM_SCORE_ADJ
+
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    try:
+        pid = pipeline.pid
+        assert pid is not None
+        child = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+        mine = int(Path("/proc/self/oom_score_adj").read_text())
+        assert child == OOM_SCORE_ADJ > mine
+    finally:
+        pipeline.close()
+
+
 def test_the_child_runs_at_the_niceness_asked_for(tmp_path: Path) -> None:
     """``nice``: the analysis process yields the CPUs to the receiver."""
     pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0, nice=7)

@@ -71,6 +71,7 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
         "RestrictAddressFamilies=",
         "SystemCallFilter=",
         "MemoryMax=",
+        "OOMPolicy=continue",
         "TasksMax=",
         "DeviceAllow=/dev/nvidiactl",
     ):

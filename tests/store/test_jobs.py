@@ -223,3 +223,34 @@ def test_results_of_a_job_overtaken_while_it_ran_are_not_sent(tmp_path: Path) ->
     assert v2 is not None and store.claim_next_job() is not None
     done = store.finish_with_outputs(v2.id, result={"n": 2}, outputs=outputs, destinations=["p"])
     assert done.state == JobState.SENDING
+
+
+def test_a_job_cut_off_by_the_node_at_every_attempt_is_dead_lettered(tmp_path: Path) -> None:
+    """A job that takes the node down (a crash, the watchdog's kill) is resumed after each
+    start, but not for ever: once it has used max_attempts it is dead-lettered, not run."""
+    path = tmp_path / "jobs.sqlite"
+    store = JobStore(path)
+    store.record_instance(_rec(tmp_path, "1.1"))
+    job = store.complete_study("1.2.3", reason="quiet")
+    assert job is not None
+    for attempt in (1, 2, 3):
+        claimed = store.claim_next_job(max_attempts=3)
+        assert claimed is not None and claimed.attempts == attempt
+        store = JobStore(path)  # the node dies with the job running, and starts again
+        store.recover()
+    assert store.claim_next_job(max_attempts=3) is None
+    dead = store.job(job.id)
+    assert dead.state == JobState.DEAD and "cut off" in (dead.last_error or "")
+    assert store.retry_job(job.id).state == JobState.QUEUED  # the operator may try again
+
+
+def test_requeue_gives_the_attempt_back(store: JobStore, tmp_path: Path) -> None:
+    """A job put back because the node stopped (or no analysis could run) keeps its attempts."""
+    store.record_instance(_rec(tmp_path, "1.1"))
+    job = store.complete_study("1.2.3", reason="quiet")
+    assert job is not None and store.claim_next_job() is not None
+    back = store.requeue(job.id, not_before=time.time() + 60, detail="parked")
+    assert (back.state, back.attempts) == (JobState.QUEUED, 0)
+    assert store.claim_next_job() is None  # not before its time
+    with pytest.raises(JobStoreError, match="not running"):
+        store.requeue(job.id, not_before=0.0, detail="again")
