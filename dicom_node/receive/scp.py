@@ -472,6 +472,10 @@ class Receiver:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 source_ae_title=calling,
             )
+            # new content for an instance at the same place: the old file is kept aside until
+            # the store has the new record, so that a refused one leaves what was acknowledged
+            replacing = known is not None and known[0] == path
+            previous = self.spool.keep_aside(path) if replacing else None
             self.spool.store(raw, path, head=head)
             if known is not None and known[0] != path:
                 self.spool.remove(known[0])  # same instance, moved to another study or series
@@ -492,7 +496,11 @@ class Receiver:
             except Exception:
                 if known is None:  # refused: not left for the next start to index and process
                     self.spool.remove(path)
+                elif previous is not None:  # refused: the acknowledged content comes back
+                    self.spool.put_back(previous, path)
                 raise
+            if previous is not None:
+                previous.unlink(missing_ok=True)
         self._tally.setdefault(id(event.assoc), Counter())[ident.study_uid] += 1
         if recorded is Recorded.REPLACED:
             logger.info(

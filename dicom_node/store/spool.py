@@ -163,6 +163,24 @@ class Spool:
                 _fsync_dir(path.parent.parent)  # names the study folder
             self._known_dirs.add(path)
 
+    def keep_aside(self, path: Path) -> Path | None:
+        """A second name, in ``incoming/``, for the file at ``path`` before it is replaced
+        (``None`` when there is none); :meth:`put_back` restores it, else unlink the name.
+        A crash leaves the name in ``incoming/``, which the next start clears."""
+        aside = self._incoming / f"{path.name}.{threading.get_ident()}.prev"
+        aside.unlink(missing_ok=True)
+        try:
+            os.link(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: Path, path: Path) -> None:
+        """Restore the file :meth:`keep_aside` kept, at ``path``."""
+        aside.replace(path)
+        if self.fsync:
+            _fsync_dir(path.parent)
+
     def remove(self, path: Path) -> None:
         """Delete one spooled file (and its series/study folders once empty)."""
         path.unlink(missing_ok=True)

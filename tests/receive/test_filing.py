@@ -128,3 +128,52 @@ def test_partial_files_left_by_a_crash_are_removed_at_start_without_naming_them(
     assert list(incoming.iterdir()) == []
     assert "removed 1 unacknowledged partial file" in caplog.text
     assert "3680043" not in caplog.text
+
+
+def test_a_correction_the_store_refuses_leaves_the_acknowledged_content(
+    receiver_in_process: Callable[..., InProcessReceiver],
+    write_study: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """S4 with a fault: new content for an acknowledged instance (one pixel changed) is refused
+    because the job store fails to record it. The spool keeps the content that was
+    acknowledged, so the sender's retry is new content again: filed, and the study re-opened
+    (before, the retry met its own bytes on disk and was taken for a duplicate)."""
+    import sqlite3
+
+    from pydicom import dcmread
+
+    from dicom_node.store.jobs import StudyState
+
+    node = receiver_in_process()
+    files = write_study(slices=3)
+    assert storescu(files, node.port).returncode == 0
+    [study] = node.store.studies()
+    assert node.store.complete_study(study.study_uid, reason="quiet") is not None
+    corrected = dcmread(files[1])
+    pixels = bytearray(corrected.PixelData)
+    pixels[100] ^= 0xFF
+    corrected.PixelData = bytes(pixels)
+    corrected.save_as(tmp_path / "corrected.dcm")
+    spooled, _ = node.store.instance_location(str(corrected.SOPInstanceUID)) or (None, 0)
+    assert spooled is not None
+    original = spooled.read_bytes()
+
+    real_record = node.store.record_instance
+    failures = iter([sqlite3.OperationalError("disk I/O error")])
+
+    def record(rec: InstanceRecord) -> Recorded:
+        for exc in failures:
+            raise exc
+        return real_record(rec)
+
+    monkeypatch.setattr(node.store, "record_instance", record)
+    first = _answers(storescu(tmp_path / "corrected.dcm", node.port))
+    assert "Received Store Response (Success)" not in first
+    assert spooled.read_bytes() == original  # what was acknowledged
+    assert list((node.spool.root / "incoming").iterdir()) == []
+    again = _answers(storescu(tmp_path / "corrected.dcm", node.port))
+    assert "Received Store Response (Success)" in again
+    assert dcmread(spooled).PixelData == corrected.PixelData
+    assert [s.state for s in node.store.studies()] == [StudyState.RECEIVING]  # re-opened
