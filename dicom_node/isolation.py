@@ -207,6 +207,11 @@ class IsolatedPipeline:
     # ------------------------------------------------------------------ state
 
     @property
+    def start_timeout_seconds(self) -> float:
+        """Longest a (fresh) child may take to start."""
+        return self._start_timeout
+
+    @property
     def ready(self) -> bool:
         """The child is alive with its pipeline built."""
         process = self._process

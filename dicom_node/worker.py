@@ -75,8 +75,11 @@ class Worker:
         self.last_beat = time.monotonic()
 
     def making_progress(self) -> bool:
-        """False when the worker loop has not come round for longer than a job may take."""
-        limit = self.settings.job_timeout_seconds + 60.0
+        """False when the worker loop has not come round for longer than a job may take: its
+        time limit, plus, with an isolated analysis, the start of a fresh process that a job
+        past its limit waits for (loading the model)."""
+        restart = float(getattr(self.pipeline, "start_timeout_seconds", 0.0))
+        limit = self.settings.job_timeout_seconds + restart + 60.0
         return time.monotonic() - self.last_beat < limit
 
     def run_once(self) -> Job | None:

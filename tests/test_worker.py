@@ -118,3 +118,27 @@ def test_a_failing_job_store_does_not_end_the_worker_loop(
     stop.set()
     worker.wake.set()
     loop.join(10)
+
+
+def test_progress_allows_a_job_past_its_limit_the_start_of_a_fresh_analysis(
+    tmp_path: Path,
+) -> None:
+    """A job that ran into jobs.job_timeout_seconds also waits for a fresh analysis process
+    to start (its model to load): the liveness check allows for it and no more."""
+
+    class Slow:  # what the node's isolated pipeline says of its starts
+        start_timeout_seconds = 600.0
+
+        def __call__(self, study: StudyInput) -> StudyResult:
+            return StudyResult(summary={})
+
+    worker = Worker(
+        JobStore(tmp_path / "jobs.sqlite"),
+        Slow(),
+        JobSettings(job_timeout_seconds=30.0),
+        tmp_path / "work",
+    )
+    worker.last_beat = time.monotonic() - (30.0 + 62.0)
+    assert worker.making_progress()  # 30 s of job and 62 s of restart
+    worker.last_beat = time.monotonic() - (30.0 + 600.0 + 61.0)
+    assert not worker.making_progress()
