@@ -724,12 +724,16 @@ class _Trunk(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize (b, c, h, w) to ``size``; antialiased when shrinking with bilinear / bicubic."""
+    """Resize (b, c, h, w) to ``size``; antialiased when shrinking with bilinear / bicubic.
+
+    Every mode is centre-aligned, as the way back to the slice grid is: ``nearest`` is
+    PyTorch's ``nearest-exact`` (its legacy ``nearest`` shifts the image by half an input
+    pixel per output pixel: 3.5 source pixels from 512 to 64)."""
     smooth = mode in ("bilinear", "bicubic")
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     if smooth:
         return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink)
-    return F.interpolate(x, size=size, mode=mode)
+    return F.interpolate(x, size=size, mode="nearest-exact" if mode == "nearest" else mode)
 
 
 def _checked_volume(

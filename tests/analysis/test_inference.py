@@ -528,3 +528,21 @@ def test_segmentation_scales_of_the_card_are_the_mean_of_the_logits_at_each_scal
         back = F.interpolate(at_scale, size=(128, 128), mode="bilinear", antialias=True)
         expected = torch.sigmoid((at_one + back) / 2)[:, 0].numpy()
     np.testing.assert_allclose(two.probability, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "area", "bicubic"])
+def test_every_resize_mode_keeps_the_image_centred(mode: str) -> None:
+    """512 -> 64 -> 512 (a card's input size and back, as the engine goes): a centred square
+    stays centred in every mode the card may name; PyTorch's legacy ``nearest`` moved it by
+    3.5 source pixels."""
+    from dicom_node.analysis.inference import _resize
+
+    x = torch.zeros(1, 1, 512, 512)
+    x[..., 195:317, 195:317] = 1.0  # edges between the 8-pixel blocks of the 64 grid
+    back = F.interpolate(
+        _resize(x, (64, 64), mode), size=(512, 512), mode="bilinear", align_corners=False
+    )
+    weights = back[0, 0].clamp(min=0)
+    rows = (weights.sum(dim=1) * torch.arange(512)).sum() / weights.sum()
+    cols = (weights.sum(dim=0) * torch.arange(512)).sum() / weights.sum()
+    assert abs(float(rows) - 255.5) < 0.25 and abs(float(cols) - 255.5) < 0.25
