@@ -33,6 +33,23 @@ def _queued_job(store: JobStore, tmp_path: Path) -> int:
     return job.id
 
 
+def _loop_until(worker: Worker, store: JobStore, job_id: int, state: JobState) -> None:
+    """Run the worker's loop in a thread until the job reaches ``state``; the loop must stay
+    alive all along, and end when told to."""
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 30
+    while store.job(job_id).state != state:
+        assert time.monotonic() < deadline and loop.is_alive()
+        time.sleep(0.05)
+    assert loop.is_alive()
+    stop.set()
+    worker.wake.set()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
 def test_an_output_that_is_not_dicom_fails_the_job_and_the_worker_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -47,20 +64,10 @@ def test_an_output_that_is_not_dicom_fails_the_job_and_the_worker_goes_on(
         bad.write_bytes(b"not DICOM")
         return StudyResult(summary={}, outputs=(bad,))
 
-    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
-    stop = threading.Event()
-    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
-    loop.start()
-    deadline = time.monotonic() + 30
-    while store.job(job_id).state != JobState.FAILED:
-        assert time.monotonic() < deadline and loop.is_alive()
-        time.sleep(0.05)
+    _loop_until(
+        Worker(store, pipeline, JobSettings(), tmp_path / "work"), store, job_id, JobState.FAILED
+    )
     assert "InvalidDicomError" in (store.job(job_id).last_error or "")
-    assert loop.is_alive()
-    stop.set()
-    worker.wake.set()
-    loop.join(10)
-    assert not loop.is_alive()
 
 
 def test_no_analysis_process_makes_the_job_wait_without_spending_an_attempt(
@@ -107,17 +114,9 @@ def test_a_failing_job_store_does_not_end_the_worker_loop(
     def pipeline(study: StudyInput) -> StudyResult:
         return StudyResult(summary={})
 
-    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
-    stop = threading.Event()
-    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
-    loop.start()
-    deadline = time.monotonic() + 30
-    while store.job(job_id).state != JobState.DONE:
-        assert time.monotonic() < deadline and loop.is_alive()
-        time.sleep(0.05)
-    stop.set()
-    worker.wake.set()
-    loop.join(10)
+    _loop_until(
+        Worker(store, pipeline, JobSettings(), tmp_path / "work"), store, job_id, JobState.DONE
+    )
 
 
 def test_progress_allows_a_job_past_its_limit_the_start_of_a_fresh_analysis(
