@@ -69,7 +69,7 @@ class Worker:
         self.work_root = work_root
         self.wake = threading.Event()
         #: Set by the node's stop before it ends the analysis: a job cut off then is parked
-        #: (left ``running``, resumed at the next start), not counted as a failure.
+        #: (queued again with its attempt given back), not counted as a failure.
         self.stopping = threading.Event()
         self.busy = False
         self.last_beat = time.monotonic()

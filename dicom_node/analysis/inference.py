@@ -41,6 +41,7 @@ from dicom_node.analysis.network import LungCTNet, study_probability
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
 from dicom_node.config import InferenceSettings
 from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, ModelError, PipelineError
+from dicom_node.study.volume import reverse_axes
 
 if TYPE_CHECKING:
     from dicom_node.config import Config
@@ -143,13 +144,10 @@ class InferenceResult:
         answer for a volume it was given flipped, brought back to the volume's own order."""
         if not axes:
             return self
-        image = self.image_probabilities
-        back = tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(3))
-        probability = self.probability[back].copy(order="C")
         return replace(
             self,
-            probability=probability,
-            image_probabilities=np.ascontiguousarray(image[::-1]) if 0 in axes else image,
+            probability=reverse_axes(self.probability, axes),
+            image_probabilities=reverse_axes(self.image_probabilities, [a for a in axes if a == 0]),
         )
 
     def probability_float32(self) -> npt.NDArray[np.float32]:

@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
@@ -193,8 +193,15 @@ class GuardedAssociationSocket(AssociationSocket):
                 if self._dataset_bytes == 0:
                     self._dataset_started = now
                 self._dataset_bytes += max(item_length - 2, 0)
-                if self._dataset_bytes > self._limits.max_dataset_bytes:
-                    self._refuse_dataset()
+                limit = self._limits.max_dataset_bytes
+                if self._dataset_bytes > limit:
+                    self._abort(
+                        PDUTooLongError(f"a data set of more than {limit} bytes"),
+                        "dataset_too_long",
+                        "data set longer than allowed; association aborted",
+                        length=self._dataset_bytes,
+                        limit=limit,
+                    )
                 if control & 0x02:  # its last fragment: the next message starts afresh
                     self._dataset_bytes = 0
             pos += 4 + item_length
@@ -204,32 +211,13 @@ class GuardedAssociationSocket(AssociationSocket):
             and taken > self._limits.pdu_seconds
             and self._dataset_bytes < MIN_DATASET_BYTES_PER_SECOND * taken
         ):
-            self._refuse_slow(taken)
-
-    def _refuse_slow(self, taken: float) -> None:
-        self._report(
-            "peer_too_slow",
-            "data set arriving too slowly; association aborted",
-            peer=self._peer,
-            calling_ae=self._calling_ae(),
-            length=self._dataset_bytes,
-            seconds=round(taken, 1),
-        )
-        self._send_abort()
-        raise ConnectionError(f"a data set at under {MIN_DATASET_BYTES_PER_SECOND} bytes/s")
-
-    def _refuse_dataset(self) -> None:
-        size, limit = self._dataset_bytes, self._limits.max_dataset_bytes
-        self._report(
-            "dataset_too_long",
-            "data set longer than allowed; association aborted",
-            peer=self._peer,
-            calling_ae=self._calling_ae(),
-            length=size,
-            limit=limit,
-        )
-        self._send_abort()
-        raise PDUTooLongError(f"a data set of more than {limit} bytes")
+            self._abort(
+                ConnectionError(f"a data set at under {MIN_DATASET_BYTES_PER_SECOND} bytes/s"),
+                "peer_too_slow",
+                "data set arriving too slowly; association aborted",
+                length=self._dataset_bytes,
+                seconds=round(taken, 1),
+            )
 
     def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -276,19 +264,19 @@ class GuardedAssociationSocket(AssociationSocket):
         return None if primitive is None else str(primitive.calling_ae_title).strip()
 
     def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
-        self._report(
+        self._abort(
+            PDUTooLongError(f"PDU of type 0x{pdu_type:02X} announces {length} bytes (> {limit})"),
             "pdu_too_long",
             "PDU longer than allowed; association aborted",
-            peer=self._peer,
-            calling_ae=self._calling_ae(),
             pdu_type=pdu_type,
             length=length,
             limit=limit,
         )
-        self._send_abort()
-        raise PDUTooLongError(f"PDU of type 0x{pdu_type:02X} announces {length} bytes (> {limit})")
 
-    def _send_abort(self) -> None:
+    def _abort(self, error: ConnectionError, code: str, message: str, **fields: Any) -> NoReturn:
+        """Report a breach (``code``, ``message``, ``fields``), send an A-ABORT and raise
+        ``error``, which pynetdicom's DUL takes for the end of the connection."""
+        self._report(code, message, peer=self._peer, calling_ae=self._calling_ae(), **fields)
         sock = self.socket
         if sock is not None:
             try:
@@ -296,6 +284,7 @@ class GuardedAssociationSocket(AssociationSocket):
                 sock.sendall(_A_ABORT_INVALID_PARAMETER)
             except OSError:
                 pass  # the connection is being dropped anyway
+        raise error
 
 
 class GuardedRequestHandler(RequestHandler):

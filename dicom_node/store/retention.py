@@ -40,27 +40,31 @@ class Removed:
     files: int
 
 
-def _newest_jobs(store: JobStore) -> dict[str, Job]:
-    newest: dict[str, Job] = {}
+def _jobs_by_study(store: JobStore) -> dict[str, list[Job]]:
+    """Every study's jobs, newest first (one read of the job table per pass)."""
+    by_study: dict[str, list[Job]] = {}
     for job in store.jobs():  # newest first
-        newest.setdefault(job.study_uid, job)
-    return newest
+        by_study.setdefault(job.study_uid, []).append(job)
+    return by_study
 
 
-def _remove_study(store: JobStore, spool: Spool, work_root: Path, job: Job) -> int | None:
-    """Delete a study whose newest job is ``job``; the number of spooled files it had, or
-    ``None`` when it is gone already or no longer ``job``'s to judge (a re-send re-opened it)."""
+def _remove_study(store: JobStore, spool: Spool, work_root: Path, jobs: list[Job]) -> int | None:
+    """Delete a study whose jobs are ``jobs`` (newest first); the number of spooled files it
+    had, or ``None`` when it is gone already or its newest job is no longer ``jobs[0]`` (a
+    re-send re-opened it)."""
+    newest = jobs[0]
     with spool.removing():
-        paths = store.removable_paths(job.study_uid, job.id)
+        paths = store.removable_paths(newest.study_uid, newest.id)
         if paths is None:
             return None
         for path in paths:
             spool.remove(path)
-        for old in store.jobs():
-            if old.study_uid == job.study_uid:
-                shutil.rmtree(work_root / f"{old.id}-v{old.version}", ignore_errors=True)
-        store.forget_study(job.study_uid)
-    logger.info("study removed by retention", extra={"fields": {"study": study_key(job.study_uid)}})
+        for job in jobs:
+            shutil.rmtree(work_root / f"{job.id}-v{job.version}", ignore_errors=True)
+        store.forget_study(newest.study_uid)
+    logger.info(
+        "study removed by retention", extra={"fields": {"study": study_key(newest.study_uid)}}
+    )
     return len(paths)
 
 
@@ -78,9 +82,10 @@ def apply_retention(
     now = time.time() if now is None else now
     cutoff = now - keep_hours * 3600
     studies = files = 0
-    for job in _newest_jobs(store).values():
+    for jobs in _jobs_by_study(store).values():
+        job = jobs[0]
         if job.state in _ENDED_WELL and job.finished_at is not None and job.finished_at <= cutoff:
-            n = _remove_study(store, spool, work_root, job)
+            n = _remove_study(store, spool, work_root, jobs)
             if n is not None:
                 studies += 1
                 files += n
@@ -100,9 +105,10 @@ def purge(
     now = time.time() if now is None else now
     cutoff = now - older_than_hours * 3600
     studies = files = 0
-    for job in _newest_jobs(store).values():
+    for jobs in _jobs_by_study(store).values():
+        job = jobs[0]
         if job.state in _ENDED_BADLY and (job.finished_at or job.updated_at) <= cutoff:
-            n = _remove_study(store, spool, work_root, job)
+            n = _remove_study(store, spool, work_root, jobs)
             if n is not None:
                 studies += 1
                 files += n

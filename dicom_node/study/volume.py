@@ -60,7 +60,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -482,6 +482,19 @@ def _where(inst: InstanceHeader, index: int) -> str:
     """An image named without patient data: its instance number (and frame)."""
     number = f"image {inst.instance_number}" if inst.instance_number is not None else "an image"
     return f"{number} frame {index + 1}" if inst.number_of_frames > 1 else number
+
+
+_Array = TypeVar("_Array", bound="np.ndarray[Any, Any]")
+
+
+def reverse_axes(array: _Array, axes: Sequence[int]) -> _Array:
+    """A C-ordered copy of ``array`` with ``axes`` reversed (``array`` itself when there are
+    none): a volume (or its masks, or the model's map of it) brought to or from the order of
+    :attr:`CTVolume.axes_against_lps`."""
+    if not axes:
+        return array
+    back = tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(array.ndim))
+    return cast(_Array, array[back].copy(order="C"))
 
 
 def _rescale(inst: InstanceHeader, index: int, value: float | None, which: str) -> float:

@@ -344,7 +344,7 @@ class DicomSegDataset:
         import highdicom as hd
 
         from dicom_node.config import VolumeGeometrySettings
-        from dicom_node.study.volume import read_volume
+        from dicom_node.study.volume import read_volume, reverse_axes
 
         paths = self._series[case_id]
         volume = read_volume(paths, settings=VolumeGeometrySettings())
@@ -369,13 +369,11 @@ class DicomSegDataset:
         flips = volume.axes_against_lps
         first = [volume.shape[a] - 1 if a in flips else 0 for a in range(3)]
         x, y, z = (float(v) for v in volume.index_to_lps(first))
-        back = tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))
-        hu = volume.hu[back].copy(order="C")
         return Case(
             case_id=case_id,
             patient_id=self._patients[case_id],
-            hu=hu,
-            tumour_mask=mask[back].copy(order="C"),
+            hu=reverse_axes(volume.hu, flips),
+            tumour_mask=reverse_axes(mask, flips),
             spacing_mm=volume.spacing_mm,
             origin_mm=(x, y, z),
         )

@@ -2130,13 +2130,11 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     work_dir: Path = args.work_dir or args.output.with_name(args.output.name + "-work")
     split_path: Path = args.split or work_dir / "split.json"
     phantoms = args.dataset == "phantoms"
-    if split_path.exists():
-        split = read_split(split_path)
-        if phantoms:  # the split's ids stand for the phantoms it was made of
-            spec = split.phantoms_for(spec, source=str(split_path))
-        dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
-    else:
-        dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
+    split = read_split(split_path) if split_path.exists() else None
+    if split is not None and phantoms:  # the split's ids stand for the phantoms it was made of
+        spec = split.phantoms_for(spec, source=str(split_path))
+    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
+    if split is None:
         split = split_cases(
             dataset,
             val_fraction=args.val_fraction,

@@ -130,10 +130,10 @@ def test_retention_leaves_a_study_re_completed_since_it_judged(
     spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
     paths = _study(store, spool, "1.1")
     _finish(store, "1.1", JobState.DONE)
-    judged = retention._newest_jobs(store)  # the pass's view, before the re-send
+    judged = retention._jobs_by_study(store)  # the pass's view, before the re-send
     _study(store, spool, "1.1")  # re-sent: re-opened ...
     assert store.complete_study("1.1", reason="released") is not None  # ... and queued as v2
-    monkeypatch.setattr(retention, "_newest_jobs", lambda _store: judged)
+    monkeypatch.setattr(retention, "_jobs_by_study", lambda _store: judged)
     removed = apply_retention(store, spool, tmp_path / "work", keep_hours=0, now=time.time() + 5)
     assert removed == retention.Removed(0, 0)
     assert all(p.exists() for p in paths)
