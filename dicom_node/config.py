@@ -79,6 +79,21 @@ def _check_ip_address(value: str) -> str:
 IPAddress = Annotated[str, AfterValidator(_check_ip_address)]
 
 
+def _check_long_string(value: str) -> str:
+    if not 1 <= len(value) <= 64 or not value.strip(" "):
+        raise ValueError("is not a DICOM long string (1-64 characters, not all spaces)")
+    if any(not 0x20 <= ord(c) <= 0x7E or c == "\\" for c in value):
+        raise ValueError(
+            "must be printable ASCII without a backslash (it is written into every SEG and SR,"
+            " whatever character set the study uses)"
+        )
+    return value
+
+
+#: Text the node writes as a DICOM LO in its own outputs.
+LongString = Annotated[str, AfterValidator(_check_long_string)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -484,12 +499,8 @@ class ResultsSettings(_Section):
 
     seg_series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 9101
     sr_series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 9102
-    seg_series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
-        "AI lung lesions (dicom-node)"
-    )
-    sr_series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
-        "AI lung findings, not verified (dicom-node)"
-    )
+    seg_series_description: LongString = "AI lung lesions (dicom-node)"
+    sr_series_description: LongString = "AI lung findings, not verified (dicom-node)"
     #: ``binary``: one bit per voxel per lesion; ``fractional``: the model's probability
     #: (8 bits, 255 = 1.0) over each lesion's voxels.
     segmentation_type: Literal["binary", "fractional"] = "binary"
@@ -497,7 +508,7 @@ class ResultsSettings(_Section):
     #: the SR still counts all of them.
     max_segments: Annotated[int, Field(ge=1, le=255)] = 20
     #: Device Serial Number (Enhanced General Equipment, Type 1 in a SEG): name this install.
-    device_serial_number: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    device_serial_number: LongString = "1"
 
 
 class Config(_Section):

@@ -51,6 +51,15 @@ def test_config_is_frozen() -> None:
         ("jobs: {job_timeout_seconds: .inf}", "jobs.job_timeout_seconds: Infinity is invalid"),
         ("service: {drain_seconds: 120}", "service.drain_seconds: 120 is invalid"),
         ("inference: {seg_scales: [1.25]}", "seg_scales must hold 1.0, and each scale once"),
+        (
+            "results: {sr_series_description: 'AI\\\\lesions'}",
+            "must be printable ASCII without a backslash",
+        ),
+        (
+            "results: {seg_series_description: 'KI-Läsionen'}",
+            "results.seg_series_description: ",
+        ),
+        ("results: {device_serial_number: '  '}", "is not a DICOM long string"),
         ("- just\n- a list", "the top level must be a mapping"),
         ("node: [unclosed", "not valid YAML"),
     ],

@@ -37,16 +37,24 @@ from dicom_node import MANUFACTURER, __version__
 from dicom_node.uids import is_valid_uid
 
 __all__ = [
+    "BUILD_CHARACTER_SET",
     "IDENTITY_KEYWORDS",
     "OutputKind",
     "Producer",
     "ResultUIDs",
     "copy_identity",
     "derive_uid",
+    "shallow_copy",
     "source_header",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The character set highdicom builds a result in. highdicom refuses some valid ones (ISO 2022
+#: with an empty first value, as PS3.5's examples write Japanese and Korean); everything it
+#: writes itself is ASCII, and :func:`copy_identity` then gives the result the source's
+#: character set with the attributes encoded in it.
+BUILD_CHARACTER_SET: Final = "ISO_IR 192"
 
 #: Patient and study attributes every result copies from its source, in this order.
 IDENTITY_KEYWORDS: Final[tuple[str, ...]] = (
@@ -317,14 +325,21 @@ def source_header(dataset: Dataset) -> Dataset:
     missing = [keyword for keyword in _TYPE_2 if keyword not in dataset]
     if not missing:
         return dataset
+    header = shallow_copy(dataset)
+    for keyword in missing:
+        setattr(header, keyword, "")
+    return header
+
+
+def shallow_copy(dataset: Dataset) -> Dataset:
+    """A new dataset holding ``dataset``'s elements (but its pixel data) and file meta, to
+    complete without changing the caller's."""
     header = Dataset()
     for element in dataset:
         if element.tag != 0x7FE00010:
             header.add(element)
     if hasattr(dataset, "file_meta"):
         header.file_meta = dataset.file_meta
-    for keyword in missing:
-        setattr(header, keyword, "")
     return header
 
 

@@ -31,7 +31,7 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import highdicom as hd
 import numpy as np
@@ -40,7 +40,14 @@ from pydicom.dataset import Dataset
 
 from dicom_node.analysis.lesions import Lesion
 from dicom_node.results import codes
-from dicom_node.results.identity import Producer, ResultUIDs, copy_identity, source_header
+from dicom_node.results.identity import (
+    BUILD_CHARACTER_SET,
+    Producer,
+    ResultUIDs,
+    copy_identity,
+    shallow_copy,
+    source_header,
+)
 
 __all__ = [
     "MAX_FRACTIONAL_VALUE",
@@ -177,18 +184,51 @@ def source_slices(
     per slice and an image stands for several slices.
     """
     images = {str(ds.SOPInstanceUID): source_header(ds) for ds in unique_images(source_images)}
-    per_slice = [images[str(ds.SOPInstanceUID)] for ds in source_images]
     multiframe = (
         frame_numbers is not None
         and len(frame_numbers) == len(source_images)
         and len(images) < len(source_images)
     )
+    if not multiframe:
+        _complete_slice_thickness(images, source_images)
+    per_slice = [images[str(ds.SOPInstanceUID)] for ds in source_images]
     frames: list[int | None] = (
         [int(f) for f in frame_numbers]
         if multiframe and frame_numbers is not None
         else [None] * len(per_slice)
     )
     return list(images.values()), per_slice, frames
+
+
+def _complete_slice_thickness(images: dict[str, Dataset], slices: Sequence[Dataset]) -> None:
+    """Give the images whose Slice Thickness is empty (it is Type 2 in a CT image) or absent
+    the spacing between the slices, measured along their normal, in place of the source's
+    header. The SEG's pixel measures need a thickness (Type 1), and so do highdicom's image
+    library entries in the SR; the spacing is the depth each segmentation frame stands for.
+    """
+    lacking = [uid for uid, header in images.items() if not _has_thickness(header)]
+    if not lacking or len(slices) < 2:
+        return
+    orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.asarray([ds.ImagePositionPatient for ds in slices], dtype=np.float64) @ normal
+    steps = np.abs(np.diff(along))
+    steps = steps[steps > 1e-3]
+    if not steps.size:
+        return
+    thickness = round(float(np.median(steps)), 3)
+    for uid in lacking:
+        header = shallow_copy(images[uid])
+        header.SliceThickness = thickness
+        images[uid] = header
+    logger.debug("%d images without a slice thickness: the spacing, %s mm", len(lacking), thickness)
+
+
+def _has_thickness(header: Dataset) -> bool:
+    try:
+        return float(header.get("SliceThickness") or 0.0) > 0.0
+    except (TypeError, ValueError):
+        return False
 
 
 def frame_position(header: Dataset, frame_number: int | None) -> list[float]:
@@ -222,9 +262,16 @@ def _write_fractional_frames(
     label_of = {item.segment_number: item.lesion.label for item in segments}
     scale = 1.0 if probability.dtype == np.uint8 else float(MAX_FRACTIONAL_VALUE)
     chunks: list[bytes] = []
+    # highdicom puts a functional group that is the same for every frame (one segment, say)
+    # in the shared groups instead of each frame's
+    shared = seg.SharedFunctionalGroupsSequence[0]
+
+    def group(frame: Dataset, keyword: str) -> Dataset:
+        return cast(Dataset, (frame if keyword in frame else shared)[keyword].value[0])
+
     for frame in seg.PerFrameFunctionalGroupsSequence:
-        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        number = int(group(frame, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        source = group(frame, "DerivationImageSequence").SourceImageSequence[0]
         referenced = source.get("ReferencedFrameNumber")
         key = (
             str(source.ReferencedSOPInstanceUID),
@@ -337,6 +384,10 @@ def build_segmentation(
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label=_CONTENT_LABEL,
         content_description="AI lung lesion segmentation, not verified by a clinician",
+        # highdicom refuses some valid source character sets (ISO 2022 with an empty first
+        # value, as PS3.5's examples write Japanese and Korean); every text it writes is ASCII,
+        # and copy_identity gives the object the source's character set with its attributes
+        specific_character_set=BUILD_CHARACTER_SET,
         plane_positions=[_plane_position(headers[int(z)], frames[int(z)]) for z in planes],
         omit_empty_frames=True,
         series_description=series_description,

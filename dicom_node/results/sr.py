@@ -52,7 +52,7 @@ from pydicom.uid import UID
 
 from dicom_node.results import codes
 from dicom_node.results.codes import Laterality, StudyClassification
-from dicom_node.results.identity import Producer, ResultUIDs, copy_identity
+from dicom_node.results.identity import BUILD_CHARACTER_SET, Producer, ResultUIDs, copy_identity
 from dicom_node.results.seg import SegmentedLesion, source_slices, unique_images
 
 __all__ = [
@@ -453,6 +453,7 @@ def build_report(
         series_description=series_description,
         contributing_equipment=[producer.contributing_equipment()],
         previous_versions=list(previous_versions) or None,
+        specific_character_set=BUILD_CHARACTER_SET,  # the source's is put back below
     )
     sr.ManufacturerModelName = producer.manufacturer_model_name
     # highdicom annotates SoftwareVersions as ``str | tuple[str]``; a list is what pydicom

@@ -15,7 +15,7 @@ import pytest
 from dicom_node.config import ResultsSettings
 from dicom_node.results import codes
 from dicom_node.results.writer import ResultFiles, write_results
-from tests.results.conftest import CTCase, Dciodvfy, make_case, report_content
+from tests.results.conftest import TWO_SPHERES, CTCase, Dciodvfy, make_case, report_content
 
 
 def _write(
@@ -137,3 +137,74 @@ def test_a_new_version_names_the_report_it_revises(
     assert instance.ReferencedSOPInstanceUID == first.uids.sr_instance
     assert series.SeriesInstanceUID == first.uids.sr_series
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(first.sr)
+
+
+def _rewrite(case: CTCase, **attributes: object) -> None:
+    """Change attributes of every source file in place."""
+    for path in case.files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 H.3.1
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # PS3.5 I.2
+        (["ISO 2022 IR 6", "ISO 2022 IR 58"], "Zhang^XiaoDong=张^小东="),  # PS3.5 K.2
+    ],
+)
+def test_iso_2022_studies_get_results_in_their_character_set(
+    tmp_path: Path, dciodvfy: Dciodvfy, charset: list[str], name: str
+) -> None:
+    """Japanese, Korean and Chinese studies in ISO 2022 (highdicom refuses a first value that
+    is empty, the form PS3.5's examples use) get a SEG and an SR in the study's character set,
+    the patient's name byte for byte the source's."""
+    case = make_case(tmp_path / "ct", TWO_SPHERES)
+    _rewrite(case, SpecificCharacterSet=charset, PatientName=name)
+    source = pydicom.dcmread(case.files[0])
+    files = _write(case, tmp_path / "out")
+    assert files.seg is not None
+    for path in (files.seg, files.sr):
+        _check_file(path, dciodvfy)
+        written = pydicom.dcmread(path)
+        assert written.SpecificCharacterSet == source.SpecificCharacterSet
+        assert written.get_item("PatientName").value == source.get_item("PatientName").value
+
+
+def test_a_fractional_seg_of_one_lesion(tmp_path: Path, dciodvfy: Dciodvfy) -> None:
+    """One lesion in a FRACTIONAL SEG (highdicom then shares its segment and source image
+    among the frames) stores the probability over the lesion."""
+    case = make_case(tmp_path / "ct", TWO_SPHERES[:1])
+    files = _write(case, tmp_path / "out", ResultsSettings(segmentation_type="fractional"))
+    assert files.seg is not None
+    _check_file(files.seg, dciodvfy)
+    seg = pydicom.dcmread(files.seg)
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert 0 < int(seg.pixel_array.max()) <= 255
+
+
+@pytest.mark.parametrize("absent", [False, True], ids=["empty", "absent"])
+def test_a_source_without_slice_thickness_gets_results(
+    tmp_path: Path, dciodvfy: Dciodvfy, absent: bool
+) -> None:
+    """Slice Thickness is Type 2 in a CT image: a source that leaves it empty (or, against the
+    standard, out) gets a SEG and an SR that give the spacing between its slices instead."""
+    case = make_case(tmp_path / "ct", TWO_SPHERES)
+    for path in case.files:
+        ds = pydicom.dcmread(path)
+        if absent:
+            del ds.SliceThickness
+        else:
+            ds.SliceThickness = None
+        ds.save_as(path, enforce_file_format=True)
+    files = _write(case, tmp_path / "out")
+    assert files.seg is not None
+    for path in (files.seg, files.sr):
+        _check_file(path, dciodvfy)
+    seg = pydicom.dcmread(files.seg, stop_before_pixels=True)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    positions = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in case.files)
+    assert float(measures.SliceThickness) == pytest.approx(positions[1] - positions[0], abs=1e-3)
