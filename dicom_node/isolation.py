@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dicom_node.config import LoggingSettings
-from dicom_node.errors import AnalysisUnavailableError, PipelineError, StudySkipped
+from dicom_node.errors import AnalysisUnavailableError, NodeError, PipelineError, StudySkipped
 from dicom_node.logs import log_context, setup_logging
 from dicom_node.pipeline import StudyInput, StudyPipeline, StudyResult
 
@@ -144,7 +144,9 @@ def _child_main(
                 conn.send(("skipped", str(exc)))
             except Exception as exc:
                 logger.exception("analysis failed")
-                conn.send(("error", type(exc).__name__, str(exc)))
+                # an error the node did not raise on purpose may have left the process unfit
+                # (a CUDA error poisons its context for every later call): the parent replaces it
+                conn.send(("error", type(exc).__name__, str(exc), not isinstance(exc, NodeError)))
             else:
                 conn.send(("ok", result))
 
@@ -257,6 +259,8 @@ class IsolatedPipeline:
                 code = self._exit_code()
                 self._restart("the analysis process died")
                 raise PipelineError(f"analysis process died ({code})") from None
+            if answer[0] == "error" and answer[3]:
+                self._restart(f"job {study.job_id} failed unexpectedly ({answer[1]})")
         kind = answer[0]
         if kind == "ok":
             result: StudyResult = answer[1]

@@ -220,6 +220,8 @@ def resolve_precision(
     """
     if weights != torch.float32:
         held = _DTYPE_PRECISION[weights]
+        if held == "bf16" and device.type == "cuda" and not _cuda_bf16(device):
+            raise ConfigError(f"model.dtype: bfloat16 is not supported by {device} (use float16)")
         if setting not in ("auto", held):
             raise ConfigError(
                 f"inference.precision: {setting!r} contradicts model.dtype {weights} "
@@ -230,13 +232,20 @@ def resolve_precision(
         return held
     if setting == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if _cuda_bf16(device) else "fp16"
         return "fp32"
     if setting == "fp16" and device.type != "cuda":
         raise ConfigError("inference.precision: 'fp16' is supported on CUDA only (use 'bf16')")
-    if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if setting == "bf16" and device.type == "cuda" and not _cuda_bf16(device):
         raise ConfigError(f"inference.precision: 'bf16' is not supported by {device} (use fp16)")
     return setting
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (compute capability 8.0, Ampere, and
+    later). ``torch.cuda.is_bf16_supported()`` also says yes for older GPUs, where bf16 is
+    emulated slowly and cuDNN has no bf16 convolutions, and asks of the current device."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

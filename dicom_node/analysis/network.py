@@ -345,9 +345,10 @@ class LungCTNet(nn.Module):
             max(stride, round(height * scale / stride) * stride),
             max(stride, round(width * scale / stride) * stride),
         )
+        # in float32: the CPU has no half-precision kernel for the antialiased (scale < 1) one
         zoomed = F.interpolate(
-            x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0
-        )
+            x.float(), size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0
+        ).to(x.dtype)
         logits: torch.Tensor = self.segmentation_head(self.decoder(self.encoder(zoomed)))
         return F.interpolate(
             logits.float(),

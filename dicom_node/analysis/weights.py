@@ -267,6 +267,8 @@ def read_card(path: Path) -> ModelCard:
         raise ModelError(f"{path}: model card missing") from exc
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the model card ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: model card is not UTF-8 text ({exc.reason})") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -348,6 +350,15 @@ def load_model(
     torch_device = torch.device(device)
     network.to(device=torch_device, dtype=dtype)
     network.eval()
+    unfit = [
+        name
+        for name, t in (*network.named_parameters(), *network.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if unfit:  # an infinite running variance silences its channel without any NaN to show it
+        raise ModelError(
+            f"{weights_path}: weights that are not finite in {dtype}: {_short_list(unfit)}"
+        )
     seconds = time.perf_counter() - started
     logger.info(
         "loaded model %s %s from %s (%s, %s) in %.2f s",
@@ -401,7 +412,7 @@ def _check_tensors(
     wrong = sorted(
         f"{name} {t.dtype}"
         for name, t in tensors.items()
-        if t.is_floating_point() and t.dtype != want
+        if t.dtype != (want if expected[name].is_floating_point() else expected[name].dtype)
     )
     if wrong:
         raise ModelError(

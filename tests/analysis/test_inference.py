@@ -9,6 +9,7 @@ out-of-memory error.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -331,6 +332,57 @@ def test_device_and_precision_resolution() -> None:
         resolve_precision("fp16", cpu, torch.float32)
     with pytest.raises(ConfigError, match=r"contradicts model\.dtype"):
         resolve_precision("fp32", cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_auto_precision_asks_the_device_for_native_bf16(
+    capability: tuple[int, int], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU before Ampere (a T4 is 7.5) can hold bf16 tensors, and torch's
+    ``is_bf16_supported()`` says yes for it, but has no bf16 convolutions: ``auto`` is fp16
+    there, bf16 weights and ``precision: bf16`` are refused. The device's own capability is
+    asked (a stand-in here: this test machine may have no GPU)."""
+    asked: list[torch.device] = []
+
+    def capability_of(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda", 1)
+    assert resolve_precision("auto", gpu, torch.float32) == expected
+    assert asked == [gpu]
+    if expected == "fp16":
+        with pytest.raises(ConfigError, match="'bf16' is not supported"):
+            resolve_precision("bf16", gpu, torch.float32)
+        with pytest.raises(ConfigError, match="bfloat16 is not supported"):
+            resolve_precision("auto", gpu, torch.bfloat16)
+    else:
+        assert resolve_precision("auto", gpu, torch.bfloat16) == "bf16"
+
+
+def test_bf16_weights_run_at_a_segmentation_scale_below_one() -> None:
+    """bf16 weights on the CPU at a scale below 1 (an antialiased zoom, for which PyTorch's CPU
+    has no bf16 kernel) give maps close to those of the same weights in float32."""
+    card = make_card(input={"size": 128, "mode": "fit", "seg_scales": [0.75, 1.0]})
+    network = make_network()
+    maps = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = LoadedModel(
+            network=copy.deepcopy(network).to(dtype),
+            card=card,
+            path=None,
+            device=torch.device("cpu"),
+            dtype=dtype,
+        )
+        settings = InferenceSettings(device="cpu", batch_size=2, probability_dtype="float32")
+        result = InferenceEngine(model, settings).run(
+            _volume(depth=3, height=128, width=128), SPACING
+        )
+        assert result.precision == ("bf16" if dtype == torch.bfloat16 else "fp32")
+        maps.append(result.probability)
+    assert float(np.abs(maps[0] - maps[1]).mean()) < BF16_MEAN_ABS_TOLERANCE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

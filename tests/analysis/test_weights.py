@@ -268,6 +268,49 @@ def test_weights_dtype_must_match_the_card(model_dir: Path) -> None:
         load_model(model_dir)
 
 
+def test_integer_tensors_in_place_of_floating_ones_are_refused(model_dir: Path) -> None:
+    """A weight stored as integers (right name and shape) is refused with its name."""
+    tensors = safetensors.torch.load_file(model_dir / WEIGHTS_FILE)
+    tensors["classifier.fc2.weight"] = tensors["classifier.fc2.weight"].to(torch.int8)
+    _rewrite_weights(model_dir, tensors)
+    with pytest.raises(ModelError, match=r"the file holds classifier\.fc2\.weight torch\.int8"):
+        load_model(model_dir)
+
+
+def test_a_card_that_is_not_utf8_is_refused(model_dir: Path) -> None:
+    """A model.yaml saved in another encoding says so (not a UnicodeDecodeError)."""
+    text = (model_dir / CARD_FILE).read_text()
+    (model_dir / CARD_FILE).write_bytes(
+        text.replace("name:", "# Résumé\nname:", 1).encode("latin-1")
+    )
+    with pytest.raises(ModelError, match="not UTF-8"):
+        load_model(model_dir)
+
+
+def test_weights_that_are_not_finite_are_refused(model_dir: Path) -> None:
+    """An infinite value (checksum right) is a corrupt model, refused at load: an infinite
+    running variance would silence its channel without a NaN anywhere to show it."""
+    tensors = safetensors.torch.load_file(model_dir / WEIGHTS_FILE)
+    tensors["encoder.bn1.running_var"][0] = float("inf")
+    _rewrite_weights(model_dir, tensors)
+    with pytest.raises(
+        ModelError, match=r"not finite in torch\.float32: encoder\.bn1\.running_var"
+    ):
+        load_model(model_dir)
+
+
+def test_weights_that_overflow_the_dtype_they_are_loaded_in_are_refused(tmp_path: Path) -> None:
+    """float32 weights loaded as float16 (``model.dtype``) whose running variance float16
+    cannot hold are refused at load, not run as infinities."""
+    net = make_network()
+    with torch.no_grad():
+        net.encoder.bn1.running_var[0] = 1.0e5
+    save_model(net, make_card(), tmp_path, dtype=torch.float32)
+    load_model(tmp_path)  # fine in float32
+    with pytest.raises(ModelError, match=r"not finite in torch\.float16"):
+        load_model(tmp_path, dtype=torch.float16)
+
+
 def test_save_refuses_a_card_of_another_architecture(tmp_path: Path) -> None:
     """save_model checks that the network and the card describe the same architecture."""
     card: ModelCard = make_card()

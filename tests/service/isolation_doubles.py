@@ -39,3 +39,19 @@ class Behaving:
 def broken() -> Behaving:
     """A factory whose model does not load."""
     raise ModelError("weights.safetensors: checksum mismatch")
+
+
+class Poisoned:
+    """Behaves as a process whose CUDA context an illegal memory access has poisoned (a sticky
+    error: every later CUDA call in that process fails; a new process works): job 5 raises
+    that error and leaves the process failing every later job; other jobs succeed until then.
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def __call__(self, study: StudyInput, /) -> StudyResult:
+        if study.job_id == 5 or self.broken:
+            self.broken = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return StudyResult(summary={"pid": os.getpid(), "series": []})

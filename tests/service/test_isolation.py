@@ -14,7 +14,7 @@ from dicom_node.errors import PipelineError, StudySkipped
 from dicom_node.isolation import AnalysisStartError, IsolatedPipeline, JobTimeoutError
 from dicom_node.pipeline import StudyInput, StudyResult
 from tests.peers import pid_alive
-from tests.service.isolation_doubles import Behaving, broken
+from tests.service.isolation_doubles import Behaving, Poisoned, broken
 
 
 def _study(job_id: int, tmp_path: Path) -> StudyInput:
@@ -79,6 +79,21 @@ def test_skips_and_errors_keep_their_meaning(isolated: IsolatedPipeline, tmp_pat
     with pytest.raises(PipelineError, match="PipelineError: model output contains NaN"):
         isolated(_study(4, tmp_path))
     assert isolated.pid == pid  # the child survives ordinary failures
+
+
+def test_an_unexpected_error_gets_the_next_job_a_fresh_process(tmp_path: Path) -> None:
+    """An error the node did not raise on purpose (here a CUDA error, after which every CUDA
+    call of that process fails) fails its job and replaces the process, so the next job does
+    not fail too; errors the node raises on purpose keep the process (its loaded model)."""
+    pipeline = IsolatedPipeline(functools.partial(Poisoned), timeout_seconds=30.0)
+    try:
+        first = pipeline(_study(10, tmp_path)).summary["pid"]
+        with pytest.raises(PipelineError, match="RuntimeError: CUDA error"):
+            pipeline(_study(5, tmp_path))
+        assert pipeline.ready and pipeline.pid != first
+        assert pipeline(_study(11, tmp_path)).summary["pid"] == pipeline.pid
+    finally:
+        pipeline.close()
 
 
 def test_a_model_that_does_not_load_stops_the_start() -> None:
