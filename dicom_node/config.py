@@ -482,7 +482,8 @@ class SelectionSettings(_Section):
     body_part_exclude: tuple[RegexPattern, ...] = ()
     description_include: tuple[RegexPattern, ...] = ()
     description_exclude: tuple[RegexPattern, ...] = ()
-    #: Lossy Image Compression "01" (a lossy transfer syntax, or lossy before) qualifies.
+    #: Lossy-compressed images qualify: Lossy Image Compression "01" (lossy before), or a
+    #: transfer syntax that may be lossy (JPEG-LS near-lossless, JPEG 2000) without "00".
     allow_lossy: bool = False
     #: A series whose body holds less lung-density tissue than this fraction (a head or an
     #: abdomen sent by mistake) is skipped: "no lung in the field of view". 0 turns it off.

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEGLSNearLossless
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -88,8 +88,17 @@ def decodable_transfer_syntaxes() -> list[UID]:
         if not plugin or plugin in get_decoder(uid).available_plugins
     ]
     # pynetdicom accepts, of the syntaxes a peer proposes in one context, the first in this
-    # list: explicit VR little endian first, as most senders expect
-    return sorted(usable, key=lambda uid: uid != ExplicitVRLittleEndian)
+    # list: explicit VR little endian first, as most senders expect, then the other native
+    # ones, the lossless compressed ones, and last those that may be lossy (a sender that
+    # transcodes to what was accepted should not lose what it has)
+    return sorted(
+        usable,
+        key=lambda uid: (
+            uid != ExplicitVRLittleEndian,
+            uid.is_compressed,
+            uid in (JPEGLSNearLossless, JPEG2000),
+        ),
+    )
 
 
 class Receiver:
@@ -397,6 +406,8 @@ class Receiver:
                 event.context.transfer_syntax,
                 command_sop_class=str(req.AffectedSOPClassUID),
                 command_sop_instance=str(req.AffectedSOPInstanceUID),
+                needs_pixel_data=str(req.AffectedSOPClassUID) in ANALYSED_SOP_CLASSES,
+                max_dataset_bytes=self.config.node.max_dataset_mb * 1024 * 1024,
             )
             outcome = self._file(event, ident, raw, calling)
         except OutOfResourcesError as exc:

@@ -24,6 +24,7 @@ from typing import Final, cast
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import JPEG2000, JPEGLSNearLossless
 
 from dicom_node.errors import DatasetError
 
@@ -135,7 +136,8 @@ class InstanceHeader:
     photometric_interpretation
         E.g. ``"MONOCHROME2"``.
     lossy_compressed
-        Lossy Image Compression is ``"01"``.
+        Lossy Image Compression is ``"01"``, or the transfer syntax may be lossy (JPEG-LS
+        near-lossless, JPEG 2000) and the attribute does not say ``"00"``.
     frames
         One :class:`FrameHeader` per frame, in the file's frame order; empty for an instance
         without an image.
@@ -212,7 +214,10 @@ def read_header(path: str | Path) -> InstanceHeader:
     columns = _int(ds, "Columns") or 0
     frames: tuple[FrameHeader, ...] = ()
     if rows and columns:
-        frames = _frames(ds)
+        try:
+            frames = _frames(ds)
+        except DatasetError as exc:
+            raise DatasetError(f"{file.name}: {exc}") from exc
     return InstanceHeader(
         path=file,
         study_instance_uid=str(ds.StudyInstanceUID),
@@ -234,9 +239,21 @@ def read_header(path: str | Path) -> InstanceHeader:
         bits_stored=_int(ds, "BitsStored") or 0,
         pixel_representation=_int(ds, "PixelRepresentation") or 0,
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
-        lossy_compressed=_text(ds, "LossyImageCompression") == "01",
+        lossy_compressed=_is_lossy(_text(ds, "LossyImageCompression"), syntax),
         frames=frames,
     )
+
+
+#: Transfer syntaxes that may be lossy (JPEG-LS near-lossless, JPEG 2000 irreversible or not).
+_MAY_BE_LOSSY: Final = frozenset({JPEGLSNearLossless, JPEG2000})
+
+
+def _is_lossy(lossy_image_compression: str, syntax: str) -> bool:
+    """Lossy Image Compression "01"; or a transfer syntax that may be lossy without "00" saying
+    it is not (the attribute is Type 3: a sender may leave it out)."""
+    if lossy_image_compression == "01":
+        return True
+    return syntax in _MAY_BE_LOSSY and lossy_image_compression != "00"
 
 
 def read_headers(paths: Iterable[str | Path]) -> tuple[InstanceHeader, ...]:
@@ -267,6 +284,12 @@ def _frames(ds: Dataset) -> tuple[FrameHeader, ...]:
     )
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = _items(ds, "PerFrameFunctionalGroupsSequence")
+    # the count comes from the file: a few bytes may claim billions of frames
+    if count > 1 and len(per_frame) != count:
+        raise DatasetError(
+            f"Number of Frames is {count} but the Per-frame Functional Groups Sequence has "
+            f"{len(per_frame)} items"
+        )
     if shared is None and not per_frame:
         return (top,) * count
     frames = []

@@ -118,6 +118,14 @@ def threads(node: NodeProcess) -> int:
     return len(os.listdir(f"/proc/{pid(node)}/task"))
 
 
+def peak_rss_mib(node: NodeProcess) -> float:
+    """Highest resident memory of the node process so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid(node)}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
 def rss_mib(node: NodeProcess) -> float:
     """Resident memory of the node process, MiB."""
     for line in Path(f"/proc/{pid(node)}/status").read_text().splitlines():

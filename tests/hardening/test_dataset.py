@@ -3,6 +3,9 @@ each gets its failure status, nothing is stored, nothing is written outside the 
 
 from __future__ import annotations
 
+import struct
+import subprocess
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from tests.hardening.conftest import Baseline, baseline, instances, stray_files
+from tests.hardening.conftest import Baseline, baseline, instances, peak_rss_mib, stray_files
 from tests.hardening.pdus import (
     A_ASSOCIATE_AC,
     CT_IMAGE_STORAGE,
@@ -23,6 +26,7 @@ from tests.hardening.pdus import (
 from tests.peers import NodeProcess
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+DEFLATED_VR_LE = "1.2.840.10008.1.2.1.99"
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,17 @@ def _encoded(path: Path, tmp_path: Path, **changes: str) -> tuple[bytes, str, st
     return data, sop_class, sop_instance
 
 
-def _store(node: NodeProcess, data: bytes, *, sop_class: str, sop_instance: str) -> int | None:
+def _store(
+    node: NodeProcess,
+    data: bytes,
+    *,
+    sop_class: str,
+    sop_instance: str,
+    syntax: str = EXPLICIT_VR_LE,
+) -> int | None:
     """C-STORE over a raw association: the status, or ``None`` if the node aborted instead."""
     with RawPeer(node.port) as peer:
-        answer = peer.associate([Context(1, CT_IMAGE_STORAGE, (EXPLICIT_VR_LE,))])
+        answer = peer.associate([Context(1, CT_IMAGE_STORAGE, (syntax,))])
         assert answer.pdu_type == A_ASSOCIATE_AC
         try:
             status = peer.store(1, data, sop_class=sop_class, sop_instance=sop_instance)
@@ -108,3 +119,88 @@ def test_d3_dataset_sop_class_differs_from_the_command(
     assert status == 0xA900
     assert sop_instance not in instances(node.node)
     node.check()
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 4], ids=["last-value", "pixel-tag", "pixel-header"])
+def test_d1_a_data_set_cut_just_before_its_pixel_data_is_refused(
+    node: Baseline, write_study: Callable[..., list[Path]], offset: int
+) -> None:
+    """D1: cut in the last value before Pixel Data, at its tag or in its element header, a CT
+    data set parses as a whole one without pixels: it is refused (0xC210), not stored, and so
+    cannot fail its study later."""
+    data, _, sop_class, sop_instance = dataset_of(write_study(slices=1, size=16)[0])
+    cut = data.find(b"\xe0\x7f\x10\x00") + offset
+    status = _store(node.node, data[:cut], sop_class=sop_class, sop_instance=sop_instance)
+    assert status == 0xC210, status
+    assert sop_instance not in instances(node.node)
+    node.check()
+
+
+def test_d4_pixel_data_encoded_otherwise_than_its_context_says_is_refused(
+    node: Baseline, write_study: Callable[..., list[Path]], tmp_path: Path
+) -> None:
+    """D4: JPEG-LS pixel data sent on an explicit VR little endian context (and so filed as
+    native) is refused, not acknowledged and left for the analysis to fail on."""
+    original = write_study(slices=1, size=16)[0]
+    jls = tmp_path / "jls.dcm"
+    subprocess.run(["/usr/bin/dcmcjpls", "+el", str(original), str(jls)], check=True)
+    data, _, sop_class, sop_instance = dataset_of(jls)
+    status = _store(node.node, data, sop_class=sop_class, sop_instance=sop_instance)
+    assert status == 0xC210, status
+    assert sop_instance not in instances(node.node)
+    node.check()
+
+
+def test_d5_native_pixel_data_shorter_than_its_frames_is_refused(
+    node: Baseline, write_study: Callable[..., list[Path]], tmp_path: Path
+) -> None:
+    """D5: a 16 x 16 slice claiming a million frames (a few hundred bytes that would make the
+    analysis build a million frame headers) is refused, not stored."""
+    data, _, sop_instance = _encoded(
+        write_study(slices=1, size=16)[0], tmp_path, NumberOfFrames="1000000"
+    )
+    status = _store(node.node, data, sop_class=CT_IMAGE_STORAGE, sop_instance=sop_instance)
+    assert status == 0xC210, status
+    assert sop_instance not in instances(node.node)
+    node.check()
+
+
+def test_a_deflated_data_set_may_not_inflate_past_the_data_set_limit(
+    module_nodes: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """A deflated data set of under a MiB that inflates to 256 MiB (past ``max_dataset_mb``,
+    here 16) is refused, and the node's memory does not grow by what it would inflate to."""
+    node = module_nodes("deflate", node={"max_dataset_mb": 16})
+    data, _, sop_class, sop_instance = dataset_of(write_study(slices=1, size=16)[0])
+    head = data[: data.find(b"\xe0\x7f\x10\x00")]
+    size = 256 << 20
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = [squeeze.compress(head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, size))]
+    bomb += [squeeze.compress(bytes(1 << 24)) for _ in range(size >> 24)]
+    bomb.append(squeeze.flush())
+    wire = b"".join(bomb)
+    assert len(wire) < 1 << 20
+    before = peak_rss_mib(node)
+    status = _store(
+        node, wire, sop_class=sop_class, sop_instance=sop_instance, syntax=DEFLATED_VR_LE
+    )
+    assert status == 0xC210, status
+    assert peak_rss_mib(node) - before < 100
+    assert sop_instance not in instances(node)
+
+
+def test_of_the_syntaxes_proposed_a_lossless_one_is_accepted(node: Baseline) -> None:
+    """Proposed JPEG 2000 (which may be lossy) or JPEG-LS near-lossless beside a lossless
+    syntax in one context, the node accepts the lossless one, so a sender that transcodes to
+    what was accepted loses nothing."""
+    j2k, j2k_lossless = "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.90"
+    jls_near, rle = "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.5"
+    with RawPeer(node.node.port) as peer:
+        answer = peer.associate(
+            [
+                Context(1, CT_IMAGE_STORAGE, (j2k, j2k_lossless)),
+                Context(3, CT_IMAGE_STORAGE, (jls_near, rle)),
+            ]
+        )
+        peer.release()
+    assert answer.accepted() == {1: (0, j2k_lossless), 3: (0, rle)}

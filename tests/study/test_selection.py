@@ -6,10 +6,13 @@ import dataclasses
 import math
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000, JPEGLSLossless, JPEGLSNearLossless
 
 from dicom_node.config import SelectionSettings, load_config
-from dicom_node.errors import ConfigError, PipelineError, StudySkipped
+from dicom_node.errors import ConfigError, DatasetError, PipelineError, StudySkipped
 from dicom_node.study.headers import InstanceHeader, read_headers
 from dicom_node.study.selection import select_series
 from dicom_node.study.volume import load_volume
@@ -269,6 +272,43 @@ def test_non_ct_instances_and_lossy_images_fail_their_rules(write_series: WriteS
         'series 99 "Report": modality SR, SOP class Comprehensive 3D SR Storage, no image'
     )
     assert select_series(lossy, settings=SelectionSettings(allow_lossy=True)).chosen
+
+
+@pytest.mark.parametrize(
+    ("syntax", "lossy_image_compression", "lossy"),
+    [
+        (JPEGLSNearLossless, None, True),
+        (JPEG2000, None, True),
+        (JPEG2000, "00", False),
+        (JPEGLSNearLossless, "00", False),
+        (JPEGLSLossless, None, False),
+    ],
+)
+def test_a_syntax_that_may_be_lossy_counts_as_lossy_unless_the_image_says_not(
+    write_series: WriteSeries, syntax: str, lossy_image_compression: str | None, lossy: bool
+) -> None:
+    """Lossy Image Compression is Type 3: JPEG-LS near-lossless and JPEG 2000 without it may
+    have lost HU, and count as lossy unless it says "00"."""
+    paths = write_series("ct", SeriesSpec(series_number=1))[:1]
+    ds = pydicom.dcmread(paths[0])
+    if lossy_image_compression is not None:
+        ds.LossyImageCompression = lossy_image_compression
+    ds.PixelData = encapsulate([ds.PixelData])  # the header is read, not the pixels
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(paths[0], enforce_file_format=True)
+    [header] = read_headers(paths)
+    assert header.lossy_compressed is lossy
+
+
+def test_a_frame_count_the_file_does_not_hold_is_refused(write_series: WriteSeries) -> None:
+    """A CT claiming a million frames without a per-frame item for each is unreadable, at
+    once (its count would otherwise make a million frame headers)."""
+    paths = write_series("ct", SeriesSpec(series_number=1))
+    ds = pydicom.dcmread(paths[0])
+    ds.NumberOfFrames = 1_000_000
+    ds.save_as(paths[0], enforce_file_format=True)
+    with pytest.raises(DatasetError, match="Number of Frames is 1000000 but the Per-frame"):
+        read_headers(paths)
 
 
 def test_instances_of_two_studies_are_an_error(write_series: WriteSeries) -> None:
