@@ -426,10 +426,12 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from dicom_node.logs import setup_logging
+    from dicom_node.preflight import preflight
     from dicom_node.service import Node
 
     config = _load(args)
     setup_logging(config.logging)
+    preflight(config, analysis=False)  # the analysis process checks its device as it starts
     return Node(config).serve_forever()
 
 
@@ -437,7 +439,9 @@ def _check_config(args: argparse.Namespace) -> int:
     path = args.path
     if path is None and os.environ.get("DICOM_NODE_CONFIG"):
         path = Path(os.environ["DICOM_NODE_CONFIG"])
-    load_config(path)
+    from dicom_node.preflight import preflight
+
+    preflight(load_config(path), analysis=True)
     print(f"{path or 'embedded defaults'}: valid")
     return EXIT_OK
 
@@ -485,9 +489,13 @@ def _purge(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace) -> int:
     from dicom_node.service import open_store
+    from dicom_node.store.jobs import JobState
 
     job = open_store(_load(args)).retry_job(args.job)
-    print(f"job {job.id} queued again (study version {job.version})")
+    if job.state == JobState.SENDING:
+        print(f"job {job.id}: its dead deliveries are sent again (study version {job.version})")
+    else:
+        print(f"job {job.id} queued again (study version {job.version})")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -573,8 +573,32 @@ def describe_errors(err: ValidationError) -> list[str]:
             else:
                 lines.append(f"{path}: {_shown(e['input'])} {reason}")
         else:
-            lines.append(f"{path}: {_shown(e['input'])} is invalid ({e['msg'].lower()})")
+            msg = e["msg"]  # its quoted choices keep their case: 'INFO', not 'info'
+            lines.append(f"{path}: {_shown(e['input'])} is invalid ({msg[:1].lower()}{msg[1:]})")
     return lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: the last would silently
+    win (a second ``node:`` section would undo the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key!r} is given twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -585,6 +609,19 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
         else:
             out[key] = value
     return out
+
+
+#: The project's root, where ``models/`` ships.
+PROJECT_ROOT: Final = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_path(path: Path) -> Path:
+    """A relative model path is taken from the working folder, else from the project's root
+    (where ``models/`` ships), so ``dicom-node`` finds its default model from anywhere."""
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
 
 
 def load_config(path: Path | None = None, *, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -609,8 +646,12 @@ def load_config(path: Path | None = None, *, overrides: Mapping[str, Any] | None
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+            ) from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
         if loaded is None:

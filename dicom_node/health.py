@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dicom_node.errors import NodeError
 from dicom_node.metrics import REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,13 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 logger.debug("http: " + format, *args)
 
-        self._server = _BoundedServer((host, port), Handler)
+        try:
+            self._server = _BoundedServer((host, port), Handler)
+        except OSError as exc:
+            raise NodeError(
+                f"cannot listen for HTTP on {host}:{port} (service.http_host, service.http_port):"
+                f" {exc.strerror}"
+            ) from exc
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property

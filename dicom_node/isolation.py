@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dicom_node.config import LoggingSettings
-from dicom_node.errors import AnalysisUnavailableError, NodeError, PipelineError, StudySkipped
+from dicom_node.errors import (
+    AnalysisUnavailableError,
+    ConfigError,
+    NodeError,
+    PipelineError,
+    StudySkipped,
+)
 from dicom_node.logs import log_context, setup_logging
 from dicom_node.pipeline import StudyInput, StudyPipeline, StudyResult
 
@@ -297,6 +303,8 @@ class IsolatedPipeline:
             raise AnalysisStartError(f"the analysis process died while starting ({code})") from None
         if answer[0] != "ready":
             self._kill()
+            if answer[1] == ConfigError.__name__:  # a setting: the node stops with status 2
+                raise ConfigError(answer[2])
             raise AnalysisStartError(f"{answer[1]}: {answer[2]}")
         logger.info("analysis process %d ready in %.1f s", process.pid, time.monotonic() - started)
 
@@ -307,7 +315,7 @@ class IsolatedPipeline:
         logger.warning("restarting the analysis process: %s", why)
         try:
             self._start()
-        except AnalysisStartError:
+        except (AnalysisStartError, ConfigError):
             logger.exception("the analysis process did not restart; the next job tries again")
 
     def _exit_code(self) -> str:

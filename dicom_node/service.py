@@ -23,11 +23,12 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.dispatch.routing import destinations_for
-from dicom_node.errors import NodeError
+from dicom_node.errors import JobStoreError, NodeError
 from dicom_node.health import HealthServer
 from dicom_node.metrics import FREE_DISK, REGISTRY, StoreCollector, record_metrics
 from dicom_node.notify import Notifier
 from dicom_node.pipeline import InventoryPipeline, StudyPipeline
+from dicom_node.preflight import check_model_folder
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.jobs import JobStore
 from dicom_node.store.outbox import Outbox
@@ -41,8 +42,20 @@ logger = logging.getLogger(__name__)
 
 
 def open_store(config: Config) -> JobStore:
-    """The job store of ``config``'s data folder (for the operator commands too)."""
-    return JobStore(config.storage.data_dir / "jobs.sqlite")
+    """The existing job store of ``config``'s data folder, for the operator commands (which
+    must not make an empty one where a mistyped folder points).
+
+    Raises
+    ------
+    JobStoreError
+        There is none.
+    """
+    path = config.storage.data_dir / "jobs.sqlite"
+    if not path.is_file():
+        raise JobStoreError(
+            f"no job store at {path}: is storage.data_dir the node's? (--config, --data-dir)"
+        )
+    return JobStore(path)
 
 
 class Node:
@@ -61,7 +74,7 @@ class Node:
         data = config.storage.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_data_dir(data)
-        self.store = open_store(config)
+        self.store = JobStore(config.storage.data_dir / "jobs.sqlite")
         self.spool = Spool(
             data / "spool",
             min_free_bytes=config.storage.min_free_disk_mb * 2**20,
@@ -252,7 +265,7 @@ def analysis_pipeline(config: Config) -> StudyPipeline:
 
 def default_pipeline(config: Config) -> StudyPipeline:
     """The model's analysis (loading the model now), or the inventory in receive-only mode."""
-    if config.model.path is None:
+    if check_model_folder(config) is None:
         logger.warning("receive-only mode: no model configured; jobs only inventory studies")
         return InventoryPipeline()
     if not config.jobs.isolate:

@@ -8,7 +8,7 @@ import pytest
 
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError
-from tests.peers import node_cli
+from tests.peers import free_port, node_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,94 @@ def test_serve_with_bad_config_exits_2_before_binding(tmp_path: Path) -> None:
     assert "node.port: 70000 is not a port (1-65535)" in done.stderr
     flag = node_cli("serve", "--config", str(tmp_path / "nope.yaml"), "--ae-title", "X" * 17)
     assert flag.returncode == 2
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    """A file saved in Latin-1 is reported in one line (not a traceback), status 2."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(
+        "results:\n  sr_series_description: Befund (nicht gepr\xfcft)\n".encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+    done = node_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """A second ``node:`` section would silently undo the first (YAML keeps the last)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("node:\n  ae_title: SITE_NODE\nnode:\n  port: 104\n")
+    with pytest.raises(ConfigError, match="the key 'node' is given twice"):
+        load_config(path)
+
+
+def test_a_choice_is_named_as_it_must_be_spelt(tmp_path: Path) -> None:
+    """The allowed values of a choice keep their case in the message."""
+    path = tmp_path / "level.yaml"
+    path.write_text("logging:\n  level: info\n")
+    with pytest.raises(ConfigError, match="input should be 'DEBUG', 'INFO'"):
+        load_config(path)
+
+
+def _site(tmp_path: Path, **sections: dict[str, object]) -> Path:
+    import yaml
+
+    raw: dict[str, object] = {
+        "storage": {"data_dir": str(tmp_path / "var")},
+        "model": {"path": None},
+        **sections,
+    }
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        (
+            {
+                "node": {
+                    "tls": {
+                        "cert": "/nowhere/n.crt",
+                        "key": "/nowhere/n.key",
+                        "ca": "/nowhere/ca.crt",
+                    }
+                }
+            },
+            "node.tls.cert",
+        ),
+        ({"model": {"path": "/nowhere/model"}}, "model.path: '/nowhere/model' is not a folder"),
+        ({"node": {"host": "node.invalid"}}, "node.host: 'node.invalid' does not resolve"),
+        (
+            {"service": {"http_host": "health.invalid", "http_port": 8080}},
+            "service.http_host: 'health.invalid' does not resolve",
+        ),
+        (
+            {"inference": {"device": "cpu", "precision": "fp16"}, "model": {}},
+            "'fp16' is supported on CUDA only",
+        ),
+    ],
+)
+def test_check_config_refuses_what_serve_refuses(
+    tmp_path: Path, sections: dict[str, dict[str, object]], expected: str
+) -> None:
+    """check-config, which install.sh runs before restarting the service, refuses what the
+    node would refuse at start (certificates, model folder, host names, device and precision),
+    not only what the schema does; and serve refuses it with status 2."""
+    if sections.get("model") == {}:
+        sections = {**sections, "model": {"path": str(ROOT / "models/lung-ct-unet-resnet50")}}
+    path = _site(tmp_path, **sections)
+    done = node_cli("check-config", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    if "model" not in sections and "service" not in sections:
+        served = node_cli("serve", "--config", str(path), "--port", str(free_port()))
+        assert served.returncode == 2, served.stderr[-500:]
+        assert expected in served.stderr
 
 
 def _keys(value: object, prefix: str = "") -> set[str]:

@@ -38,7 +38,7 @@ from torch import nn
 
 from dicom_node.analysis.context import input_channels, with_context
 from dicom_node.analysis.network import LungCTNet, study_probability
-from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model
+from dicom_node.analysis.weights import TORCH_DTYPES, LoadedModel, ModelCard, load_model
 from dicom_node.config import InferenceSettings
 from dicom_node.errors import ConfigError, DeviceOutOfMemoryError, ModelError, PipelineError
 from dicom_node.study.volume import reverse_axes
@@ -365,10 +365,11 @@ class InferenceEngine:
         ModelError, ConfigError
             As :class:`InferenceEngine`.
         """
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if config.model.path is None:
             raise ModelError("no model configured (model.path is null)")
-        return cls(config.model.path, config.inference, model_dtype=dtypes[config.model.dtype])
+        return cls(
+            config.model.path, config.inference, model_dtype=TORCH_DTYPES[config.model.dtype]
+        )
 
     @property
     def card(self) -> ModelCard:

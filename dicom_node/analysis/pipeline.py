@@ -24,7 +24,7 @@ import numpy as np
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
 from dicom_node.analysis.network import image_calls
-from dicom_node.config import Config
+from dicom_node.config import Config, resolve_model_path
 from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
 from dicom_node.metrics import record_metrics
 from dicom_node.pipeline import StudyInput, StudyResult
@@ -35,17 +35,6 @@ from dicom_node.study.selection import SeriesCandidate, select_series
 from dicom_node.study.volume import CTVolume, load_volume
 
 logger = logging.getLogger(__name__)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_model_path(path: Path) -> Path:
-    """A relative model path is taken from the working folder, else from the project's root
-    (where ``models/`` ships), so ``dicom-node`` finds its default model from anywhere."""
-    if path.is_absolute() or path.exists():
-        return path
-    shipped = PROJECT_ROOT / path
-    return shipped if shipped.exists() else path
 
 
 def midline_x_mm(volume: CTVolume, coverage: LungCoverage) -> float:

@@ -44,7 +44,8 @@ CARD_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 
 WeightsDType = Literal["float16", "bfloat16", "float32"]
-_TORCH_DTYPES: dict[str, torch.dtype] = {
+#: A card's (and model.dtype's) dtype names.
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
@@ -408,7 +409,7 @@ def _check_tensors(
             f"{where}: weights do not match the card's architecture "
             f"({card.architecture.encoder} U-Net): " + "; ".join(parts)
         )
-    want = _TORCH_DTYPES[card.weights.dtype]
+    want = TORCH_DTYPES[card.weights.dtype]
     wrong = sorted(
         f"{name} {t.dtype}"
         for name, t in tensors.items()
@@ -519,9 +520,9 @@ def save_model(
             "the network's architecture differs from the card's: "
             f"{model.architecture.model_dump()} vs {card.architecture.model_dump()}"
         )
-    names = {v: k for k, v in _TORCH_DTYPES.items()}
+    names = {v: k for k, v in TORCH_DTYPES.items()}
     if dtype not in names:
-        raise ModelError(f"weights dtype {dtype} is not one of {sorted(_TORCH_DTYPES)}")
+        raise ModelError(f"weights dtype {dtype} is not one of {sorted(TORCH_DTYPES)}")
     tensors: dict[str, torch.Tensor] = {}
     state = fit_batchnorm_to_float16(model) if dtype == torch.float16 else model.state_dict()
     for name, tensor in state.items():

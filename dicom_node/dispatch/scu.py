@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
@@ -65,7 +65,25 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     return client_context(peer.tls, destination=peer.name), peer.host
 
 
-def _why_not_established(assoc: object) -> str:
+def _associate(
+    ae: AE, peer: Peer, tls_args: tuple[ssl.SSLContext, str] | None
+) -> tuple[Association, bool]:
+    """Associate with ``peer``; also whether the TCP connection opened (pynetdicom marks an
+    association aborted whether the peer aborted it or no connection was ever made)."""
+    opened: list[bool] = []
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
+    )
+    return assoc, bool(opened)
+
+
+def _why_not_established(assoc: object, peer: Peer, *, connected: bool) -> str:
+    if not connected:
+        return f"no connection to {peer.host}:{peer.port} (refused, unreachable or timed out)"
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
     refused = getattr(assoc, "rejected_contexts", None)
@@ -74,7 +92,7 @@ def _why_not_established(assoc: object) -> str:
         return f"not accepted by the peer: no presentation context for {', '.join(classes)}"
     if getattr(assoc, "is_aborted", False):
         return "association aborted"
-    return "no association (peer unreachable or timed out)"
+    return "no association (the peer did not answer the request in time)"
 
 
 def send_files(
@@ -120,10 +138,10 @@ def _send_readable(
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc, connected = _associate(ae, peer, tls_args)
     _tune_socket(assoc, settings)
     if not assoc.is_established:
-        why = _why_not_established(assoc)
+        why = _why_not_established(assoc, peer, connected=connected)
         return [SendOutcome(p, False, None, why) for p in files]
     outcomes = []
     try:
@@ -191,10 +209,10 @@ def echo(peer: Peer, *, calling_ae: str, settings: DispatchSettings) -> tuple[bo
         return False, str(exc)
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc, connected = _associate(ae, peer, tls_args)
     _tune_socket(assoc, settings)
     if not assoc.is_established:
-        return False, _why_not_established(assoc)
+        return False, _why_not_established(assoc, peer, connected=connected)
     try:
         rsp = assoc.send_c_echo()
     finally:

@@ -401,13 +401,20 @@ class JobStore:
 
     def forget_study(self, study_uid: str) -> None:
         """Drop a study's instance and study rows (jobs stay, as history), after
-        :meth:`removable_paths`. A study receiving again is left alone."""
+        :meth:`removable_paths`, and its dead deliveries, whose files went with the study (they
+        can never be sent, and would count as dead letters for good). A study receiving again
+        is left alone."""
         with self._tx() as db:
             row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
             if row is None or row["state"] == StudyState.RECEIVING:
                 return
             db.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,))
             db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,))
+            db.execute(
+                "DELETE FROM outbox WHERE state='dead'"
+                " AND job_id IN (SELECT id FROM jobs WHERE study_uid=?)",
+                (study_uid,),
+            )
 
     def known_paths(self) -> set[str]:
         """Paths of every recorded instance (for reconciling the spool after a crash)."""
@@ -665,12 +672,19 @@ class JobStore:
         """Put a dead or failed job back to work now: its dead deliveries are sent again, or (when
         the analysis itself died) it is queued with a fresh attempt count."""
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, study_uid FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JobStoreError(f"no job {job_id}")
             if row["state"] not in (JobState.DEAD, JobState.FAILED):
                 raise JobStoreError(
                     f"job {job_id} is {row['state']}; only dead or failed jobs are retried"
+                )
+            if not db.execute(
+                "SELECT 1 FROM studies WHERE study_uid=?", (row["study_uid"],)
+            ).fetchone():
+                raise JobStoreError(
+                    f"job {job_id}: its study's files were removed (dicom-node purge); send the"
+                    " study again to have it analysed"
                 )
             now = time.time()
             dead_sends = db.execute(  # their age limit counts from the retry, as their attempts

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dicom_node.analysis.pipeline import resolve_model_path
 from dicom_node.analysis.weights import load_model
-from dicom_node.config import Config
+from dicom_node.config import Config, resolve_model_path
 from dicom_node.training.phantom import generate_phantom, write_phantom_dicom
 from tests.peers import node_cli
 

@@ -241,6 +241,9 @@ def test_send_and_echo_commands(
     assert "status 0x0000" in ok.stdout
     down = node_cli("echo", "down", "--config", str(cfg))
     assert down.returncode == 1
+    # pynetdicom marks an association aborted when no connection was made at all
+    assert "no connection to 127.0.0.1:" in down.stdout, down.stdout
+    assert "aborted" not in down.stdout
     unknown = node_cli("echo", "nowhere", "--config", str(cfg))
     assert unknown.returncode == 2
     assert "no destination named 'nowhere'" in unknown.stderr

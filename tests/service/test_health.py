@@ -7,7 +7,10 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from dicom_node import health
+from dicom_node.errors import NodeError
 from dicom_node.health import HealthServer
 
 
@@ -36,3 +39,13 @@ def test_idle_clients_take_a_bounded_number_of_threads_and_are_dropped() -> None
         for s in idle:
             s.close()
         server.stop()
+
+
+def test_a_taken_http_port_names_the_settings() -> None:
+    """An HTTP port already taken says which settings and address, not only errno 98."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(NodeError, match=rf"127\.0\.0\.1:{port} \(service\.http_host, service"):
+            HealthServer("127.0.0.1", port, live=dict, ready=dict)

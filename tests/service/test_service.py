@@ -244,3 +244,47 @@ def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> No
         )
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+def test_a_setting_the_analysis_process_refuses_stops_the_node_with_status_2(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """fp16 on the CPU is refused where the model loads, in the analysis process: the node
+    still exits with status 2 (a configuration error, which the unit does not restart), not
+    1 (which it would restart every few seconds, reloading the model each time)."""
+    node = NodeProcess(
+        root=tmp_path / "node",
+        settings={
+            "model": {"path": str(tiny_model_dir)},
+            "inference": {"device": "cpu", "precision": "fp16"},
+            "jobs": {"isolate": True},
+        },
+    )
+    node.root.mkdir(parents=True)
+    node.write_config()
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-800:]
+    assert "inference.precision: 'fp16' is supported on CUDA only" in done.stderr
+
+
+def test_operator_commands_do_not_make_a_job_store_where_there_is_none(tmp_path: Path) -> None:
+    """`jobs`, `retry` and `purge` on a folder without a job store (a mistyped --data-dir)
+    say so with status 2 and leave nothing behind."""
+    missing = tmp_path / "typo"
+    for args in (["jobs"], ["retry", "1"], ["purge"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", *args, "--data-dir", str(missing)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert "no job store at" in done.stderr
+    assert not missing.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.errors import JobStoreError
 from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, StudyState
 from dicom_node.store.retention import apply_retention, purge
 from dicom_node.store.spool import Spool
@@ -90,6 +91,30 @@ def test_purge_removes_dead_studies_only(tmp_path: Path) -> None:
     _study(store, spool, "1.2")  # the PACS sends it again
     job = store.complete_study("1.2", reason="test")
     assert job is not None and job.version == 2
+
+
+def test_a_purged_job_is_not_retried_and_its_dead_deliveries_go(tmp_path: Path) -> None:
+    """After purge a dead job's files are gone: its dead deliveries (which could never be sent,
+    and counted as dead letters for good) go with them, and retrying it is refused with the
+    reason rather than queued to end "skipped: no instances"."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    _study(store, spool, "1.2")
+    job = _finish(store, "1.2", JobState.DEAD)
+    with store.transaction() as db:
+        db.execute(
+            "INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid,"
+            " state, attempts, not_before, created_at, updated_at)"
+            " VALUES (?, 'pacs', '/gone/SR.dcm', '1.2.840.10008.5.1.4.1.1.88.34', '1.2.9',"
+            " 'dead', 5, 0, 0, 0)",
+            (job,),
+        )
+    assert purge(store, spool, tmp_path / "work").studies == 1
+    with store.transaction() as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    with pytest.raises(JobStoreError, match="files were removed"):
+        store.retry_job(job)
+    assert store.job(job).state == JobState.DEAD  # kept, as history
 
 
 def test_reconcile_reindexes_a_spooled_file_the_store_lost(
