@@ -218,3 +218,19 @@ def test_documented_file_names_every_key() -> None:
     embedded = _keys(Config().model_dump(mode="json"))
     assert embedded - documented == set()
     assert documented - embedded == set()
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    """``python -m dicom_node`` is the ``dicom-node`` command (where the script is not on PATH)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", str(ROOT / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "valid" in done.stdout
