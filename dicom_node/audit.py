@@ -51,6 +51,21 @@ class AuditLog:
         """Security Alert (rejected caller, failed TLS, a limit hit)."""
         self.record("Security Alert", outcome="minor failure", reason=reason, **fields)
 
+    def begin_receiving(
+        self, *, calling_ae: str, peer: str, study: str, certificate: str | None = None
+    ) -> None:
+        """Begin Transferring DICOM Instances, inbound: the first instance of a study in an
+        association was filed (written at once, so a crash cannot lose who sent it); with the
+        name of the client certificate, over TLS."""
+        self.record(
+            "Begin Transferring DICOM Instances",
+            direction="received",
+            calling_ae=calling_ae,
+            peer=peer,
+            study=study,
+            **({"certificate": certificate} if certificate else {}),
+        )
+
     def received(
         self, *, calling_ae: str, peer: str, studies: dict[str, int], **fields: Any
     ) -> None:

@@ -431,6 +431,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     setup_logging(config.logging)
+    # what the node writes (spool, job store, results: patient data) is not for every user,
+    # as the unit's UMask=0027 has it, however the node is started
+    os.umask(os.umask(0o027) | 0o027)
     preflight(config, analysis=False)  # the analysis process checks its device as it starts
     return Node(config).serve_forever()
 

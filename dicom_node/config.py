@@ -99,10 +99,15 @@ class _Section(BaseModel):
 
 
 class AllowedCaller(_Section):
-    """A calling AE that may associate; ``host`` (an IP address) pins it to one address."""
+    """A calling AE that may associate; ``host`` (an IP address) pins it to one address, and
+    ``certificate_name`` (with TLS client certificates) to one certificate: a certificate the
+    CA signed for another device cannot then claim this AE title."""
 
     ae_title: AETitle
     host: IPAddress | None = None
+    #: The client certificate must name this (its subject's Common Name or a DNS name of its
+    #: Subject Alternative Name).
+    certificate_name: Annotated[str, Field(min_length=1, max_length=255)] | None = None
 
 
 class TLSSettings(_Section):
@@ -174,6 +179,16 @@ class NodeSettings(_Section):
     #: DICOM TLS on the listening port; ``None``: plain TCP.
     tls: TLSSettings | None = None
 
+    @model_validator(mode="after")
+    def _certificate_names_need_client_certificates(self) -> NodeSettings:
+        if any(c.certificate_name for c in self.allowed_callers) and (
+            self.tls is None or self.tls.ca is None or not self.tls.require_client_cert
+        ):
+            raise ValueError(
+                "allowed_callers[].certificate_name needs tls with ca and require_client_cert"
+            )
+        return self
+
 
 class StorageSettings(_Section):
     """Where the spool and the job store live, and how full the disk may get."""
@@ -233,6 +248,9 @@ class KnownPeer(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    #: DICOM TLS for the replies, as for a destination (a study that came over TLS should not
+    #: have its results go back in the clear).
+    tls: DestinationTLS | None = None
 
 
 class DispatchSettings(_Section):

@@ -111,7 +111,10 @@ def setup_logging(settings: LoggingSettings) -> None:
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
     )
-    # pydicom warns with the value it could not read (a UID, a date): only when debugging
-    logging.getLogger("pydicom").setLevel(
-        logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
-    )
+    # pydicom warns with the value it could not read (a UID, a date), and highdicom logs at
+    # INFO the SOP Instance UID of each image it copies patient attributes from: only when
+    # debugging
+    for chatty in ("pydicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(
+            logging.DEBUG if settings.level == "DEBUG" else logging.CRITICAL
+        )

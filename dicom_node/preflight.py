@@ -68,6 +68,9 @@ def check_tls(config: Config) -> None:
     for destination in config.destinations:
         if destination.tls is not None:
             client_context(destination.tls, destination=destination.name)
+    for peer in config.dispatch.known_peers:
+        if peer.tls is not None:
+            client_context(peer.tls, destination=f"reply:{peer.ae_title.strip()}")
 
 
 def preflight(config: Config, *, analysis: bool) -> None:

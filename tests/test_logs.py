@@ -86,3 +86,25 @@ def test_pydicom_does_not_log_the_values_it_cannot_read(
     with pytest.warns(UserWarning):
         str(pydicom.dcmread(tmp_path / "bad.dcm").FrameOfReferenceUID)
     assert "1.2.03.4567" not in capsys.readouterr().err
+
+
+def test_highdicom_does_not_log_the_source_uids(capsys: pytest.CaptureFixture[str]) -> None:
+    """highdicom logs, at INFO, the SOP Instance UID of each image it copies patient data
+    from (as the SEG and SR writers make it do): heard only when debugging."""
+    import highdicom as hd
+    from pydicom.data import get_testdata_file
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    logs.setup_logging(LoggingSettings())
+    target = hd.SOPClass(
+        study_instance_uid=source.StudyInstanceUID,
+        series_instance_uid=hd.UID(),
+        series_number=99,
+        sop_instance_uid=hd.UID(),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+        instance_number=1,
+        modality="SEG",
+        manufacturer="x",
+    )
+    target.copy_patient_and_study_information(source)
+    assert str(source.SOPInstanceUID) not in capsys.readouterr().err

@@ -32,7 +32,7 @@ def resolve(config: Config, name: str) -> Peer | None:
         ae = name.removeprefix(REPLY_PREFIX)
         for p in config.dispatch.known_peers:
             if p.ae_title.strip() == ae:
-                return Peer(name=name, ae_title=p.ae_title, host=p.host, port=p.port)
+                return Peer(name=name, ae_title=p.ae_title, host=p.host, port=p.port, tls=p.tls)
         return None
     for d in config.destinations:
         if d.name == name:

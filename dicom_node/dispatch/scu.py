@@ -65,12 +65,30 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     return client_context(peer.tls, destination=peer.name), peer.host
 
 
+def _recording_handshakes(context: ssl.SSLContext) -> list[ssl.SSLError]:
+    """Make ``context``'s sockets keep the error of a failed handshake, which pynetdicom
+    swallows (a certificate the destination should not have looks like a network outage)."""
+    failures: list[ssl.SSLError] = []
+
+    class Recording(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except ssl.SSLError as exc:
+                failures.append(exc)
+                raise
+
+    context.sslsocket_class = Recording
+    return failures
+
+
 def _associate(
     ae: AE, peer: Peer, tls_args: tuple[ssl.SSLContext, str] | None
-) -> tuple[Association, bool]:
-    """Associate with ``peer``; also whether the TCP connection opened (pynetdicom marks an
+) -> tuple[Association, str | None]:
+    """Associate with ``peer``; and, when no connection was made, why (pynetdicom marks an
     association aborted whether the peer aborted it or no connection was ever made)."""
     opened: list[bool] = []
+    failures = _recording_handshakes(tls_args[0]) if tls_args is not None else []
     assoc = ae.associate(
         peer.host,
         peer.port,
@@ -78,12 +96,19 @@ def _associate(
         tls_args=tls_args,
         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
     )
-    return assoc, bool(opened)
+    if opened:
+        return assoc, None
+    where = f"{peer.host}:{peer.port}"
+    if failures:
+        exc = failures[-1]
+        reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        return assoc, f"TLS handshake with {where} failed: {reason}"
+    return assoc, f"no connection to {where} (refused, unreachable or timed out)"
 
 
-def _why_not_established(assoc: object, peer: Peer, *, connected: bool) -> str:
-    if not connected:
-        return f"no connection to {peer.host}:{peer.port} (refused, unreachable or timed out)"
+def _why_not_established(assoc: object, no_connection: str | None) -> str:
+    if no_connection is not None:
+        return no_connection
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
     refused = getattr(assoc, "rejected_contexts", None)
@@ -138,10 +163,10 @@ def _send_readable(
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc, connected = _associate(ae, peer, tls_args)
+    assoc, no_connection = _associate(ae, peer, tls_args)
     _tune_socket(assoc, settings)
     if not assoc.is_established:
-        why = _why_not_established(assoc, peer, connected=connected)
+        why = _why_not_established(assoc, no_connection)
         return [SendOutcome(p, False, None, why) for p in files]
     outcomes = []
     try:
@@ -209,10 +234,10 @@ def echo(peer: Peer, *, calling_ae: str, settings: DispatchSettings) -> tuple[bo
         return False, str(exc)
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(VERIFICATION)
-    assoc, connected = _associate(ae, peer, tls_args)
+    assoc, no_connection = _associate(ae, peer, tls_args)
     _tune_socket(assoc, settings)
     if not assoc.is_established:
-        return False, _why_not_established(assoc, peer, connected=connected)
+        return False, _why_not_established(assoc, no_connection)
     try:
         rsp = assoc.send_c_echo()
     finally:

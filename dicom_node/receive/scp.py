@@ -47,7 +47,7 @@ from dicom_node.receive.limits import (
     GuardedAssociationServer,
 )
 from dicom_node.receive.status import StoreStatus
-from dicom_node.receive.tls import server_context
+from dicom_node.receive.tls import certificate_names, server_context
 from dicom_node.store.jobs import InstanceRecord, JobStore, Recorded
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
@@ -124,7 +124,11 @@ class Receiver:
         audit: AuditLog | None = None,
     ) -> None:
         self.audit = audit or AuditLog(None)
+        #: Per association: instances acknowledged, and of those identical re-sends, by study.
         self._tally: dict[int, Counter[str]] = {}
+        self._resent: dict[int, Counter[str]] = {}
+        #: Per association over TLS with a client certificate: the name it carries.
+        self._certificates: dict[int, str] = {}
         #: Established associations not yet over (released, aborted or closed), by id.
         self._live: dict[int, Association] = {}
         self._live_lock = threading.Lock()
@@ -265,9 +269,15 @@ class Receiver:
         request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         calling = str(request.calling_ae_title).strip()
         address = event.assoc.requestor.address
+        names = certificate_names(getattr(event.assoc.dul.socket, "socket", None))
+        if names:
+            self._certificates[id(event.assoc)] = names[0]
         allowed = self.config.node.allowed_callers
         if allowed and not any(
-            c.ae_title.strip() == calling and c.host in (None, address) for c in allowed
+            c.ae_title.strip() == calling
+            and c.host in (None, address)
+            and (c.certificate_name is None or c.certificate_name in names)
+            for c in allowed
         ):
             self.security_event(
                 "caller_not_allowed",
@@ -276,6 +286,7 @@ class Receiver:
                 calling_ae=calling,
                 peer=address,
                 called_ae=self.ae.ae_title,
+                **({"certificate": names[0]} if names else {}),
             )
             # rejected-permanent, service-user, calling AE title not recognised
             self._reject(event, 0x01, 0x01, 0x03)
@@ -356,14 +367,35 @@ class Receiver:
         self._admission.leave(assoc)
         ASSOCIATIONS.labels("released" if released else "aborted").inc()
         tally = self._tally.pop(id(assoc), None)
+        resent = self._resent.pop(id(assoc), None)
+        certificate = self._certificates.pop(id(assoc), None)
         if tally:
             self.audit.received(
                 calling_ae=assoc.requestor.ae_title.strip(),
                 peer=assoc.requestor.address,
                 studies=dict(tally),
                 outcome="success" if released else "association aborted",
+                **({"duplicates": dict(resent)} if resent else {}),
+                **({"certificate": certificate} if certificate else {}),
             )
         self.completion.association_ended(id(assoc), released=released)
+
+    def _count(self, assoc: Association, study_uid: str, *, duplicate: bool = False) -> None:
+        """Count an acknowledged instance (and whether it was an identical re-send, not stored
+        again) for the association's audit record. The first of a study in an association is
+        audited at once (Begin Transferring DICOM Instances), so that a crash before the
+        association ends still leaves who sent which study."""
+        key = id(assoc)
+        if study_uid not in self._tally.get(key, ()):
+            self.audit.begin_receiving(
+                calling_ae=assoc.requestor.ae_title.strip(),
+                peer=assoc.requestor.address,
+                study=study_uid,
+                certificate=self._certificates.get(key),
+            )
+        self._tally.setdefault(key, Counter())[study_uid] += 1
+        if duplicate:
+            self._resent.setdefault(key, Counter())[study_uid] += 1
 
     def _on_released(self, event: Event) -> None:
         self._association_over(event.assoc, released=True)
@@ -476,6 +508,7 @@ class Receiver:
         with self.spool.filing(), stripe:
             known = self.store.instance_location(ident.sop_instance_uid)
             if known is not None and _same_content(known[0], known[1], raw):
+                self._count(event.assoc, ident.study_uid, duplicate=True)
                 return "duplicate"
             head = file_meta_bytes(
                 sop_class_uid=ident.sop_class_uid,
@@ -512,7 +545,7 @@ class Receiver:
                 raise
             if previous is not None:
                 previous.unlink(missing_ok=True)
-        self._tally.setdefault(id(event.assoc), Counter())[ident.study_uid] += 1
+        self._count(event.assoc, ident.study_uid)
         if recorded is Recorded.REPLACED:
             logger.info(
                 "instance replaced by different content; study re-opened",

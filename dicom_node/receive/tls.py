@@ -12,6 +12,7 @@ import select
 import ssl
 import time
 from pathlib import Path
+from typing import cast
 
 from dicom_node.config import DestinationTLS, TLSSettings
 from dicom_node.errors import ConfigError
@@ -24,6 +25,17 @@ MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 def _readable(path: Path, key: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{key}: {str(path)!r} is not a readable file")
+    return path
+
+
+def _private(path: Path, key: str) -> Path:
+    """A private key file others cannot read (its group may: the unit reads it through the
+    service's group)."""
+    _readable(path, key)
+    if path.stat().st_mode & 0o004:
+        raise ConfigError(
+            f"{key}: {str(path)!r} can be read by every user; make it private (chmod o-r)"
+        )
     return path
 
 
@@ -46,7 +58,7 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
     cert = _readable(settings.cert, "node.tls.cert")
-    key = _readable(settings.key, "node.tls.key")
+    key = _private(settings.key, "node.tls.key")
     try:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
@@ -74,7 +86,11 @@ def client_context(settings: DestinationTLS, *, destination: str) -> ssl.SSLCont
     ConfigError
         A file is missing or cannot be loaded (the message names the destination).
     """
-    where = f"destinations[{destination}].tls"
+    where = (
+        f"dispatch.known_peers[{destination.removeprefix('reply:')}].tls"
+        if destination.startswith("reply:")
+        else f"destinations[{destination}].tls"
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context)
     context.check_hostname = settings.check_hostname
@@ -84,11 +100,30 @@ def client_context(settings: DestinationTLS, *, destination: str) -> ssl.SSLCont
         context.load_verify_locations(cafile=ca)
         if settings.cert is not None and settings.key is not None:
             context.load_cert_chain(
-                _readable(settings.cert, f"{where}.cert"), _readable(settings.key, f"{where}.key")
+                _readable(settings.cert, f"{where}.cert"), _private(settings.key, f"{where}.key")
             )
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"{where}: cannot load the certificates ({exc})") from exc
     return context
+
+
+def certificate_names(sock: object) -> list[str]:
+    """The names a connection's verified client certificate carries: its subject's Common
+    Name first, then the DNS names of its Subject Alternative Name (none without TLS or
+    without a certificate)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return []
+    try:
+        cert = sock.getpeercert()
+    except (ValueError, OSError):  # the connection is gone
+        return []
+    if not cert:
+        return []
+    subject = cast(tuple[tuple[tuple[str, str], ...], ...], cert.get("subject", ()))
+    alternatives = cast(tuple[tuple[str, str], ...], cert.get("subjectAltName", ()))
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in alternatives if kind == "DNS"]
+    return names
 
 
 def handshake(sock: ssl.SSLSocket, *, timeout: float) -> None:

@@ -238,3 +238,101 @@ def test_security_events_are_counted_in_the_metrics(tls_node: Baseline) -> None:
     )
     assert float(line.split()[-1]) >= 1
     assert security_codes(node)  # and they were audited
+
+
+def test_a_destination_whose_certificate_fails_says_so(tls_node: Baseline, certs: Certs) -> None:
+    """A destination certificate that does not chain to the CA we trust for it fails with
+    the handshake's reason (pynetdicom swallows it: it looked like a network outage)."""
+    settings = DispatchSettings(connect_timeout_seconds=5, acse_timeout_seconds=5)
+    peer = Peer(
+        name="tlspacs",
+        ae_title="DICOM_NODE",
+        host="127.0.0.1",
+        port=tls_node.node.port,
+        tls=DestinationTLS(
+            ca=certs.rogue_cert.with_name("rogue-ca.crt"),
+            cert=certs.client_cert,
+            key=certs.client_key,
+        ),
+    )
+    ok, detail = echo(peer, calling_ae="SENDER", settings=settings)
+    assert not ok
+    assert detail.startswith(f"TLS handshake with 127.0.0.1:{tls_node.node.port} failed:"), detail
+    assert "certificate" in detail, detail
+
+
+def test_a_certificate_name_ties_an_ae_title_to_one_certificate(
+    module_nodes: Callable[..., NodeProcess], certs: Certs, write_study: Callable[..., list[Path]]
+) -> None:
+    """With ``certificate_name``, an AE title is served only to the certificate that names it:
+    another certificate from the same CA claiming that AE title is refused and audited with
+    its name; what the right one sends is audited with the certificate's name."""
+    node = module_nodes(
+        "bound",
+        node={
+            "allowed_callers": [{"ae_title": "MODALITY1", "certificate_name": "client"}],
+            "tls": {
+                "cert": str(certs.node_cert),
+                "key": str(certs.node_key),
+                "ca": str(certs.ca),
+            },
+        },
+    )
+    files = write_study(slices=2, size=16)
+    sent = _dcmtk("storescu", node.port, certs, "-aet", "MODALITY1", files=tuple(files))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    impostor = subprocess.run(
+        [str(DCMTK / "echoscu"), "-aec", "DICOM_NODE", "-aet", "MODALITY1", "+tls",
+         str(certs.node_key), str(certs.node_cert), "-pw", "+cf", str(certs.ca),
+         "127.0.0.1", str(node.port)],
+        capture_output=True, text=True, env=PEER_ENV, timeout=60, check=False,
+    )  # fmt: skip
+    assert impostor.returncode != 0
+    wait_for(lambda: "caller_not_allowed" in security_codes(node), timeout=10, what="refusal")
+    [refused] = [r for r in audit(node) if r.get("code") == "caller_not_allowed"]
+    assert (refused["calling_ae"], refused["certificate"]) == ("MODALITY1", "node")
+    from pydicom import dcmread
+
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    wait_for(lambda: any(r.get("studies") for r in audit(node)), timeout=10, what="audit")
+    [begun] = [r for r in audit(node) if r["event"] == "Begin Transferring DICOM Instances"]
+    [received] = [r for r in audit(node) if r.get("studies")]
+    assert (begun["study"], begun["certificate"]) == (study, "client")
+    assert (received["studies"], received["certificate"]) == ({study: 2}, "client")
+
+
+def test_a_private_key_every_user_can_read_is_refused(tmp_path: Path, certs: Certs) -> None:
+    """The node's TLS key readable by every user stops the start, naming the key."""
+    from dicom_node.config import TLSSettings
+    from dicom_node.errors import ConfigError
+    from dicom_node.receive.tls import server_context
+
+    key = tmp_path / "node.key"
+    key.write_bytes(certs.node_key.read_bytes())
+    key.chmod(0o640)
+    settings = TLSSettings(cert=certs.node_cert, key=key, ca=certs.ca)
+    server_context(settings)  # the service's group may read it
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"node\.tls\.key: .* can be read by every user"):
+        server_context(settings)
+
+
+def test_replies_to_a_known_peer_can_go_over_tls(certs: Certs) -> None:
+    """``dispatch.known_peers[].tls`` is a destination's: a study that came over TLS need
+    not have its results go back in the clear."""
+    from dicom_node.config import load_config
+    from dicom_node.dispatch.routing import resolve
+
+    config = load_config(
+        overrides={
+            "dispatch": {
+                "reply_to_sender": True,
+                "known_peers": [
+                    {"ae_title": "MOD1", "host": "127.0.0.1", "port": 2762,
+                     "tls": {"ca": str(certs.ca)}},
+                ],
+            }
+        }
+    )  # fmt: skip
+    peer = resolve(config, "reply:MOD1")
+    assert peer is not None and peer.tls is not None and peer.tls.ca == certs.ca

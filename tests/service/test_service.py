@@ -106,6 +106,7 @@ def test_audit_log_records_who_sent_what_and_security_events(
     files = write_study(slices=4)
     node = node_factory(node={"allowed_callers": [{"ae_title": "STORESCU"}]})
     assert storescu(files, node.port).returncode == 0
+    assert storescu(files, node.port).returncode == 0  # an identical re-send
     assert echoscu(node.port, calling="STRANGER").returncode != 0
     assert echoscu(node.port, calling="STORESCU", called="SOMEONE_ELSE").returncode != 0
     assert node.terminate() == 0
@@ -115,17 +116,23 @@ def test_audit_log_records_who_sent_what_and_security_events(
     ]
     assert events == [
         ("Application Activity", "start"),
+        ("Begin Transferring DICOM Instances", "received"),
+        ("DICOM Instances Transferred", "received"),
+        ("Begin Transferring DICOM Instances", "received"),
         ("DICOM Instances Transferred", "received"),
         ("Security Alert", "calling AE not allowed"),
         ("Security Alert", "called AE not recognised; association rejected"),
         ("Application Activity", "stop"),
     ]
-    transfer = records[1]
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    assert (records[1]["calling_ae"], records[1]["study"]) == ("STORESCU", study)
+    transfer, again = records[2], records[4]
     assert transfer["calling_ae"] == "STORESCU"
-    assert transfer["studies"] == {str(dcmread(files[0]).StudyInstanceUID): 4}
-    assert records[2]["calling_ae"] == "STRANGER"
-    assert records[3]["code"] == "called_ae_not_recognised"
-    assert records[3]["called_ae"] == "SOMEONE_ELSE"
+    assert transfer["studies"] == {study: 4} and "duplicates" not in transfer
+    assert (again["studies"], again["duplicates"]) == ({study: 4}, {study: 4})
+    assert records[5]["calling_ae"] == "STRANGER"
+    assert records[6]["code"] == "called_ae_not_recognised"
+    assert records[6]["called_ae"] == "SOMEONE_ELSE"
     # ordinary logs carry no Study Instance UID by default
     assert str(dcmread(files[0]).StudyInstanceUID) not in node.log()
 
@@ -288,3 +295,50 @@ def test_operator_commands_do_not_make_a_job_store_where_there_is_none(tmp_path:
         assert done.returncode == 2, (args, done.stderr)
         assert "no job store at" in done.stderr
     assert not missing.exists()
+
+
+def test_who_sent_a_study_is_audited_before_a_kill_9(
+    node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """Instances acknowledged in an association the node never saw end (kill -9) are in the
+    audit log: the first of each study is audited as it is acknowledged."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    files = write_study(slices=3)
+    node = node_factory()
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        for path in files:
+            assert assoc.send_c_store(dcmread(path)).Status == 0
+        node.kill()
+    finally:
+        assoc.abort()
+    records = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+    begun = [r for r in records if r["event"] == "Begin Transferring DICOM Instances"]
+    assert [(r["calling_ae"], r["study"]) for r in begun] == [
+        ("MODALITY1", str(dcmread(files[0]).StudyInstanceUID))
+    ]
+
+
+def test_what_the_node_writes_is_not_for_every_user(
+    node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """Started from a shell (umask 022), the node still keeps its job store, spool and data
+    folders from other users, as the unit's UMask=0027 does: they hold patient data."""
+    old = os.umask(0o022)
+    try:
+        node = node_factory()
+    finally:
+        os.umask(old)
+    assert storescu(write_study(slices=2), node.port).returncode == 0
+    assert node.terminate() == 0
+    readable = sorted(
+        str(p.relative_to(node.data_dir))
+        for p in [node.data_dir / "jobs.sqlite", *node.data_dir.rglob("*")]
+        if p.stat().st_mode & 0o007
+    )
+    assert readable == []
