@@ -6,14 +6,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.peers import NodeProcess, storescu
+from tests.peers import NodeProcess, node_cli, storescu
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -233,6 +232,13 @@ def test_watchdog_restarts_a_frozen_node_and_nothing_is_lost(
         supervisor.stop()
 
 
+def _serve_once(node: NodeProcess) -> subprocess.CompletedProcess[str]:
+    """``dicom-node serve`` with ``node``'s configuration, for a start that must fail."""
+    node.root.mkdir(parents=True)
+    node.write_config()
+    return node_cli("serve", "--config", str(node.config_path), timeout=120)
+
+
 def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> None:
     """Another program on the DICOM port: the node exits non-zero and says which address."""
     with socket.socket() as other:
@@ -240,15 +246,7 @@ def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> No
         other.listen()
         port = other.getsockname()[1]
         node = NodeProcess(root=tmp_path / "node", port=port)
-        node.root.mkdir(parents=True)
-        node.write_config()
-        done = subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(node.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _serve_once(node)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
 
@@ -267,15 +265,7 @@ def test_a_setting_the_analysis_process_refuses_stops_the_node_with_status_2(
             "jobs": {"isolate": True},
         },
     )
-    node.root.mkdir(parents=True)
-    node.write_config()
-    done = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _serve_once(node)
     assert done.returncode == 2, done.stderr[-800:]
     assert "inference.precision: 'fp16' is supported on CUDA only" in done.stderr
 
@@ -285,13 +275,7 @@ def test_operator_commands_do_not_make_a_job_store_where_there_is_none(tmp_path:
     say so with status 2 and leave nothing behind."""
     missing = tmp_path / "typo"
     for args in (["jobs"], ["retry", "1"], ["purge"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", *args, "--data-dir", str(missing)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = node_cli(*args, "--data-dir", str(missing))
         assert done.returncode == 2, (args, done.stderr)
         assert "no job store at" in done.stderr
     assert not missing.exists()
