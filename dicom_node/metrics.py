@@ -12,7 +12,6 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from dicom_node.pipeline import StudyResult
     from dicom_node.store.jobs import JobStore
-    from dicom_node.store.outbox import Outbox
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -77,9 +76,8 @@ SECURITY_EVENTS = Counter(
 class StoreCollector(Collector):
     """Gauges read from the job store at scrape time: jobs by state, queue depth, deliveries."""
 
-    def __init__(self, store: JobStore, outbox: Outbox) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.store = store
-        self.outbox = outbox
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
@@ -95,10 +93,7 @@ class StoreCollector(Collector):
             "Outbox rows by destination and state",
             labels=["destination", "state"],
         )
-        tally: dict[tuple[str, str], int] = {}
-        for item in self.outbox.items():
-            key = (item.destination, item.state.value)
-            tally[key] = tally.get(key, 0) + 1
+        tally = self.store.delivery_counts()
         for (dest, state), n in sorted(tally.items()):
             deliveries.add_metric([dest, state], n)
         yield deliveries

@@ -105,7 +105,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.notifier = Notifier()
         self.health: HealthServer | None = None
-        self._collector = StoreCollector(self.store, self.outbox)
+        self._collector = StoreCollector(self.store)
 
     def start(self) -> None:
         """Recover from any earlier crash, bind the port, start the threads."""

@@ -7,6 +7,7 @@ It never decodes pixels. This module is the one place where exceptions become DI
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -64,10 +65,14 @@ VERIFICATION = "1.2.840.10008.1.1"
 _DUL_POLL_SECONDS = 0.0002
 
 
-def _same_content(path: Path, size: int, raw: bytes) -> bool:
-    """True when the spooled file holds exactly ``raw`` as its data set (an identical re-send)."""
+def _same_content(known: tuple[Path, int, str | None], raw: bytes, digest: str) -> bool:
+    """True when ``raw`` is the data set acknowledged for the instance (an identical re-send):
+    by the digest recorded with it; for a record from before digests, by the spooled file."""
+    path, size, recorded = known
     if size != len(raw):
         return False
+    if recorded is not None:
+        return recorded == digest
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -505,9 +510,10 @@ class Receiver:
         # meanwhile must not complete it while this one is still filing (complete_on_release).
         self.completion.instance_received(id(event.assoc), ident.study_uid)
         stripe = self._stripes[hash(ident.sop_instance_uid) % len(self._stripes)]
+        digest = hashlib.sha256(raw).hexdigest()
         with self.spool.filing(), stripe:
             known = self.store.instance_location(ident.sop_instance_uid)
-            if known is not None and _same_content(known[0], known[1], raw):
+            if known is not None and _same_content(known, raw, digest):
                 self._count(event.assoc, ident.study_uid, duplicate=True)
                 return "duplicate"
             head = file_meta_bytes(
@@ -521,8 +527,6 @@ class Receiver:
             replacing = known is not None and known[0] == path
             previous = self.spool.keep_aside(path) if replacing else None
             self.spool.store(raw, path, head=head)
-            if known is not None and known[0] != path:
-                self.spool.remove(known[0])  # same instance, moved to another study or series
             try:
                 recorded = self.store.record_instance(
                     InstanceRecord(
@@ -535,16 +539,21 @@ class Receiver:
                         size=len(raw),
                         calling_ae=calling,
                         received_at=time.time(),
+                        digest=digest,
                     )
                 )
             except Exception:
-                if known is None:  # refused: not left for the next start to index and process
-                    self.spool.remove(path)
-                elif previous is not None:  # refused: the acknowledged content comes back
+                if previous is not None:  # refused: the acknowledged content comes back
                     self.spool.put_back(previous, path)
+                else:  # refused: not left for the next start to index and process
+                    self.spool.remove(path)
                 raise
             if previous is not None:
                 previous.unlink(missing_ok=True)
+            elif known is not None and known[0] != path:
+                # the same instance moved to another study or series: its old file goes once
+                # the store has the new place (a crash before leaves the old one recorded)
+                self.spool.remove(known[0])
         self._count(event.assoc, ident.study_uid)
         if recorded is Recorded.REPLACED:
             logger.info(

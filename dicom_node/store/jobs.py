@@ -39,7 +39,13 @@ from dicom_node.errors import JobStoreError, OutOfResourcesError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: What each older schema needs to become the current one, in order.
+_MIGRATIONS = {
+    # 2: the SHA-256 of each instance's data set as acknowledged (NULL for older rows)
+    1: "ALTER TABLE instances ADD COLUMN digest TEXT",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +58,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -163,6 +170,9 @@ class InstanceRecord:
     size: int
     calling_ae: str
     received_at: float
+    #: SHA-256 (hex) of the data set as acknowledged; what an identical re-send is known by
+    #: (the file may hold newer content that a crash kept from being recorded).
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +215,22 @@ class StudyRow:
     instances: int
 
 
+_JOB_COLUMNS = (
+    "id",
+    "study_uid",
+    "version",
+    "state",
+    "attempts",
+    "not_before",
+    "last_error",
+    "result",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -245,11 +271,20 @@ class JobStore:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) != SCHEMA_VERSION:
+                return
+            found = int(row["value"])
+            if found > SCHEMA_VERSION or any(
+                v not in _MIGRATIONS for v in range(found, SCHEMA_VERSION)
+            ):
                 raise JobStoreError(
                     f"job store {path} has schema {row['value']},"
                     f" this version needs {SCHEMA_VERSION}"
                 )
+            for version in range(found, SCHEMA_VERSION):
+                db.execute(_MIGRATIONS[version])
+            if found != SCHEMA_VERSION:
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+                logger.info("job store schema %d upgraded to %d", found, SCHEMA_VERSION)
 
     def close(self) -> None:
         """Close the connection."""
@@ -291,13 +326,15 @@ class JobStore:
 
     # -- instances and studies ------------------------------------------------------------------
 
-    def instance_location(self, sop_instance_uid: str) -> tuple[Path, int] | None:
-        """Path and data-set size recorded for an instance, or ``None`` when it is unknown."""
+    def instance_location(self, sop_instance_uid: str) -> tuple[Path, int, str | None] | None:
+        """Path, data-set size and digest recorded for an instance, or ``None`` when it is
+        unknown."""
         with self._lock:
             row = self._db.execute(
-                "SELECT path, size FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+                "SELECT path, size, digest FROM instances WHERE sop_instance_uid=?",
+                (sop_instance_uid,),
             ).fetchone()
-        return None if row is None else (Path(row["path"]), int(row["size"]))
+        return None if row is None else (Path(row["path"]), int(row["size"]), row["digest"])
 
     def record_instance(self, rec: InstanceRecord) -> Recorded:
         """File a spooled instance and (re)open its study for completion.
@@ -311,7 +348,9 @@ class JobStore:
                 (rec.sop_instance_uid,),
             ).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_uid, series_uid,"
+                " sop_class_uid, modality, path, size, calling_ae, received_at, digest)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.sop_instance_uid,
                     rec.study_uid,
@@ -322,6 +361,7 @@ class JobStore:
                     rec.size,
                     rec.calling_ae,
                     rec.received_at,
+                    rec.digest,
                 ),
             )
             self._touch_study(db, rec.study_uid, rec.received_at)
@@ -367,6 +407,7 @@ class JobStore:
                 size=r["size"],
                 calling_ae=r["calling_ae"],
                 received_at=r["received_at"],
+                digest=r["digest"],
             )
             for r in rows
         ]
@@ -421,10 +462,14 @@ class JobStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT path FROM instances")}
 
-    def forget_instance(self, sop_instance_uid: str) -> None:
-        """Drop an instance row whose file is gone."""
+    def forget_instance(self, sop_instance_uid: str, path: Path) -> None:
+        """Drop an instance's row whose file at ``path`` is gone (a row that names another
+        path, where the instance was filed since, stays)."""
         with self._tx() as db:
-            db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+            db.execute(
+                "DELETE FROM instances WHERE sop_instance_uid=? AND path=?",
+                (sop_instance_uid, str(path)),
+            )
 
     def studies(self) -> list[StudyRow]:
         """Every study with its instance count, newest first."""
@@ -743,6 +788,18 @@ class JobStore:
             rows = self._db.execute(sql + " ORDER BY id DESC", args).fetchall()
         return [_job(r) for r in rows]
 
+    def jobs_of_spooled_studies(self) -> list[Job]:
+        """The jobs of the studies that still have a study row (their files are spooled),
+        newest first, without their results: what retention judges. The history of studies
+        removed before is not read again on every pass."""
+        columns = ", ".join(f"j.{c}" for c in _JOB_COLUMNS if c != "result")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {columns}, NULL AS result FROM jobs j"  # noqa: S608 - column names
+                " JOIN studies s ON s.study_uid = j.study_uid ORDER BY j.id DESC"
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def job_events(self, job_id: int) -> list[tuple[float, str, str | None]]:
         """``(at, state, detail)`` of every change of a job, oldest first."""
         with self._lock:
@@ -750,6 +807,16 @@ class JobStore:
                 "SELECT at, state, detail FROM job_events WHERE job_id=? ORDER BY id", (job_id,)
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """Outbox rows by (destination, state)."""
+        with self._lock:
+            return {
+                (r[0], r[1]): r[2]
+                for r in self._db.execute(
+                    "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state"
+                )
+            }
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""

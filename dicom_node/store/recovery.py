@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from dicom_node.logs import study_key
@@ -29,12 +31,17 @@ class RecoveryReport:
 def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
     """Make the job store and the spool agree again, and resume interrupted jobs.
 
+    - an instance whose replacement by new content was cut off before the store recorded it
+      gets back the content that was acknowledged (kept aside in ``incoming/``);
     - files left half-written in the spool's ``incoming/`` are removed (never acknowledged);
     - jobs left ``running`` go back to the queue;
     - a spooled file the store does not know (its record was lost with the last transactions
-      of a power cut) is read and recorded, which re-opens its study;
+      of a power cut) is read and recorded, which re-opens its study; unless the store has
+      that instance filed elsewhere, in a file that is there (a move to another study or series
+      cut off before it was recorded): that copy was never acknowledged, and is removed;
     - a record whose file is gone is dropped, with an error in the log.
     """
+    restored = _restore_kept_aside(spool, store)
     spool.clean_incoming()
     resumed = store.recover()
     known = store.known_paths()
@@ -44,14 +51,23 @@ def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
         on_disk.add(str(path))
         if str(path) in known:
             continue
+        recorded = store.instance_location(path.stem)
+        if recorded is not None and recorded[0] != path and recorded[0].is_file():
+            logger.warning("a copy of an instance filed elsewhere was never acknowledged; removed")
+            spool.remove(path)
+            on_disk.discard(str(path))
+            continue
         if _reindex(path, store):
             reindexed += 1
     missing = 0
     for path_text in known - on_disk:
-        sop_uid = Path(path_text).stem
         logger.error("a recorded instance's file is missing from the spool; record dropped")
-        store.forget_instance(sop_uid)
+        store.forget_instance(Path(path_text).stem, Path(path_text))
         missing += 1
+    if restored:
+        logger.warning(
+            "restored %d acknowledged instance(s) whose replacement was cut off", restored
+        )
     report = RecoveryReport(len(resumed), reindexed, missing)
     if resumed or reindexed or missing:
         logger.warning(
@@ -61,6 +77,34 @@ def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
             },
         )
     return report
+
+
+def _restore_kept_aside(spool: Spool, store: JobStore) -> int:
+    """Put back the acknowledged content of instances whose replacement a crash cut off before
+    the store recorded it (the record's digest is still the kept content's); the number put
+    back. A replacement that was recorded keeps its new content."""
+    restored = 0
+    for aside in spool.kept_aside():
+        recorded = store.instance_location(spool.aside_sop_instance_uid(aside))
+        if recorded is None or recorded[2] is None:
+            continue  # nothing to tell the two contents apart by: the newer one stays
+        path, _, digest = recorded
+        if path.is_file() and _digest(path) == digest:
+            continue  # the replacement was recorded
+        if _digest(aside) == digest and path.parent.is_dir():
+            spool.put_back(aside, path)
+            restored += 1
+    return restored
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a spooled file's data set (what the receiver records), ``None`` when it
+    cannot be read."""
+    try:
+        data = path.read_bytes()
+        return hashlib.sha256(data[_dataset_offset(path) :]).hexdigest()
+    except (OSError, ValueError, InvalidDicomError):
+        return None
 
 
 def _reindex(path: Path, store: JobStore) -> bool:
@@ -88,6 +132,7 @@ def _reindex(path: Path, store: JobStore) -> bool:
             size=path.stat().st_size - meta_end,
             calling_ae="",
             received_at=path.stat().st_mtime,
+            digest=_digest(path),
         )
     )
     return True

@@ -41,9 +41,10 @@ class Removed:
 
 
 def _jobs_by_study(store: JobStore) -> dict[str, list[Job]]:
-    """Every study's jobs, newest first (one read of the job table per pass)."""
+    """The jobs of every study still spooled, newest first (one read of the job table per
+    pass, without results or the history of studies removed before)."""
     by_study: dict[str, list[Job]] = {}
-    for job in store.jobs():  # newest first
+    for job in store.jobs_of_spooled_studies():  # newest first
         by_study.setdefault(job.study_uid, []).append(job)
     return by_study
 

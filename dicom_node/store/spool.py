@@ -31,6 +31,7 @@ from dicom_node.uids import is_valid_uid
 logger = logging.getLogger(__name__)
 
 _INCOMING = "incoming"
+_ASIDE = ".prev"
 _LOCK = ".lock"
 
 
@@ -55,6 +56,16 @@ class Spool:
         self._incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+
+    def kept_aside(self) -> list[Path]:
+        """Files :meth:`keep_aside` kept that a crash left in ``incoming/`` (the acknowledged
+        content of an instance whose replacement may not have been recorded)."""
+        return sorted(self._incoming.glob(f"*{_ASIDE}"))
+
+    @staticmethod
+    def aside_sop_instance_uid(aside: Path) -> str:
+        """The SOP Instance UID whose file ``aside`` is (as named by :meth:`keep_aside`)."""
+        return aside.name.split(".dcm.", 1)[0]
 
     def clean_incoming(self) -> None:
         """Remove files left half-written by a crash: they were never acknowledged.
@@ -138,7 +149,14 @@ class Spool:
                 os.close(fd)
             parent = dest.parent
             self._ensure_dir(parent)
-            tmp.replace(dest)
+            try:
+                tmp.replace(dest)
+            except FileNotFoundError:
+                # the folder went since it was made: ``dicom-node purge``, another process,
+                # removed the study while the node ran; make it again
+                self._forget_dirs(parent)
+                self._ensure_dir(parent)
+                tmp.replace(dest)
             if self.fsync:
                 _fsync_dir(parent)
         except OSError as exc:
@@ -163,11 +181,16 @@ class Spool:
                 _fsync_dir(path.parent.parent)  # names the study folder
             self._known_dirs.add(path)
 
+    def _forget_dirs(self, series: Path) -> None:
+        with self._dirs_lock:
+            self._known_dirs.discard(series)
+            self._known_dirs.discard(series.parent)
+
     def keep_aside(self, path: Path) -> Path | None:
         """A second name, in ``incoming/``, for the file at ``path`` before it is replaced
         (``None`` when there is none); :meth:`put_back` restores it, else unlink the name.
         A crash leaves the name in ``incoming/``, which the next start clears."""
-        aside = self._incoming / f"{path.name}.{threading.get_ident()}.prev"
+        aside = self._incoming / f"{path.name}.{threading.get_ident()}{_ASIDE}"
         aside.unlink(missing_ok=True)
         try:
             os.link(path, aside)

@@ -156,8 +156,9 @@ def test_a_correction_the_store_refuses_leaves_the_acknowledged_content(
     pixels[100] ^= 0xFF
     corrected.PixelData = bytes(pixels)
     corrected.save_as(tmp_path / "corrected.dcm")
-    spooled, _ = node.store.instance_location(str(corrected.SOPInstanceUID)) or (None, 0)
-    assert spooled is not None
+    known = node.store.instance_location(str(corrected.SOPInstanceUID))
+    assert known is not None
+    spooled = known[0]
     original = spooled.read_bytes()
 
     real_record = node.store.record_instance

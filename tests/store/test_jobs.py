@@ -254,3 +254,32 @@ def test_requeue_gives_the_attempt_back(store: JobStore, tmp_path: Path) -> None
     assert store.claim_next_job() is None  # not before its time
     with pytest.raises(JobStoreError, match="not running"):
         store.requeue(job.id, not_before=0.0, detail="again")
+
+
+def test_a_job_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A store written before instances carried their digest (schema 1) opens: the column is
+    added, its rows keep everything else with no digest, and the store says schema 2."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', '1');"
+            "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,"
+            " series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, modality TEXT NOT NULL,"
+            " path TEXT NOT NULL, size INTEGER NOT NULL, calling_ae TEXT NOT NULL,"
+            " received_at REAL NOT NULL);"
+            "INSERT INTO instances VALUES ('1.2.3.1', '1.2.3', '1.2.3.9',"
+            " '1.2.840.10008.5.1.4.1.1.2', 'CT', '/spool/a.dcm', 100, 'PACS', 1.0);"
+        )
+    store = JobStore(path)
+    assert store.instance_location("1.2.3.1") == (Path("/spool/a.dcm"), 100, None)
+    with store.transaction() as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+    store.close()
+    JobStore(path).close()  # and opens again as it is
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    with pytest.raises(JobStoreError, match="has schema 3, this version needs 2"):
+        JobStore(path)
