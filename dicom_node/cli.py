@@ -6,6 +6,7 @@ Exit statuses: 0 success; 1 failure; 2 bad arguments or configuration; 3 study s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -344,6 +345,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if progress:
         print(f"loading the model; {len(files)} files to read", file=sys.stderr)
     pipeline = AnalysisPipeline(config)
+    # torch, highdicom and the model (~500k objects) live until exit: out of the cyclic
+    # collector's full passes (~0.4 s of them in a 300-slice study on the 2-core machine)
+    gc.freeze()
     args.out.mkdir(parents=True, exist_ok=True)
     bar = _ProgressBar() if progress else None
     try:

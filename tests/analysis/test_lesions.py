@@ -343,3 +343,59 @@ def test_the_study_gate_comes_from_the_card_unless_configured() -> None:
     assert LesionRule.resolve(LesionSettings(), Thresholds()).study_gate is None
     with pytest.raises(ValueError, match="study_gate"):
         LesionSettings(study_gate=1.5)
+
+
+@pytest.mark.parametrize("kind", ["blobs", "noise", "nearly_full", "empty"])
+def test_components_are_those_of_a_labelling_of_the_whole_volume(kind: str) -> None:
+    """Labelling only the box around the voxels above the threshold gives the labels, counts
+    and boxes (the background's too) of cc3d on the whole volume, for uint8 and float maps,
+    and find_lesions the label map a whole-volume relabelling gives."""
+    import cc3d
+    from scipy import ndimage
+
+    from dicom_node.analysis.lesions import Components
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        shape = (int(rng.integers(1, 20)), int(rng.integers(1, 24)), int(rng.integers(1, 24)))
+        if kind == "blobs":
+            p = ndimage.gaussian_filter(rng.random(shape), 1.5)
+            p = (p - p.min()) / (np.ptp(p) + 1e-9)
+        elif kind == "noise":  # components on every face
+            p = rng.random(shape)
+        elif kind == "nearly_full":
+            p = 1.0 - 0.9 * (rng.random(shape) < 0.05)
+        else:
+            p = np.zeros(shape)
+        threshold = float(rng.choice([0.2, 0.5, 0.8, 1.0, rng.uniform(0.01, 1.0)]))
+        connectivity = int(rng.choice([6, 18, 26]))
+        for probability in (p.astype(np.float32), np.rint(p * 255).astype(np.uint8)):
+            scale = 255.0 if probability.dtype == np.uint8 else 1.0
+            mask = probability >= threshold * scale
+            labels, count = cc3d.connected_components(  # type: ignore[call-overload]
+                mask, connectivity=connectivity, return_N=True, binary_image=True
+            )
+            found = Components(probability, threshold, connectivity)  # type: ignore[arg-type]
+            assert found.count == count
+            assert np.array_equal(found.labels, labels)
+            if count:
+                stats = cc3d.statistics(labels)
+                assert found.voxel_counts.tolist() == stats["voxel_counts"].tolist()
+                assert found.boxes == list(stats["bounding_boxes"])
+            lesions = find_lesions(
+                probability,
+                np.zeros(shape, np.int16),
+                spacing_mm=(1.0, 1.0, 1.0),
+                threshold=threshold,
+                min_volume_mm3=3.0,
+                connectivity=connectivity,  # type: ignore[arg-type]
+            )
+            lookup = np.zeros(count + 1, dtype=np.uint16)
+            for lesion in lesions.lesions:
+                (old,) = set(
+                    labels[lesion.first_slice : lesion.last_slice + 1][
+                        lesions.labels[lesion.first_slice : lesion.last_slice + 1] == lesion.label
+                    ].tolist()
+                )
+                lookup[old] = lesion.label
+            assert np.array_equal(lesions.labels, lookup[labels])

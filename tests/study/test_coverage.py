@@ -83,3 +83,19 @@ def test_the_midline_is_the_middle_of_the_body_not_of_the_field_of_view(tmp_path
     centre_full = phantom.origin_mm[0] + 127 / 2 * 3.0
     assert abs(full[0] - centre_full) < 15.0  # the phantom's patient lies near the centre
     assert narrow == (0.0, True)
+
+
+def test_holes_are_filled_as_binary_fill_holes_fills_each_slice() -> None:
+    """The one-labelling hole filling equals scipy's binary_fill_holes slice by slice."""
+    from scipy import ndimage
+
+    from dicom_node.study.coverage import _fill_holes_per_slice
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        shape = (int(rng.integers(1, 8)), int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        body = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.0, 2.0)) > rng.uniform(
+            0.3, 0.7
+        )
+        expected = np.stack([ndimage.binary_fill_holes(plane) for plane in body])
+        assert np.array_equal(_fill_holes_per_slice(body), expected)
