@@ -289,7 +289,8 @@ class DicomSegDataset:
     Instance UID, SEG instances are matched to the series their frames refer to. A case is a
     series that has a SEG; the case id is its Series Instance UID and the patient its Patient ID.
     The mask is the union of all segments (frames are placed on slices by their referenced SOP
-    Instance UID).
+    Instance UID), and of all SEGs of the series: several readers' outlines (LIDC-IDRI has up
+    to four a series) count as tumour wherever one reader drew it.
 
     Parameters
     ----------
@@ -308,7 +309,7 @@ class DicomSegDataset:
         self.root = Path(root)
         series: dict[str, list[Path]] = {}
         patients: dict[str, str] = {}
-        segs: dict[str, Path] = {}
+        segs: dict[str, list[Path]] = {}
         for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -317,7 +318,7 @@ class DicomSegDataset:
             modality = str(ds.get("Modality", ""))
             if modality == "SEG":
                 for ref in ds.get("ReferencedSeriesSequence", []):
-                    segs[str(ref.SeriesInstanceUID)] = path
+                    segs.setdefault(str(ref.SeriesInstanceUID), []).append(path)
             elif modality == "CT":
                 uid = str(ds.SeriesInstanceUID)
                 series.setdefault(uid, []).append(path)
@@ -348,22 +349,25 @@ class DicomSegDataset:
 
         paths = self._series[case_id]
         volume = read_volume(paths, settings=VolumeGeometrySettings())
-        seg = hd.seg.segread(self._segs[case_id])
-        referenced = {str(entry[2]) for entry in seg.get_source_image_uids()}
-        unknown = referenced - set(volume.sop_instance_uids)
-        if unknown:
-            raise DatasetError(
-                f"case {case_id}: the SEG refers to {len(unknown)} instances not in the series"
+        mask = np.zeros(volume.shape, dtype=np.uint8)
+        for seg_path in self._segs[case_id]:
+            seg = hd.seg.segread(seg_path)
+            referenced = {str(entry[2]) for entry in seg.get_source_image_uids()}
+            unknown = referenced - set(volume.sop_instance_uids)
+            if unknown:
+                raise DatasetError(
+                    f"case {case_id}: a SEG refers to {len(unknown)} instances not in the series"
+                )
+            # One plane per CT slice, in the volume's slice order; slices without a SEG frame
+            # (omitted empty frames) are zero. Segment numbers become the labels; where SEGs
+            # overlap, the higher.
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=list(volume.sop_instance_uids),
+                combine_segments=True,
+                skip_overlap_checks=True,
+                assert_missing_frames_are_empty=True,
             )
-        # One plane per CT slice, in the volume's slice order; slices without a SEG frame
-        # (omitted empty frames) are zero. Segment numbers become the labels.
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids),
-            combine_segments=True,
-            skip_overlap_checks=True,
-            assert_missing_frames_are_empty=True,
-        )
-        mask = np.clip(pixels, 0, 255).astype(np.uint8)
+            np.maximum(mask, np.clip(pixels, 0, 255).astype(np.uint8), out=mask)
         # Both in the orientation the node's engine gives the model (x left, y back, z up),
         # as for the other datasets: a prone or feet-first series is flipped to it.
         flips = volume.axes_against_lps
@@ -626,6 +630,28 @@ class Split:
                 asked.describe(),
             )
         return made
+
+    def check_patients(self, dataset: CaseDataset, *, source: str = "the split") -> None:
+        """Refuse a split that puts one of ``dataset``'s patients in two parts (a file written
+        by another tool, or before splits listed their patients, is not trusted on that).
+
+        Raises
+        ------
+        DatasetError
+            A patient is in two parts (the message names the patient and the parts).
+        """
+        known = set(dataset.case_ids())
+        owner: dict[str, str] = {}
+        for name in SPLIT_NAMES:
+            for case_id in self.get(name):
+                if case_id not in known:
+                    continue
+                patient = dataset.patient_id(case_id)
+                if owner.setdefault(patient, name) != name:
+                    raise DatasetError(
+                        f"{source}: patient {patient} is in {owner[patient]} and {name}: a split"
+                        " must keep each patient's cases on one side"
+                    )
 
     def get(self, name: str) -> tuple[str, ...]:
         """The case ids of split ``name``; ``ValueError`` for an unknown name."""

@@ -45,7 +45,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from dicom_node.analysis.inference import InferenceEngine
-from dicom_node.analysis.lesions import LesionRule, find_lesions
+from dicom_node.analysis.lesions import LesionMap, LesionRule, find_lesions
 from dicom_node.analysis.network import image_calls
 from dicom_node.analysis.weights import LoadedModel, ModelCard, load_model, save_card
 from dicom_node.config import InferenceSettings, LesionSettings, load_config
@@ -95,13 +95,15 @@ class LesionOutcome:
 
 @dataclass(frozen=True)
 class Overlay:
-    """One slice to show in the report: HU, truth and predicted probability, (y, x) each."""
+    """One slice to show in the report, (y, x) each: HU, truth, the predicted probability and
+    the lesions the node reports there (the lesion rule applied, gates included)."""
 
     case_id: str
     slice_index: int
     hu: npt.NDArray[np.float32]
     truth: npt.NDArray[np.bool_]
     probability: npt.NDArray[np.float32]
+    predicted: npt.NDArray[np.bool_]
     image_probability: float
 
 
@@ -369,6 +371,27 @@ def equivalent_diameter_mm(volume_mm3: float) -> float:
     return float((6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0))
 
 
+def case_lesions(
+    case: Case,
+    probability: npt.NDArray[np.float32],
+    image_probability: npt.NDArray[np.float32],
+    study_probability: float,
+    rule: LesionRule,
+) -> LesionMap:
+    """The lesions the node reports for one case's model outputs, under ``rule``."""
+    return find_lesions(
+        probability,
+        case.hu,
+        spacing_mm=case.spacing_mm,
+        threshold=rule.threshold,
+        min_volume_mm3=rule.min_volume_mm3,
+        min_peak=rule.min_peak,
+        flagged_slices=rule.flagged_slices(image_probability, study_probability),
+        connectivity=rule.connectivity,
+        max_lesions=rule.max_lesions,
+    )
+
+
 def score_case(
     case: Case,
     probability: npt.NDArray[np.float32],
@@ -377,6 +400,7 @@ def score_case(
     *,
     rule: LesionRule,
     seconds: float = 0.0,
+    lesion_map: LesionMap | None = None,
 ) -> CaseOutcome:
     """Compare one case's model outputs with its truth (see the module docstring).
 
@@ -394,18 +418,11 @@ def score_case(
         Threshold, minimum volume, peak, image gate (on ``image_probability``), study gate (on
         ``study_probability``), connectivity and maximum count, as the node uses them
         (:meth:`LesionRule.resolve`).
+    lesion_map
+        The lesions :func:`case_lesions` found with ``rule`` (found here when not given).
     """
-    lesion_map = find_lesions(
-        probability,
-        case.hu,
-        spacing_mm=case.spacing_mm,
-        threshold=rule.threshold,
-        min_volume_mm3=rule.min_volume_mm3,
-        min_peak=rule.min_peak,
-        flagged_slices=rule.flagged_slices(image_probability, study_probability),
-        connectivity=rule.connectivity,
-        max_lesions=rule.max_lesions,
-    )
+    if lesion_map is None:
+        lesion_map = case_lesions(case, probability, image_probability, study_probability, rule)
     predicted = lesion_map.labels
     truth_components, count = cc3d.connected_components(
         case.tumour_mask > 0, connectivity=26, return_N=True, binary_image=True
@@ -491,6 +508,9 @@ def evaluate(
         started = time.perf_counter()
         result = engine.run(case.hu, case.spacing_mm)
         prob = result.probability_float32()
+        lesion_map = case_lesions(
+            case, prob, result.image_probabilities, result.study_probability, rule
+        )
         outcome = score_case(
             case,
             prob,
@@ -498,6 +518,7 @@ def evaluate(
             result.study_probability,
             rule=rule,
             seconds=time.perf_counter() - started,
+            lesion_map=lesion_map,
         )
         outcomes.append(outcome)
         # Up to overlays - 1 slices with tumour and one of a tumour-free case.
@@ -514,6 +535,7 @@ def evaluate(
                     hu=np.asarray(case.hu[k], dtype=np.float32),
                     truth=np.asarray(case.tumour_mask[k] > 0),
                     probability=prob[k].copy(),
+                    predicted=np.asarray(lesion_map.labels[k] > 0),
                     image_probability=float(result.image_probabilities[k]),
                 )
             )
@@ -703,6 +725,7 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
     dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
     train_dataset: CaseDataset
     if split is not None:
+        split.check_patients(dataset, source=str(args.split))
         held_out_ids = list(split.get(args.split_name))
         if not held_out_ids:
             raise DatasetError(

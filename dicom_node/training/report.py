@@ -105,7 +105,12 @@ def _summary_lines(
     )
     fp = errors["false_positive_images"]
     missed = errors["missed_ge_6mm"]
-    silent = sum(m["peak_probability"] < evaluation.card.thresholds.segmentation for m in missed)
+    threshold = (  # the segmentation threshold the lesions were found at
+        evaluation.card.thresholds.segmentation
+        if evaluation.rule is None
+        else evaluation.rule.threshold
+    )
+    silent = sum(m["peak_probability"] < threshold for m in missed)
     (near, n_near), *rest = ((k.replace("_", " "), n) for k, n in fp.items())
     lines += [
         "",
@@ -153,7 +158,7 @@ def _lesion_dice(ax: Any, evaluation: Evaluation) -> None:
     ax.set_title("per-lesion Dice (red: missed)")
 
 
-def _overlay(ax: Any, overlay: Overlay, threshold: float) -> None:
+def _overlay(ax: Any, overlay: Overlay) -> None:
     """A slice zoomed on the truth (or the most probable pixel), truth and model contoured."""
     ax.axis("off")
     focus = (
@@ -167,8 +172,10 @@ def _overlay(ax: Any, overlay: Overlay, threshold: float) -> None:
     ax.imshow(overlay.hu[view], cmap="gray", vmin=-1350, vmax=150)
     if overlay.truth[view].any():
         ax.contour(overlay.truth[view].astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-    if (overlay.probability[view] >= threshold).any():
-        ax.contour(overlay.probability[view], levels=[threshold], colors="red", linewidths=1.2)
+    if overlay.predicted[view].any():  # what the node reports: the lesion rule applied
+        ax.contour(
+            overlay.predicted[view].astype(float), levels=[0.5], colors="red", linewidths=1.2
+        )
     ax.set_title(
         f"{overlay.case_id} slice {overlay.slice_index}\n"
         f"p(image) {overlay.image_probability:.2f}; green truth, red model",
@@ -211,7 +218,7 @@ def write_report(
         ax = fig.add_subplot(grid[1, i])
         ax.axis("off")
         if i < len(evaluation.overlays):
-            _overlay(ax, evaluation.overlays[i], evaluation.card.thresholds.segmentation)
+            _overlay(ax, evaluation.overlays[i])
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

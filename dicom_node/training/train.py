@@ -58,7 +58,7 @@ from dicom_node.analysis.weights import (
     save_card,
     save_model,
 )
-from dicom_node.errors import ModelError, TrainingBudgetError
+from dicom_node.errors import DatasetError, ModelError, TrainingBudgetError
 from dicom_node.training.augment import AugmentConfig, augment_batch
 from dicom_node.training.datasets import CaseDataset, Split, map_cases
 from dicom_node.training.evaluate import LARGE_LESION_MM, equivalent_diameter_mm
@@ -1780,6 +1780,14 @@ def train(
         )
         for cases in ((split.val,) if config.keep_mlp else (split.val, split.train))
     ]
+    if not banks[0].labels.any():
+        # the weights kept, the thresholds and the lesion rule are all chosen on these cases:
+        # without a tumour, Dice says nothing (the Dice of no tumour is 1, whatever is found)
+        raise DatasetError(
+            f"the validation part ({len(split.val)} cases) holds no slice with tumour: the"
+            " weights and thresholds cannot be chosen on it; give it more cases"
+            " (--val-fraction) or use another split"
+        )
     if config.keep_mlp:
         assert config.from_model is not None  # TrainConfig checks it
         run.start_from(config.from_model)
@@ -2134,7 +2142,9 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     if split is not None and phantoms:  # the split's ids stand for the phantoms it was made of
         spec = split.phantoms_for(spec, source=str(split_path))
     dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
-    if split is None:
+    if split is not None:
+        split.check_patients(dataset, source=str(split_path))
+    else:
         split = split_cases(
             dataset,
             val_fraction=args.val_fraction,

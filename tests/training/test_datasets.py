@@ -30,6 +30,7 @@ from dicom_node.training.datasets import (
     write_split,
 )
 from dicom_node.training.phantom import SiteDistribution, generate_phantom, write_phantom_dicom
+from tests.peers import node_cli
 
 SMALL = (16, 64, 64)
 
@@ -99,9 +100,24 @@ def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path, position
         )
         stored_mask = np.ascontiguousarray(mask[:, ::-1, ::-1])
     sources = [pydicom.dcmread(f) for f in files]
+    _write_seg(sources, stored_mask, tmp_path / "seg.dcm")
+    ds = DicomSegDataset(tmp_path)
+    (case_id,) = ds.case_ids()
+    case = ds.load(case_id)
+    assert case.hu.shape == phantom.hu.shape
+    np.testing.assert_array_equal(case.hu, phantom.hu)
+    np.testing.assert_array_equal(case.tumour_mask > 0, mask)
+    assert case.origin_mm == pytest.approx(phantom.origin_mm, abs=1e-3)
+    assert ds.patient_id(case_id) == str(sources[0].PatientID)
+    again = pickle.loads(pickle.dumps(ds))  # what loader processes receive
+    np.testing.assert_array_equal(again.load(case_id).tumour_mask > 0, mask)
+
+
+def _write_seg(sources: list[pydicom.Dataset], mask: np.ndarray, path: Path) -> None:
+    """A BINARY DICOM SEG of ``mask`` (one segment, tumour) on the CT images ``sources``."""
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=stored_mask,
+        pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
             hd.seg.SegmentDescription(
@@ -121,17 +137,7 @@ def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path, position
         software_versions="1",
         device_serial_number="1",
     )
-    seg.save_as(tmp_path / "seg.dcm")
-    ds = DicomSegDataset(tmp_path)
-    (case_id,) = ds.case_ids()
-    case = ds.load(case_id)
-    assert case.hu.shape == phantom.hu.shape
-    np.testing.assert_array_equal(case.hu, phantom.hu)
-    np.testing.assert_array_equal(case.tumour_mask > 0, mask)
-    assert case.origin_mm == pytest.approx(phantom.origin_mm, abs=1e-3)
-    assert ds.patient_id(case_id) == str(sources[0].PatientID)
-    again = pickle.loads(pickle.dumps(ds))  # what loader processes receive
-    np.testing.assert_array_equal(again.load(case_id).tumour_mask > 0, mask)
+    seg.save_as(path)
 
 
 def test_dicom_seg_loader_needs_a_seg(tmp_path: Path) -> None:
@@ -328,3 +334,65 @@ def test_a_split_of_phantoms_records_how_they_were_made(tmp_path: Path) -> None:
         made, first_seed=100, count=2
     )
     assert dataclasses.replace(back, phantoms=None).phantoms_for(asked) == asked
+
+
+def test_a_split_that_divides_a_patient_is_refused_whoever_wrote_it(tmp_path: Path) -> None:
+    """A split file that does not list patients (another tool's, or an older one) and puts
+    one patient's two studies on both sides is refused against the dataset, which knows each
+    case's patient: by the split itself, and by `dicom-node evaluate` and `train`."""
+    study = StudyIdentity.random(5)
+    for n, seed in enumerate((5, 6)):
+        phantom = generate_phantom(seed=seed, shape_zyx=SMALL, tumour_probability=1.0)
+        files = write_ct_series(
+            phantom.hu,
+            tmp_path / "data" / f"ct{n}",
+            spacing_mm=phantom.spacing_mm,
+            study=study,
+            series=SeriesSpec(series_number=n + 1),
+            origin_mm=phantom.origin_mm,
+        )
+        sources = [pydicom.dcmread(f) for f in files]
+        _write_seg(sources, phantom.tumour_mask > 0, tmp_path / "data" / f"seg{n}.dcm")
+    ds = DicomSegDataset(tmp_path / "data")
+    first, second = ds.case_ids()
+    assert ds.patient_id(first) == ds.patient_id(second)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": [first], "val": [second], "test": []}))
+    split = read_split(path)  # the file alone cannot tell
+    with pytest.raises(DatasetError, match=f"patient {ds.patient_id(first)} is in train and val"):
+        split.check_patients(ds, source=str(path))
+    common = ["--dataset", "dicom-seg", "--data", str(tmp_path / "data"), "--split", str(path)]
+    for args in (
+        [
+            "evaluate",
+            *common,
+            "--split-name",
+            "val",
+            "--out",
+            str(tmp_path / "ev"),
+            "--model",
+            str(Path(__file__).resolve().parents[2] / "models/lung-ct-unet-resnet50"),
+        ],
+        ["train", *common, "--output", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")],
+    ):
+        done = node_cli(*args)
+        assert done.returncode != 0
+        assert "is in train and val" in done.stderr, done.stderr[-500:]
+
+
+def test_several_segs_of_one_series_give_the_union_of_their_outlines(tmp_path: Path) -> None:
+    """Two readers' SEGs of one series (LIDC-IDRI converted has up to four): the case's mask
+    is the union of both outlines, whatever their order on disk (one silently replaced the
+    other before)."""
+    phantom = generate_phantom(seed=3, shape_zyx=SMALL, tumour_probability=1.0)
+    files = write_phantom_dicom(phantom, tmp_path / "ct")
+    sources = [pydicom.dcmread(f) for f in files]
+    first = np.zeros(phantom.hu.shape, dtype=bool)
+    first[4, 10:14, 10:14] = True
+    second = np.zeros(phantom.hu.shape, dtype=bool)
+    second[6, 20:24, 20:26] = True
+    _write_seg(sources, first, tmp_path / "seg_reader1.dcm")
+    _write_seg(sources, second, tmp_path / "seg_reader2.dcm")
+    ds = DicomSegDataset(tmp_path)
+    (case_id,) = ds.case_ids()
+    np.testing.assert_array_equal(ds.load(case_id).tumour_mask > 0, first | second)

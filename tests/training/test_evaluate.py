@@ -524,3 +524,36 @@ def test_evaluate_scores_the_lesions_a_configured_node_reports(
     assert status == EXIT_USAGE
     assert "--config" in capsys.readouterr().err
     assert not (tmp_path / "card").exists()
+
+
+@pytest.mark.parametrize("reported", [False, True])
+def test_the_report_outlines_the_lesions_the_node_reports(reported: bool) -> None:
+    """The report's red outline is what the node reports (the lesion rule applied), not the
+    probability map at the segmentation threshold: a small confident blob the rule drops
+    (under its minimum volume, or gated) is not drawn as a model lesion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dicom_node.training.evaluate import Overlay
+    from dicom_node.training.report import _overlay
+
+    probability = np.zeros((32, 32), dtype=np.float32)
+    probability[20, 20:22] = 0.9
+    overlay = Overlay(
+        case_id="c1",
+        slice_index=3,
+        hu=np.full((32, 32), -850.0, dtype=np.float32),
+        truth=np.zeros((32, 32), dtype=bool),
+        probability=probability,
+        predicted=probability > 0.5 if reported else np.zeros((32, 32), dtype=bool),
+        image_probability=0.3,
+    )
+    fig, ax = plt.subplots()
+    try:
+        _overlay(ax, overlay)
+        drawn = [c for c in ax.collections if type(c).__name__ in ("QuadContourSet", "ContourSet")]
+        assert len(drawn) == (1 if reported else 0)
+    finally:
+        plt.close(fig)

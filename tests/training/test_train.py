@@ -18,10 +18,10 @@ import torchvision
 from dicom_node.analysis.lesions import LesionRule
 from dicom_node.analysis.network import Architecture, LungCTNet
 from dicom_node.analysis.weights import load_model
-from dicom_node.errors import ModelError, TrainingBudgetError
+from dicom_node.errors import DatasetError, ModelError, TrainingBudgetError
 from dicom_node.training import augment
 from dicom_node.training import train as train_module
-from dicom_node.training.datasets import PhantomDataset, PhantomSpec, split_cases
+from dicom_node.training.datasets import PhantomDataset, PhantomSpec, Split, split_cases
 from dicom_node.training.train import (
     TrainConfig,
     bce_dice_loss,
@@ -126,6 +126,19 @@ def test_training_writes_a_loadable_model_folder(phantoms: PhantomDataset, tmp_p
     assert "val_image_accuracy" in loaded.card.metrics
     assert "NOT FOR CLINICAL USE" in loaded.card.description
     assert (tmp_path / "work" / "metrics.jsonl").read_text().count('"stage": "seg"') >= 1
+
+
+def test_a_validation_part_without_tumour_is_refused(tmp_path: Path) -> None:
+    """The kept weights, the thresholds and the lesion rule are chosen on the validation
+    cases: without a tumour slice there (its Dice is 1 whatever the network does) the run is
+    refused before any training."""
+    data = PhantomDataset(
+        PhantomSpec(first_seed=0, count=2, shape_zyx=(16, 64, 64), tumour_probability=0.0)
+    )
+    split = Split(train=("phantom-000000",), val=("phantom-000001",), test=())
+    with pytest.raises(DatasetError, match=r"the validation part \(1 cases\) holds no slice"):
+        train(data, split, config=_config(), output=tmp_path / "model", work_dir=tmp_path / "w")
+    assert not (tmp_path / "model").exists()
 
 
 def test_resume_continues_where_an_interrupted_run_stopped(
