@@ -13,6 +13,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
@@ -106,6 +107,15 @@ def _associate(
     return assoc, f"no connection to {where} (refused, unreachable or timed out)"
 
 
+def _syntaxes_for(syntax: str) -> list[str]:
+    """The transfer syntaxes to propose for a file in ``syntax``: an uncompressed one may go in
+    any uncompressed syntax (pynetdicom re-encodes it), so Implicit VR Little Endian, the
+    default every SCP must accept, is proposed too, after the file's own."""
+    if UID(syntax).is_compressed or UID(syntax).is_deflated:
+        return [syntax]
+    return list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+
+
 def _why_not_established(assoc: object, no_connection: str | None) -> str:
     if no_connection is not None:
         return no_connection
@@ -113,8 +123,17 @@ def _why_not_established(assoc: object, no_connection: str | None) -> str:
         return "association rejected"
     refused = getattr(assoc, "rejected_contexts", None)
     if refused and not getattr(assoc, "accepted_contexts", None):  # pynetdicom then aborts
-        classes = sorted({str(getattr(c, "abstract_syntax", "?")) for c in refused})
-        return f"not accepted by the peer: no presentation context for {', '.join(classes)}"
+        proposed = sorted(
+            {
+                f"{getattr(c, 'abstract_syntax', '?')} in"
+                f" {'/'.join(str(s) for s in getattr(c, 'transfer_syntax', ()))}"
+                for c in refused
+            }
+        )
+        return (
+            "not accepted by the peer (SOP class or transfer syntax): no presentation context"
+            f" for {', '.join(proposed)}"
+        )
     if getattr(assoc, "is_aborted", False):
         return "association aborted"
     return "no association (the peer did not answer the request in time)"
@@ -162,7 +181,7 @@ def _send_readable(
         return [SendOutcome(p, False, None, str(exc)) for p in files]
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
-        ae.add_requested_context(sop_class, syntax)
+        ae.add_requested_context(sop_class, _syntaxes_for(syntax))
     assoc, no_connection = _associate(ae, peer, tls_args)
     _tune_socket(assoc, settings)
     if not assoc.is_established:

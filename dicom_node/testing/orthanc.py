@@ -622,11 +622,14 @@ class OrthancPacs:
             if self.proc is None or self.proc.poll() is not None:
                 return False
             try:
-                client.system()
+                system = client.system()
             except OrthancRestError:
                 time.sleep(0.05)
-            else:
+                continue
+            # another Orthanc may hold our HTTP port (ours then exits): ready is ours answering
+            if system.get("DicomPort") == self.dicom_port:
                 return True
+            time.sleep(0.05)
         return False
 
     def _reap(self, timeout: float = 20.0) -> int | None:
@@ -665,7 +668,11 @@ class OrthancPacs:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> OrthancPacs:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a temporary root goes too
+            raise
 
     def __exit__(
         self,
@@ -740,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pacs.start()
     except OrthancError as exc:
         print(exc, file=sys.stderr)
+        pacs.stop()  # a temporary root goes too, as the banner promises
         return 1
     try:
         version = pacs.client.system().get("Version", "?")

@@ -426,3 +426,25 @@ def test_a_pacs_that_stalls_mid_pdu_is_given_up_and_retried(
     finally:
         done.set()
         listener.close()
+
+
+def test_results_reach_a_pacs_that_takes_only_implicit_vr_little_endian(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """Implicit VR Little Endian is the default transfer syntax every SCP must accept: a PACS
+    configured to take only it (storescp +xi) still gets explicit-VR files, re-encoded (the
+    node had proposed the files' own syntax alone, and every delivery failed)."""
+    from dicom_node.dispatch.scu import Peer, send_files
+
+    files = write_study(slices=2)
+    pacs = scps("pacs", "+xi")
+    peer = Peer(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port)
+    outcomes = send_files(peer, files, calling_ae="DICOM_NODE", settings=Config().dispatch)
+    assert [o.delivered for o in outcomes] == [True, True], outcomes
+    received = sorted(pacs.received())
+    assert [str(dcmread(p).file_meta.TransferSyntaxUID) for p in received] == [
+        "1.2.840.10008.1.2"
+    ] * 2
+    assert sorted(dcmread(p).SOPInstanceUID for p in received) == sorted(
+        dcmread(f).SOPInstanceUID for f in files
+    )

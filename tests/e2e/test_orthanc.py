@@ -19,6 +19,7 @@ from dicom_node.testing.orthanc import (
     COMPREHENSIVE_3D_SR_STORAGE,
     SEGMENTATION_STORAGE,
     OrthancClient,
+    OrthancError,
     OrthancJob,
     OrthancPacs,
     OrthancRestError,
@@ -256,7 +257,8 @@ def test_autoroute_never_routes_results_back_and_routes_later_ct(
 def test_example_orthanc_config_runs_on_this_orthanc(tmp_path: Path) -> None:
     """examples/orthanc/orthanc.json, with only its folders, ports, the node's address and the
     HTTP access made local, starts Orthanc 1.10 with the shipped Lua script compiled and the
-    node registered as a modality that may store results back."""
+    node registered as a modality that may store results back; it answers the node's C-ECHO
+    and not one from an AE title it does not know."""
     example = json.loads(EXAMPLE_CONFIG.read_text())
     owned = {"StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort", "LuaScripts"}
     settings = {k: v for k, v in example.items() if k not in owned}
@@ -273,6 +275,15 @@ def test_example_orthanc_config_runs_on_this_orthanc(tmp_path: Path) -> None:
         assert modalities["node"]["AET"] == "DICOM_NODE"
         assert modalities["node"]["AllowStore"] is True
         assert "Lua" not in "".join(line for line in pacs.log().splitlines() if line[:1] == "E")
+        # `dicom-node echo` answers as the node's results would be: a mistyped AE title fails
+        from dicom_node.config import Config
+        from dicom_node.dispatch.scu import Peer, echo
+
+        peer = Peer(
+            name="pacs", ae_title=example["DicomAet"], host="127.0.0.1", port=pacs.dicom_port
+        )
+        assert echo(peer, calling_ae="DICOM_NODE", settings=Config().dispatch)[0]
+        assert not echo(peer, calling_ae="DICOM-NODE", settings=Config().dispatch)[0]
     assert not pacs.running
     assert "Orthanc has stopped" in pacs.log()
 
@@ -343,3 +354,46 @@ def test_results_arrive_in_orthanc_once_and_are_not_analysed_again(
     assert [s["instances"] for s in after["studies"]] == [len(files)]
     expected = {d["sop_instance_uid"]: d["sop_class_uid"] for d in sent}
     assert _result_instances(client, study_id) == expected  # one result set for one version
+
+
+def test_the_harness_is_not_fooled_by_another_orthanc_on_its_http_port() -> None:
+    """An Orthanc started on an HTTP port another Orthanc holds cannot bind it and exits: its
+    start fails (after new ports where they were chosen for it), rather than passing because
+    the other one answered."""
+    with OrthancPacs(node_port=1) as first:
+        second = OrthancPacs(node_port=1, http_port=first.http_port)
+        try:
+            with pytest.raises(OrthancError):
+                second.start()
+        finally:
+            second.stop()
+
+
+def test_a_failed_start_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    """A start that fails (a Lua script that does not compile) takes the harness's temporary
+    folder with it, as a context manager and as the command."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    def folders() -> set[str]:
+        return {p.name for p in Path(tempfile.gettempdir()).glob("orthanc-*")}
+
+    bad = tmp_path / "bad.lua"
+    bad.write_text("function OnStableStudy(\n")
+    before = folders()
+    with pytest.raises(OrthancError), OrthancPacs(node_port=1, lua_scripts=[bad]):
+        pass
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node.testing.orthanc", "--lua", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    leaked = folders() - before
+    for name in leaked:
+        shutil.rmtree(Path(tempfile.gettempdir()) / name, ignore_errors=True)
+    assert leaked == set()
