@@ -5,12 +5,15 @@
 -- GET /jobs). The node's own results (Manufacturer "dicom-node") and any SEG or SR series are
 -- never routed, so the SEG and SR the node sends back do not loop.
 --
--- A study is routed again only when one of its CT series changed after the node's results
--- arrived in it (a re-sent or extended study). Before results are back, every stable change
--- routes the CT series again: the node acknowledges an identical re-send and ignores it.
+-- A series is routed once as it stands: when it is routed, the time Orthanc last added an
+-- instance to it (its LastUpdate) is noted in the series' user metadata "DicomNodeRouted", and
+-- it is routed again only when it has changed since (a re-sent, extended or corrected series;
+-- a series that arrives while the node analyses the others is routed at its own stable event).
 --
--- Install: copy this file, name it in Orthanc's configuration, and declare the node there:
+-- Install: copy this file, name it in Orthanc's configuration, declare the node and the user
+-- metadata there:
 --   "LuaScripts": ["/etc/orthanc/dicom-node-autoroute.lua"],
+--   "UserMetadata": { "DicomNodeRouted": 1024 },
 --   "DicomModalities": { "node": { "AET": "DICOM_NODE", "Host": "10.0.0.20", "Port": 11112 } }
 -- Orthanc keeps one OnStableStudy: if another script defines it too, merge the two.
 
@@ -38,6 +41,9 @@ local NEVER_ROUTED_MODALITIES = { SEG = true, SR = true }
 -- One log line per stable study, saying what was routed or why nothing was.
 local VERBOSE = true
 
+-- The user metadata (declared in "UserMetadata") where a routed series keeps its LastUpdate.
+local ROUTED_METADATA = 'DicomNodeRouted'
+
 -- -------------------------------------------------------------------------------------------------
 
 local function Trim(value)
@@ -51,6 +57,20 @@ local function Log(studyId, message)
   if VERBOSE then
     print('dicom-node autoroute: study ' .. studyId .. ': ' .. message)
   end
+end
+
+-- The LastUpdate a series had when it was last routed ('' when never).
+local function RoutedAt(seriesId)
+  local names = RestApiGet('/series/' .. seriesId .. '/metadata')
+  if names == nil then
+    return ''
+  end
+  for _, name in ipairs(ParseJson(names)) do
+    if name == ROUTED_METADATA then
+      return RestApiGet('/series/' .. seriesId .. '/metadata/' .. ROUTED_METADATA) or ''
+    end
+  end
+  return ''
 end
 
 local function IsNodeResult(tags)
@@ -90,25 +110,17 @@ function OnStableStudy(studyId, tags, metadata)
   end
   local series = ParseJson(answer)
 
-  -- When did the node's results last change here? LastUpdate is YYYYMMDDTHHMMSS (local time),
-  -- so timestamps compare as text.
-  local resultsAt = ''
-  for _, s in ipairs(series) do
-    local updated = s['LastUpdate'] or ''
-    if IsNodeResult(s['MainDicomTags']) and updated > resultsAt then
-      resultsAt = updated
-    end
-  end
-
   local route = {}
+  local updated = {}
   local skipped = {}
   for _, s in ipairs(series) do
     local wanted, reason = Wanted(s['MainDicomTags'])
-    if wanted and resultsAt ~= '' and (s['LastUpdate'] or '') <= resultsAt then
-      wanted, reason = false, 'analysed already'
+    if wanted and RoutedAt(s['ID']) == (s['LastUpdate'] or '') then
+      wanted, reason = false, 'sent already'
     end
     if wanted then
       table.insert(route, s['ID'])
+      table.insert(updated, s['LastUpdate'] or '')
     else
       table.insert(skipped, reason)
     end
@@ -125,6 +137,13 @@ function OnStableStudy(studyId, tags, metadata)
     Log(studyId, 'routing FAILED: Orthanc refused the store job (is "' .. TARGET_MODALITY ..
       '" in DicomModalities?)')
     return
+  end
+  -- noted once the job is queued: a failed job is Orthanc's to retry (Jobs page)
+  for i, id in ipairs(route) do
+    if RestApiPut('/series/' .. id .. '/metadata/' .. ROUTED_METADATA, updated[i]) == nil then
+      Log(studyId, 'cannot note a routed series: declare "UserMetadata": { "' ..
+        ROUTED_METADATA .. '": 1024 } in Orthanc\'s configuration')
+    end
   end
   Log(studyId, 'routed ' .. #route .. ' series to ' .. TARGET_MODALITY .. ' (job ' ..
     ParseJson(job)['ID'] .. ')' ..

@@ -234,14 +234,12 @@ def test_autoroute_never_routes_results_back_and_routes_later_ct(
     pair.node.wait_jobs(lambda j: _job_of(j, uid), timeout=60)
 
     # Both results are in Orthanc once the job is done; the study becomes stable again.
-    results = ["analysed already", "dicom-node result", "dicom-node result"]
+    results = ["dicom-node result", "dicom-node result", "sent already"]  # (sorted)
     seen, decisions = _wait_decision(pair.pacs, study_id, lambda d: _skipped(d) == results)
     assert decisions[0].startswith("routed 1 series to node"), decisions
     assert not any(d.startswith("routed") for d in decisions[1:]), decisions
     assert len(_store_jobs(client)) == 1
 
-    # The results arrived at least StableAge (1 s) before that decision, so this series'
-    # LastUpdate (whole seconds) is later than theirs.
     later = client.upload_files(write_study(study=identity, series_number=2, size=64, seed=5))
     index, decisions = _wait_decision(
         pair.pacs, study_id, lambda d: d.startswith("routed"), after=seen + 1
@@ -397,3 +395,29 @@ def test_a_failed_start_leaves_no_temporary_folder(tmp_path: Path) -> None:
     for name in leaked:
         shutil.rmtree(Path(tempfile.gettempdir()) / name, ignore_errors=True)
     assert leaked == set()
+
+
+def test_autoroute_sends_a_series_that_arrives_while_the_node_analyses(
+    pacs_and_node: Callable[..., PacsAndNode],
+    write_study: Callable[..., list[Path]],
+    tiny_model_dir: Path,
+) -> None:
+    """A CT series that reaches Orthanc after the study was routed, and whose own stable event
+    comes after the node's results, is still sent (the script had taken it for analysed: its
+    LastUpdate was not later than the results')."""
+    pair = pacs_and_node(
+        lua=True, stable_age=6, study={"stable_seconds": 0.5}, **_analysis(tiny_model_dir)
+    )
+    client = pair.pacs.client
+    identity = StudyIdentity.random(41)
+    uid = identity.study_instance_uid
+    study_id = _upload_study(client, uid, write_study(study=identity, size=64, seed=4))
+    _wait_decision(pair.pacs, study_id, lambda d: d.startswith("routed"))
+    client.upload_files(write_study(study=identity, series_number=2, size=64, seed=5))
+    pair.node.wait_jobs(
+        lambda j: any(x["state"] == "done" for x in j["jobs"]), timeout=60
+    )  # the results come back within StableAge of the second series
+    listing = pair.node.wait_jobs(
+        lambda j: [s["instances"] for s in j["studies"]] == [16], timeout=60
+    )
+    assert len(listing["studies"]) == 1
