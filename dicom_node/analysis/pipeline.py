@@ -198,6 +198,7 @@ class AnalysisPipeline:
         selection = select_series(headers, settings=self.config.selection)
         read_s = time.perf_counter() - started
         out: list[SeriesFindings] = []
+        analysed = tuple(c.series_instance_uid for c in selection.chosen)
         for candidate in selection.chosen:
             findings = self._analyse_series(
                 candidate,
@@ -205,6 +206,7 @@ class AnalysisPipeline:
                 job_version=job_version,
                 progress=progress,
                 earlier_outputs=earlier_outputs,
+                analysed_series=analysed,
             )
             findings.seconds["headers_and_selection"] = read_s
             out.append(findings)
@@ -218,6 +220,7 @@ class AnalysisPipeline:
         job_version: int,
         progress: Callable[[str, int, int], None] | None = None,
         earlier_outputs: Sequence[Path] = (),
+        analysed_series: Sequence[str] = (),
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -280,6 +283,7 @@ class AnalysisPipeline:
             frame_numbers=volume.frame_numbers,
             midline_x_mm=midline_x_mm(volume, coverage),
             earlier_outputs=earlier_outputs,
+            analysed_series=analysed_series,
         )
         seconds["seg"] = files.seg_seconds
         seconds["sr"] = files.sr_seconds + files.read_seconds

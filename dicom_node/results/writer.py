@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +96,15 @@ def _save(ds: Dataset, path: Path) -> None:
     partial.replace(path)
 
 
-def _earlier_reports(paths: Sequence[Path], source: Dataset) -> list[Dataset]:
-    """The SRs among ``paths`` of ``source``'s study whose evidence holds its series."""
-    found: list[Dataset] = []
+def _earlier_reports(
+    paths: Sequence[Path], source: Dataset, analysed_series: Collection[str] = ()
+) -> list[Dataset]:
+    """The SRs among ``paths`` of ``source``'s study that the new report on ``source``'s series
+    revises: those whose evidence holds its series; when there are none, those on no series
+    analysed in this version (``analysed_series``): a thinner series that arrived later and
+    was chosen in place of the first one's revises its report."""
+    same: list[Dataset] = []
+    replaced: list[Dataset] = []
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -114,8 +120,10 @@ def _earlier_reports(paths: Sequence[Path], source: Dataset) -> list[Dataset]:
             for s in item.get("ReferencedSeriesSequence", [])
         }
         if str(source.SeriesInstanceUID) in series:
-            found.append(ds)
-    return found
+            same.append(ds)
+        elif not series & set(analysed_series):
+            replaced.append(ds)
+    return same or replaced
 
 
 def write_results(
@@ -136,6 +144,7 @@ def write_results(
     midline_x_mm: float | None = None,
     frame_numbers: Sequence[int] | None = None,
     earlier_outputs: Sequence[Path] = (),
+    analysed_series: Collection[str] = (),
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
 
@@ -175,8 +184,11 @@ def write_results(
     earlier_outputs
         Files an earlier version of the study sent: an SR among them on the same series (of
         the same study) becomes the new SR's predecessor (Predecessor Documents Sequence), so
-        that a viewer shows the new report as a revision of the old one. Missing or unreadable
-        files are passed over.
+        that a viewer shows the new report as a revision of the old one; without one, the SRs
+        on series this version does not analyse (``analysed_series``) do. Missing or
+        unreadable files are passed over.
+    analysed_series
+        Series Instance UIDs this version of the study analyses (this one among them).
 
     Returns
     -------
@@ -244,7 +256,7 @@ def write_results(
         image_probabilities=image_probabilities,
         midline_x_mm=midline_x_mm,
         frame_numbers=frame_numbers,
-        previous_versions=_earlier_reports(earlier_outputs, first),
+        previous_versions=_earlier_reports(earlier_outputs, first, analysed_series),
     )
     sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
     _save(sr, sr_path)

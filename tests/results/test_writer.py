@@ -25,6 +25,7 @@ def _write(
     *,
     job_version: int = 1,
     earlier_outputs: tuple[Path, ...] = (),
+    analysed_series: tuple[str, ...] = (),
 ) -> ResultFiles:
     return write_results(
         source_files=case.files,
@@ -41,6 +42,7 @@ def _write(
         uid_root="2.25",
         out_dir=out,
         earlier_outputs=earlier_outputs,
+        analysed_series=analysed_series,
     )
 
 
@@ -208,3 +210,37 @@ def test_a_source_without_slice_thickness_gets_results(
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     positions = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in case.files)
     assert float(measures.SliceThickness) == pytest.approx(positions[1] - positions[0], abs=1e-3)
+
+
+def test_a_new_version_on_another_series_revises_the_report_it_replaces(
+    two_lesions: CTCase, tmp_path: Path, dciodvfy: Dciodvfy
+) -> None:
+    """Version 2 analyses another series of the study (a thinner one that arrived later and
+    was chosen in place of the first): its SR names version 1's, whose series this version no
+    longer analyses. Where version 2 analyses both series (policy ``all``), the first series'
+    new report revises it, and the other one's names none."""
+    first = _write(two_lesions, tmp_path / "v1")
+    thinner = make_case(tmp_path / "thin", TWO_SPHERES)
+    study = str(pydicom.dcmread(two_lesions.files[0]).StudyInstanceUID)
+    _rewrite(thinner, StudyInstanceUID=study)
+    source_series = str(pydicom.dcmread(two_lesions.files[0]).SeriesInstanceUID)
+    thin_series = str(pydicom.dcmread(thinner.files[0]).SeriesInstanceUID)
+    second = _write(
+        thinner,
+        tmp_path / "v2",
+        job_version=2,
+        earlier_outputs=(first.sr,),
+        analysed_series=(thin_series,),
+    )
+    _check_file(second.sr, dciodvfy)
+    [revised] = pydicom.dcmread(second.sr).PredecessorDocumentsSequence
+    [series] = revised.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.uids.sr_instance
+    both = _write(
+        thinner,
+        tmp_path / "v2-all",
+        job_version=2,
+        earlier_outputs=(first.sr,),
+        analysed_series=(source_series, thin_series),
+    )
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(both.sr)
