@@ -36,9 +36,9 @@ def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
     - files left half-written in the spool's ``incoming/`` are removed (never acknowledged);
     - jobs left ``running`` go back to the queue;
     - a spooled file the store does not know (its record was lost with the last transactions
-      of a power cut) is read and recorded, which re-opens its study; unless the store has
-      that instance filed elsewhere, in a file that is there (a move to another study or series
-      cut off before it was recorded): that copy was never acknowledged, and is removed;
+      of a power cut) is read and recorded, which re-opens its study; when the store has that
+      instance filed elsewhere too, in a file that is there (a move to another study or series
+      that a crash cut off), the later of the two files stands and the other is removed;
     - a record whose file is gone is dropped, with an error in the log.
     """
     restored = _restore_kept_aside(spool, store)
@@ -53,9 +53,16 @@ def reconcile(spool: Spool, store: JobStore) -> RecoveryReport:
             continue
         recorded = store.instance_location(path.stem)
         if recorded is not None and recorded[0] != path and recorded[0].is_file():
-            logger.warning("a copy of an instance filed elsewhere was never acknowledged; removed")
-            spool.remove(path)
-            on_disk.discard(str(path))
+            # two copies of one instance: a move to another study or series that a crash cut
+            # off. The later file is where the sender put the instance last (its record lost
+            # with a power cut, or not yet made: the sender then sends it again); the other goes
+            older, newer = sorted((path, recorded[0]), key=lambda p: p.stat().st_mtime_ns)
+            logger.warning("two copies of an instance after a move that a crash cut off")
+            if newer == path and _reindex(path, store):
+                reindexed += 1
+            spool.remove(older)
+            on_disk.discard(str(older))
+            known.discard(str(older))  # gone on purpose, not missing
             continue
         if _reindex(path, store):
             reindexed += 1

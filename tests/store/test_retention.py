@@ -144,6 +144,39 @@ def test_reconcile_reindexes_a_spooled_file_the_store_lost(
     assert store.studies()[0].state == "receiving"
 
 
+def test_of_two_copies_of_a_moved_instance_the_later_stands(
+    tmp_path: Path, write_study: object
+) -> None:
+    """An instance moved to another study whose record a power cut lost: the store still has
+    the old place, the spool both files. The later file (where the sender put it last) is
+    recorded and the old one goes; no record is reported missing."""
+    import os
+    import shutil
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from dicom_node.store.recovery import reconcile
+
+    [src] = write_study(slices=1)  # type: ignore[operator]
+    ds = dcmread(src)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    old = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    old.parent.mkdir(parents=True)
+    shutil.copy(src, old)
+    assert reconcile(spool, store).reindexed_files == 1  # recorded at the old place
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    new = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    new.parent.mkdir(parents=True)
+    ds.save_as(new, enforce_file_format=True)
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))  # the old file is the earlier one
+    report = reconcile(spool, store)
+    assert (report.reindexed_files, report.missing_files) == (1, 0)
+    assert store.instance_location(str(ds.SOPInstanceUID))[0] == new  # type: ignore[index]
+    assert not old.exists() and new.exists()
+
+
 def test_retention_leaves_a_study_re_completed_since_it_judged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
