@@ -89,7 +89,8 @@ def identify(
         Affected SOP Class / Instance UID of the C-STORE request.
     needs_pixel_data
         The SOP class is one the node analyses: a data set without a whole Pixel Data element
-        header is refused (cut short before it, it would otherwise pass for a whole one).
+        header is refused (cut short before it, it would otherwise pass for a whole one), and
+        so is native pixel data shorter than its frames need.
     max_dataset_bytes
         Largest data set accepted once inflated (Deflated Explicit VR Little Endian).
 
@@ -123,8 +124,8 @@ def identify(
         raise DatasetError(f"data set cannot be parsed: {type(exc).__name__}") from exc
     if needs_pixel_data and pixel_length is None:
         raise DatasetError("data set has no Pixel Data (or is cut short before it)")
-    if pixel_length is not None and pixel_length != _UNDEFINED:
-        _check_frames_fit(values, pixel_length)
+    if needs_pixel_data and pixel_length is not None and pixel_length != _UNDEFINED:
+        _check_frames_fit(values, pixel_length)  # (CT is monochrome: no subsampled colour)
 
     def text(tag: int) -> str:
         elem = values.get(tag)

@@ -204,3 +204,18 @@ def test_of_the_syntaxes_proposed_a_lossless_one_is_accepted(node: Baseline) -> 
         )
         peer.release()
     assert answer.accepted() == {1: (0, j2k_lossless), 3: (0, rle)}
+
+
+def test_a_subsampled_colour_image_of_another_class_is_still_accepted() -> None:
+    """Native YBR_FULL_422 holds two thirds of three samples a pixel: the frame-size check is
+    for the CT the node analyses, and an image of another class (acknowledged and dropped
+    by default) is not refused by it. pydicom's own test file."""
+    from pydicom.data import get_testdata_file
+
+    from dicom_node.receive.identify import identify
+
+    data, syntax, sop_class, sop_instance = dataset_of(
+        Path(str(get_testdata_file("SC_ybr_full_422_uncompressed.dcm")))
+    )
+    ident = identify(data, syntax, command_sop_class=sop_class, command_sop_instance=sop_instance)
+    assert ident.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
