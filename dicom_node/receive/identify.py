@@ -208,10 +208,12 @@ def _check_last_element(ds: Dataset, end: int) -> None:
     tags = list(ds.keys())
     if not tags:
         raise DatasetError("data set is empty")
-    last: DataElement | RawDataElement = ds.get_item(max(tags))
-    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED:
+    items: list[DataElement | RawDataElement] = [ds.get_item(t) for t in tags]
+    raw: list[RawDataElement] = [e for e in items if isinstance(e, RawDataElement)]
+    if not raw:
         return
-    if last.value_tell + last.length != end:
+    last = max(raw, key=lambda e: e.value_tell)  # the last in the data (whatever its tag)
+    if last.length != _UNDEFINED and last.value_tell + last.length != end:
         raise DatasetError("data set is truncated")
 
 
