@@ -117,13 +117,27 @@ def test_a_purged_job_is_not_retried_and_its_dead_deliveries_go(tmp_path: Path) 
     assert store.job(job).state == JobState.DEAD  # kept, as history
 
 
+def _spooled_without_record(tmp_path: Path, src: Path) -> tuple[JobStore, Spool, Path]:
+    """A job store, and a spool holding ``src`` at its place, unrecorded (as a power cut that
+    lost the last transactions leaves it); the file's path."""
+    import shutil
+
+    from pydicom import dcmread
+
+    ds = dcmread(src)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    dest = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    dest.parent.mkdir(parents=True)
+    shutil.copy(src, dest)
+    return store, spool, dest
+
+
 def test_reconcile_reindexes_a_spooled_file_the_store_lost(
     tmp_path: Path, write_study: object
 ) -> None:
     """After a power cut the store may lack the last records: a spooled file it does not know is
     read and recorded (with its data-set size), and its study re-opened."""
-    import shutil
-
     from pydicom import dcmread
     from pydicom.filereader import read_file_meta_info
 
@@ -131,11 +145,7 @@ def test_reconcile_reindexes_a_spooled_file_the_store_lost(
 
     [src] = write_study(slices=1)  # type: ignore[operator]
     ds = dcmread(src)
-    store = JobStore(tmp_path / "jobs.sqlite")
-    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
-    dest = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    dest.parent.mkdir(parents=True)
-    shutil.copy(src, dest)
+    store, spool, _ = _spooled_without_record(tmp_path, src)
     report = reconcile(spool, store)
     assert report.reindexed_files == 1
     [rec] = store.study_instances(str(ds.StudyInstanceUID))
@@ -151,7 +161,6 @@ def test_of_two_copies_of_a_moved_instance_the_later_stands(
     the old place, the spool both files. The later file (where the sender put it last) is
     recorded and the old one goes; no record is reported missing."""
     import os
-    import shutil
 
     from pydicom import dcmread
     from pydicom.uid import generate_uid
@@ -160,11 +169,7 @@ def test_of_two_copies_of_a_moved_instance_the_later_stands(
 
     [src] = write_study(slices=1)  # type: ignore[operator]
     ds = dcmread(src)
-    store = JobStore(tmp_path / "jobs.sqlite")
-    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
-    old = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    old.parent.mkdir(parents=True)
-    shutil.copy(src, old)
+    store, spool, old = _spooled_without_record(tmp_path, src)
     assert reconcile(spool, store).reindexed_files == 1  # recorded at the old place
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     new = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
