@@ -253,6 +253,11 @@ class KnownPeer(_Section):
     tls: DestinationTLS | None = None
 
 
+def known_peer_tls_key(peer: KnownPeer) -> str:
+    """Where a known peer's ``tls`` stands in the configuration (named in its errors)."""
+    return f"dispatch.known_peers[{peer.ae_title.strip()}].tls"
+
+
 class DispatchSettings(_Section):
     """Sending results: retries, limits, timeouts, and replies to the sender."""
 

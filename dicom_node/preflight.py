@@ -11,7 +11,7 @@ import logging
 import socket
 from pathlib import Path
 
-from dicom_node.config import Config, resolve_model_path
+from dicom_node.config import Config, known_peer_tls_key, resolve_model_path
 from dicom_node.errors import ConfigError
 from dicom_node.receive.tls import client_context, server_context
 
@@ -67,10 +67,10 @@ def check_tls(config: Config) -> None:
         server_context(config.node.tls)
     for destination in config.destinations:
         if destination.tls is not None:
-            client_context(destination.tls, destination=destination.name)
+            client_context(destination.tls, where=f"destinations[{destination.name}].tls")
     for peer in config.dispatch.known_peers:
         if peer.tls is not None:
-            client_context(peer.tls, destination=f"reply:{peer.ae_title.strip()}")
+            client_context(peer.tls, where=known_peer_tls_key(peer))
 
 
 def preflight(config: Config, *, analysis: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dicom_node.config import Config
+from dicom_node.config import Config, known_peer_tls_key
 from dicom_node.dispatch.scu import Peer
 
 REPLY_PREFIX = "reply:"
@@ -32,7 +32,14 @@ def resolve(config: Config, name: str) -> Peer | None:
         ae = name.removeprefix(REPLY_PREFIX)
         for p in config.dispatch.known_peers:
             if p.ae_title.strip() == ae:
-                return Peer(name=name, ae_title=p.ae_title, host=p.host, port=p.port, tls=p.tls)
+                return Peer(
+                    name=name,
+                    ae_title=p.ae_title,
+                    host=p.host,
+                    port=p.port,
+                    tls=p.tls,
+                    tls_key=known_peer_tls_key(p),
+                )
         return None
     for d in config.destinations:
         if d.name == name:

@@ -37,6 +37,8 @@ class Peer:
     port: int
     #: DICOM TLS to this peer (``None``: plain TCP).
     tls: DestinationTLS | None = None
+    #: Where ``tls`` stands in the configuration, for its errors (default: a destination's).
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,8 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     so renewed ones take effect) and the host name its certificate must carry."""
     if peer.tls is None:
         return None
-    return client_context(peer.tls, destination=peer.name), peer.host
+    where = peer.tls_key or f"destinations[{peer.name}].tls"
+    return client_context(peer.tls, where=where), peer.host
 
 
 def _recording_handshakes(context: ssl.SSLContext) -> list[ssl.SSLError]:

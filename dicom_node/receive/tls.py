@@ -78,19 +78,15 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def client_context(settings: DestinationTLS, *, destination: str) -> ssl.SSLContext:
+def client_context(settings: DestinationTLS, *, where: str) -> ssl.SSLContext:
     """A context for sending to one destination: its certificate must chain to ``settings.ca``.
+    ``where``: the settings' key in the configuration, for the messages.
 
     Raises
     ------
     ConfigError
-        A file is missing or cannot be loaded (the message names the destination).
+        A file is missing or cannot be loaded (the message names the key).
     """
-    where = (
-        f"dispatch.known_peers[{destination.removeprefix('reply:')}].tls"
-        if destination.startswith("reply:")
-        else f"destinations[{destination}].tls"
-    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context)
     context.check_hostname = settings.check_hostname

@@ -384,10 +384,7 @@ def build_segmentation(
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label=_CONTENT_LABEL,
         content_description="AI lung lesion segmentation, not verified by a clinician",
-        # highdicom refuses some valid source character sets (ISO 2022 with an empty first
-        # value, as PS3.5's examples write Japanese and Korean); every text it writes is ASCII,
-        # and copy_identity gives the object the source's character set with its attributes
-        specific_character_set=BUILD_CHARACTER_SET,
+        specific_character_set=BUILD_CHARACTER_SET,  # the source's is put back below
         plane_positions=[_plane_position(headers[int(z)], frames[int(z)]) for z in planes],
         omit_empty_frames=True,
         series_description=series_description,

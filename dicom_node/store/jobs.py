@@ -215,22 +215,6 @@ class StudyRow:
     instances: int
 
 
-_JOB_COLUMNS = (
-    "id",
-    "study_uid",
-    "version",
-    "state",
-    "attempts",
-    "not_before",
-    "last_error",
-    "result",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-)
-
-
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -792,11 +776,12 @@ class JobStore:
         """The jobs of the studies that still have a study row (their files are spooled),
         newest first, without their results: what retention judges. The history of studies
         removed before is not read again on every pass."""
-        columns = ", ".join(f"j.{c}" for c in _JOB_COLUMNS if c != "result")
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {columns}, NULL AS result FROM jobs j"  # noqa: S608 - column names
-                " JOIN studies s ON s.study_uid = j.study_uid ORDER BY j.id DESC"
+                "SELECT j.id, j.study_uid, j.version, j.state, j.attempts, j.not_before,"
+                " j.last_error, NULL AS result, j.created_at, j.updated_at, j.started_at,"
+                " j.finished_at FROM jobs j JOIN studies s ON s.study_uid = j.study_uid"
+                " ORDER BY j.id DESC"
             ).fetchall()
         return [_job(r) for r in rows]
 
