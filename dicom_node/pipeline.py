@@ -24,6 +24,87 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ReportReference:
+    """A structured report this node sent, as a later version of its study needs it: the
+    identity a Predecessor Documents Sequence names, and the series the report is about (its
+    Current Requested Procedure Evidence).
+
+    The job's result keeps it (``reports``), so a later version names its predecessor even
+    when retention has deleted the report's file: a PACS that sends a study again after
+    ``storage.keep_hours`` gets a revision, not a second, unrelated report.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    evidence_series: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        """The form kept in a job's result."""
+        return {
+            "sop_class_uid": self.sop_class_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "evidence_series": list(self.evidence_series),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> ReportReference | None:
+        """The reference kept by :meth:`as_json`; ``None`` for anything else."""
+        if not isinstance(data, dict):
+            return None
+        keys = ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid")
+        values = [data.get(k) for k in keys]
+        evidence = data.get("evidence_series")
+        if not all(isinstance(v, str) and v for v in values) or not isinstance(evidence, list):
+            return None
+        if not all(isinstance(s, str) for s in evidence):
+            return None
+        sop_class, sop_instance, study, series = (str(v) for v in values)
+        return cls(sop_class, sop_instance, study, series, tuple(evidence))
+
+    @classmethod
+    def read(cls, path: Path) -> ReportReference | None:
+        """The reference of the structured report in the file at ``path``; ``None`` when the
+        file holds no SR or cannot be read."""
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError):
+            return None
+        if ds.get("Modality") != "SR":
+            return None
+        evidence = tuple(
+            str(s.SeriesInstanceUID)
+            for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for s in item.get("ReferencedSeriesSequence", [])
+        )
+        return cls(
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            evidence_series=evidence,
+        )
+
+
+def earlier_reports(result: dict[str, Any] | None) -> tuple[ReportReference, ...]:
+    """The reports of a job's result: those it keeps (``reports``), or, in a result kept
+    before it had them, those among its output files that are still there."""
+    if not result:
+        return ()
+    kept = result.get("reports")
+    if isinstance(kept, list):
+        return tuple(r for r in map(ReportReference.from_json, kept) if r is not None)
+    outputs = result.get("outputs", [])
+    if not isinstance(outputs, list):
+        return ()
+    found = (ReportReference.read(Path(str(p))) for p in outputs)
+    return tuple(r for r in found if r is not None)
+
+
+@dataclass(frozen=True)
 class StudyInput:
     """A complete study as a job sees it."""
 
@@ -33,9 +114,9 @@ class StudyInput:
     instances: tuple[InstanceRecord, ...]
     #: A folder of the job's own, for outputs; created by the worker.
     work_dir: Path
-    #: The outputs of the newest earlier version of the study whose results went out (or are
-    #: going out): what this version's results revise.
-    earlier_outputs: tuple[Path, ...] = ()
+    #: The reports of the newest earlier version of the study whose results went out (or are
+    #: going out): what this version's report revises.
+    earlier_reports: tuple[ReportReference, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dicom_node.config import JobSettings
 from dicom_node.errors import AnalysisUnavailableError, StudySkipped
 from dicom_node.logs import log_context, study_key
 from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
-from dicom_node.pipeline import StudyInput, StudyPipeline
+from dicom_node.pipeline import ReportReference, StudyInput, StudyPipeline, earlier_reports
 from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Worker:
             version=job.version,
             instances=tuple(self.store.study_instances(job.study_uid)),
             work_dir=work,
-            earlier_outputs=self.store.earlier_outputs(job.study_uid, job.version),
+            earlier_reports=earlier_reports(self.store.earlier_result(job.study_uid, job.version)),
         )
         started = time.monotonic()
         with log_context(job=job.id, study=study_key(job.study_uid), version=job.version):
@@ -151,6 +151,10 @@ class Worker:
             else:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
+                # kept with the job, so a later version names them when the files are gone
+                summary["reports"] = [
+                    r.as_json() for r in map(ReportReference.read, result.outputs) if r
+                ]
                 done = self.store.finish_with_outputs(
                     job.id, result=summary, outputs=outputs, destinations=destinations
                 )

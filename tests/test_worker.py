@@ -141,3 +141,64 @@ def test_progress_allows_a_job_past_its_limit_the_start_of_a_fresh_analysis(
     assert worker.making_progress()  # 30 s of job and 62 s of restart
     worker.last_beat = time.monotonic() - (30.0 + 600.0 + 61.0)
     assert not worker.making_progress()
+
+
+def _report(study: StudyInput) -> Path:
+    """A structured report on the study's series, as the analysis writes one (its header)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.StudyInstanceUID = study.study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    evidence = Dataset()
+    series = Dataset()
+    series.SeriesInstanceUID = study.instances[0].series_uid
+    evidence.ReferencedSeriesSequence = [series]
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    path = study.work_dir / f"SR_{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_study_sent_again_after_retention_revises_the_report_sent_before(
+    tmp_path: Path,
+) -> None:
+    """A study analysed, its files and outputs deleted by retention, then sent again: the new
+    version is given the earlier report from the job's result (the file is gone), so its SR
+    names it as predecessor instead of being a second, unrelated report in the PACS."""
+    from dicom_node.pipeline import ReportReference
+    from dicom_node.store.retention import apply_retention
+    from dicom_node.store.spool import Spool
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    work = tmp_path / "work"
+    first_id = _queued_job(store, tmp_path)
+    seen: list[StudyInput] = []
+    sent: list[Path] = []
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        seen.append(study)
+        sent.append(_report(study))
+        return StudyResult(summary={}, outputs=(sent[-1],))
+
+    worker = Worker(store, pipeline, JobSettings(), work)
+    first = worker.run_once()
+    assert first is not None and first.state == JobState.DONE
+    assert seen[0].earlier_reports == ()
+    reference = ReportReference.read(sent[0])
+    assert reference is not None
+    assert apply_retention(store, spool, work, keep_hours=0, now=time.time() + 1).studies == 1
+    assert not sent[0].exists()
+
+    second_id = _queued_job(store, tmp_path)  # the same study, sent again
+    assert second_id != first_id
+    second = worker.run_once()
+    assert second is not None and (second.state, second.version) == (JobState.DONE, 2)
+    assert seen[1].earlier_reports == (reference,)

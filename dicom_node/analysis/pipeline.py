@@ -26,7 +26,7 @@ from dicom_node.analysis.network import image_calls
 from dicom_node.config import Config, resolve_model_path
 from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
 from dicom_node.metrics import record_metrics
-from dicom_node.pipeline import StudyInput, StudyResult
+from dicom_node.pipeline import ReportReference, StudyInput, StudyResult
 from dicom_node.results.writer import write_results
 from dicom_node.study.coverage import LungCoverage, lung_coverage
 from dicom_node.study.headers import read_headers
@@ -160,7 +160,7 @@ class AnalysisPipeline:
             [i.path for i in study.instances],
             out_dir=study.work_dir,
             job_version=study.version,
-            earlier_outputs=study.earlier_outputs,
+            earlier_reports=study.earlier_reports,
         )
         outputs = tuple(p for f in findings for p in f.outputs)
         result = StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
@@ -174,13 +174,13 @@ class AnalysisPipeline:
         out_dir: Path,
         job_version: int = 1,
         progress: Callable[[str, int, int], None] | None = None,
-        earlier_outputs: Sequence[Path] = (),
+        earlier_reports: Sequence[ReportReference] = (),
     ) -> list[SeriesFindings]:
         """Analyse the instances at ``paths`` (one study) and write the results to ``out_dir``.
 
         ``progress(series_label, slices_done, slices_total)`` follows the model's progress.
-        ``earlier_outputs``: the files an earlier version of the study sent; an SR of theirs
-        on the same series is named as the new SR's predecessor.
+        ``earlier_reports``: the reports an earlier version of the study sent; one on the
+        same series is named as the new SR's predecessor.
 
         Raises
         ------
@@ -205,7 +205,7 @@ class AnalysisPipeline:
                 out_dir=out_dir,
                 job_version=job_version,
                 progress=progress,
-                earlier_outputs=earlier_outputs,
+                earlier_reports=earlier_reports,
                 analysed_series=analysed,
             )
             findings.seconds["headers_and_selection"] = read_s
@@ -219,7 +219,7 @@ class AnalysisPipeline:
         out_dir: Path,
         job_version: int,
         progress: Callable[[str, int, int], None] | None = None,
-        earlier_outputs: Sequence[Path] = (),
+        earlier_reports: Sequence[ReportReference] = (),
         analysed_series: Sequence[str] = (),
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
@@ -282,7 +282,7 @@ class AnalysisPipeline:
             image_probabilities=image_probabilities,
             frame_numbers=volume.frame_numbers,
             midline_x_mm=midline_x_mm(volume, coverage),
-            earlier_outputs=earlier_outputs,
+            earlier_reports=earlier_reports,
             analysed_series=analysed_series,
         )
         seconds["seg"] = files.seg_seconds

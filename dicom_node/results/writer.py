@@ -21,11 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.analysis.lesions import Lesion
 from dicom_node.config import ResultsSettings
+from dicom_node.pipeline import ReportReference
 from dicom_node.results.identity import Producer, ResultUIDs
 from dicom_node.results.seg import SegmentationType, build_segmentation, plan_segments
 from dicom_node.results.sr import build_report
@@ -97,33 +97,33 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def _earlier_reports(
-    paths: Sequence[Path], source: Dataset, analysed_series: Collection[str] = ()
+    reports: Sequence[ReportReference], source: Dataset, analysed_series: Collection[str] = ()
 ) -> list[Dataset]:
-    """The SRs among ``paths`` of ``source``'s study that the new report on ``source``'s series
-    revises: those whose evidence holds its series; when there are none, those on no series
-    analysed in this version (``analysed_series``): a thinner series that arrived later and
-    was chosen in place of the first one's revises its report."""
-    same: list[Dataset] = []
-    replaced: list[Dataset] = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, InvalidDicomError):
-            continue  # gone with retention, or never written whole: nothing to refer to
-        if str(ds.get("SOPClassUID", "")) != Comprehensive3DSRStorage:
+    """The reports of ``source``'s study that the new report on ``source``'s series revises:
+    those whose evidence holds its series; when there are none, those on no series analysed in
+    this version (``analysed_series``): a thinner series that arrived later and was chosen in
+    place of the first one's revises its report. Each as the data set highdicom reads a
+    predecessor from (its SOP class and instance, study and series)."""
+    same: list[ReportReference] = []
+    replaced: list[ReportReference] = []
+    for report in reports:
+        if report.sop_class_uid != Comprehensive3DSRStorage:
             continue
-        if str(ds.get("StudyInstanceUID", "")) != str(source.StudyInstanceUID):
+        if report.study_uid != str(source.StudyInstanceUID):
             continue
-        series = {
-            str(s.SeriesInstanceUID)
-            for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for s in item.get("ReferencedSeriesSequence", [])
-        }
-        if str(source.SeriesInstanceUID) in series:
-            same.append(ds)
-        elif not series & set(analysed_series):
-            replaced.append(ds)
-    return same or replaced
+        if str(source.SeriesInstanceUID) in report.evidence_series:
+            same.append(report)
+        elif not set(report.evidence_series) & set(analysed_series):
+            replaced.append(report)
+    revised = []
+    for report in same or replaced:
+        ds = Dataset()
+        ds.SOPClassUID = report.sop_class_uid
+        ds.SOPInstanceUID = report.sop_instance_uid
+        ds.StudyInstanceUID = report.study_uid
+        ds.SeriesInstanceUID = report.series_uid
+        revised.append(ds)
+    return revised
 
 
 def write_results(
@@ -143,7 +143,7 @@ def write_results(
     image_probabilities: Sequence[float] | None = None,
     midline_x_mm: float | None = None,
     frame_numbers: Sequence[int] | None = None,
-    earlier_outputs: Sequence[Path] = (),
+    earlier_reports: Sequence[ReportReference] = (),
     analysed_series: Collection[str] = (),
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
@@ -181,12 +181,12 @@ def write_results(
         Optional per-slice probability of cancer, (z,).
     midline_x_mm
         LPS x of the patient's midline for laterality; default: the field-of-view centre.
-    earlier_outputs
-        Files an earlier version of the study sent: an SR among them on the same series (of
-        the same study) becomes the new SR's predecessor (Predecessor Documents Sequence), so
-        that a viewer shows the new report as a revision of the old one; without one, the SRs
-        on series this version does not analyse (``analysed_series``) do. Missing or
-        unreadable files are passed over.
+    earlier_reports
+        The reports an earlier version of the study sent: one on the same series (of the
+        same study) becomes the new SR's predecessor (Predecessor Documents Sequence), so
+        that a viewer shows the new report as a revision of the old one; without one, those
+        on series this version does not analyse (``analysed_series``) do. Their files need
+        not exist any more (retention).
     analysed_series
         Series Instance UIDs this version of the study analyses (this one among them).
 
@@ -256,7 +256,7 @@ def write_results(
         image_probabilities=image_probabilities,
         midline_x_mm=midline_x_mm,
         frame_numbers=frame_numbers,
-        previous_versions=_earlier_reports(earlier_outputs, first, analysed_series),
+        previous_versions=_earlier_reports(earlier_reports, first, analysed_series),
     )
     sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
     _save(sr, sr_path)

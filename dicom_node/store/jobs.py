@@ -739,9 +739,10 @@ class JobStore:
                 for r in rows
             ]
 
-    def earlier_outputs(self, study_uid: str, version: int) -> tuple[Path, ...]:
-        """The output files of the newest version of a study before ``version`` whose results
-        were delivered or are being sent (``done`` or ``sending``); empty when there is none."""
+    def earlier_result(self, study_uid: str, version: int) -> dict[str, Any] | None:
+        """The result of the newest version of a study before ``version`` whose results were
+        delivered or are being sent (``done`` or ``sending``); ``None`` when there is none. The
+        row outlives the study's files (retention keeps jobs as history)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT result FROM jobs WHERE study_uid=? AND version<? AND state IN"
@@ -749,9 +750,9 @@ class JobStore:
                 (study_uid, version),
             ).fetchone()
         if row is None or not row["result"]:
-            return ()
-        outputs = json.loads(row["result"]).get("outputs", [])
-        return tuple(Path(str(p)) for p in outputs)
+            return None
+        result = json.loads(row["result"])
+        return result if isinstance(result, dict) else None
 
     def job(self, job_id: int) -> Job:
         """One job. Raises :class:`JobStoreError` when there is none."""

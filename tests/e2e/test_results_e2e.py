@@ -135,6 +135,34 @@ def test_study_without_lesion_yields_only_the_sr(
     assert revised.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+def test_a_study_sent_again_after_retention_revises_the_first_report(
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    pacs: StoreSCP,
+    phantom_series: Callable[..., list[Path]],
+) -> None:
+    """The PACS sends a study again after retention removed it (``storage.keep_hours``: the
+    pass at the node's start): version 2's SR names version 1's as the report it revises,
+    although version 1's files are gone, rather than being a second, unrelated report."""
+    files = phantom_series(tumour=False)
+    node = _node(node_factory, tiny_model_dir, pacs.port, 0.99, storage={"keep_hours": 0})
+    assert storescu(files, node.port).returncode == 0
+    node.wait_jobs(lambda j: j["jobs"] and j["jobs"][0]["state"] == "done", timeout=120)
+    [sr] = pacs.received()
+    first = dcmread(sr)
+    assert node.terminate() == 0
+    node.start()  # retention's first pass removes the study and its outputs
+    node.wait_jobs(lambda j: not j["studies"], timeout=60)
+    assert storescu(files, node.port).returncode == 0
+    node.wait_jobs(lambda j: len(j["jobs"]) == 2 and j["jobs"][0]["state"] == "done", timeout=120)
+    [again] = [p for p in pacs.received() if p != sr]
+    second = dcmread(again)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    [revised] = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert revised.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert _dciodvfy_errors(again) == []
+
+
 def test_refusing_pacs_is_retried_across_a_restart(
     node_factory: Callable[..., NodeProcess],
     tiny_model_dir: Path,

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import ResultsSettings
+from dicom_node.pipeline import ReportReference, earlier_reports
 from dicom_node.results import codes
 from dicom_node.results.writer import ResultFiles, write_results
 from tests.results.conftest import TWO_SPHERES, CTCase, Dciodvfy, make_case, report_content
@@ -24,7 +25,7 @@ def _write(
     settings: ResultsSettings | None = None,
     *,
     job_version: int = 1,
-    earlier_outputs: tuple[Path, ...] = (),
+    earlier_reports: tuple[ReportReference, ...] = (),
     analysed_series: tuple[str, ...] = (),
 ) -> ResultFiles:
     return write_results(
@@ -41,7 +42,7 @@ def _write(
         settings=settings or ResultsSettings(),
         uid_root="2.25",
         out_dir=out,
-        earlier_outputs=earlier_outputs,
+        earlier_reports=earlier_reports,
         analysed_series=analysed_series,
     )
 
@@ -123,13 +124,16 @@ def test_a_new_version_names_the_report_it_revises(
 ) -> None:
     """Version 2 of a study, given what version 1 sent: its SR lists version 1's SR in the
     Predecessor Documents Sequence (a viewer shows it as a revision), and passes dciodvfy.
-    Files that are gone, the SEG, and an SR of another study are passed over."""
+    From the output files of a result kept without its reports (before they were kept): files
+    that are gone, the SEG, and an SR of another study are passed over."""
     first = _write(two_lesions, tmp_path / "v1")
     other = make_case(tmp_path / "other-ct", [], slices=4, size=32)  # another study
     elsewhere = _write(other, tmp_path / "other")
     assert first.seg is not None
-    earlier = (first.seg, first.sr, elsewhere.sr, tmp_path / "v1" / "gone.dcm")
-    second = _write(two_lesions, tmp_path / "v2", job_version=2, earlier_outputs=earlier)
+    outputs = (first.seg, first.sr, elsewhere.sr, tmp_path / "v1" / "gone.dcm")
+    earlier = earlier_reports({"outputs": [str(p) for p in outputs]})
+    assert len(earlier) == 2  # the two SRs
+    second = _write(two_lesions, tmp_path / "v2", job_version=2, earlier_reports=earlier)
     _check_file(second.sr, dciodvfy)
     sr = pydicom.dcmread(second.sr)
     [study] = sr.PredecessorDocumentsSequence
@@ -139,6 +143,31 @@ def test_a_new_version_names_the_report_it_revises(
     assert instance.ReferencedSOPInstanceUID == first.uids.sr_instance
     assert series.SeriesInstanceUID == first.uids.sr_series
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(first.sr)
+
+
+def test_a_new_version_names_its_predecessor_after_the_files_are_gone(
+    two_lesions: CTCase, tmp_path: Path, dciodvfy: Dciodvfy
+) -> None:
+    """The reports a job's result keeps name the predecessor when retention has deleted the
+    earlier version's files (a study sent again days later): the same Predecessor Documents
+    Sequence as from the file itself. A kept entry that is not a reference is passed over."""
+    first = _write(two_lesions, tmp_path / "v1")
+    from_file = ReportReference.read(first.sr)
+    assert from_file is not None
+    assert first.seg is not None and ReportReference.read(first.seg) is None  # not a report
+    kept = {"reports": [from_file.as_json(), {"sop_class_uid": 1}, "x"], "outputs": []}
+    for path in (first.sr, first.seg):
+        path.unlink()
+    earlier = earlier_reports(kept)
+    assert earlier == (from_file,)
+    second = _write(two_lesions, tmp_path / "v2", job_version=2, earlier_reports=earlier)
+    _check_file(second.sr, dciodvfy)
+    [study] = pydicom.dcmread(second.sr).PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.uids.sr_series
+    [instance] = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPInstanceUID == first.uids.sr_instance
+    assert instance.ReferencedSOPClassUID == pydicom.uid.Comprehensive3DSRStorage
 
 
 def _rewrite(case: CTCase, **attributes: object) -> None:
@@ -229,7 +258,7 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
         thinner,
         tmp_path / "v2",
         job_version=2,
-        earlier_outputs=(first.sr,),
+        earlier_reports=earlier_reports({"outputs": [str(first.sr)]}),
         analysed_series=(thin_series,),
     )
     _check_file(second.sr, dciodvfy)
@@ -240,7 +269,7 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
         thinner,
         tmp_path / "v2-all",
         job_version=2,
-        earlier_outputs=(first.sr,),
+        earlier_reports=earlier_reports({"outputs": [str(first.sr)]}),
         analysed_series=(source_series, thin_series),
     )
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(both.sr)
