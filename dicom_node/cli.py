@@ -39,6 +39,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="overrides storage.data_dir")
 
 
+def _count(text: str) -> int:
+    """An argument that counts something: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's flags, in one place
     parser = argparse.ArgumentParser(
         prog="dicom-node", description="A DICOM node that runs a lung-CT AI model."
@@ -57,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - every command's fla
     jobs = sub.add_parser("jobs", help="list studies and jobs with their states")
     _config_args(jobs)
     jobs.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs.add_argument(
+        "--limit",
+        type=_count,
+        default=50,
+        metavar="N",
+        help="the N newest jobs and their deliveries (default 50; 0: all); deliveries not"
+        " yet delivered are listed whatever their job",
+    )
 
     retry = sub.add_parser("retry", help="re-queue a dead (or failed) job")
     _config_args(retry)
@@ -461,9 +480,14 @@ def _jobs(args: argparse.Namespace) -> int:
     config = _load(args)
     store = open_store(config)
 
-    jobs = store.jobs()
+    jobs = store.jobs(limit=args.limit or None)
     studies = store.studies()
-    deliveries = Outbox(store, config.dispatch).items()
+    listed = {j.id for j in jobs}
+    deliveries = [
+        d
+        for d in Outbox(store, config.dispatch).items()
+        if d.job_id in listed or d.state != "delivered"
+    ]
     if args.json:
         out = {
             "studies": [asdict(s) for s in studies],

@@ -203,6 +203,11 @@ class StorageSettings(_Section):
     #: newest job ended done or skipped (and its results were delivered). Failed and dead jobs
     #: keep theirs until retried or purged (``dicom-node purge``). ``null``: keep forever.
     keep_hours: Annotated[float, Field(ge=0)] | None = 24.0
+    #: The history of a study deleted by ``keep_hours`` (its jobs' state changes and
+    #: deliveries, which ``dicom-node jobs`` lists) is forgotten this long after its last job
+    #: ended; the newest job of each study stays, so a study sent again later still becomes its
+    #: next version. ``null``: keep forever (the job store then grows with every study).
+    history_days: Annotated[float, Field(gt=0)] | None = 90.0
 
 
 class StudySettings(_Section):

@@ -33,7 +33,7 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.store.jobs import JobStore
 from dicom_node.store.outbox import Outbox
 from dicom_node.store.recovery import reconcile
-from dicom_node.store.retention import apply_retention
+from dicom_node.store.retention import apply_retention, prune_history
 from dicom_node.store.spool import Spool
 from dicom_node.study.completion import Completion
 from dicom_node.worker import Worker
@@ -191,6 +191,7 @@ class Node:
                         self.work_root,
                         keep_hours=self.config.storage.keep_hours,
                     )
+                    prune_history(self.store, history_days=self.config.storage.history_days)
             except Exception:  # keep scanning: a transient SQLite error must not stop completion
                 logger.exception("completion scan failed; retrying")
 

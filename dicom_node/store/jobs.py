@@ -762,15 +762,22 @@ class JobStore:
             raise JobStoreError(f"no job {job_id}")
         return _job(row)
 
-    def jobs(self, states: Sequence[JobState] | None = None) -> list[Job]:
-        """Jobs, newest first, optionally only in the given states."""
+    def jobs(
+        self, states: Sequence[JobState] | None = None, *, limit: int | None = None
+    ) -> list[Job]:
+        """Jobs, newest first, optionally only in the given states and only the ``limit``
+        newest."""
         sql = "SELECT * FROM jobs"
-        args: tuple[str, ...] = ()
+        args: tuple[str | int, ...] = ()
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             args = tuple(s.value for s in states)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args = (*args, limit)
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id DESC", args).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [_job(r) for r in rows]
 
     def jobs_of_spooled_studies(self) -> list[Job]:
@@ -785,6 +792,33 @@ class JobStore:
                 " ORDER BY j.id DESC"
             ).fetchall()
         return [_job(r) for r in rows]
+
+    def prune_history(self, cutoff: float) -> tuple[int, int]:
+        """Forget the history of studies no longer spooled whose jobs ended before ``cutoff``:
+        their state changes and deliveries, and every job but the two a later version of the
+        study needs (the newest, whose version the next one follows, so that no result UID is
+        made twice, and the newest whose results went out, whose reports the next one revises).
+        Returns ``(jobs, rows)``: the job rows and the event and delivery rows deleted."""
+        old = (
+            "SELECT j.id FROM jobs j WHERE j.state IN ('done', 'skipped', 'dead', 'superseded')"
+            " AND COALESCE(j.finished_at, j.updated_at) < :cutoff"
+            " AND NOT EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = j.study_uid)"
+        )
+        needed = (
+            "SELECT MAX(id) FROM jobs GROUP BY study_uid UNION"
+            " SELECT id FROM jobs n WHERE n.state IN ('done', 'sending') AND n.version ="
+            " (SELECT MAX(m.version) FROM jobs m WHERE m.study_uid = n.study_uid"
+            " AND m.state IN ('done', 'sending'))"
+        )
+        args = {"cutoff": cutoff}
+        with self._tx() as db:
+            rows = db.execute(f"DELETE FROM job_events WHERE job_id IN ({old})", args).rowcount  # noqa: S608 - constant SQL
+            rows += db.execute(f"DELETE FROM outbox WHERE job_id IN ({old})", args).rowcount  # noqa: S608 - constant SQL
+            jobs = db.execute(
+                f"DELETE FROM jobs WHERE id IN ({old}) AND id NOT IN ({needed})",  # noqa: S608 - constant SQL
+                args,
+            ).rowcount
+        return jobs, rows
 
     def job_events(self, job_id: int) -> list[tuple[float, str, str | None]]:
         """``(at, state, detail)`` of every change of a job, oldest first."""

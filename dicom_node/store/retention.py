@@ -5,6 +5,11 @@
   the work folders (outputs) of its jobs. Job rows stay as history.
 - Failed and dead jobs keep everything until retried or purged by the operator
   (:func:`purge`, ``dicom-node purge``).
+- The history of a study removed so (its jobs' state changes and deliveries, and its older
+  jobs) goes ``storage.history_days`` after its last job ended (:func:`prune_history`). Each
+  such study keeps its newest job and its newest delivered one: the next version of a study
+  sent again follows on from the first (its result UIDs are never made twice) and names the
+  report it revises.
 - A study still receiving, or whose newest job is queued/running/sending, is never touched.
 
 A study is deleted under the spool's exclusive lock (:meth:`Spool.removing`), after the job
@@ -114,3 +119,19 @@ def purge(
                 studies += 1
                 files += n
     return Removed(studies, files)
+
+
+def prune_history(
+    store: JobStore, *, history_days: float | None, now: float | None = None
+) -> tuple[int, int]:
+    """Forget what ``history_days`` says may go (see the module docstring): ``(jobs, rows)``
+    deleted, as :meth:`JobStore.prune_history`."""
+    if history_days is None:
+        return 0, 0
+    now = time.time() if now is None else now
+    jobs, rows = store.prune_history(now - history_days * 86400)
+    if jobs or rows:
+        logger.info(
+            "history pruned", extra={"fields": {"jobs": jobs, "events_and_deliveries": rows}}
+        )
+    return jobs, rows

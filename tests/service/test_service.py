@@ -281,6 +281,63 @@ def test_operator_commands_do_not_make_a_job_store_where_there_is_none(tmp_path:
     assert not missing.exists()
 
 
+def test_the_job_listing_shows_the_newest_jobs_and_every_delivery_still_owed(
+    tmp_path: Path,
+) -> None:
+    """`dicom-node jobs` lists the 50 newest jobs by default (`--limit N`, 0 for all) and the
+    deliveries of those, plus every delivery not yet made whatever its job; a negative
+    limit is refused by the argument parser."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import InstanceRecord, JobStore, OutputFile
+    from dicom_node.store.outbox import Outbox
+
+    data = tmp_path / "var"
+    data.mkdir()
+    store = JobStore(data / "jobs.sqlite")
+    outbox = Outbox(store, DispatchSettings())
+    for n in range(1, 56):
+        study = f"1.2.{n}"
+        store.record_instance(
+            InstanceRecord(
+                f"{study}.1",
+                study,
+                f"{study}.9",
+                "1.2.840.10008.5.1.4.1.1.2",
+                "CT",
+                data / f"{n}.dcm",
+                10,
+                "PACS",
+                time.time(),
+            )
+        )
+        job = store.complete_study(study, reason="test")
+        assert job is not None and store.claim_next_job() is not None
+        sr = OutputFile(data / f"sr{n}.dcm", "1.2.840.10008.5.1.4.1.1.88.34", f"{study}.7")
+        store.finish_with_outputs(job.id, result={}, outputs=[sr], destinations=["pacs"])
+        for item in outbox.claim("pacs"):
+            if item.job_id != 1:  # the first job's report is still owed
+                outbox.delivered(item.id, 0)
+    store.close()
+
+    def listing(*args: str) -> dict[str, list[dict[str, object]]]:
+        done = node_cli("jobs", "--json", "--data-dir", str(data), *args)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    default = listing()
+    assert [j["version"] for j in default["jobs"]] == [1] * 50
+    assert default["jobs"][0]["study_uid"] == "1.2.55"
+    assert {d["job_id"] for d in default["deliveries"]} == {1} | set(range(6, 56))
+    assert [j["study_uid"] for j in listing("--limit", "2")["jobs"]] == ["1.2.55", "1.2.54"]
+    assert len(listing("--limit", "0")["jobs"]) == 55
+    refused = node_cli("jobs", "--limit", "-1", "--data-dir", str(data))
+    assert refused.returncode == 2 and "must be 0 or more" in refused.stderr
+    text = node_cli("jobs", "--limit", "3", "--data-dir", str(data))
+    assert text.returncode == 0, text.stderr
+    jobs_table = text.stdout.split("\n\n")[1].splitlines()
+    assert jobs_table[0].split()[:2] == ["JOB", "STATE"] and len(jobs_table) == 4
+
+
 def test_who_sent_a_study_is_audited_before_a_kill_9(
     node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
 ) -> None:

@@ -299,3 +299,68 @@ def test_a_study_purged_while_the_node_runs_can_arrive_again(tmp_path: Path) -> 
     second = receiving.path_for("1.2.3", "1.2.3.4", "1.2.3.4.2")
     receiving.store(b"two", second)
     assert second.read_bytes() == b"two"
+
+
+def _deliver(store: JobStore, spool: Spool, study: str, *, result: dict[str, object]) -> int:
+    """A version of ``study`` whose one report is delivered to the PACS."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import Outbox
+
+    _study(store, spool, study)
+    job = store.complete_study(study, reason="test")
+    assert job is not None and store.claim_next_job() is not None
+    store.finish_with_outputs(
+        job.id,
+        result=result,
+        outputs=[OutputFile(Path(f"/w/{job.id}.dcm"), "1.2.840.10008.5.1.4.1.1.88.34", "9.9")],
+        destinations=["pacs"],
+    )
+    outbox = Outbox(store, DispatchSettings())
+    [item] = outbox.claim("pacs")
+    outbox.delivered(item.id, 0)
+    assert store.job(job.id).state == JobState.DONE
+    return job.id
+
+
+def test_history_of_removed_studies_is_pruned_but_a_resent_study_follows_on(
+    tmp_path: Path,
+) -> None:
+    """``history_days`` after a removed study's last job ended, its state changes, deliveries
+    and older jobs go; its newest job and its newest delivered one stay, so a re-send becomes
+    the next version (no result UID made twice) and revises the last report. Spooled studies
+    and recent history are left alone."""
+    from dicom_node.store.retention import prune_history
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    work = tmp_path / "work"
+    first = _deliver(store, spool, "1.1", result={"reports": ["v1"]})
+    second = _deliver(store, spool, "1.1", result={"reports": ["v2"]})
+    delivered = _deliver(store, spool, "1.2", result={"reports": ["b1"]})
+    _study(store, spool, "1.2")
+    skipped = _finish(store, "1.2", JobState.SKIPPED)  # sent again without a series to analyse
+    kept_spooled = _deliver(store, spool, "1.3", result={})
+    later = time.time() + 2 * 3600
+    assert apply_retention(store, spool, work, keep_hours=1, now=later).studies == 3
+    _study(store, spool, "1.3")  # ...but 1.3 is sent again: spooled, and its history stays
+    recent = _deliver(store, spool, "1.4", result={})
+    assert apply_retention(store, spool, work, keep_hours=0, now=time.time() + 1).studies == 1
+
+    assert prune_history(store, history_days=None, now=later + 400 * 86400) == (0, 0)
+    assert prune_history(store, history_days=90, now=time.time() + 89 * 86400) == (0, 0)
+    jobs, rows = prune_history(store, history_days=90, now=time.time() + 91 * 86400)
+    kept = {j.id for j in store.jobs()}
+    assert first not in kept and jobs == 1
+    assert {second, delivered, skipped, kept_spooled, recent} <= kept
+    assert rows > 0
+    for job in (second, delivered, skipped, recent):
+        assert store.job_events(job) == []
+    assert store.job_events(kept_spooled) != []
+    assert store.delivery_counts() == {("pacs", "delivered"): 1}  # 1.3's
+    assert store.earlier_result("1.2", 99) == {"reports": ["b1"]}
+
+    _study(store, spool, "1.1")
+    again = store.complete_study("1.1", reason="test")
+    assert again is not None and again.version == 3
+    assert store.earlier_result("1.1", again.version) == {"reports": ["v2"]}
