@@ -7,7 +7,8 @@ and the producing algorithm identified. This module holds those three parts:
 * **Identity**: :data:`IDENTITY_KEYWORDS` are copied element by element from the analysed series
   (:func:`copy_identity`), so values and character set stay byte-exact (a UTF-8 name stays
   UTF-8). :func:`source_header` prepares a source header for highdicom, which reads the Type 2
-  attributes directly and fails on a file that omits one.
+  attributes directly and fails on a file that omits one. A source's Timezone Offset From UTC
+  is kept too, with the result's own dates and times given in it.
 * **Equipment**: :class:`Producer` names the node and the model: Manufacturer is always
   :data:`dicom_node.MANUFACTURER`, Software Versions the node's and the model's versions, and a
   Contributing Equipment item names the node as processing equipment.
@@ -20,6 +21,7 @@ and the producing algorithm identified. This module holds those three parts:
 from __future__ import annotations
 
 import copy
+import datetime
 import enum
 import hashlib
 import json
@@ -358,4 +360,47 @@ def copy_identity(target: Dataset, source: Dataset) -> None:
             setattr(target, keyword, "")
         elif keyword in target:
             del target[keyword]
+    _align_timezone(target, source)
     logger.debug("copied %d identity attributes", len(IDENTITY_KEYWORDS))
+
+
+#: The dates and times a result gets when it is built (highdicom's, in the node's local time).
+_OWN_TIMES: Final[tuple[tuple[str, str], ...]] = (
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("ContentDate", "ContentTime"),
+    ("SeriesDate", "SeriesTime"),
+)
+_OFFSET_RE: Final = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def _utc_offset(value: object) -> datetime.timezone | None:
+    """The fixed offset of a Timezone Offset From UTC (``+HHMM``/``-HHMM``), or ``None``."""
+    match = _OFFSET_RE.match(str(value).strip()) if value is not None else None
+    if match is None:
+        return None
+    sign, hours, minutes = match.groups()
+    delta = datetime.timedelta(hours=int(hours), minutes=int(minutes))
+    if delta > datetime.timedelta(hours=14) or int(minutes) >= 60:
+        return None
+    return datetime.timezone(-delta if sign == "-" else delta)
+
+
+def _align_timezone(target: Dataset, source: Dataset) -> None:
+    """Give ``target`` the source's Timezone Offset From UTC, and its own dates and times
+    (made in the node's local time) in that offset: the offset applies to every date and time
+    of an instance (PS3.3 C.12.1.1.8), the Study Date and Time copied from the source among
+    them, so a result without it, or with the node's own, would move the study in time."""
+    offset = _utc_offset(source.get("TimezoneOffsetFromUTC"))
+    if offset is None:
+        if "TimezoneOffsetFromUTC" in target:
+            del target.TimezoneOffsetFromUTC
+        return
+    for date_keyword, time_keyword in _OWN_TIMES:
+        date, time = target.get(date_keyword), target.get(time_keyword)
+        if not date or not time:
+            continue
+        local = datetime.datetime.strptime(f"{date}{str(time)[:6]:0<6}", "%Y%m%d%H%M%S")
+        there = local.astimezone().astimezone(offset)  # naive: the node's local time
+        target[date_keyword].value = there.strftime("%Y%m%d")
+        target[time_keyword].value = there.strftime("%H%M%S")
+    target.TimezoneOffsetFromUTC = str(source.TimezoneOffsetFromUTC).strip()

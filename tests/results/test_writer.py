@@ -273,3 +273,48 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
         analysed_series=(source_series, thin_series),
     )
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(both.sr)
+
+
+@pytest.mark.parametrize("offset", ["+0900", "-0330"])
+def test_results_keep_the_sources_timezone_and_tell_their_own_times_in_it(
+    tmp_path: Path,
+    dciodvfy: Dciodvfy,
+    monkeypatch: pytest.MonkeyPatch,
+    offset: str,
+) -> None:
+    """A source that states its Timezone Offset From UTC (which applies to every date and time
+    of an instance, its Study Date and Time among them): the SEG and SR state the same one,
+    and their own creation and content times, made on a node that runs on UTC, are given in
+    it. A source without one gets results without one."""
+    import datetime
+    import time
+
+    case = make_case(tmp_path / "ct", TWO_SPHERES)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        plain = _write(case, tmp_path / "plain")
+        _rewrite(case, TimezoneOffsetFromUTC=offset)
+        before = datetime.datetime.now(datetime.UTC)
+        files = _write(case, tmp_path / "out")
+        after = datetime.datetime.now(datetime.UTC)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert plain.seg is not None and files.seg is not None
+    assert "TimezoneOffsetFromUTC" not in pydicom.dcmread(plain.sr)
+    sign = -1 if offset[0] == "-" else 1
+    span = datetime.timedelta(hours=int(offset[1:3]), minutes=int(offset[3:]))
+    zone = datetime.timezone(sign * span)
+    for path in (files.seg, files.sr):
+        _check_file(path, dciodvfy)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.TimezoneOffsetFromUTC == offset
+        for date, clock in (
+            ("InstanceCreationDate", "InstanceCreationTime"),
+            ("ContentDate", "ContentTime"),
+        ):
+            there = datetime.datetime.strptime(
+                f"{ds[date].value}{str(ds[clock].value)[:6]}", "%Y%m%d%H%M%S"
+            ).replace(tzinfo=zone)
+            assert before - datetime.timedelta(seconds=1) <= there <= after, (path.name, date)
