@@ -475,29 +475,32 @@ def _check_config(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     from dicom_node.listing import render
     from dicom_node.service import open_store
+    from dicom_node.store.jobs import SETTLED_STATES, JobState
     from dicom_node.store.outbox import Outbox
 
     config = _load(args)
     store = open_store(config)
 
-    jobs = store.jobs(limit=args.limit or None)
+    newest = store.jobs(limit=args.limit or None)
+    # jobs an operator may have to act on are listed whatever their age
+    unsettled = store.jobs([s for s in JobState if s not in SETTLED_STATES])
+    jobs = sorted({j.id: j for j in (*newest, *unsettled)}.values(), key=lambda j: -j.id)
+    counts = store.counts()
     studies = store.studies()
-    listed = {j.id for j in jobs}
-    deliveries = [
-        d
-        for d in Outbox(store, config.dispatch).items()
-        if d.job_id in listed or d.state != "delivered"
-    ]
+    deliveries = Outbox(store, config.dispatch).listing([j.id for j in jobs])
     if args.json:
         out = {
             "studies": [asdict(s) for s in studies],
             "jobs": [asdict(j) for j in jobs],
-            "counts": store.counts(),
+            "counts": counts,
             "deliveries": [asdict(d) for d in deliveries],
         }
         print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
     print(render(studies, jobs, deliveries))
+    left_out = sum(counts.values()) - len(jobs)
+    if left_out:
+        print(f"\n{left_out} older settled job(s) not listed (--limit 0 lists every job)")
     return EXIT_OK
 
 

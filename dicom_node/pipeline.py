@@ -68,25 +68,26 @@ class ReportReference:
     @classmethod
     def read(cls, path: Path) -> ReportReference | None:
         """The reference of the structured report in the file at ``path``; ``None`` when the
-        file holds no SR or cannot be read."""
+        file holds no SR or does not give a whole reference (gone, cut short, not DICOM)."""
         try:
             ds = dcmread(path, stop_before_pixels=True)
-        except (OSError, InvalidDicomError):
+            if ds.get("Modality") != "SR":
+                return None
+            evidence = tuple(
+                str(s.SeriesInstanceUID)
+                for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                for s in item.get("ReferencedSeriesSequence", [])
+            )
+            identity = [
+                str(ds.get(k, "") or "")
+                for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            ]
+        except Exception:  # noqa: BLE001 - whatever a damaged file raises, it gives no reference
             return None
-        if ds.get("Modality") != "SR":
+        if not all(identity) or not evidence:  # every report of the node names its series
             return None
-        evidence = tuple(
-            str(s.SeriesInstanceUID)
-            for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for s in item.get("ReferencedSeriesSequence", [])
-        )
-        return cls(
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            evidence_series=evidence,
-        )
+        sop_class, sop_instance, study, series = identity
+        return cls(sop_class, sop_instance, study, series, evidence)
 
 
 def earlier_reports(result: dict[str, Any] | None) -> tuple[ReportReference, ...]:

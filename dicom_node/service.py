@@ -177,7 +177,7 @@ class Node:
 
     def _completion_loop(self) -> None:
         poll = min(self.config.jobs.poll_seconds, self.config.study.stable_seconds / 4)
-        next_retention = 0.0
+        next_retention = next_history = 0.0
         while not self._stop.wait(poll):
             try:
                 self.receiver.reap()  # associations that ended unannounced (Receiver.reap)
@@ -191,6 +191,8 @@ class Node:
                         self.work_root,
                         keep_hours=self.config.storage.keep_hours,
                     )
+                if time.monotonic() >= next_history:  # a longer read on a large store: hourly
+                    next_history = time.monotonic() + 3600.0
                     prune_history(self.store, history_days=self.config.storage.history_days)
             except Exception:  # keep scanning: a transient SQLite error must not stop completion
                 logger.exception("completion scan failed; retrying")

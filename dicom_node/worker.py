@@ -113,6 +113,8 @@ class Worker:
             try:
                 result = self.pipeline(study)
                 outputs = [_output_file(p) for p in result.outputs]
+                # kept with the job, so a later version names them when the files are gone
+                reports = [r.as_json() for r in map(ReportReference.read, result.outputs) if r]
                 destinations = self.route(study)
             except StudySkipped as exc:
                 done = self.store.finish_job(job.id, JobState.SKIPPED, error=str(exc))
@@ -151,10 +153,7 @@ class Worker:
             else:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
-                # kept with the job, so a later version names them when the files are gone
-                summary["reports"] = [
-                    r.as_json() for r in map(ReportReference.read, result.outputs) if r
-                ]
+                summary["reports"] = reports
                 done = self.store.finish_with_outputs(
                     job.id, result=summary, outputs=outputs, destinations=destinations
                 )

@@ -202,3 +202,39 @@ def test_a_study_sent_again_after_retention_revises_the_report_sent_before(
     second = worker.run_once()
     assert second is not None and (second.state, second.version) == (JobState.DONE, 2)
     assert seen[1].earlier_reports == (reference,)
+
+
+def test_a_report_cut_short_gives_no_reference_and_never_leaves_its_job_running(
+    tmp_path: Path,
+) -> None:
+    """An output SR whose file meta is whole but whose data set is cut short (a stand-in
+    pipeline wrote it; the node's own writes whole files): reading its reference raises
+    nothing, whatever the cut, and gives none when the cut falls before the series it is
+    about; the job ends instead of staying ``running`` with the error escaping the worker's
+    boundary."""
+    from dicom_node.pipeline import ReportReference
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = _queued_job(store, tmp_path)
+    cuts: list[int] = []
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        path = _report(study)
+        whole = path.read_bytes()
+        cut = whole[: len(whole) - 40]
+        path.write_bytes(cut)
+        cuts.append(len(cut))
+        return StudyResult(summary={}, outputs=(path,))
+
+    done = Worker(store, pipeline, JobSettings(), tmp_path / "work").run_once()
+    assert done is not None and done.state != JobState.RUNNING
+    assert store.job(job_id).state == done.state
+    [path] = (tmp_path / "work").glob("*/SR_*.dcm")
+    whole_meta = path.read_bytes()
+    for length in range(132, len(whole_meta), 7):
+        path.write_bytes(whole_meta[:length])
+        reference = ReportReference.read(path)
+        if reference is None:
+            continue
+        assert reference.evidence_series, length
+        assert whole_meta.find(b"\x40\x00\x75\xa3") < length, length  # the evidence is there

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,7 @@ class AnalysisPipeline:
         read_s = time.perf_counter() - started
         out: list[SeriesFindings] = []
         analysed = tuple(c.series_instance_uid for c in selection.chosen)
+        present = frozenset(h.series_instance_uid for h in headers)
         for candidate in selection.chosen:
             findings = self._analyse_series(
                 candidate,
@@ -207,6 +208,7 @@ class AnalysisPipeline:
                 progress=progress,
                 earlier_reports=earlier_reports,
                 analysed_series=analysed,
+                present_series=present,
             )
             findings.seconds["headers_and_selection"] = read_s
             out.append(findings)
@@ -221,6 +223,7 @@ class AnalysisPipeline:
         progress: Callable[[str, int, int], None] | None = None,
         earlier_reports: Sequence[ReportReference] = (),
         analysed_series: Sequence[str] = (),
+        present_series: Collection[str] = (),
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -284,6 +287,7 @@ class AnalysisPipeline:
             midline_x_mm=midline_x_mm(volume, coverage),
             earlier_reports=earlier_reports,
             analysed_series=analysed_series,
+            present_series=present_series,
         )
         seconds["seg"] = files.seg_seconds
         seconds["sr"] = files.sr_seconds + files.read_seconds

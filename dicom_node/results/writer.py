@@ -97,13 +97,18 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def _earlier_reports(
-    reports: Sequence[ReportReference], source: Dataset, analysed_series: Collection[str] = ()
+    reports: Sequence[ReportReference],
+    source: Dataset,
+    analysed_series: Collection[str] = (),
+    present_series: Collection[str] = (),
 ) -> list[Dataset]:
     """The reports of ``source``'s study that the new report on ``source``'s series revises:
-    those whose evidence holds its series; when there are none, those on no series analysed in
-    this version (``analysed_series``): a thinner series that arrived later and was chosen in
-    place of the first one's revises its report. Each as the data set highdicom reads a
-    predecessor from (its SOP class and instance, study and series)."""
+    those whose evidence holds its series; when there are none, those on a series this
+    version holds (``present_series``) but does not analyse (``analysed_series``): a thinner
+    series that arrived later and was chosen in place of the first one's revises its report.
+    A report on a series this version does not hold at all (deleted by retention before the
+    study was sent again without it) is revised by none. Each as the data set highdicom reads
+    a predecessor from (its SOP class and instance, study and series)."""
     same: list[ReportReference] = []
     replaced: list[ReportReference] = []
     for report in reports:
@@ -113,7 +118,9 @@ def _earlier_reports(
             continue
         if str(source.SeriesInstanceUID) in report.evidence_series:
             same.append(report)
-        elif not set(report.evidence_series) & set(analysed_series):
+        elif set(report.evidence_series) & set(present_series) and not set(
+            report.evidence_series
+        ) & set(analysed_series):
             replaced.append(report)
     revised = []
     for report in same or replaced:
@@ -145,6 +152,7 @@ def write_results(
     frame_numbers: Sequence[int] | None = None,
     earlier_reports: Sequence[ReportReference] = (),
     analysed_series: Collection[str] = (),
+    present_series: Collection[str] = (),
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
 
@@ -185,10 +193,12 @@ def write_results(
         The reports an earlier version of the study sent: one on the same series (of the
         same study) becomes the new SR's predecessor (Predecessor Documents Sequence), so
         that a viewer shows the new report as a revision of the old one; without one, those
-        on series this version does not analyse (``analysed_series``) do. Their files need
-        not exist any more (retention).
+        on series this version holds but does not analyse do. Their files need not exist any
+        more (retention).
     analysed_series
         Series Instance UIDs this version of the study analyses (this one among them).
+    present_series
+        Series Instance UIDs of every instance this version of the study holds.
 
     Returns
     -------
@@ -256,7 +266,7 @@ def write_results(
         image_probabilities=image_probabilities,
         midline_x_mm=midline_x_mm,
         frame_numbers=frame_numbers,
-        previous_versions=_earlier_reports(earlier_reports, first, analysed_series),
+        previous_versions=_earlier_reports(earlier_reports, first, analysed_series, present_series),
     )
     sr_path = out_dir / f"SR_{uids.sr_instance}.dcm"
     _save(sr, sr_path)

@@ -125,6 +125,19 @@ _OVERTAKEN = (
 )
 
 
+#: The job ``j``'s history may be forgotten at ``:cutoff``: its study is no longer spooled,
+#: every job of the study ended before the cutoff, and none of its deliveries is under way.
+_PRUNABLE = (
+    "j.state IN ('done', 'skipped', 'dead', 'superseded')"
+    " AND NOT EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = j.study_uid)"
+    " AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.study_uid = j.study_uid"
+    " AND (k.state NOT IN ('done', 'skipped', 'dead', 'superseded')"
+    " OR COALESCE(k.finished_at, k.updated_at) >= :cutoff))"
+    " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
+    " AND o.state NOT IN ('delivered', 'dead'))"
+)
+
+
 class StudyState(enum.StrEnum):
     """Where a study is in assembly."""
 
@@ -147,6 +160,8 @@ class JobState(enum.StrEnum):
 
 #: States a job never leaves on its own.
 FINAL_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.DEAD, JobState.SUPERSEDED})
+#: Final states that need nothing more of anyone (a dead job waits for an operator).
+SETTLED_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.SUPERSEDED})
 
 
 class Recorded(enum.Enum):
@@ -280,6 +295,12 @@ class JobStore:
         """One write transaction (``BEGIN IMMEDIATE``), for the outbox's operations."""
         with self._tx() as db:
             yield db
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads only (no write transaction: nothing waits on the file)."""
+        with self._lock:
+            yield self._db
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -793,31 +814,62 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
-    def prune_history(self, cutoff: float) -> tuple[int, int]:
-        """Forget the history of studies no longer spooled whose jobs ended before ``cutoff``:
-        their state changes and deliveries, and every job but the two a later version of the
-        study needs (the newest, whose version the next one follows, so that no result UID is
-        made twice, and the newest whose results went out, whose reports the next one revises).
-        Returns ``(jobs, rows)``: the job rows and the event and delivery rows deleted."""
-        old = (
-            "SELECT j.id FROM jobs j WHERE j.state IN ('done', 'skipped', 'dead', 'superseded')"
-            " AND COALESCE(j.finished_at, j.updated_at) < :cutoff"
-            " AND NOT EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = j.study_uid)"
-        )
-        needed = (
-            "SELECT MAX(id) FROM jobs GROUP BY study_uid UNION"
-            " SELECT id FROM jobs n WHERE n.state IN ('done', 'sending') AND n.version ="
-            " (SELECT MAX(m.version) FROM jobs m WHERE m.study_uid = n.study_uid"
-            " AND m.state IN ('done', 'sending'))"
-        )
-        args = {"cutoff": cutoff}
-        with self._tx() as db:
-            rows = db.execute(f"DELETE FROM job_events WHERE job_id IN ({old})", args).rowcount  # noqa: S608 - constant SQL
-            rows += db.execute(f"DELETE FROM outbox WHERE job_id IN ({old})", args).rowcount  # noqa: S608 - constant SQL
-            jobs = db.execute(
-                f"DELETE FROM jobs WHERE id IN ({old}) AND id NOT IN ({needed})",  # noqa: S608 - constant SQL
-                args,
-            ).rowcount
+    def prune_history(self, cutoff: float, *, batch: int = 500) -> tuple[int, int]:
+        """Forget the history of studies no longer spooled whose jobs all ended before
+        ``cutoff``: their state changes and deliveries, and every job but the two a later
+        version of the study needs (the newest, whose version the next one follows, so that no
+        result UID is made twice, and the newest whose results went out, whose reports the next
+        one revises). A job with a delivery still under way (a dead job's other destinations)
+        keeps its history. Returns ``(jobs, rows)``: the job rows and the event and delivery
+        rows deleted.
+
+        The jobs are found in one read and deleted ``batch`` at a time, each batch in a short
+        write transaction that checks them again (a study sent again meanwhile keeps its
+        history), so the receiver never waits long for the job store.
+        """
+        args: dict[str, float | int] = {"cutoff": cutoff}
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT j.id FROM jobs j WHERE {_PRUNABLE} AND ("  # noqa: S608 - constant SQL
+                    "EXISTS (SELECT 1 FROM job_events e WHERE e.job_id = j.id)"
+                    " OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)"
+                    " OR j.id <> (SELECT MAX(m.id) FROM jobs m WHERE m.study_uid = j.study_uid))",
+                    args,
+                )
+            ]
+        jobs = rows = 0
+        for first in range(0, len(ids), batch):
+            chunk = {f"j{n}": job_id for n, job_id in enumerate(ids[first : first + batch])}
+            marks = ",".join(f":{name}" for name in chunk)
+            with self._tx() as db:
+                still = [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT j.id FROM jobs j WHERE j.id IN ({marks}) AND {_PRUNABLE}",  # noqa: S608 - constant SQL and marks
+                        {**args, **chunk},
+                    )
+                ]
+                if not still:
+                    continue
+                marks = ",".join("?" * len(still))
+                rows += db.execute(
+                    f"DELETE FROM job_events WHERE job_id IN ({marks})",  # noqa: S608 - marks
+                    still,
+                ).rowcount
+                rows += db.execute(
+                    f"DELETE FROM outbox WHERE job_id IN ({marks})",  # noqa: S608 - marks
+                    still,
+                ).rowcount
+                jobs += db.execute(
+                    f"DELETE FROM jobs WHERE id IN ({marks})"  # noqa: S608 - marks
+                    " AND id <> (SELECT MAX(m.id) FROM jobs m WHERE m.study_uid = jobs.study_uid)"
+                    " AND NOT (state IN ('done', 'sending') AND version = (SELECT MAX(m.version)"
+                    " FROM jobs m WHERE m.study_uid = jobs.study_uid"
+                    " AND m.state IN ('done', 'sending')))",
+                    still,
+                ).rowcount
         return jobs, rows
 
     def job_events(self, job_id: int) -> list[tuple[float, str, str | None]]:

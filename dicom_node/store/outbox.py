@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,18 @@ class Outbox:
                 rows = db.execute(
                     "SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,)
                 ).fetchall()
+        return [_item(r) for r in rows]
+
+    def listing(self, job_ids: Collection[int]) -> list[OutboxItem]:
+        """The rows of the jobs ``job_ids`` and every row not delivered, oldest first (what
+        ``dicom-node jobs`` shows), in one read."""
+        marks = ",".join("?" * len(job_ids))
+        with self.store.reading() as db:
+            rows = db.execute(
+                f"SELECT * FROM outbox WHERE state != 'delivered' OR job_id IN ({marks})"  # noqa: S608 - marks
+                " ORDER BY id",
+                tuple(job_ids),
+            ).fetchall()
         return [_item(r) for r in rows]
 
 

@@ -27,6 +27,7 @@ def _write(
     job_version: int = 1,
     earlier_reports: tuple[ReportReference, ...] = (),
     analysed_series: tuple[str, ...] = (),
+    present_series: tuple[str, ...] = (),
 ) -> ResultFiles:
     return write_results(
         source_files=case.files,
@@ -44,6 +45,7 @@ def _write(
         out_dir=out,
         earlier_reports=earlier_reports,
         analysed_series=analysed_series,
+        present_series=present_series,
     )
 
 
@@ -247,7 +249,9 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
     """Version 2 analyses another series of the study (a thinner one that arrived later and
     was chosen in place of the first): its SR names version 1's, whose series this version no
     longer analyses. Where version 2 analyses both series (policy ``all``), the first series'
-    new report revises it, and the other one's names none."""
+    new report revises it, and the other one's names none; where version 2 does not hold the
+    first series at all (retention deleted the study, and it was sent again with the thinner
+    series alone), it revises nothing: that report is about a series it never saw."""
     first = _write(two_lesions, tmp_path / "v1")
     thinner = make_case(tmp_path / "thin", TWO_SPHERES)
     study = str(pydicom.dcmread(two_lesions.files[0]).StudyInstanceUID)
@@ -260,6 +264,7 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
         job_version=2,
         earlier_reports=earlier_reports({"outputs": [str(first.sr)]}),
         analysed_series=(thin_series,),
+        present_series=(source_series, thin_series),
     )
     _check_file(second.sr, dciodvfy)
     [revised] = pydicom.dcmread(second.sr).PredecessorDocumentsSequence
@@ -271,8 +276,18 @@ def test_a_new_version_on_another_series_revises_the_report_it_replaces(
         job_version=2,
         earlier_reports=earlier_reports({"outputs": [str(first.sr)]}),
         analysed_series=(source_series, thin_series),
+        present_series=(source_series, thin_series),
     )
     assert "PredecessorDocumentsSequence" not in pydicom.dcmread(both.sr)
+    alone = _write(
+        thinner,
+        tmp_path / "v2-alone",
+        job_version=2,
+        earlier_reports=earlier_reports({"outputs": [str(first.sr)]}),
+        analysed_series=(thin_series,),
+        present_series=(thin_series,),
+    )
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(alone.sr)
 
 
 @pytest.mark.parametrize("offset", ["+0900", "-0330"])

@@ -284,11 +284,12 @@ def test_operator_commands_do_not_make_a_job_store_where_there_is_none(tmp_path:
 def test_the_job_listing_shows_the_newest_jobs_and_every_delivery_still_owed(
     tmp_path: Path,
 ) -> None:
-    """`dicom-node jobs` lists the 50 newest jobs by default (`--limit N`, 0 for all) and the
-    deliveries of those, plus every delivery not yet made whatever its job; a negative
-    limit is refused by the argument parser."""
+    """`dicom-node jobs` lists the 50 newest jobs by default (`--limit N`, 0 for all), and
+    every job not settled (a dead one waiting for an operator, one still sending) whatever
+    its age; the deliveries of the jobs listed, and every delivery not yet made. The text
+    says how many jobs it left out. A negative limit is refused by the argument parser."""
     from dicom_node.config import DispatchSettings
-    from dicom_node.store.jobs import InstanceRecord, JobStore, OutputFile
+    from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, OutputFile
     from dicom_node.store.outbox import Outbox
 
     data = tmp_path / "var"
@@ -317,6 +318,8 @@ def test_the_job_listing_shows_the_newest_jobs_and_every_delivery_still_owed(
         for item in outbox.claim("pacs"):
             if item.job_id != 1:  # the first job's report is still owed
                 outbox.delivered(item.id, 0)
+    with store.transaction() as db:  # the second died (its operator has not seen it yet)
+        store.set_state(db, 2, JobState.DEAD, "refused by the archive")
     store.close()
 
     def listing(*args: str) -> dict[str, list[dict[str, object]]]:
@@ -325,17 +328,20 @@ def test_the_job_listing_shows_the_newest_jobs_and_every_delivery_still_owed(
         return json.loads(done.stdout)  # type: ignore[no-any-return]
 
     default = listing()
-    assert [j["version"] for j in default["jobs"]] == [1] * 50
-    assert default["jobs"][0]["study_uid"] == "1.2.55"
-    assert {d["job_id"] for d in default["deliveries"]} == {1} | set(range(6, 56))
-    assert [j["study_uid"] for j in listing("--limit", "2")["jobs"]] == ["1.2.55", "1.2.54"]
+    assert [j["id"] for j in default["jobs"]] == [*range(55, 5, -1), 2, 1]
+    assert [j["state"] for j in default["jobs"][-2:]] == ["dead", "sending"]
+    assert {d["job_id"] for d in default["deliveries"]} == {1, 2} | set(range(6, 56))
+    assert [j["id"] for j in listing("--limit", "2")["jobs"]] == [55, 54, 2, 1]
     assert len(listing("--limit", "0")["jobs"]) == 55
     refused = node_cli("jobs", "--limit", "-1", "--data-dir", str(data))
     assert refused.returncode == 2 and "must be 0 or more" in refused.stderr
     text = node_cli("jobs", "--limit", "3", "--data-dir", str(data))
     assert text.returncode == 0, text.stderr
     jobs_table = text.stdout.split("\n\n")[1].splitlines()
-    assert jobs_table[0].split()[:2] == ["JOB", "STATE"] and len(jobs_table) == 4
+    assert jobs_table[0].split()[:2] == ["JOB", "STATE"] and len(jobs_table) == 6
+    assert text.stdout.rstrip().endswith(
+        "50 older settled job(s) not listed (--limit 0 lists every job)"
+    )
 
 
 def test_who_sent_a_study_is_audited_before_a_kill_9(

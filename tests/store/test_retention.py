@@ -364,3 +364,50 @@ def test_history_of_removed_studies_is_pruned_but_a_resent_study_follows_on(
     again = store.complete_study("1.1", reason="test")
     assert again is not None and again.version == 3
     assert store.earlier_result("1.1", again.version) == {"reports": ["v2"]}
+
+
+def test_history_goes_only_after_the_studys_last_job_and_its_last_delivery(
+    tmp_path: Path,
+) -> None:
+    """A study's history is kept while any of its jobs ended within ``history_days`` (the
+    count starts at its last job), and while a delivery of a dead job is still under way (its
+    other destination): the dispatcher still needs those rows."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import Outbox
+    from dicom_node.store.retention import prune_history
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    now = time.time()
+    old = _deliver(store, spool, "1.1", result={})
+    newer = _deliver(store, spool, "1.1", result={})
+    _study(store, spool, "1.2")
+    dying = store.complete_study("1.2", reason="test")
+    assert dying is not None and store.claim_next_job() is not None
+    store.finish_with_outputs(
+        dying.id,
+        result={},
+        outputs=[OutputFile(Path("/w/sr.dcm"), "1.2.840.10008.5.1.4.1.1.88.34", "8.8")],
+        destinations=["pacs", "archive"],
+    )
+    outbox = Outbox(store, DispatchSettings())
+    [archive] = outbox.claim("archive")
+    with store.transaction() as db:  # the archive's delivery died: the job with it
+        db.execute("UPDATE outbox SET state='dead' WHERE id=?", (archive.id,))
+        store.set_state(db, dying.id, JobState.DEAD, "archive refused", finished_at=now)
+        # the first version of 1.1 ended 100 days ago, the second 10 days ago
+        db.execute("UPDATE jobs SET finished_at=? WHERE id=?", (now - 100 * 86400, old))
+        db.execute("UPDATE jobs SET finished_at=? WHERE id=?", (now - 10 * 86400, newer))
+    assert purge(store, spool, tmp_path / "work").studies == 1  # 1.2, by the operator
+    assert apply_retention(store, spool, tmp_path / "work", keep_hours=1, now=now).studies == 1
+
+    assert prune_history(store, history_days=90, now=now) == (0, 0)
+    assert store.job_events(old) != []
+    assert prune_history(store, history_days=1, now=now + 2 * 86400)[0] == 1  # old: 1.1's
+    assert store.job_events(dying.id) != []  # its delivery to the PACS is still pending
+    [pending] = outbox.claim("pacs")
+    outbox.delivered(pending.id, 0)
+    jobs, rows = prune_history(store, history_days=1, now=now + 2 * 86400)
+    assert jobs == 0 and rows > 0 and store.job_events(dying.id) == []
+    assert {j.id for j in store.jobs()} == {newer, dying.id}
