@@ -67,9 +67,13 @@ HEADER_KEYWORDS: Final[tuple[str, ...]] = (
     "LossyImageCompression",
     "RescaleIntercept",
     "RescaleSlope",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 )
+
+_INT16_MAX: Final = 32767
 
 _REQUIRED_UIDS: Final = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
@@ -141,6 +145,10 @@ class InstanceHeader:
     frames
         One :class:`FrameHeader` per frame, in the file's frame order; empty for an instance
         without an image.
+    pixel_padding
+        The stored values that are padding, not image (Pixel Padding Value, to Pixel Padding
+        Range Limit when there is one; PS3.3 C.7.5.1.1.2), as an inclusive range in the
+        image's own representation; ``None`` when the image has none.
     """
 
     path: Path
@@ -165,6 +173,7 @@ class InstanceHeader:
     photometric_interpretation: str = ""
     lossy_compressed: bool = False
     frames: tuple[FrameHeader, ...] = ()
+    pixel_padding: tuple[int, int] | None = None
 
     @property
     def number_of_frames(self) -> int:
@@ -241,7 +250,33 @@ def read_header(path: str | Path) -> InstanceHeader:
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
         lossy_compressed=_is_lossy(_text(ds, "LossyImageCompression"), syntax),
         frames=frames,
+        pixel_padding=_padding(ds, signed=_int(ds, "PixelRepresentation") == 1),
     )
+
+
+def _stored_value(value: object, *, signed: bool) -> int | None:
+    """A US or SS value (its VR follows Pixel Representation) as the image stores it: a
+    signed image's padding written as US (63536) is -2000, and the other way round."""
+    if isinstance(value, bytes):  # VR left unresolved: two little-endian bytes
+        return int.from_bytes(value, "little", signed=signed) if len(value) == 2 else None
+    number = _floats(value, 1)
+    if number is None or not number[0].is_integer():
+        return None
+    n = int(number[0])
+    if signed and n > _INT16_MAX:
+        n -= 1 << 16
+    elif not signed and n < 0:
+        n += 1 << 16
+    return n
+
+
+def _padding(ds: Dataset, *, signed: bool) -> tuple[int, int] | None:
+    """The inclusive range of stored values that are padding (see :class:`InstanceHeader`)."""
+    value = _stored_value(_get(ds, "PixelPaddingValue"), signed=signed)
+    if value is None:
+        return None
+    limit = _stored_value(_get(ds, "PixelPaddingRangeLimit"), signed=signed)
+    return (value, value) if limit is None else (min(value, limit), max(value, limit))
 
 
 #: Transfer syntaxes that may be lossy (JPEG-LS near-lossless, JPEG 2000 irreversible or not).

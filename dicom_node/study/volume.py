@@ -121,6 +121,8 @@ DECODABLE_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(DECODING_PLUGINS)
 HUDtype = Literal["auto", "float32"]
 
 _INT16_MIN: Final = -32768
+#: What a padding pixel (outside the reconstructed field, PS3.3 C.7.5.1.1.2) becomes: air.
+PADDING_HU: Final = -1024
 _INT16_MAX: Final = 32767
 # Orientation vectors must be unit length and orthogonal to this (cosines are often written
 # with 6 decimals or fewer).
@@ -155,6 +157,9 @@ class SliceSource:
         ``hu = stored * slope + intercept``.
     transfer_syntax_uid
         The file's transfer syntax.
+    pixel_padding
+        Stored values that are padding, not image (inclusive range), or ``None``: they become
+        air (:data:`PADDING_HU`).
     """
 
     path: Path
@@ -165,6 +170,7 @@ class SliceSource:
     rescale_slope: float
     rescale_intercept: float
     transfer_syntax_uid: str
+    pixel_padding: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -438,6 +444,7 @@ def plan_volume(
             rescale_slope=_rescale(inst, index, frame.rescale_slope, "Slope"),
             rescale_intercept=_rescale(inst, index, frame.rescale_intercept, "Intercept"),
             transfer_syntax_uid=inst.transfer_syntax_uid,
+            pixel_padding=inst.pixel_padding,
         )
         for k, (inst, index, frame) in enumerate(frames)
     )
@@ -829,9 +836,27 @@ def _rescale_into(
     *,
     as_int16: bool,
 ) -> None:
-    """``dest = frame * slope + intercept`` with one frame-sized temporary at most."""
+    """``dest = frame * slope + intercept`` with one frame-sized temporary at most (and a
+    mask of the padding, for an image that has it)."""
     if frame.dtype.kind not in "iu":
         raise VolumeDecodeError(f"{source.path.name}: pixel data of type {frame.dtype} is not CT")
+    padding = None
+    if source.pixel_padding is not None:
+        low_pad, high_pad = source.pixel_padding
+        stored = cast("npt.NDArray[np.integer]", frame)
+        padding = (stored >= low_pad) & (stored <= high_pad)
+    _stored_to_hu(frame, dest, source, as_int16=as_int16)
+    if padding is not None:
+        dest[padding] = PADDING_HU
+
+
+def _stored_to_hu(
+    frame: npt.NDArray[np.generic],
+    dest: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    source: SliceSource,
+    *,
+    as_int16: bool,
+) -> None:
     if as_int16:
         intercept = round(source.rescale_intercept)
         low, high = int(frame.min()), int(frame.max())

@@ -277,6 +277,46 @@ def test_hu_beyond_int16_are_clipped(write_series: WriteSeries) -> None:
     np.testing.assert_array_equal(ct.hu, volume)
 
 
+@pytest.mark.parametrize(
+    ("signed", "value", "limit", "vr"),
+    [
+        (False, 63536, None, "US"),  # -2000 as unsigned, outside a reconstruction circle
+        (True, -2000, None, "SS"),
+        (True, 63536, None, "US"),  # a signed image's value written as US
+        (False, 0, 24, "US"),  # a padding range (Pixel Padding Range Limit)
+    ],
+)
+def test_pixel_padding_becomes_air_whatever_its_encoding(
+    write_series: WriteSeries, signed: bool, value: int, limit: int | None, vr: str
+) -> None:
+    """Stored values that Pixel Padding Value (and Pixel Padding Range Limit) mark as padding
+    are not image (PS3.3 C.7.5.1.1.2): they become air, not +32767 HU or whatever the rescale
+    makes of them; the image's own pixels keep their HU."""
+    import pydicom
+
+    from dicom_node.study.volume import PADDING_HU
+
+    paths = write_series("s", SeriesSpec(), n_slices=6)
+    truth = _read(paths).hu.copy()
+    outside = np.zeros(truth.shape[1:], dtype=bool)
+    outside[:2, :] = outside[:, -3:] = True
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept) + 3024
+        ds.RescaleIntercept = -3024  # the image's own pixels are stored at 2000 and above
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, int(signed)
+        fill = (value - 65536 if signed and value > 32767 else value) if limit is None else 7
+        stored[outside] = fill
+        ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+        ds.add_new(0x00280120, vr, value)
+        if limit is not None:
+            ds.add_new(0x00280121, vr, limit)
+        ds.save_as(path, enforce_file_format=True)
+    ct = _read(paths)
+    assert (ct.hu[:, outside] == PADDING_HU).all()
+    np.testing.assert_array_equal(ct.hu[:, ~outside], truth[:, ~outside])
+
+
 def test_index_to_lps_follows_the_image_orientation(write_series: WriteSeries) -> None:
     """Voxel (k, j, i) maps to IPP_k + j * dy * column direction + i * dx * row direction."""
     spec = SeriesSpec(image_orientation=CORONAL_ORIENTATION)
