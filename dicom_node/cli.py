@@ -377,12 +377,14 @@ def _analyze(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    summary = {"series": [f.summary() for f in findings]}
+    summary = findings.summary()
     (args.out / "findings.json").write_text(json.dumps(summary, indent=2))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for f in findings:
+        for note in findings.not_analysed:
+            print(f"not analysed: {note}")
+        for f in findings.series:
             verdict = "cancerous" if f.study_positive else "non-cancerous"
             print(
                 f"{f.label}: {f.slices} slices, {len(f.lesions)} lesion(s), study probability"

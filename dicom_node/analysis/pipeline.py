@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,19 @@ from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
 from dicom_node.analysis.network import image_calls
 from dicom_node.config import Config, resolve_model_path
-from dicom_node.errors import DatasetError, ModelError, PipelineError, StudySkipped
+from dicom_node.errors import (
+    DatasetError,
+    ModelError,
+    PipelineError,
+    StudySkipped,
+    VolumeDecodeError,
+)
 from dicom_node.metrics import record_metrics
 from dicom_node.pipeline import ReportReference, StudyInput, StudyResult
 from dicom_node.results.writer import write_results
 from dicom_node.study.coverage import LungCoverage, lung_coverage
-from dicom_node.study.headers import read_headers
-from dicom_node.study.selection import SeriesCandidate, select_series
+from dicom_node.study.headers import InstanceHeader, read_header
+from dicom_node.study.selection import SeriesCandidate, select_series, series_label
 from dicom_node.study.volume import CTVolume, load_volume
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,63 @@ def midline_x_mm(volume: CTVolume, coverage: LungCoverage) -> float:
     depth, rows, _ = volume.shape
     middle = (coverage.body_columns[0] + coverage.body_columns[1]) / 2.0
     return float(volume.index_to_lps([(depth - 1) / 2.0, (rows - 1) / 2.0, middle])[0])
+
+
+def _readable_headers(
+    paths: Sequence[Path], series_of: Mapping[Path, str] | None
+) -> tuple[list[InstanceHeader], list[str]]:
+    """The headers of the files at ``paths``, and why any were left out: a file whose header
+    cannot be parsed sets its series aside (the file alone when its series is not known). A
+    file that cannot be read from disk stops the study: the spool itself is at fault, and a
+    later attempt may read it."""
+    headers: list[InstanceHeader] = []
+    bad: dict[str, str] = {}
+    notes: list[str] = []
+    for path in paths:
+        try:
+            headers.append(read_header(path))
+        except DatasetError as exc:
+            if isinstance(exc.__cause__, OSError):
+                raise PipelineError(f"unreadable instance: {exc}") from exc
+            series = None if series_of is None else series_of.get(path)
+            if series is None:
+                notes.append(f"unreadable instance left out: {exc}")
+            else:
+                bad.setdefault(series, str(exc))
+    for series, reason in bad.items():
+        label = next(
+            (
+                series_label(h.series_number, h.series_description)
+                for h in headers
+                if h.series_instance_uid == series
+            ),
+            "a series",
+        )
+        notes.append(f"{label}: unreadable instance ({reason})")
+    for note in notes:
+        logger.warning("set aside: %s", note)
+    return [h for h in headers if h.series_instance_uid not in bad], notes
+
+
+@dataclass(frozen=True)
+class StudyFindings:
+    """What the analysis of one study found: per analysed series, and the series it set
+    aside on the way, with the reason."""
+
+    series: tuple[SeriesFindings, ...]
+    not_analysed: tuple[str, ...] = ()
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file written, series by series."""
+        return tuple(p for f in self.series for p in f.outputs)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able form (no patient data)."""
+        return {
+            "series": [f.summary() for f in self.series],
+            "not_analysed": list(self.not_analysed),
+        }
 
 
 @dataclass(frozen=True)
@@ -161,9 +224,9 @@ class AnalysisPipeline:
             out_dir=study.work_dir,
             job_version=study.version,
             earlier_reports=study.earlier_reports,
+            series_of={i.path: i.series_uid for i in study.instances},
         )
-        outputs = tuple(p for f in findings for p in f.outputs)
-        result = StudyResult(summary={"series": [f.summary() for f in findings]}, outputs=outputs)
+        result = StudyResult(summary=findings.summary(), outputs=findings.outputs)
         record_metrics(result)
         return result
 
@@ -175,44 +238,78 @@ class AnalysisPipeline:
         job_version: int = 1,
         progress: Callable[[str, int, int], None] | None = None,
         earlier_reports: Sequence[ReportReference] = (),
-    ) -> list[SeriesFindings]:
+        series_of: Mapping[Path, str] | None = None,
+    ) -> StudyFindings:
         """Analyse the instances at ``paths`` (one study) and write the results to ``out_dir``.
 
         ``progress(series_label, slices_done, slices_total)`` follows the model's progress.
         ``earlier_reports``: the reports an earlier version of the study sent; one on the
-        same series is named as the new SR's predecessor.
+        same series is named as the new SR's predecessor. ``series_of``: each path's series
+        (as recorded when it was received), so that a file whose header cannot be read sets
+        its whole series aside; without it, the file alone is left out.
+
+        A series set aside on the way (an unreadable instance, no lung in its field of view,
+        pixel data that cannot be decoded) is named in :attr:`StudyFindings.not_analysed`,
+        and the study goes on with the others; with policy ``best``, the next series that
+        qualified is analysed in place of the chosen one.
 
         Raises
         ------
         StudySkipped
-            No series qualifies (the message says which rule each series failed).
+            No series qualifies or could be analysed (the message says why, for each).
         PipelineError
-            Anything that stops the analysis: unreadable files, bad geometry, model output with
+            Anything that stops the analysis: a spooled file that cannot be read from disk,
+            pixel data that cannot be decoded in every series tried, model output with
             NaN/Inf, ...
         """
         started = time.perf_counter()
+        headers, not_analysed = _readable_headers(paths, series_of)
         try:
-            headers = read_headers(paths)
-        except DatasetError as exc:
-            raise PipelineError(f"unreadable instance: {exc}") from exc
-        selection = select_series(headers, settings=self.config.selection)
+            selection = select_series(headers, settings=self.config.selection)
+        except StudySkipped as exc:
+            if not not_analysed:
+                raise
+            raise StudySkipped(f"{exc}; {'; '.join(not_analysed)}") from exc
         read_s = time.perf_counter() - started
         out: list[SeriesFindings] = []
-        analysed = tuple(c.series_instance_uid for c in selection.chosen)
         present = frozenset(h.series_instance_uid for h in headers)
-        for candidate in selection.chosen:
-            findings = self._analyse_series(
-                candidate,
-                out_dir=out_dir,
-                job_version=job_version,
-                progress=progress,
-                earlier_reports=earlier_reports,
-                analysed_series=analysed,
-                present_series=present,
+        queue = list(selection.chosen)
+        spare = list(selection.passed_over)  # policy best: the next best, in order
+        undecodable: list[VolumeDecodeError] = []
+        while queue:
+            candidate = queue.pop(0)
+            analysed = (
+                tuple(c.series_instance_uid for c in selection.chosen)
+                if self.config.selection.policy == "all"
+                else (candidate.series_instance_uid,)
             )
+            try:
+                findings = self._analyse_series(
+                    candidate,
+                    out_dir=out_dir,
+                    job_version=job_version,
+                    progress=progress,
+                    earlier_reports=earlier_reports,
+                    analysed_series=analysed,
+                    present_series=present,
+                )
+            except (StudySkipped, VolumeDecodeError) as exc:
+                reason = str(exc) if isinstance(exc, StudySkipped) else f"{candidate.label}: {exc}"
+                not_analysed.append(reason)
+                if isinstance(exc, VolumeDecodeError):
+                    undecodable.append(exc)
+                logger.warning("series set aside: %s", reason)
+                if not out and not queue and spare:
+                    queue.append(spare.pop(0))
+                    logger.info("trying %s instead", queue[0].label)
+                continue
             findings.seconds["headers_and_selection"] = read_s
             out.append(findings)
-        return out
+        if not out:
+            if undecodable:
+                raise undecodable[0]
+            raise StudySkipped("; ".join(not_analysed))
+        return StudyFindings(series=tuple(out), not_analysed=tuple(not_analysed))
 
     def _analyse_series(
         self,
