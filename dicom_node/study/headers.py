@@ -52,6 +52,7 @@ HEADER_KEYWORDS: Final[tuple[str, ...]] = (
     "SeriesInstanceUID",
     "SeriesNumber",
     "InstanceNumber",
+    "AcquisitionNumber",
     "ImagePositionPatient",
     "ImageOrientationPatient",
     "FrameOfReferenceUID",
@@ -133,6 +134,8 @@ class InstanceHeader:
         ``""`` if absent.
     instance_number
         Instance Number, ``None`` if absent.
+    acquisition_number
+        Acquisition Number, ``None`` if absent.
     rows, columns
         Image size in pixels (0 for an instance without an image).
     samples_per_pixel, bits_allocated, bits_stored, pixel_representation
@@ -164,6 +167,7 @@ class InstanceHeader:
     image_type: tuple[str, ...] = ()
     frame_of_reference_uid: str = ""
     instance_number: int | None = None
+    acquisition_number: int | None = None
     rows: int = 0
     columns: int = 0
     samples_per_pixel: int = 0
@@ -241,6 +245,7 @@ def read_header(path: str | Path) -> InstanceHeader:
         image_type=tuple(v.upper() for v in _texts(ds, "ImageType")),
         frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
         instance_number=_int(ds, "InstanceNumber"),
+        acquisition_number=_int(ds, "AcquisitionNumber"),
         rows=rows,
         columns=columns,
         samples_per_pixel=_int(ds, "SamplesPerPixel") or 0,

@@ -58,6 +58,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar, cast
@@ -431,6 +432,7 @@ def plan_volume(
             )
         spacing_z, step, tilt = thickness, thickness * normal, 0.0
     else:
+        _check_acquisitions(frames, along)
         spacing_z = _check_spacing(along, settings=settings)
         step, tilt = _check_tilt(positions, along, normal, pixel_spacing, settings=settings)
 
@@ -465,6 +467,29 @@ def plan_volume(
         sop_class_uid=first.sop_class_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,
     )
+
+
+def _check_acquisitions(
+    frames: Sequence[tuple[InstanceHeader, int, FrameHeader]], along: npt.NDArray[np.float64]
+) -> None:
+    """Refuse a series in which acquisitions (Acquisition Number) overlap along the normal:
+    two scans, of two contrast phases or breath-holds, filed as one series and interleaved
+    (their slices half a step apart pass every spacing check). Acquisitions one after the
+    other along the patient (a long scan in parts) are one volume."""
+    extent: dict[int, tuple[float, float, int]] = {}
+    for (inst, _, _), z in zip(frames, along.tolist(), strict=True):
+        if inst.acquisition_number is None:
+            continue
+        low, high, count = extent.get(inst.acquisition_number, (z, z, 0))
+        extent[inst.acquisition_number] = (min(low, z), max(high, z), count + 1)
+    ranges = sorted(extent.items(), key=lambda item: item[1][0])
+    for (first, (_, first_high, first_n)), (second, (second_low, _, second_n)) in pairwise(ranges):
+        if second_low < first_high:
+            raise VolumeGeometryError(
+                f"mixed acquisitions: acquisitions {first} and {second} ({first_n} and"
+                f" {second_n} slices) overlap along the slice normal: two scans filed as one"
+                " series"
+            )
 
 
 def _check_same(images: Sequence[InstanceHeader], attribute: str, what: str) -> None:

@@ -93,6 +93,40 @@ def test_two_stacks_in_one_series_are_refused(write_series: WriteSeries) -> None
         _read(paths)
 
 
+def test_interleaved_acquisitions_in_one_series_are_refused(write_series: WriteSeries) -> None:
+    """Two acquisitions (two phases, two breath-holds) filed as one series with their slices
+    half a step apart pass every spacing check, but neighbouring slices alternate between
+    the scans: refused as mixed acquisitions. A long scan in two acquisitions one after the
+    other along the patient is one volume."""
+    import pydicom
+
+    positions = [k * 0.5 for k in range(24)]
+    paths = write_series("s", SeriesSpec(), positions_mm=positions)
+
+    def number(acquisition_of: list[int]) -> None:
+        for path, acquisition in zip(paths, acquisition_of, strict=True):
+            ds = pydicom.dcmread(path)
+            ds.AcquisitionNumber = acquisition
+            ds.save_as(path, enforce_file_format=True)
+
+    by_position = sorted(
+        range(24), key=lambda k: float(pydicom.dcmread(paths[k]).ImagePositionPatient[2])
+    )
+    interleaved = [0] * 24
+    for rank, k in enumerate(by_position):
+        interleaved[k] = 1 + rank % 2
+    number(interleaved)
+    with pytest.raises(
+        VolumeGeometryError, match=r"^mixed acquisitions: acquisitions 1 and 2 \(12 and 12"
+    ):
+        _read(paths)
+    one_after_the_other = [0] * 24
+    for rank, k in enumerate(by_position):
+        one_after_the_other[k] = 1 + rank // 12
+    number(one_after_the_other)
+    assert _read(paths).hu.shape[0] == 24
+
+
 @pytest.mark.parametrize("fault", ["absent intercept", "malformed intercept", "zero slope"])
 def test_a_ct_slice_without_a_valid_rescale_is_refused(
     write_series: WriteSeries, fault: str
