@@ -17,11 +17,14 @@ summaries alone (:mod:`dicom_node.study.headers`), in this order, for each serie
    uneven spacing, tilt or mixed orientation), then at most ``max_slice_spacing_mm`` between
    slices.
 
-Of the series that pass, policy ``best`` chooses one: among those that cover (in the plane and
-along the body) at least nine tenths of what the widest one covers, the thinnest slice spacing,
-then the most slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all``
-keeps all, in that order. A targeted reconstruction (one lung, a small field of view) is thus
-never chosen over the whole chest for being thinner. If none passes,
+Of the series that pass, policy ``best`` chooses one: among those that cover the chest (a
+field of view at least 0.8 of the widest one's side, or 300 mm; an extent along the body at
+least 0.9 of the longest one's, or 200 mm: judged apart), the thinnest slice spacing, then the
+most slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all`` keeps all,
+in that order. A targeted reconstruction (one lung, a small field of view, a few centimetres
+around a finding) is thus never chosen over the whole chest for being thinner, and a thin lung
+reconstruction at a 350 mm field of view is not passed over for a thicker soft-tissue one at
+400 mm, nor a chest series for a longer chest-abdomen-pelvis one. If none passes,
 :class:`~dicom_node.errors.StudySkipped` says, for every series, every rule it failed (rules
 1-6 are all reported; the geometry is checked only when they pass).
 
@@ -184,8 +187,9 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
         raise StudySkipped(
             "no series qualifies for analysis: " + "; ".join(str(r) for r in rejected)
         )
-    widest = max(_coverage(c) for c in candidates)
-    candidates.sort(key=lambda c: (_coverage(c) < _FULL_COVERAGE * widest, *_preference(c)))
+    widest_fov = max(_field_of_view_mm(c) for c in candidates)
+    longest = max(_extent_mm(c) for c in candidates)
+    candidates.sort(key=lambda c: (not _covers_the_chest(c, widest_fov, longest), *_preference(c)))
     if settings.policy == "best":
         chosen, passed_over = tuple(candidates[:1]), tuple(candidates[1:])
     else:
@@ -207,15 +211,40 @@ def _series_order(instances: Sequence[InstanceHeader], uid: str) -> tuple[bool, 
     return (number is None, number or 0, uid)
 
 
-#: A series covering at least this fraction of the widest candidate's volume covers it all.
-_FULL_COVERAGE = 0.9
+#: A series whose field of view is at least this fraction of the widest one's (side of the
+#: square of equal area), or at least :data:`_WHOLE_FOV_MM` wide, covers the chest in plane: a
+#: lung reconstruction at 350 mm beside a soft-tissue one at 400 mm covers what it does; a
+#: targeted one of a single lung does not.
+_FOV_FRACTION = 0.8
+_WHOLE_FOV_MM = 300.0
+#: Along the patient: at least this fraction of the longest series' extent, or at least
+#: :data:`_WHOLE_EXTENT_MM` (the lungs' height; a chest series beside a longer
+#: chest-abdomen-pelvis one covers them), where a thin reconstruction of a few centimetres
+#: around a finding does not.
+_EXTENT_FRACTION = 0.9
+_WHOLE_EXTENT_MM = 200.0
 
 
-def _coverage(c: SeriesCandidate) -> float:
-    """mm³ the series spans: its field of view times its extent along the slice normal."""
-    depth, rows, columns = c.plan.shape
-    dz, dy, dx = c.plan.spacing_mm
-    return rows * dy * columns * dx * max(depth - 1, 1) * dz
+def _field_of_view_mm(c: SeriesCandidate) -> float:
+    """The side of the square of the series' in-plane area, mm."""
+    _, rows, columns = c.plan.shape
+    _, dy, dx = c.plan.spacing_mm
+    return math.sqrt(rows * dy * columns * dx)
+
+
+def _extent_mm(c: SeriesCandidate) -> float:
+    """How far the series reaches along the slice normal, mm."""
+    return max(c.plan.shape[0] - 1, 1) * c.plan.spacing_mm[0]
+
+
+def _covers_the_chest(c: SeriesCandidate, widest_fov_mm: float, longest_mm: float) -> bool:
+    """Whether a series covers the chest as well as the study's widest and longest ones do,
+    in plane and along the patient (judged apart: a few per cent less of one is not a
+    targeted reconstruction)."""
+    fov, extent = _field_of_view_mm(c), _extent_mm(c)
+    in_plane = fov >= _FOV_FRACTION * widest_fov_mm or fov >= _WHOLE_FOV_MM
+    along = extent >= _EXTENT_FRACTION * longest_mm or extent >= _WHOLE_EXTENT_MM
+    return in_plane and along
 
 
 def _preference(c: SeriesCandidate) -> tuple[float, int, bool, float, str]:

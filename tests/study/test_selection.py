@@ -176,6 +176,38 @@ def test_a_targeted_reconstruction_does_not_beat_the_whole_chest(
     assert [c.series_number for c in chosen] == [4]
 
 
+def test_a_thin_lung_series_is_not_passed_over_for_a_wider_or_longer_thick_one(
+    write_series: WriteSeries,
+) -> None:
+    """What a chest CT study holds, on 16-pixel images with the sites' fields of view: the
+    1 mm lung reconstruction at 350 mm is chosen over the 2 mm soft-tissue one at 400 mm (they
+    cover the same chest; the volume ratio, 0.77, had set it aside), and a 1.5 mm chest series
+    over a 2.5 mm chest-abdomen-pelvis one twice as long. A few centimetres of thin slices
+    around a finding still do not beat the whole chest."""
+    lung = write_series(
+        "lung", SeriesSpec(series_number=3), n_slices=41, spacing_mm=(1.0, 21.875, 21.875)
+    )
+    soft = write_series(
+        "soft", SeriesSpec(series_number=4), n_slices=21, spacing_mm=(2.0, 25.0, 25.0)
+    )
+    chosen = select_series(_headers(soft, lung), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [3]
+
+    chest = write_series(
+        "chest", SeriesSpec(series_number=5), n_slices=141, spacing_mm=(1.5, 22.0, 22.0)
+    )
+    body = write_series(
+        "body", SeriesSpec(series_number=6), n_slices=241, spacing_mm=(2.5, 22.0, 22.0)
+    )
+    chosen = select_series(_headers(body, chest), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [5]
+    around = write_series(
+        "around", SeriesSpec(series_number=7), n_slices=61, spacing_mm=(0.5, 22.0, 22.0)
+    )
+    chosen = select_series(_headers(body, around), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [6]
+
+
 def test_scout_filed_inside_the_axial_series_is_left_out(
     write_series: WriteSeries, tmp_path: Path, study: StudyIdentity
 ) -> None:
