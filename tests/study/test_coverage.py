@@ -33,6 +33,25 @@ def test_chest_phantoms_have_lung_and_a_head_has_none() -> None:
     assert lung_coverage(np.full((4, 8, 8), -1000, np.int16)).body_voxels == 0
 
 
+def test_a_field_of_view_that_cuts_through_the_lungs_still_shows_them() -> None:
+    """A tight field of view on a large patient cuts through both lungs (and the chest wall
+    beside them): the lungs reaching the image's edge still count as lung, not as the air
+    around the patient, and the fraction stays that of the whole chest; a head cut the same way
+    still shows none."""
+    phantom = generate_phantom(
+        seed=5, shape_zyx=(24, 128, 128), spacing_mm=(2.0, 3.0, 3.0), tumour_probability=0.0
+    )
+    hu = np.asarray(phantom.hu)
+    whole = lung_coverage(hu).lung_fraction
+    columns = np.flatnonzero((np.asarray(phantom.lung_mask) > 0).any(axis=(0, 1)))
+    tight = np.ascontiguousarray(hu[:, :, columns[0] + 3 : columns[-1] - 3])
+    cut = lung_coverage(tight)
+    assert cut.body_cut
+    assert cut.lung_fraction > 0.8 * whole > 0.1
+    head = _head()
+    assert lung_coverage(np.ascontiguousarray(head[:, :, 20:-20])).lung_fraction < 0.02
+
+
 def test_analyze_skips_a_head_ct(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A head CT given to analyze is skipped (exit 3) with 'no lung in the field of view'."""
     files = write_ct_series(
@@ -98,4 +117,5 @@ def test_holes_are_filled_as_binary_fill_holes_fills_each_slice() -> None:
             0.3, 0.7
         )
         expected = np.stack([ndimage.binary_fill_holes(plane) for plane in body])
-        assert np.array_equal(_fill_holes_per_slice(body), expected)
+        air = np.full(body.shape, -1000.0)  # no region of lung density reaches an edge
+        assert np.array_equal(_fill_holes_per_slice(body, air, -950.0), expected)
