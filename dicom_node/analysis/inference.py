@@ -150,6 +150,11 @@ class InferenceResult:
             image_probabilities=reverse_axes(self.image_probabilities, [a for a in axes if a == 0]),
         )
 
+    def transposed_in_plane(self) -> InferenceResult:
+        """The same result with its slices' y and x swapped: the model's answer for a volume
+        it was given transposed in plane (a decubitus series), in the volume's own order."""
+        return replace(self, probability=self.probability.transpose(0, 2, 1).copy(order="C"))
+
     def probability_float32(self) -> npt.NDArray[np.float32]:
         """(z, y, x) float32 probabilities in [0, 1] (a copy when stored as uint8)."""
         if self.probability.dtype == np.uint8:

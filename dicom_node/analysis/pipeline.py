@@ -337,13 +337,15 @@ class AnalysisPipeline:
         t = time.perf_counter()
         label = candidate.label
         # The model reads the volume as it was trained (x left, y back, z up: a prone or
-        # feet-first series flipped to it); its answer comes back to the volume's own order.
-        flips = volume.axes_against_lps
+        # feet-first series flipped to it, a decubitus one transposed); its answer comes back
+        # to the volume's own order.
         result = self.engine.run(
-            np.flip(volume.hu, flips) if flips else volume.hu,
-            volume.spacing_mm,
+            volume.to_model_order(volume.hu),
+            volume.model_spacing_mm,
             progress=None if progress is None else lambda d, n: progress(label, d, n),
-        ).flipped(flips)
+        ).flipped(volume.axes_against_lps)
+        if volume.in_plane_swapped:
+            result = result.transposed_in_plane()
         seconds["model"] = time.perf_counter() - t
         image_probabilities = tuple(float(p) for p in result.image_probabilities)
         card = self.engine.card

@@ -303,16 +303,64 @@ class CTVolume:
         return out
 
     @property
-    def axes_against_lps(self) -> tuple[int, ...]:
-        """Index axes (0 z, 1 y, 2 x) that run against the LPS axis they follow: flipping them
-        gives the orientation the model was trained on (x towards the patient's left, y towards
-        the back, z towards the head), whatever the patient position (prone, feet first)."""
+    def in_plane_swapped(self) -> bool:
+        """The image's columns run along the patient's front-back axis and its rows across
+        (a decubitus position, the patient on one side): the model, trained with x across and
+        y front to back, reads the slices transposed (:meth:`to_model_order`)."""
         direction = self.direction
+        return bool(abs(direction[1, 0]) > abs(direction[0, 0]))
+
+    @property
+    def axes_against_lps(self) -> tuple[int, ...]:
+        """Index axes (0 z, 1 y, 2 x) of the volume in the model's order (transposed in plane
+        when :attr:`in_plane_swapped`) that run against the LPS axis they follow: flipping them
+        gives the orientation the model was trained on (x towards the patient's left, y towards
+        the back, z towards the head), whatever the patient position (prone, feet first, on
+        one side)."""
+        direction = self.direction
+        if self.in_plane_swapped:
+            y_sign, x_sign = direction[1, 0], direction[0, 1]
+        else:
+            y_sign, x_sign = direction[1, 1], direction[0, 0]
         return tuple(
-            axis
-            for axis, sign in ((0, direction[2, 2]), (1, direction[1, 1]), (2, direction[0, 0]))
-            if sign < 0
+            axis for axis, sign in ((0, direction[2, 2]), (1, y_sign), (2, x_sign)) if sign < 0
         )
+
+    @property
+    def model_spacing_mm(self) -> tuple[float, float, float]:
+        """:attr:`spacing_mm` in the model's order (y and x swapped with the slices)."""
+        z, y, x = self.spacing_mm
+        return (z, x, y) if self.in_plane_swapped else (z, y, x)
+
+    def to_model_order(self, array: _Array) -> _Array:
+        """A (z, y, x) array of this volume (its HU, a mask) in the orientation the model was
+        trained on (a view where it can be: transposed in plane, then flipped)."""
+        view = np.swapaxes(array, 1, 2) if self.in_plane_swapped else array
+        flips = self.axes_against_lps
+        return cast(_Array, np.flip(view, flips) if flips else view)
+
+    def from_model_order(self, array: _Array) -> _Array:
+        """The inverse of :meth:`to_model_order`: a map the model made, in the volume's own
+        order (a C-ordered copy when it moves)."""
+        back = reverse_axes(array, self.axes_against_lps)
+        if self.in_plane_swapped:
+            back = cast(_Array, np.ascontiguousarray(np.swapaxes(back, 1, 2)))
+        return back
+
+    def model_origin_lps(self) -> tuple[float, float, float]:
+        """LPS of the first voxel of :meth:`to_model_order`'s array."""
+        flips = self.axes_against_lps
+        z = self.shape[0] - 1 if 0 in flips else 0
+        first_y = 1 in flips
+        first_x = 2 in flips
+        if self.in_plane_swapped:  # the model's y runs along the volume's x, and the reverse
+            y = self.shape[1] - 1 if first_x else 0
+            x = self.shape[2] - 1 if first_y else 0
+        else:
+            y = self.shape[1] - 1 if first_y else 0
+            x = self.shape[2] - 1 if first_x else 0
+        lx, ly, lz = (float(v) for v in self.index_to_lps([z, y, x]))
+        return (lx, ly, lz)
 
     def index_to_lps(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Patient coordinates of voxel indices.

@@ -345,7 +345,7 @@ class DicomSegDataset:
         import highdicom as hd
 
         from dicom_node.config import VolumeGeometrySettings
-        from dicom_node.study.volume import read_volume, reverse_axes
+        from dicom_node.study.volume import read_volume
 
         paths = self._series[case_id]
         volume = read_volume(paths, settings=VolumeGeometrySettings())
@@ -369,17 +369,15 @@ class DicomSegDataset:
             )
             np.maximum(mask, np.clip(pixels, 0, 255).astype(np.uint8), out=mask)
         # Both in the orientation the node's engine gives the model (x left, y back, z up),
-        # as for the other datasets: a prone or feet-first series is flipped to it.
-        flips = volume.axes_against_lps
-        first = [volume.shape[a] - 1 if a in flips else 0 for a in range(3)]
-        x, y, z = (float(v) for v in volume.index_to_lps(first))
+        # as for the other datasets: a prone or feet-first series is flipped to it, a decubitus
+        # one transposed.
         return Case(
             case_id=case_id,
             patient_id=self._patients[case_id],
-            hu=reverse_axes(volume.hu, flips),
-            tumour_mask=reverse_axes(mask, flips),
-            spacing_mm=volume.spacing_mm,
-            origin_mm=(x, y, z),
+            hu=volume.to_model_order(volume.hu).copy(order="C"),
+            tumour_mask=volume.to_model_order(mask).copy(order="C"),
+            spacing_mm=volume.model_spacing_mm,
+            origin_mm=volume.model_origin_lps(),
         )
 
 

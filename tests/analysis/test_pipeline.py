@@ -208,11 +208,12 @@ def test_analyze_exit_statuses(
 def test_a_prone_or_feet_first_series_reaches_the_model_as_trained(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    """The same patient scanned head first supine (HFS), prone (HFP) and feet first (FFS): the
-    stored pixels are the HFS ones rotated or mirrored, the patient is where it was. The model
-    reads each in the orientation it was trained on, so every finding (the slices it flags,
-    the lesions at their LPS places) is the same; the SEG frames follow each series' own
-    slices."""
+    """The same patient scanned head first supine (HFS), prone (HFP), feet first (FFS) and on
+    either side (HFDL, HFDR: decubitus, the image's rows running front to back): the stored
+    pixels are the HFS ones rotated, transposed or mirrored, the patient is where it was. The
+    model reads each in the orientation it was trained on, so every finding (the slices it
+    flags, the lesions at their LPS places) is the same; the SEG frames follow each series'
+    own slices."""
     import numpy as np
 
     from dicom_node.training.ctseries import SeriesSpec, StudyIdentity, write_ct_series
@@ -231,6 +232,10 @@ def test_a_prone_or_feet_first_series_reaches_the_model_as_trained(
         "HFS": (hu, (1, 0, 0, 0, 1, 0), (ox, oy, oz)),
         "HFP": (hu[:, ::-1, ::-1], (-1, 0, 0, 0, -1, 0), (right, back, oz)),
         "FFS": (hu[::-1, :, ::-1], (-1, 0, 0, 0, 1, 0), (right, oy, top)),
+        # rows along +y (to the back), columns along -x: stored[z, r, c] = hu[z, c, x-1-r]
+        "HFDL": (hu[:, :, ::-1].transpose(0, 2, 1), (0, 1, 0, -1, 0, 0), (right, oy, oz)),
+        # rows along -y, columns along +x: stored[z, r, c] = hu[z, y-1-c, r]
+        "HFDR": (hu[:, ::-1, :].transpose(0, 2, 1), (0, -1, 0, 1, 0, 0), (ox, back, oz)),
     }
     findings = {}
     for name, (pixels, orientation, origin) in positions.items():
@@ -260,7 +265,7 @@ def test_a_prone_or_feet_first_series_reaches_the_model_as_trained(
         smallest = min(v for v, _ in found)
         return sorted((v, c) for v, c in found if v > smallest)
 
-    for name in ("HFP", "FFS"):
+    for name in ("HFP", "FFS", "HFDL", "HFDR"):
         got = findings[name]
         assert got["images"]["highest_probability"] == reference["images"]["highest_probability"]
         assert len(got["lesions"]) == len(reference["lesions"])
