@@ -54,6 +54,9 @@ _CHUNK = 256 * 1024
 #: Slowest average a data set may arrive at once it has taken longer than the network timeout
 #: (a link of 1 Mbit/s carries 128 KiB/s).
 MIN_DATASET_BYTES_PER_SECOND = 8 * 1024
+#: Longest command set of one message: a C-STORE-RQ's is a few hundred bytes (PS3.7 E.1), and
+#: pynetdicom gathers one in memory whatever its length.
+MAX_COMMAND_BYTES = 64 * 1024
 
 
 class SecurityReporter(Protocol):
@@ -117,6 +120,9 @@ class GuardedAssociationSocket(AssociationSocket):
     _deadline: float
     _dataset_bytes: int
     _dataset_started: float
+    _command_bytes: int
+    #: Requests received whole whose response has not been sent yet.
+    _outstanding: int
 
     @classmethod
     def guard(
@@ -144,6 +150,8 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._deadline = 0.0
         guarded._dataset_bytes = 0
         guarded._dataset_started = 0.0
+        guarded._command_bytes = 0
+        guarded._outstanding = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), within the PDU's deadline.
@@ -173,23 +181,51 @@ class GuardedAssociationSocket(AssociationSocket):
                 )
                 if length > limit:
                     self._refuse(pdu_type, length, limit)
+                if pdu_type == _P_DATA_TF:  # a whole PDU at the slowest rate allowed is in time
+                    self._deadline = max(
+                        self._deadline,
+                        time.monotonic() + length / MIN_DATASET_BYTES_PER_SECOND,
+                    )
                 self._body = length
                 self._body_type = pdu_type
         return data
 
     def _count_dataset(self, body: bytearray) -> None:
-        """Add the data-set fragments of a P-DATA-TF body to the message's running size;
-        refuse the message once it passes ``max_dataset_bytes``, or once it has taken longer
-        than ``pdu_seconds`` at under :data:`MIN_DATASET_BYTES_PER_SECOND` (a peer that drips
-        a few bytes a PDU would otherwise hold its association for good: each PDU is whole in
-        time). Each PDV item: 4-byte length, context id, message control header (bit 0:
-        command, bit 1: last fragment)."""
+        """Add the fragments of a P-DATA-TF body to the message's running sizes; refuse the
+        message once its data set passes ``max_dataset_bytes`` or its command set
+        :data:`MAX_COMMAND_BYTES`, or once its data set has taken longer than ``pdu_seconds``
+        at under :data:`MIN_DATASET_BYTES_PER_SECOND` (a peer that drips a few bytes a PDU
+        would otherwise hold its association for good: each PDU is whole in time). A request
+        that starts before the previous one was answered is refused too: the node negotiates
+        no asynchronous operations (PS3.7 D.3.3.3), and pynetdicom would queue such requests
+        in memory without bound while the spool files them one by one. Each PDV item: 4-byte
+        length, context id, message control header (bit 0: command, bit 1: last fragment)."""
         pos = 0
         now = time.monotonic()
         while pos + 6 <= len(body):
             (item_length,) = struct.unpack_from(">L", body, pos)
             control = body[pos + 5]
-            if not control & 0x01:  # a data-set fragment
+            if control & 0x01:  # a command fragment
+                if self._command_bytes == 0 and self._outstanding:
+                    self._abort(
+                        ConnectionError("a request before the response to the previous one"),
+                        "request_before_response",
+                        "a request sent before the previous one was answered (no asynchronous"
+                        " operations were negotiated); association aborted",
+                    )
+                self._command_bytes += max(item_length - 2, 0)
+                if self._command_bytes > MAX_COMMAND_BYTES:
+                    self._abort(
+                        PDUTooLongError(f"a command set of more than {MAX_COMMAND_BYTES} bytes"),
+                        "command_too_long",
+                        "command set longer than allowed; association aborted",
+                        length=self._command_bytes,
+                        limit=MAX_COMMAND_BYTES,
+                    )
+                if control & 0x02:  # the whole command: a request to answer
+                    self._command_bytes = 0
+                    self._outstanding += 1
+            else:  # a data-set fragment
                 if self._dataset_bytes == 0:
                     self._dataset_started = now
                 self._dataset_bytes += max(item_length - 2, 0)
@@ -219,6 +255,18 @@ class GuardedAssociationSocket(AssociationSocket):
                 seconds=round(taken, 1),
             )
 
+    def send(self, bytestream: bytes) -> None:
+        """Send a PDU; a P-DATA-TF carrying the last fragment of a command set is a response,
+        and the request it answers is no longer outstanding."""
+        if bytestream[:1] == bytes((_P_DATA_TF,)):
+            pos = 6
+            while pos + 6 <= len(bytestream):
+                (item_length,) = struct.unpack_from(">L", bytestream, pos)
+                if bytestream[pos + 5] & 0x03 == 0x03 and self._outstanding:
+                    self._outstanding -= 1
+                pos += 4 + item_length
+        super().send(bytestream)
+
     def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         if sock is None:
@@ -235,6 +283,7 @@ class GuardedAssociationSocket(AssociationSocket):
                         self._closed_by_peer()
                         break  # peer closed; the DUL sees a short PDU
                     got += n
+                    self._progress()
         except TimeoutError:
             self._report(
                 "peer_stalled",
@@ -249,6 +298,15 @@ class GuardedAssociationSocket(AssociationSocket):
                 self.socket.settimeout(self._limits.pdu_seconds)
         del buf[got:]
         return buf
+
+    def _progress(self) -> None:
+        """Bytes arrived: the association is not idle. pynetdicom restarts its idle timer
+        (``network_timeout``) only once a whole PDU is read, and its association thread aborts
+        a link that takes longer than that over one PDU, however steadily it arrives; the
+        slowest rate allowed is this guard's to judge (:data:`MIN_DATASET_BYTES_PER_SECOND`)."""
+        timer = getattr(self.assoc.dul, "_idle_timer", None)
+        if timer is not None:
+            timer.restart()
 
     def _closed_by_peer(self) -> None:
         """The peer closed the connection. Before its A-ASSOCIATE-RQ, pynetdicom's association

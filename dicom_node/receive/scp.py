@@ -8,6 +8,7 @@ It never decodes pixels. This module is the one place where exceptions become DI
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import threading
 import time
@@ -138,6 +139,9 @@ class Receiver:
         self._live: dict[int, Association] = {}
         self._live_lock = threading.Lock()
         self.config = config
+        #: What is kept for analysis: CT and Enhanced CT, and the SOP classes the selection
+        #: rules are set to analyse (Legacy Converted Enhanced CT, say).
+        self._analysed = ANALYSED_SOP_CLASSES | frozenset(config.selection.sop_classes)
         self.spool = spool
         self.store = store
         self.completion = completion
@@ -278,9 +282,10 @@ class Receiver:
         if names:
             self._certificates[id(event.assoc)] = names[0]
         allowed = self.config.node.allowed_callers
+        host = _canonical_address(address)
         if allowed and not any(
             c.ae_title.strip() == calling
-            and c.host in (None, address)
+            and (c.host is None or _canonical_address(c.host) == host)
             and (c.certificate_name is None or c.certificate_name in names)
             for c in allowed
         ):
@@ -315,6 +320,7 @@ class Receiver:
             self._reject(event, 0x02, 0x03, 0x02)
 
     def _reject(self, event: Event, result: int, source: int, reason: int) -> None:
+        self._certificates.pop(id(event.assoc), None)
         event.assoc.acse.send_reject(result, source, reason)
         ASSOCIATIONS.labels("rejected").inc()
         event.assoc.kill()  # waits for the DUL to send the A-ASSOCIATE-RJ before closing
@@ -350,6 +356,7 @@ class Receiver:
         """An association pynetdicom rejected itself (ours are rejected in _on_requested and
         reported there): a wrong called AE title, or an application context it does not know."""
         self._admission.leave(event.assoc)
+        self._certificates.pop(id(event.assoc), None)
         ASSOCIATIONS.labels("rejected").inc()
         request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
         called = str(request.called_ae_title).strip()
@@ -443,7 +450,7 @@ class Receiver:
                 event.context.transfer_syntax,
                 command_sop_class=str(req.AffectedSOPClassUID),
                 command_sop_instance=str(req.AffectedSOPInstanceUID),
-                needs_pixel_data=str(req.AffectedSOPClassUID) in ANALYSED_SOP_CLASSES,
+                needs_pixel_data=str(req.AffectedSOPClassUID) in self._analysed,
                 max_dataset_bytes=self.config.node.max_dataset_mb * 1024 * 1024,
             )
             outcome = self._file(event, ident, raw, calling)
@@ -488,7 +495,7 @@ class Receiver:
         return self._own_root is not None and ident.sop_instance_uid.startswith(self._own_root)
 
     def _file(self, event: Event, ident: Identity, raw: bytes, calling: str) -> str:
-        if ident.sop_class_uid not in ANALYSED_SOP_CLASSES:
+        if ident.sop_class_uid not in self._analysed:
             if self._is_own_output(ident) or (
                 ident.sop_class_uid in OUTPUT_SOP_CLASSES and (ident.manufacturer == MANUFACTURER)
             ):
@@ -562,3 +569,16 @@ class Receiver:
             )
             return "replaced"
         return "stored"
+
+
+def _canonical_address(text: str) -> str:
+    """An IP address in one form: an IPv4 peer on a dual-stack listener (``::``) arrives as
+    ``::ffff:127.0.0.1`` and is the same host as ``127.0.0.1``; text that is no address stays
+    as it is."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

@@ -407,3 +407,84 @@ def test_n5_a_data_set_dripped_a_few_bytes_at_a_time_is_aborted(node: Baseline) 
     assert time.monotonic() - started < TIMEOUT + 8
     assert "peer_too_slow" in security_codes(node.node)
     node.check()
+
+
+def test_a_command_set_that_never_ends_is_aborted(node: Baseline) -> None:
+    """N6: command-set fragments, none of them the last, each PDU whole and in time: once the
+    command passes 64 KiB (a C-STORE-RQ's is a few hundred bytes) the association is aborted,
+    where pynetdicom would gather it in memory without end."""
+    with RawPeer(node.node.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        sent = 0
+        with pytest.raises(OSError):
+            for _ in range(4 * 1024 * 1024 // (MAX_PDU - 12)):  # 4 MiB of command
+                peer.send(p_data([(1, COMMAND, bytes(MAX_PDU - 12))]))
+                sent += MAX_PDU - 12
+            peer.wait_closed(TIMEOUT + 3)
+            raise OSError("not closed")
+    assert sent < 4 * 1024 * 1024 - MAX_PDU
+    [alert] = [r for r in audit(node.node) if r.get("code") == "command_too_long"]
+    assert 64 * 1024 < alert["length"] <= 64 * 1024 + MAX_PDU
+    node.check()
+
+
+def test_a_request_sent_before_the_previous_one_was_answered_is_aborted(
+    node: Baseline, write_study: Callable[..., list[Path]]
+) -> None:
+    """N6: the node negotiates no asynchronous operations (PS3.7 D.3.3.3), so a peer must wait
+    for each response. C-STOREs sent back to back without waiting would be queued in memory
+    while the spool files them one by one: the second request aborts the association. A peer
+    that waits for each response stores as many as it likes."""
+    paths = write_study(slices=3, size=16)
+    with RawPeer(node.node.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        with pytest.raises(OSError):
+            for message_id, path in enumerate(paths, start=1):
+                data, _, sop_class, sop_instance = dataset_of(path)
+                frames = fragments(1, c_store_rq(sop_class, sop_instance, message_id), command=True)
+                for frame in [*frames, *fragments(1, data, command=False)]:
+                    peer.send(frame)
+            peer.wait_closed(TIMEOUT + 3)
+            raise OSError("not closed")
+    assert "request_before_response" in security_codes(node.node)
+    with RawPeer(node.node.port) as peer:
+        assert peer.associate([CT]).pdu_type == A_ASSOCIATE_AC
+        for path in paths:
+            data, _, sop_class, sop_instance = dataset_of(path)
+            assert peer.store(1, data, sop_class=sop_class, sop_instance=sop_instance) == 0
+        peer.release()
+    node.check()
+
+
+def test_a_pdu_on_a_slow_but_steady_link_is_stored(
+    module_nodes: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
+) -> None:
+    """N5: a link at 12 KiB/s, above the 8 KiB/s a data set must keep to, carrying a PDU of
+    50 KiB: it takes 4 s, twice the network timeout. The PDU's deadline is what the slowest
+    rate allowed needs for its length, and the association is not taken for idle while its
+    bytes arrive (pynetdicom's own idle timer counts whole PDUs), so the instance is stored."""
+    proc = module_nodes(
+        "slowlink",
+        node={
+            "network_timeout_seconds": TIMEOUT,
+            "acse_timeout_seconds": TIMEOUT,
+            "max_pdu_bytes": 65536,
+        },
+    )
+    data, _, sop_class, sop_instance = dataset_of(write_study(slices=1, size=160)[0])
+    assert len(data) > 48 * 1024
+    with RawPeer(proc.port, timeout=30) as peer:
+        assert peer.associate([CT], max_pdu=65536).pdu_type == A_ASSOCIATE_AC
+        peer.send(p_data([(1, COMMAND | LAST, c_store_rq(sop_class, sop_instance))]))
+        frame = p_data([(1, LAST, data[: 65536 - 12])])
+        assert len(data) <= 65536 - 12, "one PDU"
+        started = time.monotonic()
+        for i in range(0, len(frame), 768):  # 768 bytes every 1/16 s: 12 KiB/s
+            peer.send(frame[i : i + 768])
+            time.sleep(1 / 16)
+        assert time.monotonic() - started > 1.5 * TIMEOUT
+        status = int(struct.unpack("<H", peer.response()[0x0900])[0])
+        peer.release()
+    assert status == 0
+    assert sop_instance in instances(proc)
+    assert "peer_stalled" not in security_codes(proc)

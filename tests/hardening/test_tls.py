@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,3 +337,32 @@ def test_replies_to_a_known_peer_can_go_over_tls(certs: Certs) -> None:
     )  # fmt: skip
     peer = resolve(config, "reply:MOD1")
     assert peer is not None and peer.tls is not None and peer.tls.ca == certs.ca
+
+
+def test_a_refused_tls_caller_leaves_no_certificate_behind(
+    receiver_in_process: Callable[..., Any], certs: Certs
+) -> None:
+    """A TLS caller refused for its AE title (and one calling another AE title): the name
+    read from its certificate is forgotten with the association, where it had been kept for
+    good, one entry per refusal (and could have been taken, for a reused id, for another
+    association's certificate in the audit)."""
+    node = receiver_in_process(
+        node={
+            "allowed_callers": [{"ae_title": "MODALITY1", "certificate_name": "client"}],
+            "tls": {
+                "cert": str(certs.node_cert),
+                "key": str(certs.node_key),
+                "ca": str(certs.ca),
+            },
+        }
+    )
+    for called, calling in (("DICOM_NODE", "INTRUDER"), ("ELSEWHERE", "MODALITY1")) * 3:
+        refused = subprocess.run(
+            [str(DCMTK / "echoscu"), "-aec", called, "-aet", calling, "+tls",
+             str(certs.client_key), str(certs.client_cert), "-pw", "+cf", str(certs.ca),
+             "127.0.0.1", str(node.port)],
+            capture_output=True, text=True, env=PEER_ENV, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0
+    wait_for(lambda: not node.receiver._live, timeout=10, what="the associations to end")
+    assert node.receiver._certificates == {}

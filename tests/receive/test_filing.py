@@ -178,3 +178,48 @@ def test_a_correction_the_store_refuses_leaves_the_acknowledged_content(
     assert "Received Store Response (Success)" in again
     assert dcmread(spooled).PixelData == corrected.PixelData
     assert [s.state for s in node.store.studies()] == [StudyState.RECEIVING]  # re-opened
+
+
+def test_the_sop_classes_selection_analyses_are_kept(
+    receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
+) -> None:
+    """A SOP class added to ``selection.sop_classes`` (Legacy Converted Enhanced CT) is kept
+    for analysis, as its pixel data must be, instead of being acknowledged and dropped as
+    "not CT" before the selection rules could see it; without the setting it is dropped."""
+    from pydicom import dcmread
+
+    legacy = "1.2.840.10008.5.1.4.1.1.2.2"
+    files = write_study(slices=1)
+    ds = dcmread(files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = legacy
+    ds.save_as(files[0], enforce_file_format=True)
+    default = receiver_in_process()
+    assert _answers(storescu(files, default.port)).count("Store Response (Success)") == 1
+    assert default.store.known_paths() == set()
+    assert default.receiver.dropped["dropped_not_ct"] == 1
+    configured = receiver_in_process(
+        selection={
+            "sop_classes": ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", legacy]
+        }
+    )
+    assert _answers(storescu(files, configured.port)).count("Store Response (Success)") == 1
+    [kept] = configured.store.known_paths()
+    assert str(dcmread(kept, stop_before_pixels=True).SOPClassUID) == legacy
+
+
+def test_an_allowed_host_matches_an_ipv4_caller_on_a_dual_stack_listener(
+    receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
+) -> None:
+    """Listening on ``::`` (IPv6 and IPv4), an IPv4 caller's address arrives as
+    ``::ffff:127.0.0.1``: an allowed caller pinned to ``127.0.0.1`` (or to the mapped form)
+    is the same host and is served; another host is still refused."""
+    files = write_study(slices=1)
+    for host in ("127.0.0.1", "::ffff:127.0.0.1"):
+        node = receiver_in_process(
+            node={"host": "::", "allowed_callers": [{"ae_title": "STORESCU", "host": host}]}
+        )
+        assert _answers(storescu(files, node.port)).count("Store Response (Success)") == 1
+    elsewhere = receiver_in_process(
+        node={"host": "::", "allowed_callers": [{"ae_title": "STORESCU", "host": "10.1.2.3"}]}
+    )
+    assert "Store Response (Success)" not in _answers(storescu(files, elsewhere.port))
