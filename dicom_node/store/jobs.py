@@ -247,25 +247,42 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+#: How long one try for SQLite's write lock waits (see :meth:`JobStore._tx`).
+_BUSY_RETRY_SECONDS = 0.05
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock (SQLITE_BUSY or SQLITE_LOCKED, extended codes too)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 class JobStore:
     """Thread-safe access to the SQLite job store at ``path``.
 
     One connection serialised by a lock: SQLite serialises writers anyway, and every operation
-    here is a short transaction (well under a millisecond).
+    here is a short transaction (well under a millisecond). Another process that holds the
+    file's write lock (a backup, a shell left in a transaction) is waited for up to
+    ``busy_seconds``; then the operation fails with :class:`OutOfResourcesError`, which the
+    receiver answers as "out of resources" (the sender retries later) well within a sender's
+    DIMSE timeout, rather than holding every association for half a minute and failing.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_seconds: float = 5.0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._busy_seconds = busy_seconds
         self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30.0
+            path, isolation_level=None, check_same_thread=False, timeout=busy_seconds
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        # from here each try for the write lock waits briefly, this store's lock held (see _tx)
+        self._db.execute(f"PRAGMA busy_timeout = {round(_BUSY_RETRY_SECONDS * 1000)}")
         with self._tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -304,20 +321,35 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a full disk raises :class:`OutOfResourcesError`."""
+        """One write transaction; a full disk, or another process holding the write lock past
+        ``busy_seconds``, raises :class:`OutOfResourcesError`. The write lock is asked for in
+        short tries, with this store's lock let go between them, so that every thread waiting
+        on another process waits at most ``busy_seconds``, not that times the threads before it.
+        """
+        deadline = time.monotonic() + self._busy_seconds
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # a failed COMMIT may have ended it already
-                        self._db.execute("ROLLBACK")
-                    raise
+            while True:
+                with self._lock:
+                    try:
+                        self._db.execute("BEGIN IMMEDIATE")
+                    except sqlite3.OperationalError as exc:
+                        if not _is_busy(exc) or time.monotonic() >= deadline:
+                            raise
+                    else:
+                        try:
+                            yield self._db
+                            self._db.execute("COMMIT")
+                        except BaseException:
+                            if self._db.in_transaction:  # a failed COMMIT may have ended it
+                                self._db.execute("ROLLBACK")
+                            raise
+                        return
+                time.sleep(_BUSY_RETRY_SECONDS)
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
                 raise OutOfResourcesError(f"job store: {exc}") from exc
+            if _is_busy(exc):
+                raise OutOfResourcesError(f"job store busy: {exc}") from exc
             raise
 
     def writable(self) -> bool:

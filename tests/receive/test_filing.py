@@ -223,3 +223,33 @@ def test_an_allowed_host_matches_an_ipv4_caller_on_a_dual_stack_listener(
         node={"host": "::", "allowed_callers": [{"ae_title": "STORESCU", "host": "10.1.2.3"}]}
     )
     assert "Store Response (Success)" not in _answers(storescu(files, elsewhere.port))
+
+
+def test_a_job_store_another_process_holds_is_answered_out_of_resources_in_time(
+    receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
+) -> None:
+    """Another process holds the job store's write lock (a backup, a shell left in a
+    transaction): a C-STORE waits at most 5 s for it, then is answered "out of resources"
+    (0xA700: the sender retries later) with nothing left spooled, well within a PACS's DIMSE
+    timeout, instead of holding the association for 30 s and failing with 0x0110. Once the
+    lock is let go, the same instance is stored."""
+    import sqlite3
+
+    node = receiver_in_process()
+    files = write_study(slices=1)
+    holder = sqlite3.connect(node.store.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(7.0, lambda: holder.execute("ROLLBACK"))
+    release.start()
+    try:
+        started = time.monotonic()
+        answer = _answers(storescu(files, node.port))
+        waited = time.monotonic() - started
+    finally:
+        release.join()
+        holder.close()
+    assert "Refused: OutOfResources" in answer
+    assert waited > 4.5  # (and under 7 s: the lock was still held when it was refused)
+    assert list(node.spool.iter_files()) == []
+    assert _answers(storescu(files, node.port)).count("Store Response (Success)") == 1
+    assert len(node.store.known_paths()) == 1
