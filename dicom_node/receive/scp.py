@@ -17,8 +17,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEGLSNearLossless
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -79,6 +83,31 @@ def _same_content(known: tuple[Path, int, str | None], raw: bytes, digest: str) 
     except FileNotFoundError:
         return False
     return data.endswith(raw)
+
+
+def _same_in_another_syntax(known: tuple[Path, int, str | None], whole: bytes, syntax: str) -> bool:
+    """True when ``whole`` (a Part 10 file of the new data set, in transfer syntax ``syntax``)
+    is the instance acknowledged before in another one: every attribute equal, and the pixels
+    once decoded. A PACS that stores compressed forwards a study a modality sent it
+    uncompressed: the same images, other bytes, which must not re-open the study and analyse
+    it again. Anything that cannot be compared (a file gone, pixel data that does not decode)
+    counts as new content."""
+    try:
+        if str(read_file_meta_info(known[0]).TransferSyntaxUID) == syntax:
+            return False  # the same encoding, other bytes: new content
+        before = pydicom.dcmread(known[0])
+        now = pydicom.dcmread(BytesIO(whole))
+        tags = {e.tag for e in before}
+        if tags != {e.tag for e in now}:
+            return False
+        if any(before[t].value != now[t].value for t in tags if t != _PIXEL_DATA):
+            return False
+        return _PIXEL_DATA not in tags or bool(np.array_equal(before.pixel_array, now.pixel_array))
+    except Exception:  # noqa: BLE001 - whatever stops the comparison, the content is taken as new
+        return False
+
+
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -520,15 +549,19 @@ class Receiver:
         digest = hashlib.sha256(raw).hexdigest()
         with self.spool.filing(), stripe:
             known = self.store.instance_location(ident.sop_instance_uid)
-            if known is not None and _same_content(known, raw, digest):
-                self._count(event.assoc, ident.study_uid, duplicate=True)
-                return "duplicate"
+            syntax = str(event.context.transfer_syntax)
             head = file_meta_bytes(
                 sop_class_uid=ident.sop_class_uid,
                 sop_instance_uid=ident.sop_instance_uid,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
+                transfer_syntax_uid=syntax,
                 source_ae_title=calling,
             )
+            if known is not None and (
+                _same_content(known, raw, digest)
+                or _same_in_another_syntax(known, head + raw, syntax)
+            ):
+                self._count(event.assoc, ident.study_uid, duplicate=True)
+                return "duplicate"
             # new content for an instance at the same place: the old file is kept aside until
             # the store has the new record, so that a refused one leaves what was acknowledged
             replacing = known is not None and known[0] == path

@@ -253,3 +253,50 @@ def test_a_job_store_another_process_holds_is_answered_out_of_resources_in_time(
     assert list(node.spool.iter_files()) == []
     assert _answers(storescu(files, node.port)).count("Store Response (Success)") == 1
     assert len(node.store.known_paths()) == 1
+
+
+def test_the_same_instances_in_another_transfer_syntax_are_duplicates(
+    receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
+) -> None:
+    """A study the modality sent uncompressed comes again from a PACS that stores it RLE
+    compressed: other bytes, the same attributes and pixels. The instances count as
+    duplicates: the complete study is not re-opened and its job not superseded (no second
+    analysis). One pixel changed is new content and re-opens it."""
+    from pydicom import dcmread
+    from pydicom.uid import RLELossless
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from dicom_node.store.jobs import StudyState
+
+    node = receiver_in_process()
+    files = write_study(slices=3)
+    assert _answers(storescu(files, node.port)).count("Store Response (Success)") == 3
+    [study] = node.store.studies()
+    job = node.store.complete_study(study.study_uid, reason="quiet period")
+    assert job is not None
+    compressed = []
+    for path in files:
+        ds = dcmread(path)
+        ds.compress(RLELossless, generate_instance_uid=False)
+        compressed.append(ds)
+
+    def send(datasets: list[object]) -> list[int]:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, [RLELossless])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        finally:
+            assoc.release()
+
+    assert send(compressed) == [0, 0, 0]
+    assert [s.state for s in node.store.studies()] == [StudyState.COMPLETE]
+    assert node.store.job(job.id).state == JobState.QUEUED
+    changed = dcmread(files[1])
+    changed.PixelData = bytes([changed.PixelData[0] ^ 1]) + changed.PixelData[1:]
+    changed.compress(RLELossless, generate_instance_uid=False)
+    assert send([changed]) == [0]
+    assert [s.state for s in node.store.studies()] == [StudyState.RECEIVING]
+    assert node.store.job(job.id).state == JobState.SUPERSEDED

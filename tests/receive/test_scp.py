@@ -234,7 +234,8 @@ def test_compressed_syntaxes_are_negotiated_only_when_decodable(
     node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]], tmp_path: Path
 ) -> None:
     """JPEG-LS, RLE and JPEG Lossless arrive as sent (not recompressed) and decode to the HU of
-    the original; lossy baseline JPEG, which the analysis would not read, is refused at
+    the original (one image each: the same image again in another syntax would be a duplicate
+    of the first); lossy baseline JPEG, which the analysis would not read, is refused at
     negotiation."""
     import subprocess
 
@@ -243,12 +244,16 @@ def test_compressed_syntaxes_are_negotiated_only_when_decodable(
     from dicom_node.config import SelectionSettings
     from dicom_node.study.volume import read_volume
 
-    [original] = write_study(slices=1, size=64)
+    originals = write_study(slices=4, size=64)
     node = node_factory()
-    for tool, flags, propose, name in (
-        ("dcmcjpls", ["+el"], ["-xt"], "jls.dcm"),
-        ("dcmcrle", [], ["-xr"], "rle.dcm"),
-        ("dcmcjpeg", ["+e1"], ["-xs"], "jpll.dcm"),
+    for original, (tool, flags, propose, name) in zip(
+        originals,
+        (
+            ("dcmcjpls", ["+el"], ["-xt"], "jls.dcm"),
+            ("dcmcrle", [], ["-xr"], "rle.dcm"),
+            ("dcmcjpeg", ["+e1"], ["-xs"], "jpll.dcm"),
+        ),
+        strict=False,
     ):
         out = tmp_path / name
         subprocess.run(["/usr/bin/" + tool, *flags, str(original), str(out)], check=True)
@@ -265,7 +270,7 @@ def test_compressed_syntaxes_are_negotiated_only_when_decodable(
             read_volume([original], settings=geometry).hu,
         )
     lossy = tmp_path / "baseline.dcm"
-    subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(original), str(lossy)], check=True)
+    subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(originals[3]), str(lossy)], check=True)
     refused = storescu([lossy], node.port, extra=["-xy"])
     assert refused.returncode != 0
     # the node accepted only the uncompressed alternatives for it: storescu had to convert
