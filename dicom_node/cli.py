@@ -524,10 +524,27 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch.routing import resolve
     from dicom_node.service import open_store
     from dicom_node.store.jobs import JobState
+    from dicom_node.store.outbox import DeliveryState, Outbox
 
-    job = open_store(_load(args)).retry_job(args.job)
+    config = _load(args)
+    store = open_store(config)
+    gone = sorted(
+        {
+            d.destination
+            for d in Outbox(store, config.dispatch).items(args.job)
+            if d.state == DeliveryState.DEAD and resolve(config, d.destination) is None
+        }
+    )
+    if gone:
+        raise JobStoreError(
+            f"job {args.job}: its dead deliveries go to {', '.join(map(repr, gone))}, no longer"
+            " configured: configure the destination again (or send the files with dicom-node"
+            " send --to NAME) to deliver them"
+        )
+    job = store.retry_job(args.job)
     if job.state == JobState.SENDING:
         print(f"job {job.id}: its dead deliveries are sent again (study version {job.version})")
     else:

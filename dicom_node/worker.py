@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,13 +19,21 @@ from pydicom.filereader import read_file_meta_info
 
 from dicom_node.backoff import backoff_delay
 from dicom_node.config import JobSettings
-from dicom_node.errors import AnalysisUnavailableError, StudySkipped
+from dicom_node.errors import (
+    AnalysisUnavailableError,
+    JobStoreError,
+    OutOfResourcesError,
+    StudySkipped,
+)
 from dicom_node.logs import log_context, study_key
 from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
 from dicom_node.pipeline import ReportReference, StudyInput, StudyPipeline, earlier_reports
 from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile
 
 logger = logging.getLogger(__name__)
+
+#: Longest pause between tries to record a job's outcome in a job store that refuses it.
+_SETTLE_MAX_PAUSE = 30.0
 
 
 def _output_file(path: Path) -> OutputFile:
@@ -117,26 +126,34 @@ class Worker:
                 reports = [r.as_json() for r in map(ReportReference.read, result.outputs) if r]
                 destinations = self.route(study)
             except StudySkipped as exc:
-                done = self.store.finish_job(job.id, JobState.SKIPPED, error=str(exc))
-                logger.info("job skipped: %s", exc)
+                why = str(exc)
+                done = self._settle(
+                    lambda: self.store.finish_job(job.id, JobState.SKIPPED, error=why)
+                )
+                logger.info("job skipped: %s", why)
             except Exception as exc:
                 if self.stopping.is_set():
                     logger.warning(
                         "job parked: the node stops (%s); it resumes at the next start",
                         type(exc).__name__,
                     )
-                    return self.store.requeue(
+                    return self.store.requeue(  # (a failure here: recovered at the next start)
                         job.id, not_before=0.0, detail="parked: the node stopped during it"
                     )
                 if isinstance(exc, AnalysisUnavailableError):
                     delay = self.settings.retry_base_seconds
                     logger.warning("no analysis can run now; the job waits %.0f s", delay)
-                    return self.store.requeue(
-                        job.id, not_before=time.time() + delay, detail=f"{exc}"
+                    unavailable = str(exc)
+                    return self._settle(
+                        lambda: self.store.requeue(
+                            job.id, not_before=time.time() + delay, detail=unavailable
+                        )
                     )
                 reason = f"{type(exc).__name__}: {exc}"
                 if job.attempts >= self.settings.max_attempts:
-                    done = self.store.finish_job(job.id, JobState.DEAD, error=reason)
+                    done = self._settle(
+                        lambda: self.store.finish_job(job.id, JobState.DEAD, error=reason)
+                    )
                     logger.exception(
                         "job dead after %d attempts (%s)", job.attempts, type(exc).__name__
                     )
@@ -146,16 +163,20 @@ class Worker:
                         base_seconds=self.settings.retry_base_seconds,
                         max_seconds=self.settings.retry_max_seconds,
                     )
-                    done = self.store.finish_job(
-                        job.id, JobState.FAILED, error=reason, not_before=time.time() + delay
+                    done = self._settle(
+                        lambda: self.store.finish_job(
+                            job.id, JobState.FAILED, error=reason, not_before=time.time() + delay
+                        )
                     )
                     logger.exception("job failed (%s); retry in %.0f s", type(exc).__name__, delay)
             else:
                 summary = dict(result.summary)
                 summary["outputs"] = [str(p) for p in result.outputs]
                 summary["reports"] = reports
-                done = self.store.finish_with_outputs(
-                    job.id, result=summary, outputs=outputs, destinations=destinations
+                done = self._settle(
+                    lambda: self.store.finish_with_outputs(
+                        job.id, result=summary, outputs=outputs, destinations=destinations
+                    )
                 )
                 if done.state == JobState.SENDING:
                     self.on_outputs()
@@ -169,6 +190,29 @@ class Worker:
         JOB_SECONDS.observe(time.monotonic() - started)
         JOBS_FINISHED.labels(done.state.value).inc()
         return done
+
+    def _settle(self, record: Callable[[], Job]) -> Job:
+        """Record a job's outcome (``record``), however long the job store takes to accept it
+        (another process holding its lock, a full disk being cleared): a job whose outcome was
+        not recorded would stay ``running`` until the next start, its results unsent, with
+        nothing for ``dicom-node retry`` to take. Tried again with a growing pause; when the
+        node stops meanwhile, the job is left to the next start, which resumes it."""
+        pause = 1.0
+        while True:
+            try:
+                return record()
+            except (OutOfResourcesError, JobStoreError, sqlite3.Error) as exc:
+                if self.stopping.is_set():
+                    raise
+                logger.warning(
+                    "the job store did not take the job's outcome (%s); trying again in %.0f s",
+                    exc,
+                    pause,
+                )
+            self.last_beat = time.monotonic()  # waiting on the store, not stuck in a job
+            if self.stopping.wait(pause):
+                raise JobStoreError("the node stopped before the job's outcome was recorded")
+            pause = min(pause * 2, _SETTLE_MAX_PAUSE)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
         """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error

@@ -238,3 +238,25 @@ def test_a_report_cut_short_gives_no_reference_and_never_leaves_its_job_running(
             continue
         assert reference.evidence_series, length
         assert whole_meta.find(b"\x40\x00\x75\xa3") < length, length  # the evidence is there
+
+
+def test_a_job_store_locked_when_the_job_ends_still_gets_its_outcome(tmp_path: Path) -> None:
+    """Another process holds the job store's write lock just as a job's analysis ends, past
+    the store's own wait: the outcome is recorded once the lock is let go, instead of the job
+    staying ``running`` (results unsent, nothing for ``retry`` to take) until a restart."""
+    import sqlite3
+
+    store = JobStore(tmp_path / "jobs.sqlite", busy_seconds=0.5)
+    job_id = _queued_job(store, tmp_path)
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(2.5, lambda: holder.execute("ROLLBACK")).start()
+        return StudyResult(summary={"series": []})
+
+    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
+    done = worker.run_once()
+    holder.close()
+    assert done is not None and done.state == JobState.DONE
+    assert store.job(job_id).state == JobState.DONE

@@ -7,16 +7,23 @@ holds back another destination or the analysis of other studies.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
 from dicom_node.dispatch.scu import SendOutcome, send_files
+from dicom_node.errors import JobStoreError, OutOfResourcesError
 from dicom_node.metrics import SENDS
 from dicom_node.store.outbox import DeliveryState, Outbox
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Dispatcher:
@@ -55,16 +62,45 @@ class Dispatcher:
         for t in list(self._threads.values()):
             t.join(timeout)
 
+    def _record(
+        self, write: Callable[..., _T], *args: Any, stop: threading.Event | None, **kwargs: Any
+    ) -> _T:
+        """``write(*args, **kwargs)`` on the job store, tried again with a growing pause while
+        the store refuses it (another process holding its lock, a full disk being cleared)."""
+        pause = 1.0
+        while True:
+            try:
+                return write(*args, **kwargs)
+            except (OutOfResourcesError, JobStoreError, sqlite3.Error) as exc:
+                if stop is not None and stop.is_set():
+                    raise
+                logger.warning("the job store refused a delivery's state (%s); trying again", exc)
+            if stop is not None and stop.wait(pause):
+                raise JobStoreError("the node stopped before a delivery's state was recorded")
+            if stop is None:
+                time.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
     def drain(self, name: str, stop: threading.Event | None = None) -> None:
-        """Send everything due for one destination, batch by batch."""
+        """Send everything due for one destination, batch by batch. What is recorded after a
+        send (the audit record, the delivery's new state) cannot end the thread with rows
+        claimed: an audit log that cannot be written is logged, and a job store that refuses a
+        state is tried again until it takes it (or the node stops: rows left ``sending`` go
+        back to ``pending`` at the next start)."""
         while stop is None or not stop.is_set():
-            items = self.outbox.claim(name)
+            items = self._record(self.outbox.claim, name, stop=stop)
             if not items:
                 return
             peer = resolve(self.config, name)
-            if peer is None:
+            if peer is None:  # trying again cannot help: dead-lettered at once, with the reason
                 for item in items:
-                    self.outbox.failed(item.id, f"destination {name!r} is no longer configured")
+                    self._record(
+                        self.outbox.failed,
+                        item.id,
+                        f"destination {name!r} is no longer configured",
+                        hopeless=True,
+                        stop=stop,
+                    )
                 continue
             try:
                 outcomes = send_files(
@@ -78,21 +114,26 @@ class Dispatcher:
                 outcomes = [SendOutcome(i.path, False, None, type(exc).__name__) for i in items]
             retry_later = False
             for item, outcome in zip(items, outcomes, strict=True):
-                self.audit.sent(
-                    destination=name,
-                    ae_title=peer.ae_title,
-                    host=peer.host,
-                    port=peer.port,
-                    job=item.job_id,
-                    sop_instance_uid=item.sop_instance_uid,
-                    sop_class_uid=item.sop_class_uid,
-                    outcome="success" if outcome.delivered else outcome.detail,
-                )
+                try:
+                    self.audit.sent(
+                        destination=name,
+                        ae_title=peer.ae_title,
+                        host=peer.host,
+                        port=peer.port,
+                        job=item.job_id,
+                        sop_instance_uid=item.sop_instance_uid,
+                        sop_class_uid=item.sop_class_uid,
+                        outcome="success" if outcome.delivered else outcome.detail,
+                    )
+                except Exception:  # the delivery happened whether or not it could be audited
+                    logger.exception("the audit record of a delivery could not be written")
                 if outcome.delivered:
-                    self.outbox.delivered(item.id, outcome.status or 0)
+                    self._record(self.outbox.delivered, item.id, outcome.status or 0, stop=stop)
                     SENDS.labels(name, "delivered").inc()
                     continue
-                state = self.outbox.failed(item.id, outcome.detail, outcome.status)
+                state = self._record(
+                    self.outbox.failed, item.id, outcome.detail, outcome.status, stop=stop
+                )
                 SENDS.labels(name, "dead" if state == DeliveryState.DEAD else "failed").inc()
                 logger.warning(
                     "delivery failed (%s)%s",

@@ -117,6 +117,8 @@ CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (destination, state, not_be
 """
 
 
+_COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
 #: The job ``j`` has been overtaken: its study has a newer version, or is receiving again.
 _OVERTAKEN = (
     "(EXISTS (SELECT 1 FROM jobs n WHERE n.study_uid = j.study_uid AND n.version > j.version)"
@@ -452,9 +454,11 @@ class JobStore:
     def removable_paths(self, study_uid: str, newest_job_id: int) -> list[Path] | None:
         """The spooled paths of a study that may be deleted now, or ``None`` when it may not.
 
-        It may when its study row exists, it is not receiving, and its newest job is still
-        ``newest_job_id`` and in a final state: what the caller judged, re-checked in one
-        transaction, since a re-send may have re-opened (or re-completed) the study since. The
+        It may when its study row exists, it is not receiving, its newest job is still
+        ``newest_job_id`` and in a final state, and no result of any of its versions is still
+        on its way to a destination (an older version's, to a PACS that was down): what the
+        caller judged, re-checked in one transaction, since a re-send may have re-opened (or
+        re-completed) the study since. The
         caller deletes the files (while the receiver cannot file into the study: see
         :meth:`~dicom_node.store.spool.Spool.removing`), then the rows with :meth:`forget_study`,
         so that a crash in between leaves rows without files (dropped at the next start), never
@@ -471,6 +475,12 @@ class JobStore:
             if newest is None or newest["id"] != newest_job_id:
                 return None
             if JobState(newest["state"]) not in FINAL_STATES:
+                return None
+            if db.execute(  # an older version's results still on their way need their files
+                "SELECT 1 FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.study_uid=?"
+                " AND o.state IN ('pending', 'sending') LIMIT 1",
+                (study_uid,),
+            ).fetchone():
                 return None
             return [
                 Path(r[0])
@@ -761,12 +771,24 @@ class JobStore:
                 raise JobStoreError(
                     f"job {job_id} is {row['state']}; only dead or failed jobs are retried"
                 )
-            if not db.execute(
-                "SELECT 1 FROM studies WHERE study_uid=?", (row["study_uid"],)
-            ).fetchone():
+            study = db.execute(
+                "SELECT state FROM studies WHERE study_uid=?", (row["study_uid"],)
+            ).fetchone()
+            if study is None:
                 raise JobStoreError(
                     f"job {job_id}: its study's files were removed (dicom-node purge); send the"
                     " study again to have it analysed"
+                )
+            newer = db.execute(
+                "SELECT MAX(version) FROM jobs WHERE study_uid=? AND version>"
+                "(SELECT version FROM jobs WHERE id=?)",
+                (row["study_uid"], job_id),
+            ).fetchone()[0]
+            if newer is not None or study["state"] == StudyState.RECEIVING:
+                raise JobStoreError(
+                    f"job {job_id}: its study "
+                    + (f"has a newer version ({newer})" if newer is not None else "is receiving")
+                    + ", whose results revise this one's: only the newest version is retried"
                 )
             now = time.time()
             dead_sends = db.execute(  # their age limit counts from the retry, as their attempts
@@ -793,14 +815,17 @@ class JobStore:
             ]
 
     def earlier_result(self, study_uid: str, version: int) -> dict[str, Any] | None:
-        """The result of the newest version of a study before ``version`` whose results were
-        delivered or are being sent (``done`` or ``sending``); ``None`` when there is none. The
-        row outlives the study's files (retention keeps jobs as history)."""
+        """The result of the newest version of a study before ``version`` whose report went
+        out or is going out: ``done`` or ``sending``, or ``dead`` with its SR delivered (to
+        one destination, another having refused it); ``None`` when there is none. The row
+        outlives the study's files (retention keeps jobs as history)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT result FROM jobs WHERE study_uid=? AND version<? AND state IN"
-                " ('done', 'sending') ORDER BY version DESC LIMIT 1",
-                (study_uid, version),
+                "SELECT result FROM jobs j WHERE study_uid=? AND version<? AND (state IN"
+                " ('done', 'sending') OR (state='dead' AND EXISTS (SELECT 1 FROM outbox o"
+                " WHERE o.job_id=j.id AND o.state='delivered' AND o.sop_class_uid=?)))"
+                " ORDER BY version DESC LIMIT 1",
+                (study_uid, version, _COMPREHENSIVE_3D_SR),
             ).fetchone()
         if row is None or not row["result"]:
             return None

@@ -113,15 +113,24 @@ class Outbox:
                     db, job_id, JobState.DONE, "all results delivered", finished_at=now
                 )
 
-    def failed(self, item_id: int, error: str, status: int | None = None) -> DeliveryState:
+    def failed(
+        self, item_id: int, error: str, status: int | None = None, *, hopeless: bool = False
+    ) -> DeliveryState:
         """Record a failed attempt: retry later with backoff, or dead-letter the row (and its
-        job) once attempts or age run out. Returns the row's new state."""
+        job) once attempts or age run out, or at once when trying again cannot help
+        (``hopeless``: its destination is no longer configured). Returns the row's new state."""
         now = time.time()
         item = self.item(item_id)
         too_old = now - item.created_at > self.settings.max_age_hours * 3600
         with self.store.transaction() as db:
-            if item.attempts >= self.settings.max_attempts or too_old:
-                why = "too old" if too_old else f"{item.attempts} attempts"
+            if hopeless or item.attempts >= self.settings.max_attempts or too_old:
+                why = (
+                    "one attempt"
+                    if hopeless
+                    else "too old"
+                    if too_old
+                    else f"{item.attempts} attempts"
+                )
                 db.execute(
                     "UPDATE outbox SET state='dead', last_error=?, last_status=?, updated_at=?"
                     " WHERE id=?",

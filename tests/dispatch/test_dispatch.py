@@ -448,3 +448,70 @@ def test_results_reach_a_pacs_that_takes_only_implicit_vr_little_endian(
     assert sorted(dcmread(p).SOPInstanceUID for p in received) == sorted(
         dcmread(f).SOPInstanceUID for f in files
     )
+
+
+def test_what_is_recorded_after_a_send_cannot_strand_its_deliveries(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """After the PACS took the files, the audit log cannot be written (a full disk) and the
+    job store is held by another process for longer than its own wait: the deliveries are
+    recorded once the store is free again and the job is done, where the send thread used to
+    die with its rows claimed, leaving them and the job ``sending`` until a restart."""
+    import sqlite3
+
+    from dicom_node.audit import AuditLog
+
+    files = write_study(slices=2)
+    pacs = scps("pacs")
+    cfg = _config(tmp_path, {"pacs": pacs.port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite", busy_seconds=0.3)
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["pacs"])
+    audit_path = tmp_path / "audit"
+    audit_path.mkdir()  # a folder where the log's file should be: every write fails
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+
+    class LockingAudit(AuditLog):
+        def sent(self, **fields: object) -> None:
+            if not holder.in_transaction:  # the store is taken just as the PACS answered
+                holder.execute("BEGIN IMMEDIATE")
+                threading.Timer(2.0, lambda: holder.execute("ROLLBACK")).start()
+            super().sent(**fields)
+
+    dispatcher = Dispatcher(cfg, outbox, LockingAudit(audit_path))
+    thread = threading.Thread(target=dispatcher.drain, args=("pacs",))
+    thread.start()
+    thread.join(30)
+    holder.close()
+    assert not thread.is_alive()
+    assert store.job(job_id).state == JobState.DONE
+    assert [i.state for i in outbox.items()] == [DeliveryState.DELIVERED] * 2
+    assert len(pacs.received()) == 2
+
+
+def test_a_destination_no_longer_configured_is_dead_lettered_at_once(
+    tmp_path: Path, write_study: Callable[..., list[Path]]
+) -> None:
+    """Results queued for a destination since removed from (or renamed in) the configuration
+    can never be delivered: dead-lettered at the first try with the reason, not retried for
+    hours; ``dicom-node retry`` then refuses, naming the destination, rather than starting
+    the same hopeless cycle again."""
+    files = write_study(slices=1)
+    cfg = _config(tmp_path, {"pacs": free_port()})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["old-pacs"])
+    Dispatcher(cfg, outbox).drain("old-pacs")
+    [item] = outbox.items()
+    assert (item.state, item.attempts) == (DeliveryState.DEAD, 1)
+    assert item.last_error == "destination 'old-pacs' is no longer configured"
+    assert store.job(job_id).state == JobState.DEAD
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"storage: {{data_dir: {cfg.storage.data_dir}}}\n"
+        f"destinations: [{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {free_port()}}}]\n"
+    )
+    store.close()
+    refused = node_cli("retry", str(job_id), "--config", str(config))
+    assert refused.returncode == 2
+    assert "'old-pacs', no longer configured" in refused.stderr

@@ -283,3 +283,41 @@ def test_a_job_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) ->
         db.execute("UPDATE meta SET value='3' WHERE key='schema'")
     with pytest.raises(JobStoreError, match="has schema 3, this version needs 2"):
         JobStore(path)
+
+
+def test_only_the_newest_version_is_retried_and_a_report_that_went_out_is_revised(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Version 1 died with its SR delivered to one destination (its SEG refused by it); the
+    study came again as version 2. ``retry`` of version 1 is refused (its results would land
+    after, and be revised by, version 2's), as it is while the study receives again; version
+    2 is given version 1's result as the one whose report it revises, since its SR reached
+    the PACS."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import DeliveryState, Outbox
+
+    store.record_instance(_rec(tmp_path, "1.1"))
+    first = store.complete_study("1.2.3", reason="quiet period")
+    assert first is not None and store.claim_next_job() is not None
+    outputs = [
+        OutputFile(tmp_path / "seg.dcm", "1.2.840.10008.5.1.4.1.1.66.4", "7.1"),
+        OutputFile(tmp_path / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.34", "7.2"),
+    ]
+    store.finish_with_outputs(
+        first.id, result={"reports": ["v1"]}, outputs=outputs, destinations=["pacs"]
+    )
+    outbox = Outbox(store, DispatchSettings(max_attempts=1))
+    seg, sr = outbox.claim("pacs")
+    outbox.delivered(sr.id, 0)
+    assert outbox.failed(seg.id, "failure status 0xA700", 0xA700) == DeliveryState.DEAD
+    assert store.job(first.id).state == JobState.DEAD
+    assert store.earlier_result("1.2.3", 2) == {"reports": ["v1"]}
+
+    store.record_instance(_rec(tmp_path, "1.2"))  # the study comes again
+    with pytest.raises(JobStoreError, match="is receiving"):
+        store.retry_job(first.id)
+    second = store.complete_study("1.2.3", reason="quiet period")
+    assert second is not None and second.version == 2
+    with pytest.raises(JobStoreError, match=r"has a newer version \(2\)"):
+        store.retry_job(first.id)

@@ -371,7 +371,7 @@ def test_history_goes_only_after_the_studys_last_job_and_its_last_delivery(
 ) -> None:
     """A study's history is kept while any of its jobs ended within ``history_days`` (the
     count starts at its last job), and while a delivery of a dead job is still under way (its
-    other destination): the dispatcher still needs those rows."""
+    other destination): the dispatcher still needs those rows, and the study its files."""
     from dicom_node.config import DispatchSettings
     from dicom_node.store.jobs import OutputFile
     from dicom_node.store.outbox import Outbox
@@ -399,15 +399,53 @@ def test_history_goes_only_after_the_studys_last_job_and_its_last_delivery(
         # the first version of 1.1 ended 100 days ago, the second 10 days ago
         db.execute("UPDATE jobs SET finished_at=? WHERE id=?", (now - 100 * 86400, old))
         db.execute("UPDATE jobs SET finished_at=? WHERE id=?", (now - 10 * 86400, newer))
-    assert purge(store, spool, tmp_path / "work").studies == 1  # 1.2, by the operator
+    # 1.2's delivery to the PACS is still pending: the operator's purge leaves it for now
+    assert purge(store, spool, tmp_path / "work").studies == 0
     assert apply_retention(store, spool, tmp_path / "work", keep_hours=1, now=now).studies == 1
 
     assert prune_history(store, history_days=90, now=now) == (0, 0)
     assert store.job_events(old) != []
     assert prune_history(store, history_days=1, now=now + 2 * 86400)[0] == 1  # old: 1.1's
-    assert store.job_events(dying.id) != []  # its delivery to the PACS is still pending
+    assert store.job_events(dying.id) != []
     [pending] = outbox.claim("pacs")
     outbox.delivered(pending.id, 0)
+    assert purge(store, spool, tmp_path / "work").studies == 1
     jobs, rows = prune_history(store, history_days=1, now=now + 2 * 86400)
     assert jobs == 0 and rows > 0 and store.job_events(dying.id) == []
     assert {j.id for j in store.jobs()} == {newer, dying.id}
+
+
+def test_an_older_versions_results_on_their_way_keep_the_study(tmp_path: Path) -> None:
+    """Version 1's results wait for a PACS that is down; the study is sent again and version
+    2 dies. ``purge`` (and retention) leave the study while any of its versions still has
+    results on their way: deleting it took version 1's files from under the outbox, and the
+    study ended with no results at all. Once they are delivered, it goes."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import Outbox
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    work = tmp_path / "work"
+    _study(store, spool, "1.1")
+    first = store.complete_study("1.1", reason="test")
+    assert first is not None and store.claim_next_job() is not None
+    sr = work / f"{first.id}-v1" / "sr.dcm"
+    sr.parent.mkdir(parents=True)
+    sr.write_bytes(b"sr")
+    store.finish_with_outputs(
+        first.id,
+        result={},
+        outputs=[OutputFile(sr, "1.2.840.10008.5.1.4.1.1.88.34", "9.9")],
+        destinations=["pacs"],
+    )
+    _study(store, spool, "1.1", n=3)  # sent again: version 2, which dies
+    _finish(store, "1.1", JobState.DEAD)
+    assert purge(store, spool, work).studies == 0
+    assert apply_retention(store, spool, work, keep_hours=0, now=time.time() + 1).studies == 0
+    assert sr.exists()
+    outbox = Outbox(store, DispatchSettings())
+    [item] = outbox.claim("pacs")
+    outbox.delivered(item.id, 0)
+    assert purge(store, spool, work).studies == 1
+    assert not sr.exists()
