@@ -45,15 +45,17 @@ logger = logging.getLogger(__name__)
 def midline_x_mm(volume: CTVolume, coverage: LungCoverage) -> float:
     """LPS x (mm) of the patient's midline, which the SR's laterality is decided against.
 
-    The middle of the body across the image (at the volume's middle slice), where the whole
+    The middle of the body across the patient (at the volume's middle slice), where the whole
     width of the body is in the field of view; where it is not (a targeted reconstruction of
-    one side), the scanner's isocentre, x = 0, on which the patient lies centred.
+    one side), the scanner's isocentre, x = 0, on which the patient lies centred. ``coverage``
+    is of the volume in the model's order (:meth:`CTVolume.to_model_order`), whose columns
+    run across the patient whatever the position (a decubitus series' rows do).
     """
     if coverage.body_columns is None or coverage.body_cut:
         return 0.0
-    depth, rows, _ = volume.shape
+    depth, rows, _ = volume.to_model_order(volume.hu).shape
     middle = (coverage.body_columns[0] + coverage.body_columns[1]) / 2.0
-    return float(volume.index_to_lps([(depth - 1) / 2.0, (rows - 1) / 2.0, middle])[0])
+    return volume.model_index_to_lps(((depth - 1) / 2.0, (rows - 1) / 2.0, middle))[0]
 
 
 def _readable_headers(
@@ -327,7 +329,7 @@ class AnalysisPipeline:
         volume = load_volume(candidate.plan)
         seconds["volume"] = time.perf_counter() - t
         minimum = self.config.selection.min_lung_fraction
-        coverage = lung_coverage(volume.hu)
+        coverage = lung_coverage(volume.to_model_order(volume.hu))
         if minimum > 0 and coverage.lung_fraction < minimum:
             raise StudySkipped(
                 f"{candidate.label}: no lung in the field of view (lung-density tissue"

@@ -359,7 +359,7 @@ class JobStore:
         try:
             with self._tx() as db:
                 db.execute("UPDATE meta SET value=value WHERE key='schema'")
-        except sqlite3.Error:
+        except (sqlite3.Error, OutOfResourcesError):
             return False
         return True
 

@@ -347,19 +347,21 @@ class CTVolume:
             back = cast(_Array, np.ascontiguousarray(np.swapaxes(back, 1, 2)))
         return back
 
+    def model_index_to_lps(self, index_zyx: tuple[float, float, float]) -> tuple[float, ...]:
+        """LPS (x, y, z) of an index (z, y, x) into :meth:`to_model_order`'s array."""
+        z, y, x = index_zyx
+        depth, rows, columns = self.shape
+        model_shape = (depth, columns, rows) if self.in_plane_swapped else (depth, rows, columns)
+        flips = self.axes_against_lps
+        z = model_shape[0] - 1 - z if 0 in flips else z
+        y = model_shape[1] - 1 - y if 1 in flips else y
+        x = model_shape[2] - 1 - x if 2 in flips else x
+        own = (z, x, y) if self.in_plane_swapped else (z, y, x)  # the model's y is the x here
+        return tuple(float(v) for v in self.index_to_lps(list(own)))
+
     def model_origin_lps(self) -> tuple[float, float, float]:
         """LPS of the first voxel of :meth:`to_model_order`'s array."""
-        flips = self.axes_against_lps
-        z = self.shape[0] - 1 if 0 in flips else 0
-        first_y = 1 in flips
-        first_x = 2 in flips
-        if self.in_plane_swapped:  # the model's y runs along the volume's x, and the reverse
-            y = self.shape[1] - 1 if first_x else 0
-            x = self.shape[2] - 1 if first_y else 0
-        else:
-            y = self.shape[1] - 1 if first_y else 0
-            x = self.shape[2] - 1 if first_x else 0
-        lx, ly, lz = (float(v) for v in self.index_to_lps([z, y, x]))
+        lx, ly, lz = self.model_index_to_lps((0.0, 0.0, 0.0))
         return (lx, ly, lz)
 
     def index_to_lps(self, index_zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:

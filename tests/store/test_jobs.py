@@ -321,3 +321,21 @@ def test_only_the_newest_version_is_retried_and_a_report_that_went_out_is_revise
     assert second is not None and second.version == 2
     with pytest.raises(JobStoreError, match=r"has a newer version \(2\)"):
         store.retry_job(first.id)
+
+
+def test_writable_says_no_while_another_process_holds_the_store(tmp_path: Path) -> None:
+    """The readiness check's question: with another process holding the write lock past the
+    store's wait, the answer is "not writable" (a 503 with the reason), not an exception that
+    drops the probe's connection."""
+    import sqlite3
+
+    store = JobStore(tmp_path / "jobs.sqlite", busy_seconds=0.3)
+    assert store.writable()
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.writable() is False
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.writable()

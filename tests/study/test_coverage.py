@@ -73,7 +73,8 @@ def test_analyze_skips_a_head_ct(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_the_midline_is_the_middle_of_the_body_not_of_the_field_of_view(tmp_path: Path) -> None:
     """The laterality's midline: the same chest in a field of view 30 columns wider on the
     patient's left keeps its midline (the body's middle), while the field of view's centre
-    moves by 15 columns (45 mm); a field of view narrower than the body falls back to x = 0."""
+    moves by 15 columns (45 mm), also lying on its side (decubitus: the image's rows run across
+    the patient); a field of view narrower than the body falls back to x = 0."""
     from dicom_node.analysis.pipeline import midline_x_mm
     from dicom_node.config import VolumeGeometrySettings
     from dicom_node.study.volume import read_volume
@@ -84,21 +85,31 @@ def test_the_midline_is_the_middle_of_the_body_not_of_the_field_of_view(tmp_path
     hu = np.asarray(phantom.hu)
     found = {}
     wider = np.pad(hu, ((0, 0), (0, 0), (0, 30)), constant_values=-1000)
-    for name, pixels in (("full", hu), ("wider", wider), ("narrow", hu[:, :, 40:88])):
+    ox, oy, oz = phantom.origin_mm
+    right = ox + (wider.shape[2] - 1) * 3.0
+    hfs, hfdl = (1, 0, 0, 0, 1, 0), (0, 1, 0, -1, 0, 0)
+    for name, pixels, orientation, origin in (
+        ("full", hu, hfs, phantom.origin_mm),
+        ("wider", wider, hfs, phantom.origin_mm),
+        # on the left side: stored[z, r, c] = wider[z, c, x-1-r]
+        ("decubitus", wider[:, :, ::-1].transpose(0, 2, 1), hfdl, (right, oy, oz)),
+        ("narrow", hu[:, :, 40:88], hfs, phantom.origin_mm),
+    ):
         files = write_ct_series(
             np.ascontiguousarray(pixels),
             tmp_path / name,
             spacing_mm=phantom.spacing_mm,
             study=StudyIdentity.random(2),
-            series=SeriesSpec(),
-            origin_mm=phantom.origin_mm,
+            series=SeriesSpec(image_orientation=orientation),
+            origin_mm=origin,
         )
         volume = read_volume(files, settings=VolumeGeometrySettings())
-        coverage = lung_coverage(volume.hu)
+        coverage = lung_coverage(volume.to_model_order(volume.hu))
         found[name] = (midline_x_mm(volume, coverage), coverage.body_cut)
     full, wider, narrow = found["full"], found["wider"], found["narrow"]
     assert not full[1] and not wider[1]
     assert abs(full[0] - wider[0]) <= 2 * 3.0  # the sampling step of two columns
+    assert abs(found["decubitus"][0] - wider[0]) <= 2 * 3.0 and not found["decubitus"][1]
     centre_full = phantom.origin_mm[0] + 127 / 2 * 3.0
     assert abs(full[0] - centre_full) < 15.0  # the phantom's patient lies near the centre
     assert narrow == (0.0, True)
