@@ -8,7 +8,9 @@ has next to none.
 
 Where the field of view cuts through the chest (a tight lung reconstruction of a large patient),
 a lung reaches the image's edge and is no hole: in a slice whose body reaches the edge, a region
-that reaches it too counts as inside when it is lung, not air (its mean at or above -950 HU).
+that reaches it too counts as inside when most of it is lung density and the body flanks it on
+both sides wherever it meets the edge (the chest wall in front of and behind a cut lung), so
+that air around the patient, or a foam pad under the patient, is never taken for lung.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def lung_coverage(hu: npt.NDArray[np.generic], *, step: int = 2) -> LungCoverage
         return LungCoverage(0, 0)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = _fill_holes_per_slice(labels == int(np.argmax(sizes)), sample, lung_low)
+    body = _fill_holes_per_slice(labels == int(np.argmax(sizes)), sample, lung_low, lung_high)
     lung = body & (sample >= lung_low) & (sample < lung_high)
     columns = np.flatnonzero(body.any(axis=(0, 1)))
     first, last = int(columns[0]) * step, int(columns[-1]) * step
@@ -84,14 +86,15 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _fill_holes_per_slice(
-    body: npt.NDArray[np.bool_], hu: npt.NDArray[Any], lung_low: float
+    body: npt.NDArray[np.bool_], hu: npt.NDArray[Any], lung_low: float, lung_high: float = 0.0
 ) -> npt.NDArray[np.bool_]:
     """``ndimage.binary_fill_holes`` of each axial slice (lungs and airways join the body), for
     all slices in one labelling: a hole is a region outside the body, 4-connected in its slice
     (binary_fill_holes' default), that reaches no edge of its slice. The same result as the
     per-slice loop of iterated dilations, in half its time. In a slice whose body reaches an
-    edge, a region reaching an edge whose mean (``hu``) is lung, not air (``lung_low`` or
-    more), is a lung the field of view cuts through, and is filled too."""
+    edge, a region reaching an edge is a lung the field of view cuts through, and is filled
+    too, when most of its voxels (``hu``) are of lung density (``lung_low`` to ``lung_high``)
+    and the body flanks it on both sides wherever it meets an edge."""
     outside, count = ndimage.label(~body, structure=_IN_PLANE)
     edge = np.zeros(count + 1, dtype=bool)
     edge[0] = True  # label 0: the body itself
@@ -103,12 +106,40 @@ def _fill_holes_per_slice(
     if cut.any():
         flat = outside.ravel()
         voxels = np.bincount(flat, minlength=count + 1)
-        mean = np.bincount(flat, weights=hu.ravel(), minlength=count + 1) / np.maximum(voxels, 1)
+        lung = (hu >= lung_low) & (hu < (lung_high or _LUNG_HU[1]))
+        lung_share = np.bincount(flat, weights=lung.ravel(), minlength=count + 1) / np.maximum(
+            voxels, 1
+        )
         # each region lies in one slice (4-connected in plane): its slice is its first voxel's
         labels, first = np.unique(flat, return_index=True)
-        in_cut = np.zeros(count + 1, dtype=bool)
-        in_cut[labels] = cut[first // (outside.shape[1] * outside.shape[2])]
-        edge &= ~(in_cut & (mean >= lung_low))
-        edge[0] = True
+        slice_of = np.zeros(count + 1, dtype=np.int64)
+        slice_of[labels] = first // (outside.shape[1] * outside.shape[2])
+        candidates = np.flatnonzero(edge & cut[slice_of] & (lung_share >= 0.5))
+        for label in candidates[candidates > 0]:
+            z = int(slice_of[label])
+            if _flanked(outside[z], body[z], int(label)):
+                edge[label] = False
     filled: npt.NDArray[np.bool_] = body | ~edge[outside]
     return filled
+
+
+def _flanked(labels: npt.NDArray[Any], body: npt.NDArray[np.bool_], label: int) -> bool:
+    """Whether, along every image edge region ``label`` of a slice meets, the body lies just
+    before and just after each stretch of it: a lung the field of view cuts, between its
+    chest wall's two sides, and not air or a pad beside or under the patient."""
+    for line, wall in (
+        (labels[0, :], body[0, :]),
+        (labels[-1, :], body[-1, :]),
+        (labels[:, 0], body[:, 0]),
+        (labels[:, -1], body[:, -1]),
+    ):
+        on = np.flatnonzero(line == label)
+        if on.size == 0:
+            continue
+        breaks = np.flatnonzero(np.diff(on) > 1)
+        starts = np.concatenate(([on[0]], on[breaks + 1]))
+        ends = np.concatenate((on[breaks], [on[-1]]))
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            if start == 0 or end == line.size - 1 or not (wall[start - 1] and wall[end + 1]):
+                return False
+    return True

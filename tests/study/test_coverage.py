@@ -52,6 +52,27 @@ def test_a_field_of_view_that_cuts_through_the_lungs_still_shows_them() -> None:
     assert lung_coverage(np.ascontiguousarray(head[:, :, 20:-20])).lung_fraction < 0.02
 
 
+def test_an_abdomen_cut_by_the_field_of_view_on_a_foam_pad_shows_no_lung() -> None:
+    """An abdomen wider than the field of view (cut at both sides) lying on the table's foam
+    pad (-850 HU, as table pads are) and its carbon top: the pad reaches the image's edges
+    beside the cut body and is of lung density, but the body does not flank it there (it
+    lies under the patient), so it is not taken for a lung the field of view cuts."""
+    rng = np.random.default_rng(0)
+    n, pixel = 128, 350.0 / 128
+    yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2) * pixel
+    plane = np.full((n, n), -1000.0)
+    body = (xx / 195.0) ** 2 + ((yy + 10) / 125.0) ** 2 <= 1.0  # 390 mm wide
+    plane[body] = 40.0
+    plane[body & ~((xx / 180.0) ** 2 + ((yy + 10) / 110.0) ** 2 <= 1.0)] = -100.0  # fat
+    bottom = 115.0
+    plane[(yy > bottom - 5) & (yy <= bottom + 45) & ~body] = -850.0  # the pad
+    plane[(yy > bottom + 45) & (yy <= bottom + 60)] = 150.0  # the table top
+    hu = (np.repeat(plane[None], 16, axis=0) + rng.normal(0, 15, (16, n, n))).astype(np.float32)
+    coverage = lung_coverage(hu)
+    assert coverage.body_cut
+    assert coverage.lung_fraction < 0.02
+
+
 def test_analyze_skips_a_head_ct(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A head CT given to analyze is skipped (exit 3) with 'no lung in the field of view'."""
     files = write_ct_series(
