@@ -123,6 +123,9 @@ class GuardedAssociationSocket(AssociationSocket):
     _command_bytes: int
     #: Requests received whole whose response has not been sent yet.
     _outstanding: int
+    #: When the PDU being read began, and how many of its bytes have come.
+    _pdu_started: float
+    _pdu_received: int
 
     @classmethod
     def guard(
@@ -152,6 +155,8 @@ class GuardedAssociationSocket(AssociationSocket):
         guarded._dataset_started = 0.0
         guarded._command_bytes = 0
         guarded._outstanding = 0
+        guarded._pdu_started = 0.0
+        guarded._pdu_received = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), within the PDU's deadline.
@@ -169,7 +174,9 @@ class GuardedAssociationSocket(AssociationSocket):
             if self._body_type == _P_DATA_TF:
                 self._count_dataset(body)
             return body
-        self._deadline = time.monotonic() + self._limits.pdu_seconds
+        self._pdu_started = time.monotonic()
+        self._pdu_received = 0
+        self._deadline = self._pdu_started + self._limits.pdu_seconds
         data = self._read(nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
@@ -181,11 +188,6 @@ class GuardedAssociationSocket(AssociationSocket):
                 )
                 if length > limit:
                     self._refuse(pdu_type, length, limit)
-                if pdu_type == _P_DATA_TF:  # a whole PDU at the slowest rate allowed is in time
-                    self._deadline = max(
-                        self._deadline,
-                        time.monotonic() + length / MIN_DATASET_BYTES_PER_SECOND,
-                    )
                 self._body = length
                 self._body_type = pdu_type
         return data
@@ -283,7 +285,7 @@ class GuardedAssociationSocket(AssociationSocket):
                         self._closed_by_peer()
                         break  # peer closed; the DUL sees a short PDU
                     got += n
-                    self._progress()
+                    self._progress(n)
         except TimeoutError:
             self._report(
                 "peer_stalled",
@@ -299,11 +301,20 @@ class GuardedAssociationSocket(AssociationSocket):
         del buf[got:]
         return buf
 
-    def _progress(self) -> None:
-        """Bytes arrived: the association is not idle. pynetdicom restarts its idle timer
-        (``network_timeout``) only once a whole PDU is read, and its association thread aborts
-        a link that takes longer than that over one PDU, however steadily it arrives; the
-        slowest rate allowed is this guard's to judge (:data:`MIN_DATASET_BYTES_PER_SECOND`)."""
+    def _progress(self, received: int) -> None:
+        """``received`` bytes arrived. The PDU's deadline moves on by the time they take at
+        the slowest rate allowed (:data:`MIN_DATASET_BYTES_PER_SECOND`): a slow but steady
+        link is served, while a peer that sends a PDU's header and then little or nothing is
+        still cut off after ``pdu_seconds``. And the association is not idle: pynetdicom
+        restarts its idle timer (``network_timeout``) only once a whole PDU is read, and its
+        association thread would abort a link that takes longer than that over one PDU."""
+        self._pdu_received += received
+        self._deadline = max(
+            self._deadline,
+            self._pdu_started
+            + self._limits.pdu_seconds
+            + self._pdu_received / MIN_DATASET_BYTES_PER_SECOND,
+        )
         timer = getattr(self.assoc.dul, "_idle_timer", None)
         if timer is not None:
             timer.restart()

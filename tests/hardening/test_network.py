@@ -4,6 +4,7 @@ answered, every association thread ended."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -488,3 +489,36 @@ def test_a_pdu_on_a_slow_but_steady_link_is_stored(
     assert status == 0
     assert sop_instance in instances(proc)
     assert "peer_stalled" not in security_codes(proc)
+
+
+def test_a_large_pdu_header_then_silence_is_cut_off_in_the_network_timeout(
+    module_nodes: Callable[..., NodeProcess],
+) -> None:
+    """N5: a P-DATA header announcing the largest PDU allowed, then silence (or a byte a
+    second): the time a PDU is given grows only with the bytes that actually arrive, so the
+    association is aborted after the network timeout, as for any stalled PDU, not after what
+    the announced length would take at the slowest rate allowed (minutes)."""
+    proc = module_nodes(
+        "silent",
+        node={
+            "network_timeout_seconds": TIMEOUT,
+            "acse_timeout_seconds": TIMEOUT,
+            "max_pdu_bytes": 1 << 20,
+        },
+    )
+    for drip in (False, True):
+        with RawPeer(proc.port, timeout=30) as peer:
+            assert peer.associate([CT], max_pdu=1 << 20).pdu_type == A_ASSOCIATE_AC
+            peer.send(struct.pack(">BBL", P_DATA_TF, 0, (1 << 20) - 6))
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                while time.monotonic() - started < 30:
+                    if drip:
+                        peer.send(b"\0")
+                    time.sleep(1.0)
+                    peer.sock.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError):
+                        if peer.sock.recv(1024) == b"":
+                            raise OSError("closed")
+            assert time.monotonic() - started < TIMEOUT + 4
+    assert "peer_stalled" in security_codes(proc)
