@@ -276,7 +276,9 @@ class AnalysisPipeline:
         out: list[SeriesFindings] = []
         present = frozenset(h.series_instance_uid for h in headers)
         queue = list(selection.chosen)
-        spare = list(selection.passed_over)  # policy best: the next best, in order
+        # policy best: the next best, in order, of those that cover the chest as the chosen
+        # one does (never a targeted reconstruction in place of a whole chest)
+        spare = [c for c in selection.passed_over if c.series_instance_uid in selection.covering]
         undecodable: list[VolumeDecodeError] = []
         while queue:
             candidate = queue.pop(0)

@@ -19,9 +19,10 @@ summaries alone (:mod:`dicom_node.study.headers`), in this order, for each serie
 
 Of the series that pass, policy ``best`` chooses one: among those that cover the chest (a
 field of view at least 0.8 of the widest one's side, or 300 mm; an extent along the body at
-least 0.9 of the longest one's, or 200 mm: judged apart), the thinnest slice spacing, then the
-most slices, then ORIGINAL\\PRIMARY, then the lowest series number; policy ``all`` keeps all,
-in that order. A targeted reconstruction (one lung, a small field of view, a few centimetres
+least 0.9 of the longest one's, or 250 mm: judged apart; where none does, those of at least
+0.9 of the largest volume), the thinnest slice spacing, then the most slices, then
+ORIGINAL\\PRIMARY, then the lowest series number; policy ``all`` keeps all, in that order. A
+targeted reconstruction (one lung, a small field of view, the upper lobes, a few centimetres
 around a finding) is thus never chosen over the whole chest for being thinner, and a thin lung
 reconstruction at a 350 mm field of view is not passed over for a thicker soft-tissue one at
 400 mm, nor a chest series for a longer chest-abdomen-pelvis one. If none passes,
@@ -137,6 +138,8 @@ class Selection:
     chosen: tuple[SeriesCandidate, ...]
     passed_over: tuple[SeriesCandidate, ...]
     rejected: tuple[SeriesRejection, ...]
+    #: Series Instance UIDs of the candidates that cover the chest (see the module docstring).
+    covering: frozenset[str] = frozenset()
 
 
 def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSettings) -> Selection:
@@ -189,7 +192,19 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
         )
     widest_fov = max(_field_of_view_mm(c) for c in candidates)
     longest = max(_extent_mm(c) for c in candidates)
-    candidates.sort(key=lambda c: (not _covers_the_chest(c, widest_fov, longest), *_preference(c)))
+    largest = max(_volume_mm3(c) for c in candidates)
+    covering = frozenset(
+        c.series_instance_uid for c in candidates if _covers_the_chest(c, widest_fov, longest)
+    )
+    # where none covers the chest by both measures, the one covering the most volume still
+    # beats a thinner part of it (a child's chest beside a targeted reconstruction)
+    candidates.sort(
+        key=lambda c: (
+            c.series_instance_uid not in covering,
+            c.series_instance_uid not in covering and _volume_mm3(c) < _FULL_VOLUME * largest,
+            *_preference(c),
+        )
+    )
     if settings.policy == "best":
         chosen, passed_over = tuple(candidates[:1]), tuple(candidates[1:])
     else:
@@ -202,7 +217,9 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
             c.plan.spacing_mm[0],
             f", {c.left_out} localizer images left out" if c.left_out else "",
         )
-    return Selection(chosen=chosen, passed_over=passed_over, rejected=tuple(rejected))
+    return Selection(
+        chosen=chosen, passed_over=passed_over, rejected=tuple(rejected), covering=covering
+    )
 
 
 def _series_order(instances: Sequence[InstanceHeader], uid: str) -> tuple[bool, int, str]:
@@ -218,11 +235,14 @@ def _series_order(instances: Sequence[InstanceHeader], uid: str) -> tuple[bool, 
 _FOV_FRACTION = 0.8
 _WHOLE_FOV_MM = 300.0
 #: Along the patient: at least this fraction of the longest series' extent, or at least
-#: :data:`_WHOLE_EXTENT_MM` (the lungs' height; a chest series beside a longer
-#: chest-abdomen-pelvis one covers them), where a thin reconstruction of a few centimetres
-#: around a finding does not.
+#: :data:`_WHOLE_EXTENT_MM` (an adult's lungs; a chest series beside a longer
+#: chest-abdomen-pelvis one covers them), where a thin reconstruction of the upper lobes or a
+#: few centimetres around a finding does not.
 _EXTENT_FRACTION = 0.9
-_WHOLE_EXTENT_MM = 200.0
+_WHOLE_EXTENT_MM = 250.0
+#: Where no series covers the chest by both measures, one of at least this fraction of the
+#: largest one's volume (field of view times extent) is preferred.
+_FULL_VOLUME = 0.9
 
 
 def _field_of_view_mm(c: SeriesCandidate) -> float:
@@ -235,6 +255,11 @@ def _field_of_view_mm(c: SeriesCandidate) -> float:
 def _extent_mm(c: SeriesCandidate) -> float:
     """How far the series reaches along the slice normal, mm."""
     return max(c.plan.shape[0] - 1, 1) * c.plan.spacing_mm[0]
+
+
+def _volume_mm3(c: SeriesCandidate) -> float:
+    """Field of view times extent, mm³."""
+    return _field_of_view_mm(c) ** 2 * _extent_mm(c)
 
 
 def _covers_the_chest(c: SeriesCandidate, widest_fov_mm: float, longest_mm: float) -> bool:

@@ -166,3 +166,35 @@ def test_an_unreadable_instance_sets_its_series_aside_not_the_study(
     assert "unreadable instance" in note and "Number of Frames" in note
     alone = pipeline.analyse([*chest, enhanced], out_dir=tmp_path / "alone")
     assert alone.not_analysed[0].startswith("unreadable instance left out: enh.dcm")
+
+
+def test_best_does_not_fall_back_to_a_targeted_reconstruction(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The chosen whole-chest series cannot be decoded and the only other one is a thinner
+    targeted reconstruction of part of the field of view: it is not analysed in its place (a
+    report on one lung is no report on the chest); the decoding error stands."""
+    whole = _chest(tmp_path / "whole", slices=24, spacing=2.0, number=2, description="Chest")
+    _corrupt_rle(whole[10])
+    site = SiteParameters(
+        fov_mm=96 * 3.5, matrix=96, slice_thickness_mm=1.0, slice_spacing_mm=1.0, noise_sd_hu=0.0
+    )
+    phantom = generate_phantom(
+        seed=1, shape_zyx=(48, 96, 96), spacing_mm=(1.0, 3.5, 3.5), site=site,
+        tumour_probability=0.0,
+    )  # fmt: skip
+    part = np.ascontiguousarray(np.asarray(phantom.hu)[:, 24:72, 8:56])
+    targeted = write_ct_series(
+        part,
+        tmp_path / "targeted",
+        spacing_mm=(1.0, 3.5, 3.5),
+        study=STUDY,
+        series=SeriesSpec(
+            series_number=3,
+            series_description="R lung targeted",
+            frame_of_reference_uid=FRAME_OF_REFERENCE,
+        ),
+        origin_mm=phantom.origin_mm,
+    )
+    with pytest.raises(VolumeDecodeError):
+        _pipeline(tiny_model_dir).analyse(whole + targeted, out_dir=tmp_path / "out")

@@ -182,8 +182,10 @@ def test_a_thin_lung_series_is_not_passed_over_for_a_wider_or_longer_thick_one(
     """What a chest CT study holds, on 16-pixel images with the sites' fields of view: the
     1 mm lung reconstruction at 350 mm is chosen over the 2 mm soft-tissue one at 400 mm (they
     cover the same chest; the volume ratio, 0.77, had set it aside), and a 1.5 mm chest series
-    over a 2.5 mm chest-abdomen-pelvis one twice as long. A few centimetres of thin slices
-    around a finding still do not beat the whole chest."""
+    of 270 mm over a 2.5 mm chest-abdomen-pelvis one twice as long. A few centimetres of thin
+    slices around a finding, or 200 mm of them over the upper lobes, still do not beat the
+    whole chest; nor, where no series covers by both measures (a child's chest of 150 mm at
+    250 mm beside a targeted reconstruction of 180 mm at 180 mm), does the thinner part."""
     lung = write_series(
         "lung", SeriesSpec(series_number=3), n_slices=41, spacing_mm=(1.0, 21.875, 21.875)
     )
@@ -194,7 +196,7 @@ def test_a_thin_lung_series_is_not_passed_over_for_a_wider_or_longer_thick_one(
     assert [c.series_number for c in chosen] == [3]
 
     chest = write_series(
-        "chest", SeriesSpec(series_number=5), n_slices=141, spacing_mm=(1.5, 22.0, 22.0)
+        "chest", SeriesSpec(series_number=5), n_slices=181, spacing_mm=(1.5, 22.0, 22.0)
     )
     body = write_series(
         "body", SeriesSpec(series_number=6), n_slices=241, spacing_mm=(2.5, 22.0, 22.0)
@@ -206,6 +208,22 @@ def test_a_thin_lung_series_is_not_passed_over_for_a_wider_or_longer_thick_one(
     )
     chosen = select_series(_headers(body, around), settings=DEFAULTS).chosen
     assert [c.series_number for c in chosen] == [6]
+    whole = write_series(
+        "whole", SeriesSpec(series_number=8), n_slices=257, spacing_mm=(1.25, 22.0, 22.0)
+    )
+    upper = write_series(
+        "upper", SeriesSpec(series_number=9), n_slices=321, spacing_mm=(0.625, 22.0, 22.0)
+    )
+    chosen = select_series(_headers(whole, upper), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [8]
+    child = write_series(
+        "child", SeriesSpec(series_number=10), n_slices=121, spacing_mm=(1.25, 15.625, 15.625)
+    )
+    targeted = write_series(
+        "targeted", SeriesSpec(series_number=11), n_slices=289, spacing_mm=(0.625, 11.25, 11.25)
+    )
+    chosen = select_series(_headers(child, targeted), settings=DEFAULTS).chosen
+    assert [c.series_number for c in chosen] == [10]
 
 
 def test_scout_filed_inside_the_axial_series_is_left_out(
