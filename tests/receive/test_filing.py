@@ -258,10 +258,12 @@ def test_a_job_store_another_process_holds_is_answered_out_of_resources_in_time(
 def test_the_same_instances_in_another_transfer_syntax_are_duplicates(
     receiver_in_process: Callable[..., InProcessReceiver], write_study: Callable[..., list[Path]]
 ) -> None:
-    """A study the modality sent uncompressed comes again from a PACS that stores it RLE
-    compressed: other bytes, the same attributes and pixels. The instances count as
-    duplicates: the complete study is not re-opened and its job not superseded (no second
-    analysis). One pixel changed is new content and re-opens it."""
+    """A study the modality sent uncompressed, in implicit VR with private elements (as CT
+    carries them), comes again from a PACS that stores it RLE compressed: other bytes, the
+    same attributes and pixels (a private element read in implicit VR is bytes, in explicit VR
+    text: compared encoded). The instances count as duplicates: the complete study is not
+    re-opened and its job not superseded (no second analysis). One pixel changed is new
+    content and re-opens it."""
     from pydicom import dcmread
     from pydicom.uid import RLELossless
     from pynetdicom import AE
@@ -271,7 +273,13 @@ def test_the_same_instances_in_another_transfer_syntax_are_duplicates(
 
     node = receiver_in_process()
     files = write_study(slices=3)
-    assert _answers(storescu(files, node.port)).count("Store Response (Success)") == 3
+    for path in files:
+        ds = dcmread(path)
+        ds.add_new(0x00090010, "LO", "ACME 1.0")  # a private creator and its element
+        ds.add_new(0x00091001, "LO", "RECON KERNEL B30f")
+        ds.save_as(path, enforce_file_format=True)
+    sent = _answers(storescu(files, node.port, extra=["-xi"]))  # implicit VR only
+    assert sent.count("Store Response (Success)") == 3
     [study] = node.store.studies()
     job = node.store.complete_study(study.study_uid, reason="quiet period")
     assert job is not None
