@@ -10,6 +10,13 @@ the node's start, and the maximum wait of a study that was arriving before it co
 start. A study left receiving by a crash or a stop, whose sender's association was cut, is given
 a quiet period to send the rest before the part already spooled becomes a job, however long the
 node was down.
+
+The times are the wall clock's, as the job store records them. A step of that clock (an NTP
+correction, a date set by hand), seen against the monotonic clock between two scans, counts as
+a moment the node was not listening: forward, no study completes for a quiet period from the
+step (a study still arriving would have seemed quiet); backward, times recorded before the step
+lie in the future and count from when they were first seen so (a study would have seemed to
+arrive for as long as the step).
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from dicom_node.metrics import STUDIES_COMPLETED
 from dicom_node.store.jobs import Job, JobStore
 
 logger = logging.getLogger(__name__)
+
+#: A difference this large between the wall clock's and the monotonic clock's advance from one
+#: scan to the next is a step of the wall clock, not the lag of a busy machine.
+_CLOCK_STEP_SECONDS = 5.0
 
 
 class Completion:
@@ -50,12 +61,20 @@ class Completion:
         *,
         on_job: Callable[[Job], None] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.on_job = on_job
         self.clock = clock
+        # a clock that never steps: the system's with the real wall clock, else (a test's
+        # settable clock) that clock itself
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.listening_since = clock()
+        self._last_scan: tuple[float, float] | None = None
+        #: Per study, a recorded time found in the future (after a backward step), and the
+        #: moment it was first found so, which stands for it while the record is unchanged.
+        self._future: dict[tuple[str, str], tuple[float, float]] = {}
         self._lock = threading.Lock()
         self._by_assoc: dict[int, set[str]] = {}
         self._open: Counter[str] = Counter()
@@ -89,12 +108,18 @@ class Completion:
     def scan(self) -> list[Job]:
         """Complete every study that has been quiet long enough or waited too long."""
         now = self.clock()
+        self._notice_clock_steps(now)
         if now - self.listening_since < self.settings.stable_seconds:
             return []  # a sender cut off by the node's stop has not had a quiet period to resume
         jobs = []
-        for uid, since, last in self.store.receiving_studies():
+        receiving = self.store.receiving_studies()
+        seen = {uid for uid, _, _ in receiving}
+        self._future = {k: v for k, v in self._future.items() if k[0] in seen}
+        for uid, recorded_since, recorded_last in receiving:
+            since = self._not_after(uid, "since", recorded_since, now)
+            last = self._not_after(uid, "last", recorded_last, now)
             if now - last >= self.settings.stable_seconds:
-                job = self._complete(uid, "quiet period", quiet_since=last)
+                job = self._complete(uid, "quiet period", quiet_since=recorded_last)
             elif now - max(since, self.listening_since) >= self.settings.max_wait_seconds:
                 job = self._complete(uid, "maximum wait")
             else:
@@ -102,6 +127,34 @@ class Completion:
             if job is not None:
                 jobs.append(job)
         return jobs
+
+    def _notice_clock_steps(self, now: float) -> None:
+        """A step of the wall clock since the last scan (see the module docstring) restarts
+        the quiet period every study is given, as a restart of the node does."""
+        steady = self.monotonic()
+        if self._last_scan is not None:
+            wall_then, steady_then = self._last_scan
+            step = (now - wall_then) - (steady - steady_then)
+            if abs(step) > _CLOCK_STEP_SECONDS:
+                logger.warning(
+                    "the wall clock stepped by %+.0f s; studies complete after a quiet period"
+                    " from now",
+                    step,
+                )
+                self.listening_since = now
+        self._last_scan = (now, steady)
+
+    def _not_after(self, uid: str, which: str, recorded: float, now: float) -> float:
+        """A recorded time of a study, or, while it lies in the future (a backward step of
+        the clock), the moment it was first found there."""
+        if recorded <= now:
+            self._future.pop((uid, which), None)
+            return recorded
+        known = self._future.get((uid, which))
+        if known is None or known[0] != recorded:
+            known = (recorded, now)
+            self._future[(uid, which)] = known
+        return known[1]
 
     def _complete(self, uid: str, reason: str, quiet_since: float | None = None) -> Job | None:
         job = self.store.complete_study(

@@ -143,3 +143,38 @@ def test_the_maximum_wait_of_a_study_cut_off_by_a_stop_counts_from_the_start(
             break
     assert [j.study_uid for j in jobs] == ["1.1"]
     assert i == 10  # 100 s after the start
+
+
+def test_a_step_of_the_wall_clock_neither_splits_nor_holds_a_study(tmp_path: Path) -> None:
+    """The wall clock steps forward 10 minutes while a study is arriving: it is not taken for
+    quiet (a split into two versions); a quiet period from the step passes first, the rest
+    arrives meanwhile, and one version completes. It steps back an hour: the times recorded
+    before lie in the future, and the study completes a couple of quiet periods later, not
+    an hour later."""
+    store = JobStore(tmp_path / "j.sqlite")
+    wall, steady = Clock(), Clock()
+    steady.now = 0.0
+    done = Completion(store, StudySettings(stable_seconds=30), clock=wall, monotonic=steady)
+
+    def tick(seconds: float, *, step: float = 0.0) -> list[object]:
+        wall.now += seconds + step
+        steady.now += seconds
+        return list(done.scan())
+
+    tick(31)
+    _record(store, wall, "1.1", "1.1.1")
+    assert tick(10) == []
+    assert tick(10, step=600) == []  # not taken for 10 minutes of quiet
+    _record(store, wall, "1.1", "1.1.2")  # the rest of the study
+    assert tick(25) == []
+    [job] = tick(10)
+    assert job.version == 1  # type: ignore[attr-defined]
+    [row] = store.studies()
+    assert row.instances == 2
+
+    _record(store, wall, "1.2", "1.2.1")
+    assert tick(10, step=-3600) == []
+    completed: list[object] = []
+    for _ in range(8):  # 80 s
+        completed += tick(10)
+    assert len(completed) == 1
