@@ -75,15 +75,23 @@ class Outbox:
     def claim(
         self, destination: str, *, limit: int = 64, now: float | None = None
     ) -> list[OutboxItem]:
-        """Take up to ``limit`` due rows of one destination and mark them ``sending``."""
+        """Take up to ``limit`` due rows of one destination and mark them ``sending``, oldest
+        job first. An older version's rows of a study go with a newer version's that are due,
+        whatever their own backoff, so that a destination never gets a study's outdated
+        results after the ones that revise them (a viewer shows the newest SEG it received)."""
         now = time.time() if now is None else now
         with self.store.transaction() as db:
             ids = [
                 r[0]
                 for r in db.execute(
-                    "SELECT id FROM outbox WHERE destination=? AND state='pending'"
-                    " AND not_before<=? ORDER BY job_id, id LIMIT ?",
-                    (destination, now, limit),
+                    "SELECT o.id FROM outbox o WHERE o.destination=:d AND o.state='pending'"
+                    " AND (o.not_before<=:now OR EXISTS (SELECT 1 FROM outbox n"
+                    " JOIN jobs nj ON nj.id = n.job_id JOIN jobs oj ON oj.id = o.job_id"
+                    " WHERE n.destination = o.destination AND n.state = 'pending'"
+                    " AND n.not_before <= :now AND nj.study_uid = oj.study_uid"
+                    " AND nj.version > oj.version))"
+                    " ORDER BY o.job_id, o.id LIMIT :limit",
+                    {"d": destination, "now": now, "limit": limit},
                 ).fetchall()
             ]
             for item_id in ids:

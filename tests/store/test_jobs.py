@@ -339,3 +339,34 @@ def test_writable_says_no_while_another_process_holds_the_store(tmp_path: Path) 
         holder.execute("ROLLBACK")
         holder.close()
     assert store.writable()
+
+
+def test_an_older_versions_deliveries_go_before_a_newer_ones(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Version 1's results wait out a long backoff for a PACS that was down; version 2's are
+    due. Claiming for that PACS takes version 1's with them, first, whatever their backoff:
+    the PACS never gets the outdated SEG after the one that revises it."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import Outbox
+
+    outbox = Outbox(store, DispatchSettings())
+    jobs = []
+    for version in (1, 2):
+        store.record_instance(_rec(tmp_path, f"1.{version}"))
+        job = store.complete_study("1.2.3", reason="quiet period")
+        assert job is not None and store.claim_next_job() is not None
+        outputs = [
+            OutputFile(tmp_path / f"seg{version}", "1.2.840.10008.5.1.4.1.1.66.4", f"7.{version}")
+        ]
+        store.finish_with_outputs(job.id, result={}, outputs=outputs, destinations=["pacs"])
+        jobs.append(job.id)
+        if version == 1:
+            [first] = outbox.claim("pacs")
+            outbox.failed(first.id, "no connection")
+            with store.transaction() as db:  # deep in its backoff
+                db.execute(
+                    "UPDATE outbox SET not_before=? WHERE id=?", (time.time() + 3600, first.id)
+                )
+    assert [i.job_id for i in outbox.claim("pacs")] == jobs
