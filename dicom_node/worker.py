@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,21 +18,13 @@ from pydicom.filereader import read_file_meta_info
 
 from dicom_node.backoff import backoff_delay
 from dicom_node.config import JobSettings
-from dicom_node.errors import (
-    AnalysisUnavailableError,
-    JobStoreError,
-    OutOfResourcesError,
-    StudySkipped,
-)
+from dicom_node.errors import AnalysisUnavailableError, StudySkipped
 from dicom_node.logs import log_context, study_key
 from dicom_node.metrics import JOB_SECONDS, JOBS_FINISHED
 from dicom_node.pipeline import ReportReference, StudyInput, StudyPipeline, earlier_reports
-from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile
+from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile, until_recorded
 
 logger = logging.getLogger(__name__)
-
-#: Longest pause between tries to record a job's outcome in a job store that refuses it.
-_SETTLE_MAX_PAUSE = 30.0
 
 
 def _output_file(path: Path) -> OutputFile:
@@ -192,27 +183,13 @@ class Worker:
         return done
 
     def _settle(self, record: Callable[[], Job]) -> Job:
-        """Record a job's outcome (``record``), however long the job store takes to accept it
-        (another process holding its lock, a full disk being cleared): a job whose outcome was
-        not recorded would stay ``running`` until the next start, its results unsent, with
-        nothing for ``dicom-node retry`` to take. Tried again with a growing pause; when the
-        node stops meanwhile, the job is left to the next start, which resumes it."""
-        pause = 1.0
-        while True:
-            try:
-                return record()
-            except (OutOfResourcesError, JobStoreError, sqlite3.Error) as exc:
-                if self.stopping.is_set():
-                    raise
-                logger.warning(
-                    "the job store did not take the job's outcome (%s); trying again in %.0f s",
-                    exc,
-                    pause,
-                )
-            self.last_beat = time.monotonic()  # waiting on the store, not stuck in a job
-            if self.stopping.wait(pause):
-                raise JobStoreError("the node stopped before the job's outcome was recorded")
-            pause = min(pause * 2, _SETTLE_MAX_PAUSE)
+        """Record a job's outcome (``record``) however long the job store cannot take it for
+        now (:func:`~dicom_node.store.jobs.until_recorded`): a job whose outcome was not
+        recorded would stay ``running`` until the next start, its results unsent, with nothing
+        for ``dicom-node retry`` to take. While it waits, the worker is waiting on the store,
+        not stuck in a job; when the node stops meanwhile, the next start resumes the job."""
+        self.last_beat = time.monotonic()
+        return until_recorded(record, what="a job's outcome", stop=self.stopping)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
         """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error

@@ -7,9 +7,7 @@ holds back another destination or the analysis of other studies.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,8 +15,8 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
 from dicom_node.dispatch.scu import SendOutcome, send_files
-from dicom_node.errors import JobStoreError, OutOfResourcesError
 from dicom_node.metrics import SENDS
+from dicom_node.store.jobs import until_recorded
 from dicom_node.store.outbox import DeliveryState, Outbox
 
 logger = logging.getLogger(__name__)
@@ -62,24 +60,13 @@ class Dispatcher:
         for t in list(self._threads.values()):
             t.join(timeout)
 
+    @staticmethod
     def _record(
-        self, write: Callable[..., _T], *args: Any, stop: threading.Event | None, **kwargs: Any
+        write: Callable[..., _T], *args: Any, stop: threading.Event | None, **kwargs: Any
     ) -> _T:
-        """``write(*args, **kwargs)`` on the job store, tried again with a growing pause while
-        the store refuses it (another process holding its lock, a full disk being cleared)."""
-        pause = 1.0
-        while True:
-            try:
-                return write(*args, **kwargs)
-            except (OutOfResourcesError, JobStoreError, sqlite3.Error) as exc:
-                if stop is not None and stop.is_set():
-                    raise
-                logger.warning("the job store refused a delivery's state (%s); trying again", exc)
-            if stop is not None and stop.wait(pause):
-                raise JobStoreError("the node stopped before a delivery's state was recorded")
-            if stop is None:
-                time.sleep(pause)
-            pause = min(pause * 2, 30.0)
+        """``write(*args, **kwargs)`` on the job store, however long it cannot take it for now
+        (:func:`~dicom_node.store.jobs.until_recorded`)."""
+        return until_recorded(lambda: write(*args, **kwargs), what="a delivery's state", stop=stop)
 
     def drain(self, name: str, stop: threading.Event | None = None) -> None:
         """Send everything due for one destination, batch by batch. What is recorded after a

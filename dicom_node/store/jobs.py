@@ -29,11 +29,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dicom_node.errors import JobStoreError, OutOfResourcesError
 
@@ -257,6 +257,35 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     """Another connection holds the lock (SQLITE_BUSY or SQLITE_LOCKED, extended codes too)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+_T = TypeVar("_T")
+
+
+def until_recorded(
+    write: Callable[[], _T], *, what: str, stop: threading.Event | None = None
+) -> _T:
+    """``write()`` to the job store, tried again with a growing pause (1 s, doubling to 30 s)
+    while the store cannot take it for now: another process holding its lock past the wait,
+    a full disk being cleared (:class:`OutOfResourcesError`), an I/O error
+    (``sqlite3.OperationalError``). What the store refuses for good (a job that is not in the
+    state the write needs) is raised at once, and so is the transient error once ``stop`` is
+    set (the write is left to the next start's recovery). ``what`` names the write in the log.
+    """
+    pause = 1.0
+    while True:
+        try:
+            return write()
+        except (OutOfResourcesError, sqlite3.OperationalError) as exc:
+            if stop is not None and stop.is_set():
+                raise
+            logger.warning("the job store did not take %s (%s); trying again", what, exc)
+        if stop is not None:
+            if stop.wait(pause):
+                raise JobStoreError(f"the node stopped before {what} was recorded")
+        else:
+            time.sleep(pause)
+        pause = min(pause * 2, 30.0)
 
 
 class JobStore:

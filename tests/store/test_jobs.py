@@ -370,3 +370,41 @@ def test_an_older_versions_deliveries_go_before_a_newer_ones(
                     "UPDATE outbox SET not_before=? WHERE id=?", (time.time() + 3600, first.id)
                 )
     assert [i.job_id for i in outbox.claim("pacs")] == jobs
+
+
+def test_a_write_is_tried_again_only_while_the_store_cannot_take_it_for_now() -> None:
+    """``until_recorded``: a store that is busy (or full, or failing to read) is asked again
+    until it takes the write; a refusal for good (a job not in the state the write needs) is
+    raised at once, as is the transient error once the node stops."""
+    import sqlite3
+    import threading
+
+    from dicom_node.errors import OutOfResourcesError
+    from dicom_node.store.jobs import until_recorded
+
+    tries: list[int] = []
+
+    def busy_twice() -> str:
+        tries.append(1)
+        if len(tries) <= 2:
+            raise (OutOfResourcesError if len(tries) == 1 else sqlite3.OperationalError)("busy")
+        return "recorded"
+
+    assert until_recorded(busy_twice, what="a test write") == "recorded"
+    assert len(tries) == 3
+
+    def for_good() -> str:
+        raise JobStoreError("job 7 is done")
+
+    started = time.monotonic()
+    with pytest.raises(JobStoreError, match="job 7 is done"):
+        until_recorded(for_good, what="a test write")
+    assert time.monotonic() - started < 0.5
+    stopped = threading.Event()
+    stopped.set()
+
+    def busy() -> str:
+        raise OutOfResourcesError("busy")
+
+    with pytest.raises(OutOfResourcesError):
+        until_recorded(busy, what="a test write", stop=stopped)
