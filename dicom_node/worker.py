@@ -73,6 +73,7 @@ class Worker:
         self.stopping = threading.Event()
         self.busy = False
         self.last_beat = time.monotonic()
+        self._loop_stop: threading.Event | None = None
 
     def making_progress(self) -> bool:
         """False when the worker loop has not come round for longer than a job may take: its
@@ -189,12 +190,14 @@ class Worker:
         for ``dicom-node retry`` to take. While it waits, the worker is waiting on the store,
         not stuck in a job; when the node stops meanwhile, the next start resumes the job."""
         self.last_beat = time.monotonic()
-        return until_recorded(record, what="a job's outcome", stop=self.stopping)
+        stop = self._loop_stop if self._loop_stop is not None else self.stopping
+        return until_recorded(record, what="a job's outcome", stop=stop)
 
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
         """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error
         outside a job's boundary (the job store itself failing: a full disk) is logged and the
         loop goes on after a pause; the job it hit resumes at the next start or retry."""
+        self._loop_stop = stop  # a job's outcome waiting on the job store gives up at the stop
         while not stop.is_set():
             self.last_beat = time.monotonic()
             try:

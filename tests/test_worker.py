@@ -260,3 +260,38 @@ def test_a_job_store_locked_when_the_job_ends_still_gets_its_outcome(tmp_path: P
     holder.close()
     assert done is not None and done.state == JobState.DONE
     assert store.job(job_id).state == JobState.DONE
+
+
+def test_a_stop_while_an_outcome_waits_on_the_store_ends_the_worker_at_once(
+    tmp_path: Path,
+) -> None:
+    """The node stops while a job's outcome waits for a job store another process holds: the
+    worker gives up waiting at the stop (the job, still ``running``, is resumed at the next
+    start) instead of holding the stop for its whole drain period."""
+    import sqlite3
+
+    store = JobStore(tmp_path / "jobs.sqlite", busy_seconds=0.3)
+    job_id = _queued_job(store, tmp_path)
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    waiting = threading.Event()
+
+    def pipeline(study: StudyInput) -> StudyResult:
+        holder.execute("BEGIN IMMEDIATE")
+        waiting.set()
+        return StudyResult(summary={"series": []})
+
+    worker = Worker(store, pipeline, JobSettings(), tmp_path / "work")
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop, 0.05), daemon=True)
+    loop.start()
+    assert waiting.wait(10)
+    time.sleep(1.0)  # the outcome is being tried again
+    stopped = time.monotonic()
+    stop.set()
+    worker.wake.set()
+    loop.join(10)
+    assert not loop.is_alive() and time.monotonic() - stopped < 3
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert store.job(job_id).state == JobState.RUNNING
+    assert [j.id for j in store.recover()] == [job_id]

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
-from dicom_node.dispatch.scu import SendOutcome, send_files
+from dicom_node.dispatch.scu import Peer, SendOutcome, send_files
 from dicom_node.metrics import SENDS
 from dicom_node.store.jobs import until_recorded
-from dicom_node.store.outbox import DeliveryState, Outbox
+from dicom_node.store.outbox import DeliveryState, Outbox, OutboxItem
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,14 @@ class Dispatcher:
         self._lock = threading.Lock()
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Start a drain thread for each destination with rows due, until ``stop`` is set."""
+        """Start a drain thread for each destination with rows due, until ``stop`` is set. A
+        pass that fails (the job store unreadable for a moment) is logged, and the next one
+        comes after the usual pause."""
         while not stop.is_set():
-            self.kick(stop)
+            try:
+                self.kick(stop)
+            except Exception:  # keep dispatching: results must not wait for a restart
+                logger.exception("the dispatch loop failed; trying again")
             self.wake.wait(self.config.dispatch.poll_seconds)
             self.wake.clear()
 
@@ -68,6 +73,56 @@ class Dispatcher:
         (:func:`~dicom_node.store.jobs.until_recorded`)."""
         return until_recorded(lambda: write(*args, **kwargs), what="a delivery's state", stop=stop)
 
+    def _send(
+        self,
+        name: str,
+        peer: Peer,
+        items: list[OutboxItem],
+        stop: threading.Event | None,
+    ) -> list[OutboxItem]:
+        """Send ``items`` in one association and record each outcome; the items that failed."""
+        try:
+            outcomes = send_files(
+                peer,
+                [i.path for i in items],
+                calling_ae=self.config.node.ae_title,
+                settings=self.config.dispatch,
+            )
+        except Exception as exc:  # whatever it was, the rows retry with backoff
+            logger.exception("sending failed", extra={"fields": {"destination": name}})
+            outcomes = [SendOutcome(i.path, False, None, type(exc).__name__) for i in items]
+        failed = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            try:
+                self.audit.sent(
+                    destination=name,
+                    ae_title=peer.ae_title,
+                    host=peer.host,
+                    port=peer.port,
+                    job=item.job_id,
+                    sop_instance_uid=item.sop_instance_uid,
+                    sop_class_uid=item.sop_class_uid,
+                    outcome="success" if outcome.delivered else outcome.detail,
+                )
+            except Exception:  # the delivery happened whether or not it could be audited
+                logger.exception("the audit record of a delivery could not be written")
+            if outcome.delivered:
+                self._record(self.outbox.delivered, item.id, outcome.status or 0, stop=stop)
+                SENDS.labels(name, "delivered").inc()
+                continue
+            state = self._record(
+                self.outbox.failed, item.id, outcome.detail, outcome.status, stop=stop
+            )
+            SENDS.labels(name, "dead" if state == DeliveryState.DEAD else "failed").inc()
+            logger.warning(
+                "delivery failed (%s)%s",
+                outcome.detail,
+                "; dead-lettered" if state == DeliveryState.DEAD else "; will retry",
+                extra={"fields": {"destination": name, "job": item.job_id}},
+            )
+            failed.append(item)
+        return failed
+
     def drain(self, name: str, stop: threading.Event | None = None) -> None:
         """Send everything due for one destination, batch by batch. What is recorded after a
         send (the audit record, the delivery's new state) cannot end the thread with rows
@@ -89,45 +144,40 @@ class Dispatcher:
                         stop=stop,
                     )
                 continue
-            try:
-                outcomes = send_files(
-                    peer,
-                    [i.path for i in items],
-                    calling_ae=self.config.node.ae_title,
-                    settings=self.config.dispatch,
-                )
-            except Exception as exc:  # whatever it was, the rows retry with backoff
-                logger.exception("sending failed", extra={"fields": {"destination": name}})
-                outcomes = [SendOutcome(i.path, False, None, type(exc).__name__) for i in items]
+            # A study's versions go in waves, oldest first (claim orders them so): a newer
+            # version's results are sent only once the older one's of that study went through.
+            study = {j: self.outbox.store.job(j).study_uid for j in {i.job_id for i in items}}
+            held: dict[str, float] = {}  # study: when its refused older version is due again
             retry_later = False
-            for item, outcome in zip(items, outcomes, strict=True):
-                try:
-                    self.audit.sent(
-                        destination=name,
-                        ae_title=peer.ae_title,
-                        host=peer.host,
-                        port=peer.port,
-                        job=item.job_id,
-                        sop_instance_uid=item.sop_instance_uid,
-                        sop_class_uid=item.sop_class_uid,
-                        outcome="success" if outcome.delivered else outcome.detail,
-                    )
-                except Exception:  # the delivery happened whether or not it could be audited
-                    logger.exception("the audit record of a delivery could not be written")
-                if outcome.delivered:
-                    self._record(self.outbox.delivered, item.id, outcome.status or 0, stop=stop)
-                    SENDS.labels(name, "delivered").inc()
+            for wave_items in _waves(items, study):
+                for uid, until in held.items():
+                    waiting = [i.id for i in wave_items if study[i.job_id] == uid]
+                    if waiting:
+                        self._record(self.outbox.unclaim, waiting, not_before=until, stop=stop)
+                to_send = [i for i in wave_items if study[i.job_id] not in held]
+                if not to_send:
                     continue
-                state = self._record(
-                    self.outbox.failed, item.id, outcome.detail, outcome.status, stop=stop
-                )
-                SENDS.labels(name, "dead" if state == DeliveryState.DEAD else "failed").inc()
-                logger.warning(
-                    "delivery failed (%s)%s",
-                    outcome.detail,
-                    "; dead-lettered" if state == DeliveryState.DEAD else "; will retry",
-                    extra={"fields": {"destination": name, "job": item.job_id}},
-                )
-                retry_later = True
+                for item in self._send(name, peer, to_send, stop):
+                    retry_later = True
+                    again = self._record(self.outbox.item, item.id, stop=stop)
+                    if again.state == DeliveryState.PENDING:  # (a dead one holds nothing back)
+                        uid = study[item.job_id]
+                        held[uid] = max(held.get(uid, 0.0), again.not_before)
             if retry_later:
                 return  # the rest waits for its backoff; other destinations are unaffected
+
+
+def _waves(items: list[OutboxItem], study: dict[int, str]) -> list[list[OutboxItem]]:
+    """``items`` (oldest job first) in waves: the first holds each study's oldest version in
+    the batch, the next its next version, and so on."""
+    waves: list[list[OutboxItem]] = []
+    versions: dict[str, list[int]] = {}
+    for item in items:
+        jobs = versions.setdefault(study[item.job_id], [])
+        if item.job_id not in jobs:
+            jobs.append(item.job_id)
+        wave = jobs.index(item.job_id)
+        while len(waves) <= wave:
+            waves.append([])
+        waves[wave].append(item)
+    return waves

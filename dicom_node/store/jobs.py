@@ -808,9 +808,9 @@ class JobStore:
                     f"job {job_id}: its study's files were removed (dicom-node purge); send the"
                     " study again to have it analysed"
                 )
-            newer = db.execute(
+            newer = db.execute(  # (a newer version skipped, or superseded, has no results)
                 "SELECT MAX(version) FROM jobs WHERE study_uid=? AND version>"
-                "(SELECT version FROM jobs WHERE id=?)",
+                "(SELECT version FROM jobs WHERE id=?) AND state NOT IN ('skipped', 'superseded')",
                 (row["study_uid"], job_id),
             ).fetchone()[0]
             if newer is not None or study["state"] == StudyState.RECEIVING:

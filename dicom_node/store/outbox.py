@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +65,25 @@ class Outbox:
     def due_destinations(self, now: float | None = None) -> list[str]:
         """Destinations with at least one row due now."""
         now = time.time() if now is None else now
-        with self.store.transaction() as db:
+        with self.store.reading() as db:  # a read: no wait on another process's write lock
             rows = db.execute(
                 "SELECT DISTINCT destination FROM outbox WHERE state='pending' AND not_before<=?",
                 (now,),
             ).fetchall()
         return [r[0] for r in rows]
+
+    def unclaim(self, item_ids: Sequence[int], *, not_before: float) -> None:
+        """Put rows claimed but not sent back to ``pending`` until ``not_before``, their
+        attempt not counted (an older version of their study was refused in the same batch:
+        they wait for it)."""
+        now = time.time()
+        with self.store.transaction() as db:
+            for item_id in item_ids:
+                db.execute(
+                    "UPDATE outbox SET state='pending', attempts=MAX(attempts-1, 0),"
+                    " not_before=MAX(not_before, ?), updated_at=? WHERE id=? AND state='sending'",
+                    (not_before, now, item_id),
+                )
 
     def claim(
         self, destination: str, *, limit: int = 64, now: float | None = None

@@ -515,3 +515,78 @@ def test_a_destination_no_longer_configured_is_dead_lettered_at_once(
     refused = node_cli("retry", str(job_id), "--config", str(config))
     assert refused.returncode == 2
     assert "'old-pacs', no longer configured" in refused.stderr
+
+
+def test_a_newer_version_waits_for_an_older_one_the_pacs_refused_in_the_same_batch(
+    tmp_path: Path, write_study: Callable[..., list[Path]]
+) -> None:
+    """Version 1's result (in backoff: the PACS was down) goes in the batch with version 2's;
+    the PACS refuses version 1's once (0xA700, out of resources). Version 2's is not sent in
+    that association: it waits, its attempt not counted, until version 1's went through, so
+    the PACS stores them in order (a viewer shows the newest SEG it received). A loop pass
+    that fails (the job store unreadable) does not end the dispatcher."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    first, second = write_study(slices=2)
+    v1 = str(dcmread(first).SOPInstanceUID)
+    received: list[str] = []
+    refused: set[str] = set()
+
+    def on_store(event: object) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[attr-defined]
+        if uid == v1 and uid not in refused:
+            refused.add(uid)
+            return 0xA700
+        received.append("v1" if uid == v1 else "v2")
+        return 0
+
+    ae = AE("PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    scp = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        cfg = _config(tmp_path, {"pacs": scp.socket.getsockname()[1]})
+        store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+        outbox = Outbox(store, cfg.dispatch)
+        study = str(dcmread(first).StudyInstanceUID)
+        jobs = []
+        for n, path in enumerate((first, second), start=1):
+            store.record_instance(
+                InstanceRecord(f"9.{n}", study, "9", "1.2", "CT", path, 1, "X", time.time())
+            )
+            job = store.complete_study(study, reason="test")
+            assert job is not None and store.claim_next_job() is not None
+            ds = dcmread(path)
+            output = OutputFile(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+            store.finish_with_outputs(job.id, result={}, outputs=[output], destinations=["pacs"])
+            jobs.append(job.id)
+            if n == 1:  # the PACS was down: version 1 is in its backoff
+                [item] = outbox.claim("pacs")
+                outbox.failed(item.id, "no connection")
+        dispatcher = Dispatcher(cfg, outbox)
+        stop = threading.Event()
+        calls = {"n": 0}
+        real = outbox.due_destinations
+
+        def flaky(now: float | None = None) -> list[str]:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError("the job store could not be read")
+            return real(now)
+
+        outbox.due_destinations = flaky  # type: ignore[method-assign]
+        loop = threading.Thread(target=dispatcher.run_forever, args=(stop,), daemon=True)
+        loop.start()
+        deadline = time.monotonic() + 30
+        while (
+            store.job(jobs[1]).state != JobState.DONE or store.job(jobs[0]).state != JobState.DONE
+        ):
+            assert time.monotonic() < deadline and loop.is_alive(), outbox.items()
+            dispatcher.wake.set()
+            time.sleep(0.1)
+        stop.set()
+        dispatcher.wake.set()
+        loop.join(10)
+    finally:
+        scp.shutdown()
+    assert received == ["v1", "v2"]
+    assert [i.attempts for i in outbox.items()] == [3, 1]

@@ -408,3 +408,19 @@ def test_a_write_is_tried_again_only_while_the_store_cannot_take_it_for_now() ->
 
     with pytest.raises(OutOfResourcesError):
         until_recorded(busy, what="a test write", stop=stopped)
+
+
+def test_a_dead_version_is_retried_when_the_newer_one_has_no_results(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Version 1 died; the study came again and version 2 was skipped (nothing to analyse in
+    what was sent): version 1's results are still the newest, so it is retried."""
+    store.record_instance(_rec(tmp_path, "1.1"))
+    first = store.complete_study("1.2.3", reason="quiet period")
+    assert first is not None and store.claim_next_job() is not None
+    store.finish_job(first.id, JobState.DEAD, error="boom")
+    store.record_instance(_rec(tmp_path, "1.2"))
+    second = store.complete_study("1.2.3", reason="quiet period")
+    assert second is not None and store.claim_next_job() is not None
+    store.finish_job(second.id, JobState.SKIPPED, error="no series qualifies")
+    assert store.retry_job(first.id).state == JobState.QUEUED
