@@ -123,6 +123,32 @@ class Dispatcher:
             failed.append(item)
         return failed
 
+    def _send_in_waves(
+        self, name: str, peer: Peer, items: list[OutboxItem], stop: threading.Event | None
+    ) -> bool:
+        """Send a claimed batch, a study's versions in waves, oldest first (claim orders them
+        so): a newer version's results go only once the older one's of that study went
+        through; refused, the older one holds its study's newer ones back until it is due
+        again. Whether any item failed."""
+        study = self.outbox.studies_of({i.job_id for i in items})
+        held: dict[str, float] = {}  # study: when its refused older version is due again
+        retry_later = False
+        for wave_items in _waves(items, study):
+            for uid, until in held.items():
+                waiting = [i.id for i in wave_items if study[i.job_id] == uid]
+                if waiting:
+                    self._record(self.outbox.unclaim, waiting, not_before=until, stop=stop)
+            to_send = [i for i in wave_items if study[i.job_id] not in held]
+            if not to_send:
+                continue
+            for item in self._send(name, peer, to_send, stop):
+                retry_later = True
+                again = self._record(self.outbox.item, item.id, stop=stop)
+                if again.state == DeliveryState.PENDING:  # (a dead one holds nothing back)
+                    uid = study[item.job_id]
+                    held[uid] = max(held.get(uid, 0.0), again.not_before)
+        return retry_later
+
     def drain(self, name: str, stop: threading.Event | None = None) -> None:
         """Send everything due for one destination, batch by batch. What is recorded after a
         send (the audit record, the delivery's new state) cannot end the thread with rows
@@ -144,25 +170,10 @@ class Dispatcher:
                         stop=stop,
                     )
                 continue
-            # A study's versions go in waves, oldest first (claim orders them so): a newer
-            # version's results are sent only once the older one's of that study went through.
-            study = {j: self.outbox.store.job(j).study_uid for j in {i.job_id for i in items}}
-            held: dict[str, float] = {}  # study: when its refused older version is due again
-            retry_later = False
-            for wave_items in _waves(items, study):
-                for uid, until in held.items():
-                    waiting = [i.id for i in wave_items if study[i.job_id] == uid]
-                    if waiting:
-                        self._record(self.outbox.unclaim, waiting, not_before=until, stop=stop)
-                to_send = [i for i in wave_items if study[i.job_id] not in held]
-                if not to_send:
-                    continue
-                for item in self._send(name, peer, to_send, stop):
-                    retry_later = True
-                    again = self._record(self.outbox.item, item.id, stop=stop)
-                    if again.state == DeliveryState.PENDING:  # (a dead one holds nothing back)
-                        uid = study[item.job_id]
-                        held[uid] = max(held.get(uid, 0.0), again.not_before)
+            try:
+                retry_later = self._send_in_waves(name, peer, items, stop)
+            finally:  # whatever ended the batch, nothing is left claimed and unsent
+                self._record(self.outbox.unclaim, [i.id for i in items], not_before=0.0, stop=None)
             if retry_later:
                 return  # the rest waits for its backoff; other destinations are unaffected
 

@@ -72,6 +72,16 @@ class Outbox:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def studies_of(self, job_ids: Collection[int]) -> dict[int, str]:
+        """The study of each job, in one read."""
+        marks = ",".join("?" * len(job_ids))
+        with self.store.reading() as db:
+            rows = db.execute(
+                f"SELECT id, study_uid FROM jobs WHERE id IN ({marks})",  # noqa: S608 - marks
+                tuple(job_ids),
+            ).fetchall()
+        return {int(r[0]): str(r[1]) for r in rows}
+
     def unclaim(self, item_ids: Sequence[int], *, not_before: float) -> None:
         """Put rows claimed but not sent back to ``pending`` until ``not_before``, their
         attempt not counted (an older version of their study was refused in the same batch:
@@ -168,21 +178,23 @@ class Outbox:
                         finished_at=now,
                     )
                 return DeliveryState.DEAD
+            due = now + backoff_delay(
+                item.attempts,
+                base_seconds=self.settings.retry_base_seconds,
+                max_seconds=self.settings.retry_max_seconds,
+            )
             db.execute(
                 "UPDATE outbox SET state='pending', last_error=?, last_status=?, not_before=?,"
                 " updated_at=? WHERE id=?",
-                (
-                    error,
-                    status,
-                    now
-                    + backoff_delay(
-                        item.attempts,
-                        base_seconds=self.settings.retry_base_seconds,
-                        max_seconds=self.settings.retry_max_seconds,
-                    ),
-                    now,
-                    item_id,
-                ),
+                (error, status, due, now, item_id),
+            )
+            # the study's newer versions wait for it at this destination (claim would otherwise
+            # take it along with any of theirs that is due, whatever its backoff)
+            db.execute(
+                "UPDATE outbox SET not_before=MAX(not_before, ?) WHERE destination=?"
+                " AND state='pending' AND job_id IN (SELECT n.id FROM jobs n JOIN jobs o"
+                " ON o.study_uid = n.study_uid WHERE o.id=? AND n.version > o.version)",
+                (due, item.destination, item.job_id),
             )
             return DeliveryState.PENDING
 

@@ -590,3 +590,35 @@ def test_a_newer_version_waits_for_an_older_one_the_pacs_refused_in_the_same_bat
         scp.shutdown()
     assert received == ["v1", "v2"]
     assert [i.attempts for i in outbox.items()] == [3, 1]
+
+
+def test_a_batch_cut_short_by_an_error_leaves_nothing_claimed(
+    tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
+) -> None:
+    """The job store cannot be read just after a batch was claimed (a disk I/O error): the
+    send thread ends with the error, but its rows go back to ``pending``, their attempt not
+    counted, and the next pass delivers them, instead of their staying ``sending`` (and the
+    job with them) until a restart."""
+    import sqlite3
+
+    files = write_study(slices=1)
+    pacs = scps("pacs")
+    cfg = _config(tmp_path, {"pacs": pacs.port})
+    store = JobStore(cfg.storage.data_dir / "jobs.sqlite")
+    outbox = Outbox(store, cfg.dispatch)
+    job_id = _job_with_outputs(store, files, ["pacs"])
+    real = outbox.studies_of
+
+    def failing(job_ids: object) -> dict[int, str]:
+        outbox.studies_of = real  # type: ignore[method-assign]
+        raise sqlite3.OperationalError("disk I/O error")
+
+    outbox.studies_of = failing  # type: ignore[method-assign]
+    dispatcher = Dispatcher(cfg, outbox)
+    with pytest.raises(sqlite3.OperationalError):
+        dispatcher.drain("pacs")
+    [item] = outbox.items()
+    assert (item.state, item.attempts) == (DeliveryState.PENDING, 0)
+    dispatcher.drain("pacs")
+    assert store.job(job_id).state == JobState.DONE
+    assert len(pacs.received()) == 1

@@ -424,3 +424,36 @@ def test_a_dead_version_is_retried_when_the_newer_one_has_no_results(
     assert second is not None and store.claim_next_job() is not None
     store.finish_job(second.id, JobState.SKIPPED, error="no series qualifies")
     assert store.retry_job(first.id).state == JobState.QUEUED
+
+
+def test_a_refused_older_version_holds_back_every_newer_row_of_its_study(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Version 1's delivery is refused and retried later: every pending row of the study's
+    newer versions at that destination waits as long, in the batch or not (claim would
+    otherwise take version 1 along with any of them that is due, whatever its backoff);
+    another destination's rows, and other studies', are left as they are."""
+    from dicom_node.config import DispatchSettings
+    from dicom_node.store.jobs import OutputFile
+    from dicom_node.store.outbox import Outbox
+
+    outbox = Outbox(store, DispatchSettings(retry_base_seconds=60))
+    for version in (1, 2):
+        store.record_instance(_rec(tmp_path, f"1.{version}"))
+        job = store.complete_study("1.2.3", reason="quiet period")
+        assert job is not None and store.claim_next_job() is not None
+        outputs = [
+            OutputFile(
+                tmp_path / f"o{version}{k}", "1.2.840.10008.5.1.4.1.1.66.4", f"7.{version}{k}"
+            )
+            for k in range(3)
+        ]
+        store.finish_with_outputs(job.id, result={}, outputs=outputs, destinations=["a", "b"])
+    [oldest, *_] = outbox.claim("a", limit=1)
+    outbox.failed(oldest.id, "failure status 0xA700", 0xA700)
+    refused = outbox.item(oldest.id)
+    newer = [i for i in outbox.items() if i.job_id != oldest.job_id]
+    assert all(i.not_before >= refused.not_before for i in newer if i.destination == "a")
+    assert all(i.not_before == 0 for i in newer if i.destination == "b")
+    # of the study, only version 1's other result is due at "a" before version 1's refused one
+    assert {i.job_id for i in outbox.claim("a")} == {oldest.job_id}
