@@ -4,7 +4,8 @@
   ``storage.keep_hours`` ago: its spooled instances, its rows in ``instances``/``studies``, and
   the work folders (outputs) of its jobs. Job rows stay as history.
 - Failed and dead jobs keep everything until retried or purged by the operator
-  (:func:`purge`, ``dicom-node purge``).
+  (:func:`purge`, ``dicom-node purge``), also when a newer version of the study was skipped
+  or superseded (it has no results of its own).
 - The history of a study removed so (its jobs' state changes and deliveries, and its older
   jobs) goes ``storage.history_days`` after its last job ended (:func:`prune_history`). Each
   such study keeps its newest job and its newest delivered one: the next version of a study
@@ -54,6 +55,15 @@ def _jobs_by_study(store: JobStore) -> dict[str, list[Job]]:
     return by_study
 
 
+def _with_results(jobs: list[Job]) -> Job:
+    """Of a study's jobs (newest first), the newest that is not skipped or superseded: the
+    version whose results count (a re-send that held nothing to analyse leaves them to the
+    one before)."""
+    return next(
+        (j for j in jobs if j.state not in (JobState.SKIPPED, JobState.SUPERSEDED)), jobs[0]
+    )
+
+
 def _remove_study(store: JobStore, spool: Spool, work_root: Path, jobs: list[Job]) -> int | None:
     """Delete a study whose jobs are ``jobs`` (newest first); the number of spooled files it
     had, or ``None`` when it is gone already or its newest job is no longer ``jobs[0]`` (a
@@ -90,6 +100,8 @@ def apply_retention(
     studies = files = 0
     for jobs in _jobs_by_study(store).values():
         job = jobs[0]
+        if _with_results(jobs).state in _ENDED_BADLY:
+            continue  # an older version died, and a newer one (skipped) has no results: kept
         if job.state in _ENDED_WELL and job.finished_at is not None and job.finished_at <= cutoff:
             n = _remove_study(store, spool, work_root, jobs)
             if n is not None:
@@ -112,7 +124,7 @@ def purge(
     cutoff = now - older_than_hours * 3600
     studies = files = 0
     for jobs in _jobs_by_study(store).values():
-        job = jobs[0]
+        job = _with_results(jobs)
         if job.state in _ENDED_BADLY and (job.finished_at or job.updated_at) <= cutoff:
             n = _remove_study(store, spool, work_root, jobs)
             if n is not None:

@@ -449,3 +449,19 @@ def test_an_older_versions_results_on_their_way_keep_the_study(tmp_path: Path) -
     outbox.delivered(item.id, 0)
     assert purge(store, spool, work).studies == 1
     assert not sr.exists()
+
+
+def test_a_dead_version_keeps_its_study_when_a_newer_one_was_skipped(tmp_path: Path) -> None:
+    """Version 1 died; the study came again with nothing to analyse (version 2 skipped).
+    Version 1's results are still the study's newest: retention keeps the study, as it keeps
+    any dead job's, for ``retry``; ``purge`` removes it."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    work = tmp_path / "work"
+    _study(store, spool, "1.1")
+    _finish(store, "1.1", JobState.DEAD)
+    _study(store, spool, "1.1", n=3)
+    _finish(store, "1.1", JobState.SKIPPED)
+    later = time.time() + 3600
+    assert apply_retention(store, spool, work, keep_hours=0, now=later).studies == 0
+    assert purge(store, spool, work, now=later).studies == 1
