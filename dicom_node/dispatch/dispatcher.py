@@ -79,8 +79,9 @@ class Dispatcher:
         peer: Peer,
         items: list[OutboxItem],
         stop: threading.Event | None,
-    ) -> list[OutboxItem]:
-        """Send ``items`` in one association and record each outcome; the items that failed."""
+    ) -> list[tuple[OutboxItem, DeliveryState]]:
+        """Send ``items`` in one association and record each outcome; the items that failed,
+        with their new state."""
         try:
             outcomes = send_files(
                 peer,
@@ -120,7 +121,7 @@ class Dispatcher:
                 "; dead-lettered" if state == DeliveryState.DEAD else "; will retry",
                 extra={"fields": {"destination": name, "job": item.job_id}},
             )
-            failed.append(item)
+            failed.append((item, state))
         return failed
 
     def _send_in_waves(
@@ -128,25 +129,20 @@ class Dispatcher:
     ) -> bool:
         """Send a claimed batch, a study's versions in waves, oldest first (claim orders them
         so): a newer version's results go only once the older one's of that study went
-        through; refused, the older one holds its study's newer ones back until it is due
-        again. Whether any item failed."""
+        through. Refused and to be tried again, the older one holds its study's newer ones
+        back (:meth:`Outbox.failed` defers them; they are left claimed here, for the caller
+        to put back). Whether any item failed."""
         study = self.outbox.studies_of({i.job_id for i in items})
-        held: dict[str, float] = {}  # study: when its refused older version is due again
+        held: set[str] = set()  # studies with a refused older version to be tried again
         retry_later = False
         for wave_items in _waves(items, study):
-            for uid, until in held.items():
-                waiting = [i.id for i in wave_items if study[i.job_id] == uid]
-                if waiting:
-                    self._record(self.outbox.unclaim, waiting, not_before=until, stop=stop)
             to_send = [i for i in wave_items if study[i.job_id] not in held]
             if not to_send:
                 continue
-            for item in self._send(name, peer, to_send, stop):
+            for item, state in self._send(name, peer, to_send, stop):
                 retry_later = True
-                again = self._record(self.outbox.item, item.id, stop=stop)
-                if again.state == DeliveryState.PENDING:  # (a dead one holds nothing back)
-                    uid = study[item.job_id]
-                    held[uid] = max(held.get(uid, 0.0), again.not_before)
+                if state == DeliveryState.PENDING:  # (a dead one holds nothing back)
+                    held.add(study[item.job_id])
         return retry_later
 
     def drain(self, name: str, stop: threading.Event | None = None) -> None:
@@ -173,7 +169,7 @@ class Dispatcher:
             try:
                 retry_later = self._send_in_waves(name, peer, items, stop)
             finally:  # whatever ended the batch, nothing is left claimed and unsent
-                self._record(self.outbox.unclaim, [i.id for i in items], not_before=0.0, stop=None)
+                self._record(self.outbox.unclaim, [i.id for i in items], stop=None)
             if retry_later:
                 return  # the rest waits for its backoff; other destinations are unaffected
 

@@ -82,17 +82,17 @@ class Outbox:
             ).fetchall()
         return {int(r[0]): str(r[1]) for r in rows}
 
-    def unclaim(self, item_ids: Sequence[int], *, not_before: float) -> None:
-        """Put rows claimed but not sent back to ``pending`` until ``not_before``, their
-        attempt not counted (an older version of their study was refused in the same batch:
-        they wait for it)."""
+    def unclaim(self, item_ids: Sequence[int]) -> None:
+        """Put those of ``item_ids`` still claimed (``sending``) back to ``pending``, their
+        attempt not counted: rows a batch did not send (held back behind a refused older
+        version of their study, or cut short by an error)."""
         now = time.time()
         with self.store.transaction() as db:
             for item_id in item_ids:
                 db.execute(
-                    "UPDATE outbox SET state='pending', attempts=MAX(attempts-1, 0),"
-                    " not_before=MAX(not_before, ?), updated_at=? WHERE id=? AND state='sending'",
-                    (not_before, now, item_id),
+                    "UPDATE outbox SET state='pending', attempts=MAX(attempts-1, 0), updated_at=?"
+                    " WHERE id=? AND state='sending'",
+                    (now, item_id),
                 )
 
     def claim(
@@ -188,12 +188,13 @@ class Outbox:
                 " updated_at=? WHERE id=?",
                 (error, status, due, now, item_id),
             )
-            # the study's newer versions wait for it at this destination (claim would otherwise
-            # take it along with any of theirs that is due, whatever its backoff)
+            # the study's newer versions wait for it at this destination, claimed in the same
+            # batch or not (claim would otherwise take it along with any of theirs that is due,
+            # whatever its backoff)
             db.execute(
                 "UPDATE outbox SET not_before=MAX(not_before, ?) WHERE destination=?"
-                " AND state='pending' AND job_id IN (SELECT n.id FROM jobs n JOIN jobs o"
-                " ON o.study_uid = n.study_uid WHERE o.id=? AND n.version > o.version)",
+                " AND state IN ('pending', 'sending') AND job_id IN (SELECT n.id FROM jobs n"
+                " JOIN jobs o ON o.study_uid = n.study_uid WHERE o.id=? AND n.version > o.version)",
                 (due, item.destination, item.job_id),
             )
             return DeliveryState.PENDING

@@ -86,7 +86,10 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _fill_holes_per_slice(
-    body: npt.NDArray[np.bool_], hu: npt.NDArray[Any], lung_low: float, lung_high: float = 0.0
+    body: npt.NDArray[np.bool_],
+    hu: npt.NDArray[Any],
+    lung_low: float = _LUNG_HU[0],
+    lung_high: float = _LUNG_HU[1],
 ) -> npt.NDArray[np.bool_]:
     """``ndimage.binary_fill_holes`` of each axial slice (lungs and airways join the body), for
     all slices in one labelling: a hole is a region outside the body, 4-connected in its slice
@@ -106,7 +109,7 @@ def _fill_holes_per_slice(
     if cut.any():
         flat = outside.ravel()
         voxels = np.bincount(flat, minlength=count + 1)
-        lung = (hu >= lung_low) & (hu < (lung_high or _LUNG_HU[1]))
+        lung = (hu >= lung_low) & (hu < lung_high)
         lung_share = np.bincount(flat, weights=lung.ravel(), minlength=count + 1) / np.maximum(
             voxels, 1
         )

@@ -339,14 +339,6 @@ class CTVolume:
         flips = self.axes_against_lps
         return cast(_Array, np.flip(view, flips) if flips else view)
 
-    def from_model_order(self, array: _Array) -> _Array:
-        """The inverse of :meth:`to_model_order`: a map the model made, in the volume's own
-        order (a C-ordered copy when it moves)."""
-        back = reverse_axes(array, self.axes_against_lps)
-        if self.in_plane_swapped:
-            back = cast(_Array, np.ascontiguousarray(np.swapaxes(back, 1, 2)))
-        return back
-
     def model_index_to_lps(self, index_zyx: tuple[float, float, float]) -> tuple[float, ...]:
         """LPS (x, y, z) of an index (z, y, x) into :meth:`to_model_order`'s array."""
         z, y, x = index_zyx
