@@ -11,12 +11,14 @@ start. A study left receiving by a crash or a stop, whose sender's association w
 a quiet period to send the rest before the part already spooled becomes a job, however long the
 node was down.
 
-The times are the wall clock's, as the job store records them. A step of that clock (an NTP
-correction, a date set by hand), seen against the monotonic clock between two scans, counts as
-a moment the node was not listening: forward, no study completes for a quiet period from the
-step (a study still arriving would have seemed quiet); backward, times recorded before the step
-lie in the future and count from when they were first seen so (a study would have seemed to
-arrive for as long as the step).
+A study heard arriving since the node started is timed on the monotonic clock, from the
+moments its instances reached the receiver: a step of the wall clock (an NTP correction, a date
+set by hand) neither completes it early nor holds it back. A study left receiving from before
+the start is timed by the times the job store recorded, on the wall clock; a step of that clock,
+seen against the monotonic clock between two scans, counts as a moment the node was not
+listening for such studies: forward, none completes for a quiet period from the step (it would
+have seemed quiet); backward, times recorded before the step lie in the future and count from
+when they were first seen so (it would have seemed to arrive for as long as the step).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class Completion:
         #: Per study, a recorded time found in the future (after a backward step), and the
         #: moment it was first found so, which stands for it while the record is unchanged.
         self._future: dict[tuple[str, str], tuple[float, float]] = {}
+        #: Per study heard since the start, on the monotonic clock: when its (re-)arrival began
+        #: and when its latest instance reached the receiver.
+        self._heard: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
         self._by_assoc: dict[int, set[str]] = {}
         self._open: Counter[str] = Counter()
@@ -85,7 +90,10 @@ class Completion:
 
     def instance_received(self, assoc: int, study_uid: str) -> None:
         """Note that association ``assoc`` sent an instance of ``study_uid``."""
+        steady = self.monotonic()
         with self._lock:
+            began, _ = self._heard.get(study_uid, (steady, steady))
+            self._heard[study_uid] = (began, steady)
             studies = self._by_assoc.setdefault(assoc, set())
             if study_uid not in studies:
                 studies.add(study_uid)
@@ -108,19 +116,34 @@ class Completion:
     def scan(self) -> list[Job]:
         """Complete every study that has been quiet long enough or waited too long."""
         now = self.clock()
-        self._notice_clock_steps(now)
-        if now - self.listening_since < self.settings.stable_seconds:
-            return []  # a sender cut off by the node's stop has not had a quiet period to resume
+        steady = self._notice_clock_steps(now)
+        # a sender cut off by the node's stop has not had a quiet period to resume
+        restarted = now - self.listening_since < self.settings.stable_seconds
         jobs = []
         receiving = self.store.receiving_studies()
         seen = {uid for uid, _, _ in receiving}
         self._future = {k: v for k, v in self._future.items() if k[0] in seen}
+        with self._lock:
+            # heard, yet not receiving: duplicates only, refused, or completed meanwhile
+            self._heard = {
+                uid: (began, last)
+                for uid, (began, last) in self._heard.items()
+                if uid in seen or steady - last < self.settings.stable_seconds
+            }
+            heard = dict(self._heard)
         for uid, recorded_since, recorded_last in receiving:
-            since = self._not_after(uid, "since", recorded_since, now)
-            last = self._not_after(uid, "last", recorded_last, now)
-            if now - last >= self.settings.stable_seconds:
+            if uid in heard:
+                began, last = heard[uid]
+                quiet, waited = steady - last, steady - began
+            elif restarted:
+                continue
+            else:
+                since = self._not_after(uid, "since", recorded_since, now)
+                last = self._not_after(uid, "last", recorded_last, now)
+                quiet, waited = now - last, now - max(since, self.listening_since)
+            if quiet >= self.settings.stable_seconds:
                 job = self._complete(uid, "quiet period", quiet_since=recorded_last)
-            elif now - max(since, self.listening_since) >= self.settings.max_wait_seconds:
+            elif waited >= self.settings.max_wait_seconds:
                 job = self._complete(uid, "maximum wait")
             else:
                 continue
@@ -128,21 +151,23 @@ class Completion:
                 jobs.append(job)
         return jobs
 
-    def _notice_clock_steps(self, now: float) -> None:
+    def _notice_clock_steps(self, now: float) -> float:
         """A step of the wall clock since the last scan (see the module docstring) restarts
-        the quiet period every study is given, as a restart of the node does."""
+        the quiet period of the studies timed on it, as a restart of the node does. Returns
+        the monotonic clock's reading."""
         steady = self.monotonic()
         if self._last_scan is not None:
             wall_then, steady_then = self._last_scan
             step = (now - wall_then) - (steady - steady_then)
             if abs(step) > _CLOCK_STEP_SECONDS:
                 logger.warning(
-                    "the wall clock stepped by %+.0f s; studies complete after a quiet period"
-                    " from now",
+                    "the wall clock stepped by %+.0f s; studies left from before the start"
+                    " complete after a quiet period from now",
                     step,
                 )
                 self.listening_since = now
         self._last_scan = (now, steady)
+        return steady
 
     def _not_after(self, uid: str, which: str, recorded: float, now: float) -> float:
         """A recorded time of a study, or, while it lies in the future (a backward step of
@@ -162,6 +187,8 @@ class Completion:
         )
         if job is None:
             return None
+        with self._lock:
+            self._heard.pop(uid, None)  # what arrives next is a new version's arrival
         STUDIES_COMPLETED.labels(reason).inc()
         logger.info(
             "study complete (%s); job queued",

@@ -178,3 +178,44 @@ def test_a_step_of_the_wall_clock_neither_splits_nor_holds_a_study(tmp_path: Pat
     for _ in range(8):  # 80 s
         completed += tick(10)
     assert len(completed) == 1
+
+
+def test_a_study_heard_since_the_start_is_timed_on_the_monotonic_clock(tmp_path: Path) -> None:
+    """A wall clock stepping 10 s forward every 5 s (more often than the quiet period) neither
+    holds back a study the receiver heard arriving, nor completes it while it arrives; its
+    maximum wait counts on the monotonic clock too."""
+    store = JobStore(tmp_path / "j.sqlite")
+    wall, steady = Clock(), Clock()
+    steady.now = 0.0
+    settings = StudySettings(stable_seconds=30, max_wait_seconds=120)
+    done = Completion(store, settings, clock=wall, monotonic=steady)
+
+    def tick(seconds: float, *, step: float = 0.0) -> list[object]:
+        wall.now += seconds + step
+        steady.now += seconds
+        return list(done.scan())
+
+    def arrive(study: str, sop: str) -> None:
+        done.instance_received(1, study)
+        _record(store, wall, study, sop)
+
+    tick(31)
+    arrive("1.1", "1.1.1")
+    completed: list[object] = []
+    for _ in range(5):  # 25 s of quiet, 50 s on the stepping wall clock
+        completed += tick(5, step=10)
+    assert completed == []
+    completed += tick(5, step=10)
+    [job] = completed
+    assert job.study_uid == "1.1"  # type: ignore[attr-defined]
+
+    for i in range(40):  # arriving every 5 s: completes at the maximum wait, 120 s
+        arrive("1.2", f"1.2.{i}")
+        if completed := tick(5, step=10):
+            break
+    assert [j.study_uid for j in completed] == ["1.2"]  # type: ignore[attr-defined]
+    assert i == 23
+    arrive("1.2", "1.2.99")  # the next arrival is a new version, timed from its own start
+    assert tick(29, step=10) == []
+    [again] = tick(1)
+    assert again.version == 2  # type: ignore[attr-defined]
