@@ -510,6 +510,15 @@ class SelectionSettings(_Section):
     body_part_exclude: tuple[RegexPattern, ...] = ()
     description_include: tuple[RegexPattern, ...] = ()
     description_exclude: tuple[RegexPattern, ...] = ()
+    #: Regular expressions (as above) on Convolution Kernel (0018,1210), best first: of the
+    #: series that cover the chest, one whose kernel matches an earlier pattern is chosen before
+    #: one matching a later pattern or none, before slice spacing is compared (``["B3", "STANDARD",
+    #: "SOFT"]`` for soft-tissue reconstructions over sharp lung ones). Empty: kernels not compared.
+    prefer_kernels: tuple[RegexPattern, ...] = ()
+    #: ``without``/``with``: of the series that cover the chest, one without (with) a contrast
+    #: agent (Contrast/Bolus Agent, or an Enhanced CT's Contrast/Bolus Usage) is chosen first,
+    #: after ``prefer_kernels``; ``either``: not compared.
+    prefer_contrast: Literal["either", "without", "with"] = "either"
     #: Lossy-compressed images qualify: Lossy Image Compression "01" (lossy before), or a
     #: transfer syntax that may be lossy (JPEG-LS near-lossless, JPEG 2000) without "00".
     allow_lossy: bool = False

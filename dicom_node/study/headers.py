@@ -70,6 +70,10 @@ HEADER_KEYWORDS: Final[tuple[str, ...]] = (
     "RescaleSlope",
     "PixelPaddingValue",
     "PixelPaddingRangeLimit",
+    "ConvolutionKernel",
+    "ContrastBolusAgent",
+    "ContrastBolusAgentSequence",
+    "ContrastBolusUsageSequence",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 )
@@ -148,6 +152,12 @@ class InstanceHeader:
     frames
         One :class:`FrameHeader` per frame, in the file's frame order; empty for an instance
         without an image.
+    convolution_kernel
+        Convolution Kernel (0018,1210), its values joined by ``\\``; of an Enhanced CT, from
+        the CT Reconstruction functional group; ``""`` if absent.
+    contrast
+        A contrast agent was given: Contrast/Bolus Agent (0018,0010) or its code sequence
+        names one, or (Enhanced CT) a Contrast/Bolus Usage item says it was administered.
     pixel_padding
         The stored values that are padding, not image (Pixel Padding Value, to Pixel Padding
         Range Limit when there is one; PS3.3 C.7.5.1.1.2), as an inclusive range in the
@@ -177,6 +187,8 @@ class InstanceHeader:
     photometric_interpretation: str = ""
     lossy_compressed: bool = False
     frames: tuple[FrameHeader, ...] = ()
+    convolution_kernel: str = ""
+    contrast: bool = False
     pixel_padding: tuple[int, int] | None = None
 
     @property
@@ -255,7 +267,36 @@ def read_header(path: str | Path) -> InstanceHeader:
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
         lossy_compressed=_is_lossy(_text(ds, "LossyImageCompression"), syntax),
         frames=frames,
+        convolution_kernel=_kernel(ds),
+        contrast=_contrast(ds),
         pixel_padding=_padding(ds, signed=_int(ds, "PixelRepresentation") == 1),
+    )
+
+
+def _kernel(ds: Dataset) -> str:
+    """Convolution Kernel, at the top level or in an Enhanced CT's CT Reconstruction group
+    (shared, else the first frame's)."""
+    kernel = _text(ds, "ConvolutionKernel")
+    if kernel:
+        return kernel
+    for group in (
+        _first_item(ds, "SharedFunctionalGroupsSequence"),
+        _first_item(ds, "PerFrameFunctionalGroupsSequence"),
+    ):
+        if group is not None:
+            kernel = _text(_first_item(group, "CTReconstructionSequence"), "ConvolutionKernel")
+            if kernel:
+                return kernel
+    return ""
+
+
+def _contrast(ds: Dataset) -> bool:
+    """Whether the header says a contrast agent was given (see :class:`InstanceHeader`)."""
+    if _text(ds, "ContrastBolusAgent") or _items(ds, "ContrastBolusAgentSequence"):
+        return True
+    return any(
+        _text(item, "ContrastBolusAgentAdministered").upper() == "YES"
+        for item in _items(ds, "ContrastBolusUsageSequence")
     )
 
 
@@ -462,9 +503,9 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return int(v[0]) if v is not None and v[0].is_integer() else None
 
 
-def _texts(ds: Dataset, keyword: str) -> tuple[str, ...]:
+def _texts(ds: Dataset | None, keyword: str) -> tuple[str, ...]:
     return tuple(str(v).strip() for v in _values(_get(ds, keyword)))
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset | None, keyword: str) -> str:
     return "\\".join(_texts(ds, keyword))

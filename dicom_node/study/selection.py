@@ -79,6 +79,10 @@ class SeriesCandidate:
         The volume plan; :func:`dicom_node.study.volume.load_volume` decodes it.
     original_primary
         Every image is ORIGINAL\\PRIMARY.
+    convolution_kernel
+        The first image's Convolution Kernel (``""`` if absent).
+    contrast
+        Any image says a contrast agent was given.
     left_out
         Images left out for their Image Type (a scout filed in the series).
     """
@@ -89,6 +93,8 @@ class SeriesCandidate:
     instances: tuple[InstanceHeader, ...]
     plan: VolumePlan
     original_primary: bool
+    convolution_kernel: str = ""
+    contrast: bool = False
     left_out: int = 0
 
     @property
@@ -202,6 +208,7 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
         key=lambda c: (
             c.series_instance_uid not in covering,
             c.series_instance_uid not in covering and _volume_mm3(c) < _FULL_VOLUME * largest,
+            *rules.site_preference(c),
             *_preference(c),
         )
     )
@@ -211,10 +218,12 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
         chosen, passed_over = tuple(candidates), ()
     for c in chosen:
         logger.info(
-            "%s selected: %d slices, %.3g mm apart%s",
+            "%s selected: %d slices, %.3g mm apart, kernel %s, %s contrast%s",
             c.label,
             c.number_of_slices,
             c.plan.spacing_mm[0],
+            c.convolution_kernel or "(none)",
+            "with" if c.contrast else "without",
             f", {c.left_out} localizer images left out" if c.left_out else "",
         )
     return Selection(
@@ -301,6 +310,17 @@ class _Rules:
         self.body_exclude = [re.compile(p, flags) for p in settings.body_part_exclude]
         self.desc_include = [re.compile(p, flags) for p in settings.description_include]
         self.desc_exclude = [re.compile(p, flags) for p in settings.description_exclude]
+        self.kernels = [re.compile(p, flags) for p in settings.prefer_kernels]
+
+    def site_preference(self, c: SeriesCandidate) -> tuple[int, bool]:
+        """Sort key of the site's preferences, best first: the first of ``prefer_kernels``
+        the series' kernel matches (none: after all of them), then ``prefer_contrast``."""
+        kernel = next(
+            (i for i, p in enumerate(self.kernels) if p.search(c.convolution_kernel)),
+            len(self.kernels),
+        )
+        wanted = self.settings.prefer_contrast
+        return kernel, wanted != "either" and c.contrast != (wanted == "with")
 
     def evaluate(
         self, uid: str, instances: Sequence[InstanceHeader]
@@ -326,6 +346,7 @@ class _Rules:
                 series_description=description,
                 reasons=tuple(reasons),
             )
+        first_kept = kept[0]
         return SeriesCandidate(
             series_instance_uid=uid,
             series_number=number,
@@ -333,6 +354,8 @@ class _Rules:
             instances=tuple(kept),
             plan=plan,
             original_primary=all(i.is_original_primary for i in kept),
+            convolution_kernel=first_kept.convolution_kernel,
+            contrast=any(i.contrast for i in kept),
             left_out=len(instances) - len(kept),
         )
 

@@ -388,3 +388,111 @@ def test_selection_config_errors_name_the_key() -> None:
     assert 'selection.modalities[0]: "ct" is not a DICOM code string' in message
     assert "selection.geometry.spacing_tolerance: 2 is not a fraction" in message
     assert load_config().selection == SelectionSettings()
+
+
+def test_a_site_prefers_kernels_then_contrast_before_slice_spacing(
+    write_series: WriteSeries, tmp_path: Path, study: StudyIdentity
+) -> None:
+    """Sharp 1 mm, soft 1.5 mm with contrast, soft 1.5 mm without: by default the thinnest
+    wins; with kernel patterns the soft ones do, and of those the one the contrast rule
+    wants. Enhanced CT's kernel is read from its CT Reconstruction group."""
+    sharp = write_series(
+        "sharp", SeriesSpec(series_number=1, convolution_kernel="B70f"), n_slices=30
+    )
+    soft_cm = write_series(
+        "soft_cm",
+        SeriesSpec(series_number=2, convolution_kernel="B31f"),
+        n_slices=20,
+        spacing_mm=(1.5, 0.7, 0.7),
+    )
+    for path in soft_cm:
+        ds = pydicom.dcmread(path)
+        ds.ContrastBolusAgent = "IOPAMIDOL"
+        ds.save_as(path)
+    soft = write_series(
+        "soft",
+        SeriesSpec(series_number=3, convolution_kernel="B31f"),
+        n_slices=20,
+        spacing_mm=(1.5, 0.7, 0.7),
+    )
+    headers = _headers(sharp, soft_cm, soft)
+
+    def chosen(**settings: object) -> int | None:
+        picked = select_series(headers, settings=SelectionSettings(**settings)).chosen  # type: ignore[arg-type]
+        return picked[0].series_number
+
+    assert chosen() == 1
+    assert chosen(prefer_contrast="without") == 1  # not before the kernels: none are given
+    assert chosen(prefer_kernels=("b3", "b4")) == 2  # the lower number of two soft ones
+    assert chosen(prefer_kernels=("b3",), prefer_contrast="without") == 3
+    assert chosen(prefer_kernels=("b3",), prefer_contrast="with") == 2
+    assert chosen(prefer_kernels=("b9", "b7")) == 1
+    # the policy "all" orders the same way
+    every = select_series(
+        headers,
+        settings=SelectionSettings(policy="all", prefer_kernels=("b3",), prefer_contrast="without"),
+    ).chosen
+    assert [c.series_number for c in every] == [3, 2, 1]
+    assert [c.contrast for c in every] == [False, True, False]
+
+    enhanced = write_enhanced_ct(
+        hu_volume(24),
+        tmp_path / "e.dcm",
+        spacing_mm=(1.0, 0.7, 0.7),
+        study=study,
+        series=SeriesSpec(series_number=9, convolution_kernel="LUNG"),
+    )
+    (header,) = read_headers([enhanced])
+    assert header.convolution_kernel == "LUNG"
+    assert not header.contrast
+
+
+def test_contrast_is_read_from_the_agent_its_code_or_the_usage_sequence(tmp_path: Path) -> None:
+    """Contrast/Bolus Agent text, its code sequence, or Contrast/Bolus Usage saying YES."""
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm")
+
+    def item(**attributes: object) -> pydicom.Dataset:
+        ds = pydicom.Dataset()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    cases = {
+        "none": lambda ds: None,
+        "agent": lambda ds: setattr(ds, "ContrastBolusAgent", "OMNIPAQUE"),
+        "code": lambda ds: setattr(
+            ds,
+            "ContrastBolusAgentSequence",
+            [item(CodeValue="C-B0300", CodingSchemeDesignator="SRT", CodeMeaning="x")],
+        ),
+        "usage_yes": lambda ds: setattr(
+            ds,
+            "ContrastBolusUsageSequence",
+            [item(ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES")],
+        ),
+        "usage_no": lambda ds: setattr(
+            ds,
+            "ContrastBolusUsageSequence",
+            [item(ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="NO")],
+        ),
+    }
+    found = {}
+    for name, edit in cases.items():
+        ds = pydicom.dcmread(source)
+        for keyword in ("ContrastBolusAgent", "ContrastBolusRoute"):
+            if keyword in ds:
+                del ds[keyword]
+        edit(ds)
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path)
+        (header,) = read_headers([path])
+        found[name] = header.contrast
+    assert found == {
+        "none": False,
+        "agent": True,
+        "code": True,
+        "usage_yes": True,
+        "usage_no": False,
+    }
