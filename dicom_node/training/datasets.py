@@ -252,6 +252,7 @@ class MSDDataset:
         mask = sitk.GetArrayFromImage(label)
         if mask.shape != hu.shape:
             raise DatasetError(f"case {case_id}: label {mask.shape} and image {hu.shape} differ")
+        _check_label_geometry(case_id, image, label)
         raw_spacing = image.GetSpacing()  # type: ignore[no-untyped-call, unused-ignore]
         sx, sy, sz = (float(v) for v in raw_spacing)
         hu_arr = (
@@ -265,10 +266,57 @@ class MSDDataset:
             case_id=case_id,
             patient_id=case_id,
             hu=hu_arr,
-            tumour_mask=np.ascontiguousarray(np.clip(mask, 0, 255), dtype=np.uint8),
+            tumour_mask=_label_mask(mask),
             spacing_mm=(sz, sy, sx),
             origin_mm=(origin[0], origin[1], origin[2]),
         )
+
+
+def _label_mask(label: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """An MSD label as the case's mask: integer labels above 0 are tumour (their values kept as
+    instance labels up to 255); a floating-point label is tumour at 0.5 or more (a label
+    resampled with linear interpolation, or 1.0 stored as 0.99999994), its whole values above
+    1 kept."""
+    if np.issubdtype(label.dtype, np.floating):
+        tumour = np.where(label >= 0.5, np.clip(np.rint(np.nan_to_num(label)), 1, 255), 0)
+        return np.ascontiguousarray(tumour, dtype=np.uint8)
+    return np.ascontiguousarray(np.clip(label, 0, 255), dtype=np.uint8)
+
+
+def _check_label_geometry(case_id: str, image: Any, label: Any) -> None:
+    """Refuse a label that is not on its image's voxels (both oriented alike already): an
+    origin more than half a voxel off along any axis, a spacing off by more than 0.1 %, or
+    direction cosines that differ by more than 1e-3 (a header copied from another volume, or
+    the array written under another orientation)."""
+    geometry = {
+        which: (
+            np.asarray(volume.GetOrigin(), dtype=np.float64),
+            np.asarray(volume.GetSpacing(), dtype=np.float64),
+            np.asarray(volume.GetDirection(), dtype=np.float64).reshape(3, 3),
+        )
+        for which, volume in (("image", image), ("label", label))
+    }
+    (origin, spacing, direction), (l_origin, l_spacing, l_direction) = geometry.values()
+    # the label's origin in the image's voxels, along each of its axes
+    offset = direction.T @ (l_origin - origin) / spacing
+    differences = []
+    if not np.allclose(l_direction, direction, atol=1e-3):
+        theirs, ours = np.round(l_direction, 3).tolist(), np.round(direction, 3).tolist()
+        differences.append(f"direction {theirs} against {ours}")
+    if not np.allclose(l_spacing, spacing, rtol=1e-3, atol=0.0):
+        differences.append(f"spacing {_mm3(l_spacing)} against {_mm3(spacing)} mm")
+    if np.any(np.abs(offset) > 0.5):
+        differences.append(f"origin {_mm3(l_origin)} against {_mm3(origin)} mm")
+    if differences:
+        raise DatasetError(
+            f"case {case_id}: the label is not on the image's voxels: its "
+            + ", ".join(differences)
+            + " (LPS, after orienting both)"
+        )
+
+
+def _mm3(values: npt.NDArray[np.float64]) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def _nifti_stem(path: Path) -> str:

@@ -396,3 +396,45 @@ def test_several_segs_of_one_series_give_the_union_of_their_outlines(tmp_path: P
     ds = DicomSegDataset(tmp_path)
     (case_id,) = ds.case_ids()
     np.testing.assert_array_equal(ds.load(case_id).tumour_mask > 0, first | second)
+
+
+@pytest.mark.parametrize(("value", "tumour"), [(0.99999994, True), (0.5, True), (0.45, False)])
+def test_a_floating_point_msd_label_is_tumour_from_one_half(
+    tmp_path: Path, value: float, tumour: bool
+) -> None:
+    """A label stored as float (resampled with linear interpolation, or 1.0 come back as
+    0.99999994) is tumour at 0.5 or more; the uint8 cast had made every value below 1 zero."""
+    hu = np.full((4, 6, 8), -800, dtype=np.int16)
+    label = np.zeros((4, 6, 8), dtype=np.float32)
+    label[2, 1:3, 4:6] = np.float32(value)
+    _write_msd(tmp_path, {"lung_001": (hu, label)})
+    case = MSDDataset(tmp_path).load("lung_001")
+    assert int((case.tumour_mask > 0).sum()) == (4 if tumour else 0)
+
+
+@pytest.mark.parametrize(
+    ("origin", "direction"),
+    [((20.0, 0.0, 0.0), None), ((0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))],
+    ids=["shifted", "mirrored"],
+)
+def test_an_msd_label_off_its_image_is_refused(
+    tmp_path: Path, origin: tuple[float, float, float], direction: tuple[float, ...] | None
+) -> None:
+    """A label 20 mm off its image, or whose header says another orientation (its voxels would
+    come back mirrored against the image's), is refused naming the case; a label whose origin
+    differs by float rounding loads."""
+    hu = np.full((4, 6, 8), -800, dtype=np.int16)
+    label = np.zeros((4, 6, 8), dtype=np.uint8)
+    label[2, 1:3, 4:6] = 1
+    _write_msd(tmp_path, {"lung_001": (hu, label), "lung_002": (hu, label)})
+    for name, moved, turned in (("lung_001", origin, direction), ("lung_002", (1e-4, 0, 0), None)):
+        path = tmp_path / "labelsTr" / f"{name}.nii.gz"
+        image = sitk.ReadImage(str(path))
+        image.SetOrigin(moved)  # type: ignore[no-untyped-call, unused-ignore]
+        if turned is not None:
+            image.SetDirection(turned)  # type: ignore[no-untyped-call, unused-ignore]
+        sitk.WriteImage(image, str(path))
+    ds = MSDDataset(tmp_path)
+    with pytest.raises(DatasetError, match="case lung_001: the label is not on the image's voxels"):
+        ds.load("lung_001")
+    np.testing.assert_array_equal(ds.load("lung_002").tumour_mask, label)
