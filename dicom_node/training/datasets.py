@@ -699,6 +699,31 @@ class Split:
                         " must keep each patient's cases on one side"
                     )
 
+    def check_cases(
+        self,
+        dataset: CaseDataset,
+        *,
+        parts: Sequence[str] = SPLIT_NAMES,
+        source: str = "the split",
+    ) -> None:
+        """Refuse a split whose ``parts`` name cases ``dataset`` does not hold (a split written
+        for another folder, or a case removed since), before a run fails part-way on one.
+
+        Raises
+        ------
+        DatasetError
+            Listing the missing case ids (the first 20, and how many more).
+        """
+        known = set(dataset.case_ids())
+        missing = [case_id for name in parts for case_id in self.get(name) if case_id not in known]
+        if missing:
+            shown = ", ".join(missing[:20])
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise DatasetError(
+                f"{source} names {len(missing)} case(s) ({'/'.join(parts)}) that"
+                f" {dataset.name} does not hold: {shown}{more}"
+            )
+
     def get(self, name: str) -> tuple[str, ...]:
         """The case ids of split ``name``; ``ValueError`` for an unknown name."""
         if name not in SPLIT_NAMES:
@@ -717,13 +742,17 @@ def split_cases(
     """Assign whole patients to train / val / test.
 
     Patients are ordered by a hash of (seed, patient id) - stable whatever the listing order -
-    and cut by the fractions (at least one patient in val and test when there are three or more
-    patients and the fraction is positive).
+    and cut by the fractions (at least one patient in val and in test where its fraction is
+    positive and there are patients enough for one in each part asked for).
 
     Raises
     ------
     ValueError
         Fractions outside [0, 1) or summing to 1 or more.
+    DatasetError
+        A part asked for (train always, val and test where their fraction is positive) would be
+        empty: too few patients (the message says how many; series whose Patient ID an
+        anonymiser set to one value are one patient).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
@@ -732,10 +761,12 @@ def split_cases(
         by_patient.setdefault(dataset.patient_id(case_id), []).append(case_id)
     patients = sorted(by_patient, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
     n = len(patients)
+    fractions = {"train": 1.0, "val": val_fraction, "test": test_fraction}
+    asked = [name for name in SPLIT_NAMES if fractions[name] > 0]
 
     def count(fraction: float) -> int:
         wanted = round(n * fraction)
-        return max(1, wanted) if fraction > 0 and n >= 3 else wanted
+        return max(1, wanted) if fraction > 0 and n >= len(asked) else wanted
 
     n_test = count(test_fraction)
     n_val = count(val_fraction)
@@ -744,6 +775,16 @@ def split_cases(
         "val": patients[n_test : n_test + n_val],
         "train": patients[n_test + n_val :],
     }
+    empty = [name for name in asked if not parts[name]]
+    if empty:
+        cases = sum(len(c) for c in by_patient.values())
+        which = " and ".join(empty) + (" parts" if len(empty) > 1 else " part")
+        raise DatasetError(
+            f"{dataset.name}: {n} patient(s) in {cases} case(s) leave the {which} of the split"
+            f" empty (val fraction {val_fraction:g}, test fraction"
+            f" {test_fraction:g}): each part asked for needs a patient of its own (cases"
+            " whose Patient ID is one value, as some anonymisers set it, are one patient)"
+        )
     ids = {k: tuple(sorted(c for p in v for c in by_patient[p])) for k, v in parts.items()}
     return Split(train=ids["train"], val=ids["val"], test=ids["test"])
 

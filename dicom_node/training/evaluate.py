@@ -716,7 +716,12 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
     With a split of phantoms, its cases are made as the split records (its ids name seeds, not
     how the phantoms were made); an empty held-out set is refused before anything runs.
     """
-    from dicom_node.training.datasets import open_dataset, phantom_spec_from_args, read_split
+    from dicom_node.training.datasets import (
+        SPLIT_NAMES,
+        open_dataset,
+        phantom_spec_from_args,
+        read_split,
+    )
 
     spec = phantom_spec_from_args(args)
     split = None if args.split is None else read_split(args.split)
@@ -726,6 +731,13 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
     train_dataset: CaseDataset
     if split is not None:
         split.check_patients(dataset, source=str(args.split))
+        # every case the run will read, before the first is scored
+        used = {args.split_name} | (
+            {"train"} if args.train_eval_cases > 0 or args.baseline else set()
+        )
+        split.check_cases(
+            dataset, parts=[n for n in SPLIT_NAMES if n in used], source=str(args.split)
+        )
         held_out_ids = list(split.get(args.split_name))
         if not held_out_ids:
             raise DatasetError(

@@ -2144,7 +2144,15 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
     if split is not None:
         split.check_patients(dataset, source=str(split_path))
-    else:
+        used = ("val",) if config.keep_mlp else ("train", "val")
+        split.check_cases(dataset, parts=used, source=str(split_path))
+        if not split.val or not (split.train or config.keep_mlp):
+            raise DatasetError(
+                f"{split_path}: {len(split.train)} training and {len(split.val)} validation"
+                " cases: a run needs both (write another split, or leave the file out to"
+                " make one)"
+            )
+    else:  # refused before its file is written when a part would be empty
         split = split_cases(
             dataset,
             val_fraction=args.val_fraction,

@@ -438,3 +438,33 @@ def test_an_msd_label_off_its_image_is_refused(
     with pytest.raises(DatasetError, match="case lung_001: the label is not on the image's voxels"):
         ds.load("lung_001")
     np.testing.assert_array_equal(ds.load("lung_002").tumour_mask, label)
+
+
+def test_a_split_refuses_to_leave_a_part_empty(tmp_path: Path) -> None:
+    """Too few patients for the parts asked for (one shared Patient ID, or fewer patients than
+    parts) is refused with the patient count, never the ids, before `train` writes its split
+    file; two patients are enough for train and validation."""
+    shared = _Listed({f"case-{i}": "ANONYMOUS" for i in range(4)})
+    with pytest.raises(
+        DatasetError, match=r"1 patient\(s\) in 4 case\(s\) leave the val and"
+    ) as err:
+        split_cases(shared, val_fraction=0.15, test_fraction=0.15)
+    assert "ANONYMOUS" not in str(err.value)
+    assert "(val fraction 0.15, test fraction 0.15)" in str(err.value)
+    four = _Listed({f"case-{i}": f"patient-{i}" for i in range(4)})
+    with pytest.raises(DatasetError, match=r"4 patient.* leave the train part"):
+        split_cases(four, val_fraction=0.45, test_fraction=0.45)
+    two = split_cases(_Listed({"a": "p", "b": "q"}), val_fraction=0.15, test_fraction=0.0)
+    assert (len(two.train), len(two.val), len(two.test)) == (1, 1, 0)
+    _write_msd(
+        tmp_path / "msd",
+        {"lung_001": (np.zeros((2, 3, 4), np.int16), np.zeros((2, 3, 4), np.uint8))},
+    )
+    from dicom_node.cli import main
+
+    msd = ["--dataset", "msd", "--data", str(tmp_path / "msd")]
+    status = main(
+        ["train", *msd, "--output", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")]
+    )
+    assert status == 1
+    assert not (tmp_path / "w" / "split.json").exists()

@@ -557,3 +557,40 @@ def test_the_report_outlines_the_lesions_the_node_reports(reported: bool) -> Non
         assert len(drawn) == (1 if reported else 0)
     finally:
         plt.close(fig)
+
+
+def test_a_split_naming_cases_the_folder_lacks_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A split written for a fuller folder: `evaluate` and `train` list the cases the folder
+    lacks before reading any (evaluate had scored the cases before it, then died on a bare
+    KeyError with nothing written)."""
+    import SimpleITK as sitk
+
+    from dicom_node.cli import main
+
+    training = []
+    for name in ("lung_003", "lung_004"):
+        for folder in ("imagesTr", "labelsTr"):
+            (tmp_path / "msd" / folder).mkdir(parents=True, exist_ok=True)
+            image = sitk.GetImageFromArray(np.zeros((2, 8, 8), dtype=np.int16))
+            sitk.WriteImage(image, str(tmp_path / "msd" / folder / f"{name}.nii.gz"))
+        training.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz"})
+    (tmp_path / "msd" / "dataset.json").write_text(json.dumps({"training": training}))
+    split = tmp_path / "split.json"
+    split.write_text(
+        json.dumps({"train": ["lung_004", "lung_011"], "val": [], "test": ["lung_003", "lung_010"]})
+    )
+    data = ["--dataset", "msd", "--data", str(tmp_path / "msd"), "--split", str(split)]
+    status = main(["evaluate", "--model", str(tmp_path / "model"), *data,
+                   "--train-eval-cases", "0", "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert status == 1
+    said = capsys.readouterr().err
+    assert "names 1 case(s) (test) that MSD" in said and "lung_010" in said
+    assert "lung_011" not in said  # the training part is not read with --train-eval-cases 0
+    assert not (tmp_path / "eval").exists()
+    status = main(
+        ["train", *data, "--output", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")]
+    )
+    assert status == 1
+    assert "names 1 case(s) (train/val) that MSD" in capsys.readouterr().err
