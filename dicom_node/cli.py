@@ -250,6 +250,13 @@ def _dataset_args(
     p.add_argument("--dataset", choices=("phantoms", "msd", "dicom-seg"), default="phantoms")
     p.add_argument("--data", type=Path, default=None, help="folder (msd, dicom-seg)")
     p.add_argument("--split", type=Path, default=None, help="patient-level split JSON file")
+    p.add_argument(
+        "--segment-labels",
+        default=None,
+        metavar="REGEX",
+        help="dicom-seg: take the SEG segments whose whole label matches this (case insensitive),"
+        " in place of those coded as tumour (neoplasm, mass, nodule...)",
+    )
     p.add_argument("--first-seed", type=int, default=first_seed, help="phantoms: first seed")
     p.add_argument("--phantoms", type=int, default=count, help="phantoms: how many")
     p.add_argument(

@@ -24,17 +24,21 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from dicom_node.errors import DatasetError
 from dicom_node.training.phantom import SiteDistribution, generate_phantom
+
+if TYPE_CHECKING:
+    from dicom_node.study.volume import CTVolume
 
 logger = logging.getLogger(__name__)
 
@@ -330,33 +334,83 @@ def _nifti_stem(path: Path) -> str:
 # ---------------------------------------------------------------------- DICOM CT + SEG
 
 
+#: Segmented Property Types of tumour ground truth (SNOMED CT, by their names in pydicom's
+#: code dictionary; older SEGs' SNOMED RT codes compare equal): Neoplasm (Tumor, 108369006),
+#: Mass (4147007), Nodule (27925004), the primary and secondary (metastatic) neoplasm codes,
+#: the lung's, and Gross Tumor Volume (228791009, as radiotherapy-derived SEGs label GTVs).
+_TUMOUR_CODE_NAMES = (
+    "Neoplasm",
+    "Mass",
+    "Nodule",
+    "MalignantNeoplasmPrimary",
+    "NeoplasmPrimary",
+    "NeoplasmSecondary",
+    "Metastasis",
+    "PrimaryMalignantNeoplasmOfLung",
+    "SecondaryMalignantNeoplasmOfLung",
+    "GrossTumorVolume",
+)
+#: A SEG frame placed by its position lies at most this fraction of the smallest voxel
+#: spacing from its CT slice's Image Position (Patient).
+_POSITION_TOLERANCE = 0.1
+
+
 class DicomSegDataset:
     """DICOM CT series under a folder, each with a DICOM SEG that holds its tumour ground truth.
 
     Every file under ``root`` is read once (headers only): CT images are grouped by Series
     Instance UID, SEG instances are matched to the series their frames refer to. A case is a
-    series that has a SEG; the case id is its Series Instance UID and the patient its Patient ID.
-    The mask is the union of all segments (frames are placed on slices by their referenced SOP
-    Instance UID), and of all SEGs of the series: several readers' outlines (LIDC-IDRI has up
-    to four a series) count as tumour wherever one reader drew it.
+    series that has a SEG; the case id is its Series Instance UID and the patient its Patient
+    ID. Series without one (blanked by an anonymiser) that share a study, or a Patient's Name
+    and Birth Date, are one patient: the Patient ID of another series of their study where one
+    has it, else a stand-in hashed from what links them (a warning says how many series had
+    none; before, each such series was a patient of its own, and one patient's series could be
+    split apart).
+
+    Only the segments that are tumour count: those whose Segmented Property Type (or Category)
+    is a tumour code (neoplasm, mass, nodule, metastasis, gross tumour volume; see
+    ``_TUMOUR_CODE_NAMES``), or, with ``segment_labels``, those whose Segment Label matches it.
+    A SEG of lungs, heart and GTV (NSCLC-Radiomics) gives the GTV only; a SEG with no such
+    segment is refused. The mask is the union of the segments kept (their segment numbers
+    as labels, the higher where they overlap), and of all SEGs of the series: several readers'
+    outlines (LIDC-IDRI has up to four a series) count as tumour wherever one reader drew it.
+    A FRACTIONAL SEG is tumour at half its Maximum Fractional Value or more.
+
+    Frames are placed on slices by the source image (and, in an Enhanced CT, source frame) they
+    reference; a SEG whose frames reference none is placed by each frame's Plane Position
+    (Patient), on the series' Frame of Reference and pixel grid.
 
     Parameters
     ----------
     root
         Folder searched recursively for DICOM files.
+    segment_labels
+        A regular expression: keep the segments whose whole Segment Label matches it (case
+        insensitive), whatever their codes, in place of the tumour codes (``"GTV.*"``).
 
     Raises
     ------
     DatasetError
-        No CT series with a SEG under ``root``.
+        No CT series with a SEG under ``root``, or ``segment_labels`` is not a regular
+        expression.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, segment_labels: str | None = None) -> None:
         import pydicom
 
         self.root = Path(root)
+        if segment_labels is not None:
+            try:
+                re.compile(segment_labels)
+            except re.error as exc:
+                raise DatasetError(
+                    f"segment labels {segment_labels!r}: not a regular expression ({exc})"
+                ) from exc
+        self.segment_labels = segment_labels
         series: dict[str, list[Path]] = {}
         patients: dict[str, str] = {}
+        without_id: dict[str, list[str]] = {}  # series: what links it to others
+        study_patients: dict[str, str] = {}
         segs: dict[str, list[Path]] = {}
         for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
             try:
@@ -370,16 +424,36 @@ class DicomSegDataset:
             elif modality == "CT":
                 uid = str(ds.SeriesInstanceUID)
                 series.setdefault(uid, []).append(path)
-                patients[uid] = str(ds.get("PatientID", "")) or uid
+                patient = str(ds.get("PatientID", "") or "").strip()
+                study = str(ds.get("StudyInstanceUID", "") or "")
+                if patient:
+                    patients[uid] = patient
+                    if study:
+                        study_patients.setdefault(study, patient)
+                else:
+                    without_id[uid] = _patient_links(ds, uid)
+        patients.update(_stand_in_patients(without_id, study_patients))
         self._series = {uid: paths for uid, paths in series.items() if uid in segs}
         self._segs = segs
         self._patients = patients
         if not self._series:
             raise DatasetError(f"{self.root}: no CT series with a DICOM SEG found")
+        unnamed = len(without_id.keys() & self._series.keys())
+        if unnamed:
+            logger.warning(
+                "%s: %d of %d series have no Patient ID: series that share a study, or a"
+                " Patient's Name and Birth Date, are taken as one patient (that of another"
+                " series of the study where one has a Patient ID)",
+                self.root,
+                unnamed,
+                len(self._series),
+            )
 
     @property
     def name(self) -> str:
-        return f"DICOM+SEG {self.root}"
+        return f"DICOM+SEG {self.root}" + (
+            f" (segments labelled {self.segment_labels})" if self.segment_labels else ""
+        )
 
     def case_ids(self) -> list[str]:
         return sorted(self._series)
@@ -399,23 +473,17 @@ class DicomSegDataset:
         volume = read_volume(paths, settings=VolumeGeometrySettings())
         mask = np.zeros(volume.shape, dtype=np.uint8)
         for seg_path in self._segs[case_id]:
-            seg = hd.seg.segread(seg_path)
-            referenced = {str(entry[2]) for entry in seg.get_source_image_uids()}
-            unknown = referenced - set(volume.sop_instance_uids)
-            if unknown:
+            where = f"case {case_id}: SEG {_relative(seg_path, self.root)}"
+            try:
+                seg = hd.seg.segread(seg_path)
+                labels = self._seg_labels(seg, volume, where)
+            except DatasetError:
+                raise
+            except Exception as exc:  # highdicom's own errors, said with the case and the file
                 raise DatasetError(
-                    f"case {case_id}: a SEG refers to {len(unknown)} instances not in the series"
-                )
-            # One plane per CT slice, in the volume's slice order; slices without a SEG frame
-            # (omitted empty frames) are zero. Segment numbers become the labels; where SEGs
-            # overlap, the higher.
-            pixels = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=list(volume.sop_instance_uids),
-                combine_segments=True,
-                skip_overlap_checks=True,
-                assert_missing_frames_are_empty=True,
-            )
-            np.maximum(mask, np.clip(pixels, 0, 255).astype(np.uint8), out=mask)
+                    f"{where}: cannot be read onto the series ({type(exc).__name__}: {exc})"
+                ) from exc
+            np.maximum(mask, labels, out=mask)
         # Both in the orientation the node's engine gives the model (x left, y back, z up),
         # as for the other datasets: a prone or feet-first series is flipped to it, a decubitus
         # one transposed.
@@ -427,6 +495,233 @@ class DicomSegDataset:
             spacing_mm=volume.model_spacing_mm,
             origin_mm=volume.model_origin_lps(),
         )
+
+    def _seg_labels(self, seg: Any, volume: CTVolume, where: str) -> npt.NDArray[np.uint8]:
+        """The tumour segments of ``seg`` on ``volume``'s slices, in its (z, y, x) order, each
+        labelled with its segment number (the higher where they overlap)."""
+        numbers = self._tumour_segments(seg, where)
+        cut = 0.5
+        if seg.segmentation_type.value == "FRACTIONAL":
+            cut = 0.5 * float(seg.MaximumFractionalValue)
+        if _frames_name_their_sources(seg):
+            referenced = {str(entry[2]) for entry in seg.get_source_image_uids()}
+            unknown = referenced - set(volume.sop_instance_uids)
+            if unknown:
+                raise DatasetError(f"{where}: refers to {len(unknown)} instances not in the series")
+            tumour = _planes_by_source(seg, volume, numbers, cut)
+        else:
+            tumour = _planes_by_position(seg, volume, numbers, cut, where)
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for k, number in sorted(enumerate(numbers), key=lambda item: item[1]):
+            labels[tumour[..., k]] = min(number, 255)
+        return labels
+
+    def _tumour_segments(self, seg: Any, where: str) -> list[int]:
+        """The segment numbers of ``seg`` that are tumour (see the class)."""
+        chosen: list[int] = []
+        found: list[str] = []
+        for number in seg.segment_numbers:
+            description = seg.get_segment_description(number)
+            label = str(description.segment_label)
+            kind = description.segmented_property_type
+            found.append(f"{number} {label!r} ({kind.meaning})")
+            if self.segment_labels is not None:
+                if re.fullmatch(self.segment_labels, label, flags=re.IGNORECASE):
+                    chosen.append(int(number))
+            elif _is_tumour_code(kind) or _is_tumour_code(description.segmented_property_category):
+                chosen.append(int(number))
+        if not chosen:
+            wanted = (
+                f"segment labelled {self.segment_labels!r}"
+                if self.segment_labels is not None
+                else "segment whose Segmented Property Type is a tumour (neoplasm, mass,"
+                " nodule, metastasis, gross tumour volume)"
+            )
+            raise DatasetError(
+                f"{where}: no {wanted} among its segments {'; '.join(found)}: choose them by"
+                " label with --segment-labels"
+            )
+        return chosen
+
+
+def _patient_links(ds: Any, series_uid: str) -> list[str]:
+    """What ties a series without Patient ID to another of its patient: its study, and its
+    Patient's Name with Birth Date where the name is given (the series itself without both)."""
+    links = []
+    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    if study:
+        links.append(f"study:{study}")
+    name = str(ds.get("PatientName", "") or "").strip()
+    if name:
+        links.append(f"name:{name}\\{str(ds.get('PatientBirthDate', '') or '').strip()}")
+    return links or [f"series:{series_uid}"]
+
+
+def _stand_in_patients(
+    links: Mapping[str, Sequence[str]], study_patients: Mapping[str, str]
+) -> dict[str, str]:
+    """Patients for the series without Patient ID (``links`` as :func:`_patient_links`): the
+    series that share a study or a name and birth date, directly or through others, are one
+    patient; its id is the Patient ID of a series of one of its studies that has one, else a
+    hash of what links them (no name ends up in a split file)."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    for keys in links.values():
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+    members: dict[str, list[str]] = {}
+    for key in parent:
+        members.setdefault(root(key), []).append(key)
+    named: dict[str, str] = {}
+    for group, keys in members.items():
+        known = sorted(
+            study_patients[key.removeprefix("study:")]
+            for key in keys
+            if key.startswith("study:") and key.removeprefix("study:") in study_patients
+        )
+        digest = hashlib.sha256(min(keys).encode()).hexdigest()[:16]
+        named[group] = known[0] if known else f"no-id-{digest}"
+    return {uid: named[root(keys[0])] for uid, keys in links.items()}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _is_tumour_code(concept: Any) -> bool:
+    """Whether a coded concept (highdicom's or pydicom's) is one of the tumour codes."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    if concept is None:
+        return False
+    code = Code(
+        value=str(concept.value),
+        scheme_designator=str(concept.scheme_designator),
+        meaning=str(concept.meaning),
+    )
+    return any(code == getattr(codes.SCT, name) for name in _TUMOUR_CODE_NAMES)
+
+
+def _frames_name_their_sources(seg: Any) -> bool:
+    """Every frame of ``seg`` references its source image (Derivation Image Sequence)."""
+    frames = seg.get("PerFrameFunctionalGroupsSequence", [])
+    return len(frames) > 0 and all(
+        any(
+            len(derivation.get("SourceImageSequence", [])) > 0
+            for derivation in frame.get("DerivationImageSequence", [])
+        )
+        for frame in frames
+    )
+
+
+def _planes_by_source(
+    seg: Any, volume: CTVolume, numbers: Sequence[int], cut: float
+) -> npt.NDArray[np.bool_]:
+    """(z, y, x, segment) whether each voxel is at ``cut`` or more in each segment of
+    ``numbers``, frames placed by the source image, or source frame, they reference."""
+    # One plane per CT slice, in the volume's slice order; slices without a SEG frame (empty
+    # frames are omitted) are zero.
+    uids = volume.sop_instance_uids
+    if len(set(uids)) == len(uids):  # one image a slice
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(uids),
+            segment_numbers=list(numbers),
+            combine_segments=False,
+            rescale_fractional=False,
+            skip_overlap_checks=True,
+            assert_missing_frames_are_empty=True,
+        )
+        return np.asarray(pixels >= cut)
+    # a multi-frame (Enhanced CT) series: by its instances' frame numbers
+    tumour = np.zeros((*volume.shape, len(numbers)), dtype=bool)
+    slices: dict[str, list[int]] = {}
+    for z, uid in enumerate(uids):
+        slices.setdefault(uid, []).append(z)
+    for uid, zs in slices.items():
+        pixels = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=uid,
+            source_frame_numbers=[volume.frame_numbers[z] for z in zs],
+            segment_numbers=list(numbers),
+            combine_segments=False,
+            rescale_fractional=False,
+            skip_overlap_checks=True,
+            assert_missing_frames_are_empty=True,
+        )
+        tumour[zs] = pixels >= cut
+    return tumour
+
+
+def _planes_by_position(
+    seg: Any, volume: CTVolume, numbers: Sequence[int], cut: float, where: str
+) -> npt.NDArray[np.bool_]:
+    """As :func:`_planes_by_source` for a SEG whose frames reference no source image: each
+    frame goes on the slice at its Plane Position (Patient), which must be the series' Frame of
+    Reference, pixel grid and orientation (nothing is resampled)."""
+    if str(seg.get("FrameOfReferenceUID", "")) != volume.frame_of_reference_uid:
+        raise DatasetError(
+            f"{where}: its frames reference no source image, and its Frame of Reference is not"
+            " the series': they cannot be placed"
+        )
+    _, rows, columns = volume.shape
+    if (int(seg.Rows), int(seg.Columns)) != (rows, columns):
+        raise DatasetError(
+            f"{where}: its frames ({seg.Rows}x{seg.Columns}) reference no source image and are"
+            f" not of the series' size ({rows}x{columns})"
+        )
+    shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
+    index = {number: k for k, number in enumerate(numbers)}
+    tumour = np.zeros((*volume.shape, len(numbers)), dtype=bool)
+    tolerance = _POSITION_TOLERANCE * min(volume.spacing_mm)
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        number = int(
+            _functional(frame, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber
+        )
+        if number not in index:
+            continue
+        orientation = np.asarray(
+            _functional(frame, shared, "PlaneOrientationSequence").ImageOrientationPatient,
+            dtype=np.float64,
+        )
+        pixel_spacing = np.asarray(
+            _functional(frame, shared, "PixelMeasuresSequence").PixelSpacing, dtype=np.float64
+        )
+        if not np.allclose(
+            orientation, volume.direction[:, :2].T.reshape(6), atol=1e-3
+        ) or not np.allclose(pixel_spacing, volume.spacing_mm[1:], rtol=1e-3):
+            raise DatasetError(
+                f"{where}: frame {n} references no source image and is not on the series'"
+                " pixel grid (orientation or pixel spacing differ)"
+            )
+        position = np.asarray(
+            _functional(frame, shared, "PlanePositionSequence").ImagePositionPatient,
+            dtype=np.float64,
+        )
+        distance = np.linalg.norm(volume.slice_positions_mm - position, axis=1)
+        z = int(np.argmin(distance))
+        if distance[z] > tolerance:
+            raise DatasetError(
+                f"{where}: frame {n} references no source image and lies"
+                f" {float(distance[z]):.2f} mm from the nearest slice of the series"
+            )
+        tumour[z, :, :, index[number]] |= seg.get_stored_frame(n) >= cut
+    return tumour
+
+
+def _functional(frame: Any, shared: Any, name: str) -> Any:
+    """The first item of functional group ``name`` of a frame, or of the shared groups."""
+    for groups in (frame, shared):
+        if groups is not None and len(groups.get(name, [])) > 0:
+            return groups.get(name)[0]
+    raise ValueError(f"a frame has no {name}")
 
 
 # ---------------------------------------------------------------------- phantoms
@@ -850,8 +1145,10 @@ def open_dataset(
     path: Path | None = None,
     phantoms: PhantomSpec | None = None,
     cache_dir: Path | None = None,
+    segment_labels: str | None = None,
 ) -> CaseDataset:
-    """Open a dataset: ``phantoms`` (from ``phantoms``), ``msd`` or ``dicom-seg`` (at ``path``).
+    """Open a dataset: ``phantoms`` (from ``phantoms``), ``msd`` or ``dicom-seg`` (at ``path``;
+    ``segment_labels`` as :class:`DicomSegDataset` takes it).
 
     Raises
     ------
@@ -865,5 +1162,5 @@ def open_dataset(
     if kind == "msd":
         return MSDDataset(path)
     if kind == "dicom-seg":
-        return DicomSegDataset(path)
+        return DicomSegDataset(path, segment_labels=segment_labels)
     raise DatasetError(f"unknown dataset kind {kind!r} (phantoms, msd, dicom-seg)")

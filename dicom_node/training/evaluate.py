@@ -727,7 +727,13 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
     split = None if args.split is None else read_split(args.split)
     if split is not None and args.dataset == "phantoms":
         spec = split.phantoms_for(spec, source=str(args.split))  # what its ids stand for
-    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec, cache_dir=args.cache_dir)
+    dataset = open_dataset(
+        args.dataset,
+        path=args.data,
+        phantoms=spec,
+        cache_dir=args.cache_dir,
+        segment_labels=args.segment_labels,
+    )
     train_dataset: CaseDataset
     if split is not None:
         split.check_patients(dataset, source=str(args.split))
@@ -757,7 +763,11 @@ def _cases_from_args(args: Any) -> tuple[CaseDataset, list[str], CaseDataset, li
                 train_spec, source=str(args.train_split), listing=False
             )
         train_dataset = open_dataset(
-            args.dataset, path=args.data, phantoms=train_spec, cache_dir=args.cache_dir
+            args.dataset,
+            path=args.data,
+            phantoms=train_spec,
+            cache_dir=args.cache_dir,
+            segment_labels=args.segment_labels,
         )
         train_ids = train_dataset.case_ids() if args.dataset == "phantoms" else []
         if train_split is not None:  # only the cases the network was trained on

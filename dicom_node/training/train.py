@@ -2141,7 +2141,9 @@ def run_from_args(args: Any, config: TrainConfig) -> int:
     split = read_split(split_path) if split_path.exists() else None
     if split is not None and phantoms:  # the split's ids stand for the phantoms it was made of
         spec = split.phantoms_for(spec, source=str(split_path))
-    dataset = open_dataset(args.dataset, path=args.data, phantoms=spec)
+    dataset = open_dataset(
+        args.dataset, path=args.data, phantoms=spec, segment_labels=args.segment_labels
+    )
     if split is not None:
         split.check_patients(dataset, source=str(split_path))
         used = ("val",) if config.keep_mlp else ("train", "val")

@@ -13,9 +13,15 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.errors import DatasetError
-from dicom_node.training.ctseries import SeriesSpec, StudyIdentity, write_ct_series
+from dicom_node.training.ctseries import (
+    SeriesSpec,
+    StudyIdentity,
+    write_ct_series,
+    write_enhanced_ct,
+)
 from dicom_node.training.datasets import (
     Case,
     CaseDataset,
@@ -113,21 +119,40 @@ def test_dicom_seg_loader_places_frames_on_their_slices(tmp_path: Path, position
     np.testing.assert_array_equal(again.load(case_id).tumour_mask > 0, mask)
 
 
-def _write_seg(sources: list[pydicom.Dataset], mask: np.ndarray, path: Path) -> None:
-    """A BINARY DICOM SEG of ``mask`` (one segment, tumour) on the CT images ``sources``."""
+def _segment(
+    number: int,
+    label: str,
+    kind: Code = codes.SCT.Neoplasm,
+    category: Code = codes.SCT.MorphologicallyAbnormalStructure,
+) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=category,
+        segmented_property_type=kind,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+
+
+def _write_seg(
+    sources: list[pydicom.Dataset],
+    mask: np.ndarray,
+    path: Path,
+    *,
+    segments: list[hd.seg.SegmentDescription] | None = None,
+    fractional: bool = False,
+) -> None:
+    """A DICOM SEG of ``mask`` (BINARY, one segment, tumour, by default) on the CT images
+    ``sources``; ``mask`` is (frames, rows, columns[, segments])."""
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                segment_number=1,
-                segment_label="tumour",
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Neoplasm,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-            )
-        ],
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.FRACTIONAL
+            if fractional
+            else hd.seg.SegmentationTypeValues.BINARY
+        ),
+        segment_descriptions=segments or [_segment(1, "tumour")],
         series_instance_uid=hd.UID(),
         series_number=50,
         sop_instance_uid=hd.UID(),
@@ -468,3 +493,149 @@ def test_a_split_refuses_to_leave_a_part_empty(tmp_path: Path) -> None:
     )
     assert status == 1
     assert not (tmp_path / "w" / "split.json").exists()
+
+
+CT_SHAPE = (8, 32, 32)
+
+
+def _tiny_ct(folder: Path, *, seed: int = 1, **identity: str) -> list[pydicom.Dataset]:
+    """A small CT series (air, a 40 HU block where the tumour of :func:`_tumour` is)."""
+    hu = np.full(CT_SHAPE, -800, dtype=np.int16)
+    hu[_tumour()] = 40
+    study = dataclasses.replace(StudyIdentity.random(seed), **identity)
+    files = write_ct_series(
+        hu, folder, spacing_mm=(2.5, 0.8, 0.8), study=study, series=SeriesSpec()
+    )
+    return [pydicom.dcmread(f) for f in files]
+
+
+def _tumour() -> np.ndarray:
+    tumour = np.zeros(CT_SHAPE, dtype=bool)
+    tumour[3:5, 10:14, 10:14] = True
+    return tumour
+
+
+def test_only_the_tumour_segments_of_a_seg_are_ground_truth(tmp_path: Path) -> None:
+    """A SEG of lung, heart and GTV (NSCLC-Radiomics) gives the GTV only (its Segmented
+    Property Type is Neoplasm); --segment-labels picks segments by label instead; a SEG without
+    a tumour segment is refused, naming the series and the file."""
+    sources = _tiny_ct(tmp_path / "ct")
+    tumour = _tumour()
+    lung = np.zeros(CT_SHAPE, dtype=bool)
+    lung[1:7, 4:28, 4:16] = True
+    lung &= ~tumour
+    heart = np.zeros(CT_SHAPE, dtype=bool)
+    heart[2:6, 20:28, 18:28] = True
+    _write_seg(
+        sources,
+        np.stack([lung, heart, tumour], axis=-1).astype(np.uint8),
+        tmp_path / "seg.dcm",
+        segments=[
+            _segment(1, "Lung-Left", codes.SCT.Lung, codes.SCT.Organ),
+            _segment(2, "Heart", codes.SCT.Heart, codes.SCT.Organ),
+            _segment(3, "GTV-1"),
+        ],
+    )
+    ds = DicomSegDataset(tmp_path)
+    (case_id,) = ds.case_ids()
+    case = ds.load(case_id)
+    np.testing.assert_array_equal(case.tumour_mask > 0, tumour)
+    assert set(np.unique(case.tumour_mask)) == {0, 3}  # the segment number is the label
+    chosen = DicomSegDataset(tmp_path, segment_labels="lung-.*|heart").load(case_id)
+    np.testing.assert_array_equal(chosen.tumour_mask > 0, lung | heart)
+    with pytest.raises(DatasetError, match="not a regular expression"):
+        DicomSegDataset(tmp_path, segment_labels="(")
+    _write_seg(
+        sources,
+        lung,
+        tmp_path / "seg.dcm",
+        segments=[_segment(1, "Lung-Left", codes.SCT.Lung, codes.SCT.Organ)],
+    )
+    with pytest.raises(DatasetError, match=rf"case {case_id}: SEG seg\.dcm: no segment") as err:
+        ds.load(case_id)
+    assert "'Lung-Left'" in str(err.value)
+
+
+def test_a_series_without_patient_id_keeps_to_its_study(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Series whose Patient ID an anonymiser blanked: two series of one study are one patient
+    (they were two, by Series Instance UID, and could land on both sides of a split), and a
+    series of a study whose other series has a Patient ID takes it; a warning says how many
+    series had none, without naming anyone."""
+    study = StudyIdentity.random(50)
+    for n in range(2):  # two reconstructions of one study, names differing as well
+        sources = _tiny_ct(
+            tmp_path / f"a{n}",
+            seed=10 + n,
+            patient_id="",
+            patient_name=f"NAME^{n}",
+            study_instance_uid=study.study_instance_uid,
+        )
+        _write_seg(sources, _tumour(), tmp_path / f"a{n}.seg.dcm")
+    other = StudyIdentity.random(60)
+    for n, patient_id in enumerate(("P-OTHER", "")):
+        sources = _tiny_ct(
+            tmp_path / f"b{n}",
+            seed=20 + n,
+            patient_id=patient_id,
+            study_instance_uid=other.study_instance_uid,
+        )
+        _write_seg(sources, _tumour(), tmp_path / f"b{n}.seg.dcm")
+    with caplog.at_level("WARNING"):
+        ds = DicomSegDataset(tmp_path)
+    by_folder = {
+        str(pydicom.dcmread(next((tmp_path / name).iterdir())).SeriesInstanceUID): name
+        for name in ("a0", "a1", "b0", "b1")
+    }
+    patients = {by_folder[c]: ds.patient_id(c) for c in ds.case_ids()}
+    assert patients["a0"] == patients["a1"] != patients["b0"]
+    assert "NAME" not in patients["a0"]
+    assert patients["b0"] == patients["b1"] == "P-OTHER"
+    assert "3 of 4 series have no Patient ID" in caplog.text
+    assert "P-OTHER" not in caplog.text and "NAME" not in caplog.text
+
+
+def _seg_variant(root: Path, variant: str) -> np.ndarray:
+    """A case of one SEG variant under ``root``; the tumour it should give."""
+    tumour = _tumour()
+    if variant == "fractional":  # values below 1, tumour from half its maximum
+        partial = tumour * np.float32(0.6)
+        partial[3, 10, 10] = 0.3
+        _write_seg(_tiny_ct(root / "ct"), partial, root / "seg.dcm", fractional=True)
+        tumour[3, 10, 10] = False
+    elif variant in ("positions", "unreadable"):
+        _write_seg(_tiny_ct(root / "ct"), tumour, root / "seg.dcm")
+        if variant == "positions":  # frames placed by Plane Position (Patient) only
+            seg = pydicom.dcmread(root / "seg.dcm")
+            for frame in seg.PerFrameFunctionalGroupsSequence:
+                del frame.DerivationImageSequence
+            seg.save_as(root / "seg.dcm")
+        else:  # its pixel data cut short
+            data = (root / "seg.dcm").read_bytes()
+            (root / "seg.dcm").write_bytes(data[: len(data) - 40])
+    else:  # on an Enhanced (multi-frame) CT
+        hu = np.full(CT_SHAPE, -800, dtype=np.int16)
+        hu[tumour] = 40
+        path = write_enhanced_ct(hu, root / "ct" / "ct.dcm", spacing_mm=(2.5, 0.8, 0.8),
+                                 study=StudyIdentity.random(3), series=SeriesSpec())  # fmt: skip
+        _write_seg([pydicom.dcmread(path)], tumour, root / "seg.dcm")
+    return tumour
+
+
+@pytest.mark.parametrize("variant", ["fractional", "positions", "enhanced", "unreadable"])
+def test_seg_variants_load_onto_their_slices(tmp_path: Path, variant: str) -> None:
+    """A FRACTIONAL SEG of values below 1, a SEG whose frames name their slice by Plane
+    Position only, and a SEG on an Enhanced (multi-frame) CT give their tumour (each had failed
+    on an error of highdicom's naming no case); a SEG highdicom cannot read is a DatasetError
+    naming the case and the file."""
+    tumour = _seg_variant(tmp_path, variant)
+    ds = DicomSegDataset(tmp_path)
+    (case_id,) = ds.case_ids()
+    if variant == "unreadable":
+        with pytest.raises(DatasetError, match=rf"case {case_id}: SEG seg\.dcm: cannot be read"):
+            ds.load(case_id)
+        return
+    case = ds.load(case_id)
+    np.testing.assert_array_equal(case.tumour_mask > 0, tumour)
+    assert set(case.hu[case.tumour_mask > 0].tolist()) == {40}
