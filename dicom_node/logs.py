@@ -26,6 +26,12 @@ _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_c
 _include_identifiers = False
 
 
+def identifiers_allowed() -> bool:
+    """Whether messages may quote patient data (``logging.include_patient_data``): free text
+    such as a Series Description, which the de-identification profiles remove (PS3.15 E.1-1)."""
+    return _include_identifiers
+
+
 def study_key(study_uid: str) -> str:
     """How logs name a study: the UID itself when identifiers are allowed, else a short digest."""
     if _include_identifiers:

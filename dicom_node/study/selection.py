@@ -44,6 +44,7 @@ from pydicom.uid import UID
 
 from dicom_node.config import SelectionSettings
 from dicom_node.errors import PipelineError, StudySkipped, VolumeDecodeError, VolumeGeometryError
+from dicom_node.logs import identifiers_allowed
 from dicom_node.study.headers import InstanceHeader
 from dicom_node.study.volume import DECODABLE_TRANSFER_SYNTAXES, VolumePlan, _mm, plan_volume
 
@@ -59,8 +60,13 @@ logger = logging.getLogger(__name__)
 
 
 def series_label(number: int | None, description: str) -> str:
-    """How a series is named in messages: ``series 3 "Lung 1mm"``."""
+    """How a series is named in messages, logs and results: ``series 3``, with its description
+    (``series 3 "Lung 1mm"``) only where patient data may be logged (``logging.
+    include_patient_data``): a Series Description is free text a technologist may have put a
+    name into."""
     shown_number = str(number) if number is not None else "(no number)"
+    if not identifiers_allowed():
+        return f"series {shown_number}"
     shown_description = f'"{description}"' if description else "(no description)"
     return f"series {shown_number} {shown_description}"
 
@@ -167,7 +173,8 @@ def select_series(instances: Iterable[InstanceHeader], *, settings: SelectionSet
     ------
     StudySkipped
         No series qualifies; the message names every series and the rules it failed, e.g.
-        ``series 3 "Scout": localizer; series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm``.
+        ``series 3: localizer; series 5: slice thickness 5.0 > 2.5 mm`` (the descriptions too
+        with ``logging.include_patient_data``).
     PipelineError
         The instances belong to more than one study.
     """
@@ -387,7 +394,11 @@ class _Rules:
             "body part", first.body_part_examined, self.body_include, self.body_exclude
         )
         reasons += _pattern_reasons(
-            "series description", first.series_description, self.desc_include, self.desc_exclude
+            "series description",
+            first.series_description,
+            self.desc_include,
+            self.desc_exclude,
+            free_text=True,
         )
 
         if not s.allow_lossy and any(i.lossy_compressed for i in kept):
@@ -449,12 +460,21 @@ class _Rules:
 
 
 def _pattern_reasons(
-    what: str, value: str, include: Sequence[re.Pattern[str]], exclude: Sequence[re.Pattern[str]]
+    what: str,
+    value: str,
+    include: Sequence[re.Pattern[str]],
+    exclude: Sequence[re.Pattern[str]],
+    *,
+    free_text: bool = False,
 ) -> list[str]:
-    shown = f'"{value}"' if value else "(none)"
+    """Why ``value`` fails the patterns; a free-text value is quoted only where patient data
+    may be logged."""
+    quoted = f'"{value}"' if identifiers_allowed() or not free_text else ""
+    shown = quoted if value else "(none)"
+    what = f"{what} {shown}".rstrip()
     if include and not any(p.search(value) for p in include):
-        return [f"{what} {shown} matches no include pattern"]
+        return [f"{what} matches no include pattern"]
     for p in exclude:
         if p.search(value):
-            return [f'{what} {shown} matches exclude pattern "{p.pattern}"']
+            return [f'{what} matches exclude pattern "{p.pattern}"']
     return []

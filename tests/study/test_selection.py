@@ -57,12 +57,12 @@ def test_thin_series_chosen_over_localizer_and_thick(
     )
     selection = select_series(_headers(_scout(tmp_path, study), thick, thin), settings=DEFAULTS)
     (chosen,) = selection.chosen
-    assert chosen.label == 'series 4 "Lung 1mm"'
+    assert chosen.label == "series 4"
     assert chosen.number_of_slices == 24
     assert chosen.plan.spacing_mm[0] == pytest.approx(1.0)
     assert [str(r) for r in selection.rejected] == [
-        'series 3 "Scout": localizer',
-        'series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm',
+        "series 3: localizer",
+        "series 5: slice thickness 5.0 > 2.5 mm",
     ]
     # the plan is what the volume is decoded from: headers are not read again
     volume = load_volume(chosen.plan)
@@ -83,8 +83,8 @@ def test_only_failing_series_skip_the_study_with_one_reason_each(
         select_series(_headers(thick, _scout(tmp_path, study)), settings=DEFAULTS)
     message = str(err.value)
     assert message == (
-        'no series qualifies for analysis: series 3 "Scout": localizer; '
-        'series 5 "Lung 5mm": slice thickness 5.0 > 2.5 mm'
+        "no series qualifies for analysis: series 3: localizer; "
+        "series 5: slice thickness 5.0 > 2.5 mm"
     )
     for private in (study.patient_name, study.patient_id, study.accession_number):
         assert private not in message
@@ -101,8 +101,7 @@ def test_coronal_series_is_rejected_by_the_orientation_tolerance(
     with pytest.raises(StudySkipped) as err:
         select_series(_headers(paths), settings=DEFAULTS)
     assert str(err.value).endswith(
-        'series 7 "Cor": coronal, not axial (slice normal 90.0° from the patient z axis, '
-        "more than 10°)"
+        "series 7: coronal, not axial (slice normal 90.0° from the patient z axis, more than 10°)"
     )
 
 
@@ -252,9 +251,7 @@ def test_gap_in_the_thin_series_falls_back_to_a_sound_one(write_series: WriteSer
     selection = select_series(_headers(gappy, sound), settings=DEFAULTS)
     assert selection.chosen[0].series_number == 4
     (rejected,) = selection.rejected
-    assert str(rejected) == (
-        'series 3 "thin": missing slice: gap of 2.0 mm at z=11.0 mm, expected 1.0 mm'
-    )
+    assert str(rejected) == ("series 3: missing slice: gap of 2.0 mm at z=11.0 mm, expected 1.0 mm")
 
 
 def test_spacing_and_slice_count_rules(write_series: WriteSeries) -> None:
@@ -268,8 +265,8 @@ def test_spacing_and_slice_count_rules(write_series: WriteSeries) -> None:
     with pytest.raises(StudySkipped) as err:
         select_series(_headers(few, sparse), settings=DEFAULTS)
     assert str(err.value) == (
-        'no series qualifies for analysis: series 1 "few": 8 slices < 20; '
-        'series 2 "gapped": slice spacing 3.0 > 2.5 mm'
+        "no series qualifies for analysis: series 1: 8 slices < 20; "
+        "series 2: slice spacing 3.0 > 2.5 mm"
     )
 
 
@@ -283,8 +280,8 @@ def test_body_part_and_description_patterns(write_series: WriteSeries) -> None:
     with pytest.raises(StudySkipped) as err:
         select_series(_headers(head, mip), settings=settings)
     assert str(err.value) == (
-        'no series qualifies for analysis: series 1 "Head": body part "HEAD" matches no include '
-        'pattern; series 2 "Lung MIP 1mm": series description "Lung MIP 1mm" matches exclude '
+        'no series qualifies for analysis: series 1: body part "HEAD" matches no include '
+        "pattern; series 2: series description matches exclude "
         'pattern "mip"'
     )
 
@@ -318,8 +315,8 @@ def test_non_ct_instances_and_lossy_images_fail_their_rules(write_series: WriteS
     with pytest.raises(StudySkipped) as err:
         select_series([*lossy, sr], settings=DEFAULTS)
     assert str(err.value) == (
-        'no series qualifies for analysis: series 1 "CT": lossy compressed; '
-        'series 99 "Report": modality SR, SOP class Comprehensive 3D SR Storage, no image'
+        "no series qualifies for analysis: series 1: lossy compressed; "
+        "series 99: modality SR, SOP class Comprehensive 3D SR Storage, no image"
     )
     assert select_series(lossy, settings=SelectionSettings(allow_lossy=True)).chosen
 
@@ -496,3 +493,24 @@ def test_contrast_is_read_from_the_agent_its_code_or_the_usage_sequence(tmp_path
         "usage_yes": True,
         "usage_no": False,
     }
+
+
+def test_series_descriptions_are_quoted_only_where_patient_data_may_be_logged(
+    write_series: WriteSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Series Description is free text (a technologist may type a name into it): messages,
+    logs and results name a series by its number, and quote its description only with
+    ``logging.include_patient_data``."""
+    mip = write_series("mip", SeriesSpec(series_number=2, series_description="MIP SMITH^JOHN"))
+    settings = SelectionSettings(description_exclude=("mip",))
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(mip), settings=settings)
+    assert "SMITH" not in str(err.value)
+    assert str(err.value).endswith('series 2: series description matches exclude pattern "mip"')
+    monkeypatch.setattr("dicom_node.logs._include_identifiers", True)
+    with pytest.raises(StudySkipped) as err:
+        select_series(_headers(mip), settings=settings)
+    assert str(err.value).endswith(
+        'series 2 "MIP SMITH^JOHN": series description "MIP SMITH^JOHN" matches exclude pattern'
+        ' "mip"'
+    )
