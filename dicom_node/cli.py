@@ -488,7 +488,7 @@ def _jobs(args: argparse.Namespace) -> int:
     from dicom_node.store.outbox import Outbox
 
     config = _load(args)
-    store = open_store(config)
+    store = open_store(config, read_only=True)
 
     newest = store.jobs(limit=args.limit or None)
     # jobs an operator may have to act on are listed whatever their age

@@ -41,9 +41,10 @@ from dicom_node.worker import Worker
 logger = logging.getLogger(__name__)
 
 
-def open_store(config: Config) -> JobStore:
+def open_store(config: Config, *, read_only: bool = False) -> JobStore:
     """The existing job store of ``config``'s data folder, for the operator commands (which
-    must not make an empty one where a mistyped folder points).
+    must not make an empty one where a mistyped folder points); ``read_only`` for those that
+    only list (an operator in the service's group may read the store, not write it).
 
     Raises
     ------
@@ -55,7 +56,7 @@ def open_store(config: Config) -> JobStore:
         raise JobStoreError(
             f"no job store at {path}: is storage.data_dir the node's? (--config, --data-dir)"
         )
-    return JobStore(path)
+    return JobStore(path, read_only=read_only)
 
 
 class Node:

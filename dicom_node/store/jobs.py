@@ -299,11 +299,14 @@ class JobStore:
     DIMSE timeout, rather than holding every association for half a minute and failing.
     """
 
-    def __init__(self, path: Path, *, busy_seconds: float = 5.0) -> None:
+    def __init__(self, path: Path, *, busy_seconds: float = 5.0, read_only: bool = False) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._busy_seconds = busy_seconds
+        if read_only:
+            self._open_read_only()
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=busy_seconds
         )
@@ -332,6 +335,50 @@ class JobStore:
             if found != SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
                 logger.info("job store schema %d upgraded to %d", found, SCHEMA_VERSION)
+
+    def _open_read_only(self) -> None:
+        """Open for reads only (``read_only``): what an operator's listing needs, with read
+        access to the store's files and none to write them or their folder (the service's
+        group). With the node stopped, SQLite cannot make the WAL index such a reader needs;
+        then, no write-ahead log being there, the file is read as it stands. A store whose
+        schema is not this version's is refused: only the node upgrades it."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            try:
+                row = self._connect(uri)
+            except sqlite3.OperationalError:
+                if wal.exists():
+                    raise
+                row = self._connect(uri + "&immutable=1")
+        except sqlite3.Error as exc:
+            raise JobStoreError(f"job store {self.path} cannot be read: {exc}") from exc
+        if row is None or int(row["value"]) != SCHEMA_VERSION:
+            self._db.close()
+            raise JobStoreError(
+                f"job store {self.path} has schema {row['value'] if row else '(none)'}, this"
+                f" version reads {SCHEMA_VERSION}: start the node (it upgrades the store) or use"
+                " the version that wrote it"
+            )
+
+    def _connect(self, uri: str) -> sqlite3.Row | None:
+        """Connect read-only to ``uri``; the schema row."""
+        self._db = sqlite3.connect(
+            uri,
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self._busy_seconds,
+        )
+        self._db.row_factory = sqlite3.Row
+        try:
+            row: sqlite3.Row | None = self._db.execute(
+                "SELECT value FROM meta WHERE key='schema'"
+            ).fetchone()
+        except sqlite3.Error:
+            self._db.close()
+            raise
+        return row
 
     def close(self) -> None:
         """Close the connection."""

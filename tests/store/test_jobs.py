@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -457,3 +461,58 @@ def test_a_refused_older_version_holds_back_every_newer_row_of_its_study(
     assert all(i.not_before == 0 for i in newer if i.destination == "b")
     # of the study, only version 1's other result is due at "a" before version 1's refused one
     assert {i.job_id for i in outbox.claim("a")} == {oldest.job_id}
+
+
+def _listed_as(uid: int, path: Path) -> int:
+    """In a forked child running as user ``uid``: open ``path`` read-only and list its jobs;
+    the exit status says how (0 listed one job, 3 refused as JobStoreError, 4 anything else)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 4
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            store = JobStore(path, read_only=True)
+            code = 0 if len(store.jobs()) == 1 and store.counts() else 4
+        except JobStoreError:
+            code = 3
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to list as another user")
+def test_a_user_who_may_only_read_the_store_can_list_it(tmp_path: Path) -> None:
+    """An operator in the service's group reads the store's files and cannot write them or
+    their folder (the unit's 0750 state folder, UMask 0027): the listing opens it read-only,
+    with the node running (its WAL files exist) and stopped (they do not)."""
+    folder = Path(tempfile.mkdtemp(prefix="ro-store-"))
+    try:
+        folder.chmod(0o755)  # others: read and search, no write (like the group in the unit)
+        path = folder / "jobs.sqlite"
+        node = JobStore(path)
+        node.record_instance(_rec(folder, "1.1"))
+        assert node.complete_study("1.2.3", reason="test") is not None
+        for file in folder.iterdir():
+            file.chmod(0o644)
+        assert (folder / "jobs.sqlite-wal").exists()
+        assert _listed_as(65534, path) == 0  # the node running
+        node.close()
+        assert not (folder / "jobs.sqlite-wal").exists()
+        assert _listed_as(65534, path) == 0  # the node stopped
+        reader = JobStore(path, read_only=True)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"), reader.reading() as db:
+            db.execute("DELETE FROM jobs")
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_read_only_store_of_another_schema_is_refused(tmp_path: Path) -> None:
+    """Only the node upgrades a store: a listing of one at another schema says so."""
+    path = tmp_path / "jobs.sqlite"
+    JobStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.close()
+    with pytest.raises(JobStoreError, match="has schema 1, this version reads"):
+        JobStore(path, read_only=True)
