@@ -30,7 +30,7 @@ chmod 0644 /etc/systemd/system/dicom-node.service
 # 3. the configuration (kept if present): the documented defaults, with the service's folders
 if [ ! -e /etc/dicom-node/config.yaml ]; then
     sed -e "s#^  data_dir: ./var#  data_dir: /var/lib/dicom-node#" \
-        -e "s#^  path: ./models/#  path: $prefix/models/#" \
+        -e "s#^  path: \(\./\)\{0,1\}models/#  path: $prefix/models/#" \
         "$src/config.yaml" > /etc/dicom-node/config.yaml
     chgrp dicom-node /etc/dicom-node/config.yaml
     chmod 0640 /etc/dicom-node/config.yaml

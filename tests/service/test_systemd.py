@@ -153,3 +153,24 @@ def test_syscall_filter_lets_the_analysis_lower_its_priority() -> None:
         allowed = allowed - names if deny else allowed | names
     assert {"setpriority", "sched_setscheduler"} <= allowed
     assert not {"setrlimit", "sched_setaffinity", "mbind", "reboot", "mount"} & allowed
+
+
+def test_install_points_the_new_configuration_at_the_service_folders(tmp_path: Path) -> None:
+    """install.sh's first configuration is config.yaml with the data folder under
+    /var/lib/dicom-node and the model under the install prefix (its sed, run as written)."""
+    import re
+
+    import yaml
+
+    script = (ROOT / "systemd" / "install.sh").read_text()
+    expressions = re.findall(r'-e "(s#[^"]+)"', script)
+    assert len(expressions) == 2, expressions
+    command = ["sed"]
+    for expression in expressions:
+        command += ["-e", expression.replace("$prefix", "/srv/node")]
+    done = subprocess.run(
+        [*command, str(ROOT / "config.yaml")], capture_output=True, text=True, check=True
+    )
+    config = yaml.safe_load(done.stdout)
+    assert config["storage"]["data_dir"] == "/var/lib/dicom-node"
+    assert config["model"]["path"] == "/srv/node/models/lung-ct-unet-resnet50"
