@@ -201,7 +201,8 @@ class Node:
         """Stop accepting, let in-flight work finish for up to ``drain_seconds``, then return.
 
         A job still running after that stays ``running`` in the store and is resumed at the next
-        start.
+        start. Results still being sent then are aborted (A-ABORT) and sent at the next start,
+        their attempt not counted.
         """
         logger.info("stopping: no new associations")
         self.notifier.stopping()
@@ -213,13 +214,14 @@ class Node:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.dispatcher.join(max(0.0, deadline - time.monotonic()))
+        self.dispatcher.abort()  # a send to a slow PACS must not hold the process past its stop
         self.worker.stopping.set()  # a job cut off from here on is parked, not failed
         close = getattr(self.worker.pipeline, "close", None)
         if close is not None:
             close()
         if any(t.is_alive() for t in self._threads):
             logger.warning("a job is still running; it is parked and resumes at the next start")
-        else:
+        elif not self.dispatcher.busy():  # (a send thread still recording keeps the store open)
             self.store.close()
         if self.health is not None:
             self.health.stop()
