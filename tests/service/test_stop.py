@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.config import Config, load_config
-from dicom_node.pipeline import InventoryPipeline
+from dicom_node.pipeline import InventoryPipeline, StudyInput, StudyResult
 from dicom_node.service import Node
 from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, OutputFile
 from dicom_node.store.outbox import DeliveryState, Outbox
@@ -133,3 +133,75 @@ def test_a_stop_aborts_a_send_to_a_stalling_pacs_and_the_next_start_delivers_it(
     finally:
         again.stop(drain_seconds=1.0)
     assert len(pacs.received()) == 2
+
+
+class _Blocking:
+    """An analysis in this process (``jobs.isolate: false``) that takes longer than the stop
+    allows: it returns only once ``release`` is set. No ``close``: nothing can end it."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, study: StudyInput) -> StudyResult:
+        self.started.set()
+        self.release.wait(60)
+        return StudyResult(summary={"series": []})
+
+
+def _queued_job(store: JobStore) -> int:
+    store.record_instance(
+        InstanceRecord(
+            sop_instance_uid="1.1",
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            modality="CT",
+            path=Path("/nonexistent/1.1.dcm"),
+            size=10,
+            calling_ae="PACS",
+            received_at=time.time(),
+        )
+    )
+    job = store.complete_study("1.2.3", reason="quiet")
+    assert job is not None
+    return job.id
+
+
+def test_a_stop_parks_a_job_an_analysis_in_this_process_still_runs(tmp_path: Path) -> None:
+    """jobs.isolate: false, the node stopped while an analysis runs past the drain time, four
+    times: each stop parks the job (queued, its attempt given back), so it is never
+    dead-lettered as cut off by the node's end; an analysis that ends after its stop records
+    nothing, not even while the next start runs the job again; and the stop returns within
+    the drain time and a few seconds."""
+    job_id = 0
+    analyses: list[_Blocking] = []
+    for round_ in range(4):
+        analysis = _Blocking()
+        node = Node(
+            _config(tmp_path, free_port(), jobs={"isolate": False, "poll_seconds": 0.1}),
+            pipeline=analysis,
+        )
+        node.start()
+        if round_ == 0:
+            job_id = _queued_job(node.store)
+            node.worker.wake.set()
+        assert analysis.started.wait(30)
+        assert node.store.job(job_id).state == JobState.RUNNING
+        if analyses:  # the previous start's analysis ends now, while this start runs the job
+            analyses[-1].release.set()
+            time.sleep(0.5)
+            assert node.store.job(job_id).state == JobState.RUNNING
+        analyses.append(analysis)
+        started = time.monotonic()
+        node.stop(drain_seconds=0.5)
+        assert time.monotonic() - started < 0.5 + 5.0
+        store = JobStore(node.config.storage.data_dir / "jobs.sqlite")
+        job = store.job(job_id)
+        store.close()
+        assert (job.state, job.attempts) == (JobState.QUEUED, 0), (round_, job)
+    analyses[-1].release.set()  # ends after the last stop: the job stays parked
+    time.sleep(0.5)
+    store = JobStore(tmp_path / "var" / "jobs.sqlite")
+    assert (store.job(job_id).state, store.job(job_id).attempts) == (JobState.QUEUED, 0)
+    assert [s for _, s, _ in store.job_events(job_id)].count(JobState.DONE.value) == 0
