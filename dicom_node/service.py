@@ -201,8 +201,9 @@ class Node:
     def stop(self, *, drain_seconds: float = 30.0) -> None:
         """Stop accepting, let in-flight work finish for up to ``drain_seconds``, then return.
 
-        A job still running after that stays ``running`` in the store and is resumed at the next
-        start.
+        A job still running after that is parked (queued again, its attempt given back) and
+        resumed at the next start. Results still being sent then are aborted (A-ABORT) and
+        sent at the next start, their attempt not counted.
         """
         logger.info("stopping: no new associations")
         self.notifier.stopping()
@@ -214,13 +215,17 @@ class Node:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.dispatcher.join(max(0.0, deadline - time.monotonic()))
+        self.dispatcher.abort()  # a send to a slow PACS must not hold the process past its stop
         self.worker.stopping.set()  # a job cut off from here on is parked, not failed
         close = getattr(self.worker.pipeline, "close", None)
         if close is not None:
             close()
         if any(t.is_alive() for t in self._threads):
-            logger.warning("a job is still running; it is parked and resumes at the next start")
-        else:
+            # an analysis that could not be ended (one in this process) has its job parked
+            # here; the worker thread, a daemon, records nothing for it if it ends after all
+            if self.worker.park() is None:  # (a job parked is logged by the worker)
+                logger.warning("a job is still running; it resumes at the next start")
+        elif not self.dispatcher.busy():  # (a send thread still recording keeps the store open)
             self.store.close()
         if self.health is not None:
             self.health.stop()
@@ -257,6 +262,12 @@ class Node:
                 failed = ", ".join(k for k, ok in live.items() if not ok)
                 logger.error("unhealthy (%s); withholding the watchdog ping", failed)
         self.stop(drain_seconds=self.config.service.drain_seconds)
+        if any(t.is_alive() for t in self._threads):
+            # an analysis in this process still runs (its job parked): the interpreter's exit
+            # would abort (SIGABRT) under PyTorch's threads; the job store and the audit log
+            # hold nothing unwritten
+            logging.shutdown()
+            os._exit(0)
         return 0
 
 

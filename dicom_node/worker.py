@@ -27,6 +27,15 @@ from dicom_node.store.jobs import Job, JobState, JobStore, OutputFile, until_rec
 logger = logging.getLogger(__name__)
 
 
+class _Parked(Exception):  # noqa: N818 - not an error: the node's stop parked the job
+    """The node's stop parked the job in hand (:meth:`Worker.park`): its outcome is not
+    recorded."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.id)
+        self.job = job
+
+
 def _output_file(path: Path) -> OutputFile:
     meta = read_file_meta_info(path)
     return OutputFile(
@@ -74,6 +83,10 @@ class Worker:
         self.busy = False
         self.last_beat = time.monotonic()
         self._loop_stop: threading.Event | None = None
+        #: Held while a job is claimed or its outcome recorded, and by :meth:`park`.
+        self._settling = threading.Lock()
+        self._job: Job | None = None  # the job in hand, claimed and not yet settled
+        self._parked: Job | None = None  # the job in hand as park() left it
 
     def making_progress(self) -> bool:
         """False when the worker loop has not come round for longer than a job may take: its
@@ -85,14 +98,54 @@ class Worker:
 
     def run_once(self) -> Job | None:
         """Run the next due job, if any; returns the job as it finished."""
-        job = self.store.claim_next_job(max_attempts=self.settings.max_attempts)
+        with self._settling:
+            job = self.store.claim_next_job(max_attempts=self.settings.max_attempts)
+            self._job, self._parked = job, None
         if job is None:
             return None
         self.busy = True
         try:
             return self._run(job)
+        except _Parked as parked:
+            logger.warning("the job ended after the node's stop parked it; nothing is recorded")
+            return parked.job
         finally:
             self.busy = False
+            with self._settling:
+                self._job = None
+
+    def park(self, *, timeout: float = 6.0) -> Job | None:
+        """Put the job in hand back in the queue, its attempt given back (the node stops and
+        the pipeline could not be ended: an analysis in this process), and keep this worker
+        from recording another outcome for it when the pipeline returns after all. Returns the
+        parked job; ``None`` when there was none, its outcome was recorded first, or the job
+        store did not take it within ``timeout`` (the job, still ``running``, is then resumed
+        at the next start with the attempt counted)."""
+        if not self._settling.acquire(timeout=timeout):
+            logger.warning("the job in hand could not be parked: its outcome is being recorded")
+            return None
+        try:
+            job = self._job
+            if job is None:
+                return self._parked
+            try:
+                self._parked = self.store.requeue(
+                    job.id, not_before=0.0, detail="parked: the node stopped during it"
+                )
+            except Exception:  # the next start's recovery resumes it (its attempt counted)
+                logger.exception(
+                    "the job could not be parked; it resumes at the next start",
+                    extra={"fields": {"job": job.id}},
+                )
+                return None
+            self._job = None
+            logger.warning(
+                "job parked: the node stops; it resumes at the next start",
+                extra={"fields": {"job": job.id}},
+            )
+            return self._parked
+        finally:
+            self._settling.release()
 
     def _run(self, job: Job) -> Job:
         work = self.work_root / f"{job.id}-v{job.version}"
@@ -125,13 +178,8 @@ class Worker:
                 logger.info("job skipped: %s", why)
             except Exception as exc:
                 if self.stopping.is_set():
-                    logger.warning(
-                        "job parked: the node stops (%s); it resumes at the next start",
-                        type(exc).__name__,
-                    )
-                    return self.store.requeue(  # (a failure here: recovered at the next start)
-                        job.id, not_before=0.0, detail="parked: the node stopped during it"
-                    )
+                    logger.warning("the node stops (%s) during the job", type(exc).__name__)
+                    return self.park() or job  # (not parked: recovered at the next start)
                 if isinstance(exc, AnalysisUnavailableError):
                     delay = self.settings.retry_base_seconds
                     logger.warning("no analysis can run now; the job waits %.0f s", delay)
@@ -188,10 +236,16 @@ class Worker:
         now (:func:`~dicom_node.store.jobs.until_recorded`): a job whose outcome was not
         recorded would stay ``running`` until the next start, its results unsent, with nothing
         for ``dicom-node retry`` to take. While it waits, the worker is waiting on the store,
-        not stuck in a job; when the node stops meanwhile, the next start resumes the job."""
+        not stuck in a job; when the node stops meanwhile, the next start resumes the job.
+        Nothing is recorded for a job the node's stop parked meanwhile (:meth:`park`)."""
         self.last_beat = time.monotonic()
         stop = self._loop_stop if self._loop_stop is not None else self.stopping
-        return until_recorded(record, what="a job's outcome", stop=stop)
+        with self._settling:
+            if self._job is None and self._parked is not None:
+                raise _Parked(self._parked)  # the job is the next start's again
+            done = until_recorded(record, what="a job's outcome", stop=stop)
+            self._job = None
+            return done
 
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
         """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error

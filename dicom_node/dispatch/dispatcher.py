@@ -1,20 +1,23 @@
 """The dispatcher: drains the outbox, one thread per destination with work due.
 
 Destinations are independent: a refusing or slow PACS only occupies its own thread, so it never
-holds back another destination or the analysis of other studies.
+holds back another destination or the analysis of other studies. At the node's stop, sends still
+in flight once the drain time is spent are aborted (:meth:`Dispatcher.abort`); their rows go
+back to ``pending``, their attempt not counted, and are sent at the next start.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.dispatch.routing import resolve
-from dicom_node.dispatch.scu import Peer, SendOutcome, send_files
+from dicom_node.dispatch.scu import ABORT_SECONDS, OpenAssociations, Peer, SendOutcome, send_files
 from dicom_node.metrics import SENDS
 from dicom_node.store.jobs import until_recorded
 from dicom_node.store.outbox import DeliveryState, Outbox, OutboxItem
@@ -34,6 +37,7 @@ class Dispatcher:
         self.wake = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._associations = OpenAssociations()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Start a drain thread for each destination with rows due, until ``stop`` is set. A
@@ -61,9 +65,31 @@ class Dispatcher:
                 t.start()
 
     def join(self, timeout: float) -> None:
-        """Wait for the drain threads in flight (used at shutdown)."""
+        """Wait up to ``timeout`` in all for the drain threads in flight (used at shutdown)."""
+        deadline = time.monotonic() + timeout
         for t in list(self._threads.values()):
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def busy(self) -> bool:
+        """Whether a drain thread is still running."""
+        return any(t.is_alive() for t in list(self._threads.values()))
+
+    def abort(self, timeout: float = ABORT_SECONDS + 3.0) -> None:
+        """End the sends still in flight (the node stops and its drain time is spent): their
+        associations are aborted (A-ABORT) and no new one is opened. The rows they carried go
+        back to ``pending`` with their attempt not counted (the PACS did not refuse them), to
+        be sent at the next start. Waits up to ``timeout`` for the drain threads to record
+        that; rows a thread could not put back stay ``sending`` until the next start's
+        :meth:`~dicom_node.store.outbox.Outbox.recover`, which does the same."""
+        deadline = time.monotonic() + timeout
+        aborted = self._associations.abort_all()
+        if aborted:
+            logger.warning(
+                "the node stops: %d association(s) still sending aborted; their results are"
+                " sent at the next start",
+                aborted,
+            )
+        self.join(max(0.0, deadline - time.monotonic()))
 
     @staticmethod
     def _record(
@@ -88,12 +114,17 @@ class Dispatcher:
                 [i.path for i in items],
                 calling_ae=self.config.node.ae_title,
                 settings=self.config.dispatch,
+                associations=self._associations,
             )
         except Exception as exc:  # whatever it was, the rows retry with backoff
             logger.exception("sending failed", extra={"fields": {"destination": name}})
             outcomes = [SendOutcome(i.path, False, None, type(exc).__name__) for i in items]
+        stopped = self._associations.aborted
         failed = []
         for item, outcome in zip(items, outcomes, strict=True):
+            # cut off by the node's stop (no answer from the PACS), not refused
+            cut_off = stopped and not outcome.delivered and outcome.status is None
+            why = "aborted: the node stopped" if cut_off else outcome.detail
             try:
                 self.audit.sent(
                     destination=name,
@@ -103,13 +134,15 @@ class Dispatcher:
                     job=item.job_id,
                     sop_instance_uid=item.sop_instance_uid,
                     sop_class_uid=item.sop_class_uid,
-                    outcome="success" if outcome.delivered else outcome.detail,
+                    outcome="success" if outcome.delivered else why,
                 )
             except Exception:  # the delivery happened whether or not it could be audited
                 logger.exception("the audit record of a delivery could not be written")
             if outcome.delivered:
                 self._record(self.outbox.delivered, item.id, outcome.status or 0, stop=stop)
                 SENDS.labels(name, "delivered").inc()
+                continue
+            if cut_off:  # left claimed, for the batch's unclaim to put back, attempt not counted
                 continue
             state = self._record(
                 self.outbox.failed, item.id, outcome.detail, outcome.status, stop=stop
@@ -136,6 +169,8 @@ class Dispatcher:
         held: set[str] = set()  # studies with a refused older version to be tried again
         retry_later = False
         for wave_items in _waves(items, study):
+            if self._associations.aborted:
+                return True  # the node stops: the rest stays claimed, for the caller to put back
             to_send = [i for i in wave_items if study[i.job_id] not in held]
             if not to_send:
                 continue
@@ -150,8 +185,9 @@ class Dispatcher:
         send (the audit record, the delivery's new state) cannot end the thread with rows
         claimed: an audit log that cannot be written is logged, and a job store that refuses a
         state is tried again until it takes it (or the node stops: rows left ``sending`` go
-        back to ``pending`` at the next start)."""
-        while stop is None or not stop.is_set():
+        back to ``pending`` at the next start). After :meth:`abort`, what the batch did not
+        deliver goes back to ``pending`` with its attempt not counted."""
+        while (stop is None or not stop.is_set()) and not self._associations.aborted:
             items = self._record(self.outbox.claim, name, stop=stop)
             if not items:
                 return

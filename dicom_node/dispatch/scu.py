@@ -6,6 +6,8 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,85 @@ class SendOutcome:
     detail: str
 
 
+#: How long an aborted association waits for the peer to close the connection (pynetdicom's
+#: ARTIM timer) before its socket is shut down.
+ABORT_SECONDS = 2.0
+
+
+class OpenAssociations:
+    """The associations a sender has open, so that the node's stop can abort them (A-ABORT).
+
+    pynetdicom's DUL thread is not a daemon thread: an association waiting on a slow PACS
+    (``dispatch.dimse_timeout_seconds``) would otherwise hold the process well past its stop.
+    Once :meth:`abort_all` ran, no association is opened any more (one being opened is aborted
+    as soon as its connection is made).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Association] = set()
+        self._aborted = threading.Event()
+
+    @property
+    def aborted(self) -> bool:
+        """Whether :meth:`abort_all` ran."""
+        return self._aborted.is_set()
+
+    def add(self, assoc: Association) -> None:
+        """Track ``assoc`` (its connection is open); aborted at once after :meth:`abort_all`."""
+        with self._lock:
+            self._open.add(assoc)
+            if not self._aborted.is_set():
+                return
+        _abort(assoc)
+
+    def discard(self, assoc: Association) -> None:
+        """Stop tracking ``assoc`` (released, aborted, or never connected)."""
+        with self._lock:
+            self._open.discard(assoc)
+
+    def abort_all(self, timeout: float = ABORT_SECONDS) -> int:
+        """Abort every open association and refuse new ones; returns how many were open.
+
+        Waits up to ``timeout`` for the peer to close each connection, then shuts the
+        socket down (a PACS that does not read, or sleeps in its handler, never answers the
+        A-ABORT), so that no DUL thread outlives this by more than a moment. A thread waiting
+        for a response on an aborted association is woken (it gets no response).
+        """
+        with self._lock:
+            self._aborted.set()
+            assocs = list(self._open)
+        for assoc in assocs:
+            _abort(assoc, artim_seconds=timeout)
+        deadline = time.monotonic() + timeout + 0.5
+        for assoc in assocs:
+            assoc.dul.join(max(0.0, deadline - time.monotonic()))
+        for assoc in assocs:
+            if assoc.dul.is_alive():
+                _shut_down(assoc)
+                assoc.dul.join(1.0)
+            assoc.dimse.msg_queue.put((None, None))  # wakes a send_c_store waiting for its rsp
+        return len(assocs)
+
+
+def _abort(assoc: Association, *, artim_seconds: float = ABORT_SECONDS) -> None:
+    """Send an A-ABORT without waiting: the DUL thread ends once the peer closes the
+    connection or ``artim_seconds`` have passed."""
+    with contextlib.suppress(Exception):  # an association ending meanwhile
+        assoc.acse_timeout = artim_seconds  # also pynetdicom's ARTIM timer after the A-ABORT
+        assoc.abort(block=False)
+
+
+def _shut_down(assoc: Association) -> None:
+    """Shut the association's socket down: a blocked read or write in its DUL thread ends."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # the plain socket's shutdown, also for TLS (SSLSocket's would drop its SSL object
+            # under a DUL thread still using it)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 def _ae(calling_ae: str, settings: DispatchSettings) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = settings.acse_timeout_seconds
@@ -87,18 +168,28 @@ def _recording_handshakes(context: ssl.SSLContext) -> list[ssl.SSLError]:
 
 
 def _associate(
-    ae: AE, peer: Peer, tls_args: tuple[ssl.SSLContext, str] | None
+    ae: AE,
+    peer: Peer,
+    tls_args: tuple[ssl.SSLContext, str] | None,
+    associations: OpenAssociations | None = None,
 ) -> tuple[Association, str | None]:
     """Associate with ``peer``; and, when no connection was made, why (pynetdicom marks an
-    association aborted whether the peer aborted it or no connection was ever made)."""
+    association aborted whether the peer aborted it or no connection was ever made). With
+    ``associations``, the association is tracked there from its connection on."""
     opened: list[bool] = []
     failures = _recording_handshakes(tls_args[0]) if tls_args is not None else []
+
+    def on_open(event: evt.Event) -> None:
+        opened.append(True)
+        if associations is not None:
+            associations.add(event.assoc)
+
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
     )
     if opened:
         return assoc, None
@@ -143,12 +234,20 @@ def _why_not_established(assoc: object, no_connection: str | None) -> str:
 
 
 def send_files(
-    peer: Peer, files: Sequence[Path], *, calling_ae: str, settings: DispatchSettings
+    peer: Peer,
+    files: Sequence[Path],
+    *,
+    calling_ae: str,
+    settings: DispatchSettings,
+    associations: OpenAssociations | None = None,
 ) -> list[SendOutcome]:
     """C-STORE ``files`` to ``peer`` in one association; one outcome per file, in their order.
 
     Proposes one presentation context per (SOP class, transfer syntax) the files need, and
-    nothing else. Never raises for a peer's behaviour: every file gets an outcome.
+    nothing else. Never raises for a peer's behaviour: every file gets an outcome. The
+    association is tracked in ``associations`` while it is open (see
+    :class:`OpenAssociations`); after their :meth:`~OpenAssociations.abort_all`, no
+    association is opened and the files' outcomes say so (status ``None``).
     """
     contexts: dict[tuple[str, str], None] = {}
     outcomes: dict[int, SendOutcome] = {}
@@ -162,7 +261,12 @@ def send_files(
         contexts[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
         readable.append(k)
     sent = _send_readable(
-        peer, [files[k] for k in readable], contexts, calling_ae=calling_ae, settings=settings
+        peer,
+        [files[k] for k in readable],
+        contexts,
+        calling_ae=calling_ae,
+        settings=settings,
+        associations=associations,
     )
     outcomes.update(zip(readable, sent, strict=True))
     return [outcomes[k] for k in range(len(files))]
@@ -175,9 +279,12 @@ def _send_readable(
     *,
     calling_ae: str,
     settings: DispatchSettings,
+    associations: OpenAssociations | None,
 ) -> list[SendOutcome]:
     if not files:
         return []
+    if associations is not None and associations.aborted:
+        return [SendOutcome(p, False, None, "not sent: the node is stopping") for p in files]
     try:
         tls_args = _tls_args(peer)
     except ConfigError as exc:
@@ -185,22 +292,26 @@ def _send_readable(
     ae = _ae(calling_ae, settings)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, _syntaxes_for(syntax))
-    assoc, no_connection = _associate(ae, peer, tls_args)
-    _tune_socket(assoc, settings)
-    if not assoc.is_established:
-        why = _why_not_established(assoc, no_connection)
-        return [SendOutcome(p, False, None, why) for p in files]
-    outcomes = []
+    assoc, no_connection = _associate(ae, peer, tls_args, associations)
     try:
-        for path in files:
+        _tune_socket(assoc, settings)
+        if not assoc.is_established:
+            why = _why_not_established(assoc, no_connection)
+            return [SendOutcome(p, False, None, why) for p in files]
+        outcomes = []
+        try:
+            for path in files:
+                if _alive(assoc):
+                    outcomes.append(_store_one(assoc, path, peer))
+                else:
+                    outcomes.append(SendOutcome(path, False, None, "association ended early"))
+        finally:
             if _alive(assoc):
-                outcomes.append(_store_one(assoc, path, peer))
-            else:
-                outcomes.append(SendOutcome(path, False, None, "association ended early"))
+                assoc.release()
+        return outcomes
     finally:
-        if _alive(assoc):
-            assoc.release()
-    return outcomes
+        if associations is not None:
+            associations.discard(assoc)
 
 
 def _tune_socket(assoc: Association, settings: DispatchSettings) -> None:

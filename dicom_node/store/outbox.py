@@ -56,10 +56,13 @@ class Outbox:
         self.settings = settings
 
     def recover(self) -> int:
-        """After a crash: rows left ``sending`` are due again. Returns how many."""
+        """At the start: rows left ``sending`` (the node's end cut their send off: a stop that
+        aborted it, a crash, a kill) are due again, their attempt not counted (the PACS did not
+        refuse them). Returns how many."""
         with self.store.transaction() as db:
             return db.execute(
-                "UPDATE outbox SET state='pending', not_before=0 WHERE state='sending'"
+                "UPDATE outbox SET state='pending', not_before=0, attempts=MAX(attempts-1, 0)"
+                " WHERE state='sending'"
             ).rowcount
 
     def due_destinations(self, now: float | None = None) -> list[str]:

@@ -153,7 +153,8 @@ def test_a_refusing_destination_retries_without_blocking_another(
 def test_outbox_survives_a_restart(
     tmp_path: Path, scps: Callable[..., StoreSCP], write_study: Callable[..., list[Path]]
 ) -> None:
-    """Deliveries pending when the process stops are sent by the next process."""
+    """Deliveries pending when the process stops are sent by the next process; those left
+    ``sending`` go back to pending with their cut-off attempt not counted."""
     files = write_study(slices=2)
     port = free_port()  # nothing listens yet: the PACS is down
     cfg = _config(tmp_path, {"pacs": port})
@@ -170,6 +171,8 @@ def test_outbox_survives_a_restart(
     store2 = JobStore(cfg.storage.data_dir / "jobs.sqlite")
     outbox2 = Outbox(store2, cfg.dispatch)
     assert outbox2.recover() == 2
+    # the send the node's end cut off does not count: no attempt spent on it
+    assert [i.attempts for i in outbox2.items()] == [1, 1]
     _drain_until(
         Dispatcher(cfg, outbox2), outbox2, lambda: store2.job(job_id).state == JobState.DONE
     )
