@@ -11,17 +11,21 @@ health endpoint run in the parent and are never held up.
 
 The child ignores SIGINT and SIGTERM (the parent decides when it ends) and is killed by the
 kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
-orphan holding the GPU. Its log records go to the same stderr in the same format, with the
-job's context.
+orphan holding the GPU. A parent that exits without :meth:`IsolatedPipeline.close` (an error
+on the way out) kills it from an ``atexit`` hook, which runs before :mod:`multiprocessing`'s
+own: that one would send the child a SIGTERM it ignores and then wait for it for ever. Its log
+records go to the same stderr in the same format, with the job's context.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
 import logging
 import multiprocessing
+import multiprocessing.util  # registers its atexit hook now, so that ours runs before it
 import os
 import signal
 import sys
@@ -49,6 +53,9 @@ logger = logging.getLogger(__name__)
 #: Linux prctl option: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
+
+#: Seconds an idle child has to end by itself when the parent exits without closing it.
+EXIT_GRACE_SECONDS = 2.0
 
 #: Linux scheduling policies for the analysis process (see :func:`_lower_priority`).
 CpuPolicy = Literal["normal", "batch", "idle"]
@@ -214,7 +221,13 @@ class IsolatedPipeline:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._closed = False
-        self._start()
+        # registered after multiprocessing's (imported above): atexit runs it first
+        atexit.register(self._end_at_exit)
+        try:
+            self._start()
+        except BaseException:
+            atexit.unregister(self._end_at_exit)
+            raise
 
     # ------------------------------------------------------------------ state
 
@@ -334,17 +347,30 @@ class IsolatedPipeline:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit status {code}"
 
-    def _kill(self) -> None:
+    def _kill(self, *, grace_seconds: float = 0.0) -> None:
+        """Close the pipe and end the child: at once, or after ``grace_seconds`` in which an
+        idle child ends by itself (it reads the end of the pipe)."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
         if conn is not None:
             conn.close()
         if process is not None:
+            if grace_seconds > 0:
+                process.join(grace_seconds)
             if process.is_alive():
                 process.kill()
             process.join(10.0)
             with contextlib.suppress(ValueError):  # still running after SIGKILL (D state)
                 process.close()
+
+    def _end_at_exit(self) -> None:
+        """The interpreter exits and :meth:`close` was not called (a failure on the way out):
+        end the child without waiting for a job it may be running (no lock taken)."""
+        self._closed = True
+        process = self._process
+        if process is not None and process.is_alive():
+            logger.warning("ending the analysis process %d: the node exits", process.pid)
+        self._kill(grace_seconds=EXIT_GRACE_SECONDS)
 
     def close(self) -> None:
         """End the child (the node calls this when it stops).
@@ -353,6 +379,7 @@ class IsolatedPipeline:
         killed, and that job is retried at the next start.
         """
         self._closed = True
+        atexit.unregister(self._end_at_exit)
         if self._lock.acquire(timeout=0.5):
             try:
                 conn, process = self._conn, self._process

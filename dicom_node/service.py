@@ -108,7 +108,12 @@ class Node:
         self._collector = StoreCollector(self.store)
 
     def start(self) -> None:
-        """Recover from any earlier crash, bind the port, start the threads."""
+        """Recover from any earlier crash, bind the ports, start the threads.
+
+        The HTTP endpoint is bound before the DICOM port, so that a node that cannot serve it
+        stops before it has acknowledged anything. A start that fails part-way leaves what it
+        started for :meth:`stop`.
+        """
         report = reconcile(self.spool, self.store)
         self.outbox.recover()
         logger.info(
@@ -118,14 +123,14 @@ class Node:
                 "fields": {"resumed_jobs": report.resumed_jobs, "reindexed": report.reindexed_files}
             },
         )
-        self.completion.listening()
-        self.receiver.start()
         http = self.config.service
         if http.http_port:
             self.health = HealthServer(
                 http.http_host, http.http_port, live=self.live_checks, ready=self.ready_checks
             )
             self.health.start()
+        self.completion.listening()
+        self.receiver.start()
         REGISTRY.register(self._collector)
         poll = self.config.jobs.poll_seconds
         self._threads = [
@@ -230,7 +235,12 @@ class Node:
         logger.info("stopped")
 
     def serve_forever(self) -> int:
-        """Start, run until SIGTERM/SIGINT, stop; returns the process exit status."""
+        """Start, run until SIGTERM/SIGINT, stop; returns the process exit status.
+
+        Whatever ends the run, a start that fails included (a port taken), :meth:`stop` runs
+        before the error goes on to the caller: nothing is left listening, and the analysis
+        process ends.
+        """
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -239,7 +249,20 @@ class Node:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        try:
+            self.start()
+            self._run_until(stop)
+        except BaseException:
+            try:
+                self.stop(drain_seconds=self.config.service.drain_seconds)
+            except Exception:  # the first error is the one to report
+                logger.exception("stopping after a failure failed too")
+            raise
+        self.stop(drain_seconds=self.config.service.drain_seconds)
+        return 0
+
+    def _run_until(self, stop: threading.Event) -> None:
+        """The main loop: watchdog pings and status lines while healthy, until ``stop``."""
         interval = self.notifier.watchdog_interval or 5.0
         tick = min(0.5, interval)
         last = 0.0
@@ -255,8 +278,6 @@ class Node:
             else:
                 failed = ", ".join(k for k, ok in live.items() if not ok)
                 logger.error("unhealthy (%s); withholding the watchdog ping", failed)
-        self.stop(drain_seconds=self.config.service.drain_seconds)
-        return 0
 
 
 def analysis_pipeline(config: Config) -> StudyPipeline:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +113,42 @@ def test_close_ends_the_child(tmp_path: Path) -> None:
     assert not pipeline.ready and not pid_alive(pid)
     with pytest.raises(PipelineError):
         pipeline(_study(10, tmp_path))
+
+
+_EXIT_WITHOUT_CLOSE = """
+import functools, sys, threading
+from pathlib import Path
+from dicom_node.isolation import IsolatedPipeline
+from dicom_node.pipeline import StudyInput
+from tests.service.isolation_doubles import Behaving
+
+pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=3600.0)
+print(pipeline.pid, flush=True)
+if sys.argv[1] == "busy":  # job 1 hangs: the child never reads the pipe again
+    study = StudyInput(job_id=1, study_uid="1.2", version=1, instances=(), work_dir=Path("."))
+    threading.Thread(target=pipeline, args=(study,), daemon=True).start()
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("child", ["idle", "busy"])
+def test_an_exit_without_close_ends_the_child_instead_of_hanging(child: str) -> None:
+    """A process leaving with its analysis process still there (an error on the way out, no
+    close()) exits at once with its status, and the child is gone: multiprocessing's own exit
+    hook would SIGTERM it (ignored) and wait for ever."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, child],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    pid = int(done.stdout.split()[0])
+    assert not pid_alive(pid)
+    assert f"ending the analysis process {pid}: the node exits" in done.stderr
 
 
 def test_the_child_is_the_first_the_oom_killer_ends() -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.peers import NodeProcess, node_cli, storescu
+import pytest
+
+from tests.peers import NodeProcess, node_cli, pid_alive, storescu
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -249,6 +253,67 @@ def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> No
         done = _serve_once(node)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+@pytest.mark.parametrize("taken", ["http", "dicom"])
+def test_a_start_that_fails_after_the_analysis_process_started_exits_and_leaves_nothing(
+    tmp_path: Path, tiny_model_dir: Path, taken: str
+) -> None:
+    """A port taken (HTTP or DICOM) once the analysis process is up: the node says which, exits
+    non-zero within seconds (it had hung for ever, ignoring SIGTERM, its DICOM port open) and
+    leaves neither a listening port nor its analysis process behind."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        node = NodeProcess(
+            root=tmp_path / "node",
+            settings={
+                "model": {"path": str(tiny_model_dir)},
+                "inference": {"device": "cpu"},
+                "jobs": {"isolate": True},
+            },
+            **({"http_port": port} if taken == "http" else {"port": port}),
+        )
+        node.root.mkdir(parents=True)
+        node.write_config()
+        with node.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_node.cli",
+                    "serve",
+                    "--config",
+                    str(node.config_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        try:
+            said = f"cannot listen{' for HTTP' if taken == 'http' else ''} on 127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while said not in node.log() and proc.poll() is None:
+                assert time.monotonic() < deadline, node.log()[-2000:]
+                time.sleep(0.05)
+            failed = time.monotonic()
+            code = proc.wait(15)
+            exited = time.monotonic() - failed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    text = node.log()
+    assert code == 1, text[-2000:]
+    assert exited < 10, exited
+    assert f"dicom-node: {said}" in text
+    child = re.search(r"analysis process (\d+) ready", text)
+    assert child is not None, text[-2000:]
+    assert not pid_alive(int(child.group(1)))
+    mine = node.port if taken == "http" else node.http_port
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", mine), 1):
+        pass
 
 
 def test_a_setting_the_analysis_process_refuses_stops_the_node_with_status_2(
