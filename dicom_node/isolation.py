@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
+from dicom_node.backoff import backoff_delay
 from dicom_node.config import LoggingSettings
 from dicom_node.errors import (
     AnalysisUnavailableError,
@@ -56,6 +57,11 @@ _PR_SET_PDEATHSIG = 1
 
 #: Seconds an idle child has to end by itself when the parent exits without closing it.
 EXIT_GRACE_SECONDS = 2.0
+
+#: After a restart of the analysis process that failed, the next (by :meth:`revive
+#: <IsolatedPipeline.revive>`) waits this long, doubling with each failure up to the max.
+RESTART_BASE_SECONDS = 5.0
+RESTART_MAX_SECONDS = 300.0
 
 #: Linux scheduling policies for the analysis process (see :func:`_lower_priority`).
 CpuPolicy = Literal["normal", "batch", "idle"]
@@ -220,7 +226,10 @@ class IsolatedPipeline:
         self._lock = threading.Lock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._built = False  # the current child has said it is ready
         self._closed = False
+        self._restart_failures = 0
+        self._restart_after = 0.0  # monotonic time before which revive() does not try again
         # registered after multiprocessing's (imported above): atexit runs it first
         atexit.register(self._end_at_exit)
         try:
@@ -238,9 +247,9 @@ class IsolatedPipeline:
 
     @property
     def ready(self) -> bool:
-        """The child is alive with its pipeline built."""
+        """The child is alive with its pipeline built (not while a fresh one loads the model)."""
         process = self._process
-        return process is not None and process.is_alive()
+        return self._built and process is not None and process.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -323,6 +332,7 @@ class IsolatedPipeline:
             if answer[1] == ConfigError.__name__:  # a setting: the node stops with status 2
                 raise ConfigError(answer[2])
             raise AnalysisStartError(f"{answer[1]}: {answer[2]}")
+        self._built = True
         logger.info("analysis process %d ready in %.1f s", process.pid, time.monotonic() - started)
 
     def _restart(self, why: str) -> None:
@@ -330,10 +340,58 @@ class IsolatedPipeline:
         if self._closed:
             return
         logger.warning("restarting the analysis process: %s", why)
+        self._start_again()
+
+    def _start_again(self) -> None:
+        """Start a fresh child; one that does not start puts off the next :meth:`revive`."""
         try:
             self._start()
         except (AnalysisStartError, ConfigError):
-            logger.exception("the analysis process did not restart; the next job tries again")
+            if self._closed:  # killed by close() while it started
+                return
+            self._restart_failures += 1
+            delay = backoff_delay(
+                self._restart_failures,
+                base_seconds=RESTART_BASE_SECONDS,
+                max_seconds=RESTART_MAX_SECONDS,
+            )
+            self._restart_after = time.monotonic() + delay
+            logger.exception(
+                "the analysis process did not restart; trying again in %.0f s or at the next job",
+                delay,
+            )
+        else:
+            self._restart_failures = 0
+            self._restart_after = 0.0
+
+    def revive(self) -> None:
+        """Replace a child that ended while no job ran (killed, out of memory), so that the
+        pipeline is :attr:`ready` again without waiting for a job. The worker calls this
+        while idle: from the thread that runs the jobs, since the child is killed when the
+        thread that started it ends (``PR_SET_PDEATHSIG`` follows the thread).
+
+        The end is logged once, as a warning; a restart that fails is tried again after a
+        pause that doubles each time (:data:`RESTART_BASE_SECONDS` up to
+        :data:`RESTART_MAX_SECONDS`), and by the next job whatever the pause.
+        """
+        if self._closed or time.monotonic() < self._restart_after:
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # a job or close() has the child and sees its end itself
+        try:
+            process = self._process
+            if self._closed or (process is not None and process.is_alive()):
+                return
+            if process is not None:  # ended since it was last seen
+                logger.warning(
+                    "the analysis process %d ended while idle (%s); restarting it",
+                    process.pid,
+                    self._exit_code(),
+                )
+            self._kill()
+            self._start_again()
+        finally:
+            self._lock.release()
 
     def _exit_code(self) -> str:
         process = self._process
@@ -352,6 +410,7 @@ class IsolatedPipeline:
         idle child ends by itself (it reads the end of the pipe)."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
+        self._built = False
         if conn is not None:
             conn.close()
         if process is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from dicom_node.errors import PipelineError, StudySkipped
 from dicom_node.isolation import AnalysisStartError, IsolatedPipeline, JobTimeoutError
 from dicom_node.pipeline import StudyInput, StudyResult
 from tests.peers import pid_alive
-from tests.service.isolation_doubles import Behaving, Poisoned, broken
+from tests.service.isolation_doubles import Behaving, Poisoned, broken, loads_unless
 
 
 def _study(job_id: int, tmp_path: Path) -> StudyInput:
@@ -149,6 +151,72 @@ def test_an_exit_without_close_ends_the_child_instead_of_hanging(child: str) -> 
     pid = int(done.stdout.split()[0])
     assert not pid_alive(pid)
     assert f"ending the analysis process {pid}: the node exits" in done.stderr
+
+
+def _killed(pipeline: IsolatedPipeline) -> int:
+    """SIGKILL the child (as the OOM killer would) and wait until it is seen ended."""
+    pid = pipeline.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pipeline.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return pid
+
+
+def test_a_child_that_ends_while_idle_is_replaced_without_a_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """revive() (the idle worker's call) replaces a child that ended between jobs, saying so
+    once; with a live child it does nothing."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    try:
+        dead = _killed(pipeline)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.isolation"):
+            pipeline.revive()
+            assert pipeline.ready and pipeline.pid != dead
+            pipeline.revive()
+            pipeline.revive()
+        said = [r.getMessage() for r in caplog.records]
+        assert said == [
+            f"the analysis process {dead} ended while idle (killed by SIGKILL); restarting it"
+        ]
+    finally:
+        pipeline.close()
+
+
+def test_a_restart_that_fails_is_tried_again_after_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that does not start again (the model folder unreadable now) is not retried on
+    every idle tick but after the backoff; once the model loads, the pipeline is ready."""
+    from dicom_node import isolation
+
+    monkeypatch.setattr(isolation, "RESTART_BASE_SECONDS", 1.0)
+    flag = tmp_path / "broken"
+    pipeline = IsolatedPipeline(functools.partial(loads_unless, flag), timeout_seconds=10.0)
+    try:
+        flag.touch()
+        _killed(pipeline)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.isolation"):
+            pipeline.revive()
+            assert not pipeline.ready
+            failed = time.monotonic()
+            pipeline.revive()  # within the pause: not tried
+            flag.unlink()
+            pipeline.revive()
+            assert not pipeline.ready
+            while not pipeline.ready:
+                assert time.monotonic() - failed < 10
+                time.sleep(0.1)
+                pipeline.revive()
+        assert time.monotonic() - failed >= 0.8  # the pause, less its jitter
+        tries = [r.getMessage() for r in caplog.records if "did not restart" in r.getMessage()]
+        assert len(tries) == 1
+        assert "ModelError: model folder unreadable" in caplog.text
+    finally:
+        pipeline.close()
 
 
 def test_the_child_is_the_first_the_oom_killer_ends() -> None:

@@ -97,6 +97,43 @@ def test_readiness_fails_below_the_disk_floor(node_factory: Callable[..., NodePr
     assert json.loads(body)["checks"]["disk_above_floor"] is False
 
 
+def test_readiness_comes_back_when_the_analysis_process_dies_while_idle(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path
+) -> None:
+    """The analysis process killed between studies (kill -9, as the OOM killer does): the node
+    logs it and starts a fresh one, and /readyz is 200 again without a study arriving."""
+    import signal
+
+    from tests.peers import analysis_process
+
+    node = node_factory(
+        model={"path": str(tiny_model_dir)}, inference={"device": "cpu"}, jobs={"isolate": True}
+    )
+    assert node.proc is not None
+    assert _get(node.http_port, "/readyz")[0] == 200
+    child = analysis_process(node.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def replaced() -> bool:
+        assert node.proc is not None
+        try:
+            return analysis_process(node.proc.pid) != child
+        except AssertionError:  # none at this moment
+            return False
+
+    codes = [_get(node.http_port, "/readyz")[0]]
+    while not (codes[-1] == 200 and replaced()):
+        assert time.monotonic() - killed < 60, node.log()[-2000:]
+        time.sleep(0.2)
+        codes.append(_get(node.http_port, "/readyz")[0])
+    print(f"ready again {time.monotonic() - killed:.1f} s after the kill")
+    assert 503 in codes  # not ready while the fresh process loads the model
+    said = f"the analysis process {child} ended while idle (killed by SIGKILL); restarting it"
+    assert node.log().count(said) == 1
+    assert node.terminate() == 0
+
+
 def test_audit_log_records_who_sent_what_and_security_events(
     node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
 ) -> None:
