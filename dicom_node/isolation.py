@@ -9,8 +9,8 @@ held is freed), a fresh one is started, and the job fails with :class:`JobTimeou
 worker retries it with backoff like any other failure. The receiver, the dispatcher and the
 health endpoint run in the parent and are never held up.
 
-The child ignores SIGINT and SIGTERM (the parent decides when it ends) and is killed by the
-kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
+The child ignores SIGINT, SIGTERM and SIGHUP (the parent decides when it ends) and is killed
+by the kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
 orphan holding the GPU. A parent that exits without :meth:`IsolatedPipeline.close` (an error
 on the way out) kills it from an ``atexit`` hook, which runs before :mod:`multiprocessing`'s
 own: that one would send the child a SIGTERM it ignores and then wait for it for ever. Its log
@@ -139,6 +139,7 @@ def _child_main(
     problem = _lower_priority(nice, cpu_policy)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node ignores it too (a closed terminal)
     if logging_settings is not None:
         setup_logging(logging_settings)
     if problem:
@@ -313,7 +314,14 @@ class IsolatedPipeline:
             daemon=True,
         )
         started = time.monotonic()
-        process.start()
+        # Started with SIGHUP blocked, which they inherit: the child ignores it as soon as it
+        # runs, and multiprocessing's resource tracker (started with the first child), which
+        # ignores SIGINT and SIGTERM only, never gets it (systemctl kill -s HUP: every process)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._process, self._conn = process, parent
         if not parent.poll(self._start_timeout):

@@ -2,7 +2,8 @@
 
 Threads: pynetdicom's (one per association) for receiving; one for the completion scan; one for
 the worker. SIGTERM or SIGINT stops accepting associations, lets open ones and the job in hand
-finish (or parks it for the next start) and returns exit status 0.
+finish (or parks it for the next start) and returns exit status 0. SIGHUP is logged and
+ignored: the configuration is read only at start.
 """
 
 from __future__ import annotations
@@ -247,8 +248,15 @@ class Node:
             logger.info("received %s", signal.Signals(signum).name)
             stop.set()
 
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            logger.warning(
+                "received SIGHUP and ignored it: the configuration is read only at start;"
+                " restart the service to apply changes"
+            )
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)  # its default would end the node, status "failed"
         try:
             self.start()
             self._run_until(stop)

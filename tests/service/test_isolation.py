@@ -219,6 +219,22 @@ def test_a_restart_that_fails_is_tried_again_after_a_pause(
         pipeline.close()
 
 
+def test_the_child_ignores_the_signals_the_parent_handles(tmp_path: Path) -> None:
+    """SIGINT, SIGTERM and SIGHUP (to the process group: Ctrl-C, a closed terminal) leave the
+    analysis process alone; the node decides when it ends."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    try:
+        pid = pipeline.pid
+        assert pid is not None
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, signum)
+        time.sleep(0.5)
+        assert pipeline.ready and pipeline.pid == pid
+        assert pipeline(_study(10, tmp_path)).summary["pid"] == pid
+    finally:
+        pipeline.close()
+
+
 def test_the_child_is_the_first_the_oom_killer_ends() -> None:
     """Out of memory, the kernel picks the analysis process before the receiver."""
     from dicom_node.isolation import OOM_SCORE_ADJ

@@ -134,6 +134,51 @@ def test_readiness_comes_back_when_the_analysis_process_dies_while_idle(
     assert node.terminate() == 0
 
 
+def test_sighup_is_logged_and_ignored(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path
+) -> None:
+    """SIGHUP to every process of the node (``systemctl kill -s HUP``, a closed terminal) leaves
+    them all running, and the node says that the configuration is read only at start (its
+    default action had ended the node, which Restart=on-failure does not restart); SIGTERM
+    then stops it as usual."""
+    import signal
+
+    from tests.peers import analysis_process
+
+    node = node_factory(
+        model={"path": str(tiny_model_dir)}, inference={"device": "cpu"}, jobs={"isolate": True}
+    )
+    assert node.proc is not None
+    children = [int(pid) for pid in _children(node.proc.pid)]
+    analysis = analysis_process(node.proc.pid)
+    assert analysis in children and len(children) == 2  # and multiprocessing's resource tracker
+    for pid in children:
+        os.kill(pid, signal.SIGHUP)
+    node.proc.send_signal(signal.SIGHUP)
+    said = (
+        "received SIGHUP and ignored it: the configuration is read only at start;"
+        " restart the service to apply changes"
+    )
+    deadline = time.monotonic() + 10
+    while said not in node.log():
+        assert node.proc.poll() is None, node.log()[-2000:]
+        assert time.monotonic() < deadline, node.log()[-2000:]
+        time.sleep(0.05)
+    assert '"level": "WARNING"' in next(line for line in node.log().splitlines() if said in line)
+    time.sleep(0.5)
+    assert all(pid_alive(pid) for pid in children)
+    assert _get(node.http_port, "/readyz")[0] == 200
+    assert node.terminate() == 0
+    assert node.log().rstrip().endswith('"msg": "stopped"}')
+    assert "died unexpectedly" not in node.log()
+
+
+def _children(pid: int) -> list[str]:
+    """The pids of ``pid``'s child processes (Linux)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [c for t in tasks for c in (t / "children").read_text(encoding="ascii").split()]
+
+
 def test_audit_log_records_who_sent_what_and_security_events(
     node_factory: Callable[..., NodeProcess], write_study: Callable[..., list[Path]]
 ) -> None:
