@@ -9,19 +9,23 @@ held is freed), a fresh one is started, and the job fails with :class:`JobTimeou
 worker retries it with backoff like any other failure. The receiver, the dispatcher and the
 health endpoint run in the parent and are never held up.
 
-The child ignores SIGINT and SIGTERM (the parent decides when it ends) and is killed by the
-kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
-orphan holding the GPU. Its log records go to the same stderr in the same format, with the
-job's context.
+The child ignores SIGINT, SIGTERM and SIGHUP (the parent decides when it ends) and is killed
+by the kernel if the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no
+orphan holding the GPU. A parent that exits without :meth:`IsolatedPipeline.close` (an error
+on the way out) kills it from an ``atexit`` hook, which runs before :mod:`multiprocessing`'s
+own: that one would send the child a SIGTERM it ignores and then wait for it for ever. Its log
+records go to the same stderr in the same format, with the job's context.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
 import logging
 import multiprocessing
+import multiprocessing.util  # registers its atexit hook now, so that ours runs before it
 import os
 import signal
 import sys
@@ -33,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
+from dicom_node.backoff import backoff_delay
 from dicom_node.config import LoggingSettings
 from dicom_node.errors import (
     AnalysisUnavailableError,
@@ -49,6 +54,14 @@ logger = logging.getLogger(__name__)
 #: Linux prctl option: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
+
+#: Seconds an idle child has to end by itself when the parent exits without closing it.
+EXIT_GRACE_SECONDS = 2.0
+
+#: After a restart of the analysis process that failed, the next (by :meth:`revive
+#: <IsolatedPipeline.revive>`) waits this long, doubling with each failure up to the max.
+RESTART_BASE_SECONDS = 5.0
+RESTART_MAX_SECONDS = 300.0
 
 #: Linux scheduling policies for the analysis process (see :func:`_lower_priority`).
 CpuPolicy = Literal["normal", "batch", "idle"]
@@ -126,6 +139,7 @@ def _child_main(
     problem = _lower_priority(nice, cpu_policy)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node ignores it too (a closed terminal)
     if logging_settings is not None:
         setup_logging(logging_settings)
     if problem:
@@ -213,8 +227,17 @@ class IsolatedPipeline:
         self._lock = threading.Lock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._built = False  # the current child has said it is ready
         self._closed = False
-        self._start()
+        self._restart_failures = 0
+        self._restart_after = 0.0  # monotonic time before which revive() does not try again
+        # registered after multiprocessing's (imported above): atexit runs it first
+        atexit.register(self._end_at_exit)
+        try:
+            self._start()
+        except BaseException:
+            atexit.unregister(self._end_at_exit)
+            raise
 
     # ------------------------------------------------------------------ state
 
@@ -225,9 +248,9 @@ class IsolatedPipeline:
 
     @property
     def ready(self) -> bool:
-        """The child is alive with its pipeline built."""
+        """The child is alive with its pipeline built (not while a fresh one loads the model)."""
         process = self._process
-        return process is not None and process.is_alive()
+        return self._built and process is not None and process.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -291,7 +314,14 @@ class IsolatedPipeline:
             daemon=True,
         )
         started = time.monotonic()
-        process.start()
+        # Started with SIGHUP blocked, which they inherit: the child ignores it as soon as it
+        # runs, and multiprocessing's resource tracker (started with the first child), which
+        # ignores SIGINT and SIGTERM only, never gets it (systemctl kill -s HUP: every process)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._process, self._conn = process, parent
         if not parent.poll(self._start_timeout):
@@ -310,6 +340,7 @@ class IsolatedPipeline:
             if answer[1] == ConfigError.__name__:  # a setting: the node stops with status 2
                 raise ConfigError(answer[2])
             raise AnalysisStartError(f"{answer[1]}: {answer[2]}")
+        self._built = True
         logger.info("analysis process %d ready in %.1f s", process.pid, time.monotonic() - started)
 
     def _restart(self, why: str) -> None:
@@ -317,10 +348,58 @@ class IsolatedPipeline:
         if self._closed:
             return
         logger.warning("restarting the analysis process: %s", why)
+        self._start_again()
+
+    def _start_again(self) -> None:
+        """Start a fresh child; one that does not start puts off the next :meth:`revive`."""
         try:
             self._start()
         except (AnalysisStartError, ConfigError):
-            logger.exception("the analysis process did not restart; the next job tries again")
+            if self._closed:  # killed by close() while it started
+                return
+            self._restart_failures += 1
+            delay = backoff_delay(
+                self._restart_failures,
+                base_seconds=RESTART_BASE_SECONDS,
+                max_seconds=RESTART_MAX_SECONDS,
+            )
+            self._restart_after = time.monotonic() + delay
+            logger.exception(
+                "the analysis process did not restart; trying again in %.0f s or at the next job",
+                delay,
+            )
+        else:
+            self._restart_failures = 0
+            self._restart_after = 0.0
+
+    def revive(self) -> None:
+        """Replace a child that ended while no job ran (killed, out of memory), so that the
+        pipeline is :attr:`ready` again without waiting for a job. The worker calls this
+        while idle: from the thread that runs the jobs, since the child is killed when the
+        thread that started it ends (``PR_SET_PDEATHSIG`` follows the thread).
+
+        The end is logged once, as a warning; a restart that fails is tried again after a
+        pause that doubles each time (:data:`RESTART_BASE_SECONDS` up to
+        :data:`RESTART_MAX_SECONDS`), and by the next job whatever the pause.
+        """
+        if self._closed or time.monotonic() < self._restart_after:
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # a job or close() has the child and sees its end itself
+        try:
+            process = self._process
+            if self._closed or (process is not None and process.is_alive()):
+                return
+            if process is not None:  # ended since it was last seen
+                logger.warning(
+                    "the analysis process %d ended while idle (%s); restarting it",
+                    process.pid,
+                    self._exit_code(),
+                )
+            self._kill()
+            self._start_again()
+        finally:
+            self._lock.release()
 
     def _exit_code(self) -> str:
         process = self._process
@@ -334,17 +413,31 @@ class IsolatedPipeline:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit status {code}"
 
-    def _kill(self) -> None:
+    def _kill(self, *, grace_seconds: float = 0.0) -> None:
+        """Close the pipe and end the child: at once, or after ``grace_seconds`` in which an
+        idle child ends by itself (it reads the end of the pipe)."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
+        self._built = False
         if conn is not None:
             conn.close()
         if process is not None:
+            if grace_seconds > 0:
+                process.join(grace_seconds)
             if process.is_alive():
                 process.kill()
             process.join(10.0)
             with contextlib.suppress(ValueError):  # still running after SIGKILL (D state)
                 process.close()
+
+    def _end_at_exit(self) -> None:
+        """The interpreter exits and :meth:`close` was not called (a failure on the way out):
+        end the child without waiting for a job it may be running (no lock taken)."""
+        self._closed = True
+        process = self._process
+        if process is not None and process.is_alive():
+            logger.warning("ending the analysis process %d: the node exits", process.pid)
+        self._kill(grace_seconds=EXIT_GRACE_SECONDS)
 
     def close(self) -> None:
         """End the child (the node calls this when it stops).
@@ -353,6 +446,7 @@ class IsolatedPipeline:
         killed, and that job is retried at the next start.
         """
         self._closed = True
+        atexit.unregister(self._end_at_exit)
         if self._lock.acquire(timeout=0.5):
             try:
                 conn, process = self._conn, self._process

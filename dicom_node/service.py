@@ -2,7 +2,8 @@
 
 Threads: pynetdicom's (one per association) for receiving; one for the completion scan; one for
 the worker. SIGTERM or SIGINT stops accepting associations, lets open ones and the job in hand
-finish (or parks it for the next start) and returns exit status 0.
+finish (or parks it for the next start) and returns exit status 0. SIGHUP is logged and
+ignored: the configuration is read only at start.
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ class Node:
         self._collector = StoreCollector(self.store)
 
     def start(self) -> None:
-        """Recover from any earlier crash, bind the port, start the threads."""
+        """Recover from any earlier crash, bind the ports, start the threads.
+
+        The HTTP endpoint is bound before the DICOM port, so that a node that cannot serve it
+        stops before it has acknowledged anything. A start that fails part-way leaves what it
+        started for :meth:`stop`.
+        """
         report = reconcile(self.spool, self.store)
         self.outbox.recover()
         logger.info(
@@ -119,14 +125,14 @@ class Node:
                 "fields": {"resumed_jobs": report.resumed_jobs, "reindexed": report.reindexed_files}
             },
         )
-        self.completion.listening()
-        self.receiver.start()
         http = self.config.service
         if http.http_port:
             self.health = HealthServer(
                 http.http_host, http.http_port, live=self.live_checks, ready=self.ready_checks
             )
             self.health.start()
+        self.completion.listening()
+        self.receiver.start()
         REGISTRY.register(self._collector)
         poll = self.config.jobs.poll_seconds
         self._threads = [
@@ -236,16 +242,47 @@ class Node:
         logger.info("stopped")
 
     def serve_forever(self) -> int:
-        """Start, run until SIGTERM/SIGINT, stop; returns the process exit status."""
+        """Start, run until SIGTERM/SIGINT, stop; returns the process exit status.
+
+        Whatever ends the run, a start that fails included (a port taken), :meth:`stop` runs
+        before the error goes on to the caller: nothing is left listening, and the analysis
+        process ends.
+        """
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             logger.info("received %s", signal.Signals(signum).name)
             stop.set()
 
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            logger.warning(
+                "received SIGHUP and ignored it: the configuration is read only at start;"
+                " restart the service to apply changes"
+            )
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        signal.signal(signal.SIGHUP, on_hangup)  # its default would end the node, status "failed"
+        try:
+            self.start()
+            self._run_until(stop)
+        except BaseException:
+            try:
+                self.stop(drain_seconds=self.config.service.drain_seconds)
+            except Exception:  # the first error is the one to report
+                logger.exception("stopping after a failure failed too")
+            raise
+        self.stop(drain_seconds=self.config.service.drain_seconds)
+        if any(t.is_alive() for t in self._threads):
+            # an analysis in this process still runs (its job parked): the interpreter's exit
+            # would abort (SIGABRT) under PyTorch's threads; the job store and the audit log
+            # hold nothing unwritten
+            logging.shutdown()
+            os._exit(0)
+        return 0
+
+    def _run_until(self, stop: threading.Event) -> None:
+        """The main loop: watchdog pings and status lines while healthy, until ``stop``."""
         interval = self.notifier.watchdog_interval or 5.0
         tick = min(0.5, interval)
         last = 0.0
@@ -261,14 +298,6 @@ class Node:
             else:
                 failed = ", ".join(k for k, ok in live.items() if not ok)
                 logger.error("unhealthy (%s); withholding the watchdog ping", failed)
-        self.stop(drain_seconds=self.config.service.drain_seconds)
-        if any(t.is_alive() for t in self._threads):
-            # an analysis in this process still runs (its job parked): the interpreter's exit
-            # would abort (SIGABRT) under PyTorch's threads; the job store and the audit log
-            # hold nothing unwritten
-            logging.shutdown()
-            os._exit(0)
-        return 0
 
 
 def analysis_pipeline(config: Config) -> StudyPipeline:

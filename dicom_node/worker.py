@@ -247,6 +247,13 @@ class Worker:
             self._job = None
             return done
 
+    def _tend_pipeline(self) -> None:
+        """While idle: let a pipeline that keeps a process (the isolated analysis) replace one
+        that ended, so that readiness does not wait for the next study."""
+        revive: Callable[[], None] | None = getattr(self.pipeline, "revive", None)
+        if revive is not None:
+            revive()
+
     def run_forever(self, stop: threading.Event, poll_seconds: float) -> None:
         """Run jobs until ``stop`` is set; finishes the job in hand before returning. An error
         outside a job's boundary (the job store itself failing: a full disk) is logged and the
@@ -256,6 +263,8 @@ class Worker:
             self.last_beat = time.monotonic()
             try:
                 ran = self.run_once()
+                if ran is None:
+                    self._tend_pipeline()
             except Exception:
                 logger.exception("the worker loop failed; trying again")
                 ran = None

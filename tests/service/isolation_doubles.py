@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from dicom_node.errors import ModelError, PipelineError, StudySkipped
 from dicom_node.pipeline import StudyInput, StudyResult
@@ -39,6 +40,13 @@ class Behaving:
 def broken() -> Behaving:
     """A factory whose model does not load."""
     raise ModelError("weights.safetensors: checksum mismatch")
+
+
+def loads_unless(flag: Path) -> Behaving:
+    """A factory whose model does not load while ``flag`` exists (a file the test makes)."""
+    if flag.exists():
+        raise ModelError("model folder unreadable")
+    return Behaving()
 
 
 class Poisoned:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +18,7 @@ from dicom_node.errors import PipelineError, StudySkipped
 from dicom_node.isolation import AnalysisStartError, IsolatedPipeline, JobTimeoutError
 from dicom_node.pipeline import StudyInput, StudyResult
 from tests.peers import pid_alive
-from tests.service.isolation_doubles import Behaving, Poisoned, broken
+from tests.service.isolation_doubles import Behaving, Poisoned, broken, loads_unless
 
 
 def _study(job_id: int, tmp_path: Path) -> StudyInput:
@@ -111,6 +115,124 @@ def test_close_ends_the_child(tmp_path: Path) -> None:
     assert not pipeline.ready and not pid_alive(pid)
     with pytest.raises(PipelineError):
         pipeline(_study(10, tmp_path))
+
+
+_EXIT_WITHOUT_CLOSE = """
+import functools, sys, threading
+from pathlib import Path
+from dicom_node.isolation import IsolatedPipeline
+from dicom_node.pipeline import StudyInput
+from tests.service.isolation_doubles import Behaving
+
+pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=3600.0)
+print(pipeline.pid, flush=True)
+if sys.argv[1] == "busy":  # job 1 hangs: the child never reads the pipe again
+    study = StudyInput(job_id=1, study_uid="1.2", version=1, instances=(), work_dir=Path("."))
+    threading.Thread(target=pipeline, args=(study,), daemon=True).start()
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("child", ["idle", "busy"])
+def test_an_exit_without_close_ends_the_child_instead_of_hanging(child: str) -> None:
+    """A process leaving with its analysis process still there (an error on the way out, no
+    close()) exits at once with its status, and the child is gone: multiprocessing's own exit
+    hook would SIGTERM it (ignored) and wait for ever."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, child],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    pid = int(done.stdout.split()[0])
+    assert not pid_alive(pid)
+    assert f"ending the analysis process {pid}: the node exits" in done.stderr
+
+
+def _killed(pipeline: IsolatedPipeline) -> int:
+    """SIGKILL the child (as the OOM killer would) and wait until it is seen ended."""
+    pid = pipeline.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pipeline.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return pid
+
+
+def test_a_child_that_ends_while_idle_is_replaced_without_a_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """revive() (the idle worker's call) replaces a child that ended between jobs, saying so
+    once; with a live child it does nothing."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    try:
+        dead = _killed(pipeline)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.isolation"):
+            pipeline.revive()
+            assert pipeline.ready and pipeline.pid != dead
+            pipeline.revive()
+            pipeline.revive()
+        said = [r.getMessage() for r in caplog.records]
+        assert said == [
+            f"the analysis process {dead} ended while idle (killed by SIGKILL); restarting it"
+        ]
+    finally:
+        pipeline.close()
+
+
+def test_a_restart_that_fails_is_tried_again_after_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that does not start again (the model folder unreadable now) is not retried on
+    every idle tick but after the backoff; once the model loads, the pipeline is ready."""
+    from dicom_node import isolation
+
+    monkeypatch.setattr(isolation, "RESTART_BASE_SECONDS", 1.0)
+    flag = tmp_path / "broken"
+    pipeline = IsolatedPipeline(functools.partial(loads_unless, flag), timeout_seconds=10.0)
+    try:
+        flag.touch()
+        _killed(pipeline)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.isolation"):
+            pipeline.revive()
+            assert not pipeline.ready
+            failed = time.monotonic()
+            pipeline.revive()  # within the pause: not tried
+            flag.unlink()
+            pipeline.revive()
+            assert not pipeline.ready
+            while not pipeline.ready:
+                assert time.monotonic() - failed < 10
+                time.sleep(0.1)
+                pipeline.revive()
+        assert time.monotonic() - failed >= 0.8  # the pause, less its jitter
+        tries = [r.getMessage() for r in caplog.records if "did not restart" in r.getMessage()]
+        assert len(tries) == 1
+        assert "ModelError: model folder unreadable" in caplog.text
+    finally:
+        pipeline.close()
+
+
+def test_the_child_ignores_the_signals_the_parent_handles(tmp_path: Path) -> None:
+    """SIGINT, SIGTERM and SIGHUP (to the process group: Ctrl-C, a closed terminal) leave the
+    analysis process alone; the node decides when it ends."""
+    pipeline = IsolatedPipeline(functools.partial(Behaving), timeout_seconds=10.0)
+    try:
+        pid = pipeline.pid
+        assert pid is not None
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, signum)
+        time.sleep(0.5)
+        assert pipeline.ready and pipeline.pid == pid
+        assert pipeline(_study(10, tmp_path)).summary["pid"] == pid
+    finally:
+        pipeline.close()
 
 
 def test_the_child_is_the_first_the_oom_killer_ends() -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.peers import NodeProcess, node_cli, storescu
+import pytest
+
+from tests.peers import NodeProcess, node_cli, pid_alive, storescu
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -91,6 +95,88 @@ def test_readiness_fails_below_the_disk_floor(node_factory: Callable[..., NodePr
     code, body = _get(node.http_port, "/readyz")
     assert code == 503
     assert json.loads(body)["checks"]["disk_above_floor"] is False
+
+
+def test_readiness_comes_back_when_the_analysis_process_dies_while_idle(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path
+) -> None:
+    """The analysis process killed between studies (kill -9, as the OOM killer does): the node
+    logs it and starts a fresh one, and /readyz is 200 again without a study arriving."""
+    import signal
+
+    from tests.peers import analysis_process
+
+    node = node_factory(
+        model={"path": str(tiny_model_dir)}, inference={"device": "cpu"}, jobs={"isolate": True}
+    )
+    assert node.proc is not None
+    assert _get(node.http_port, "/readyz")[0] == 200
+    child = analysis_process(node.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def replaced() -> bool:
+        assert node.proc is not None
+        try:
+            return analysis_process(node.proc.pid) != child
+        except AssertionError:  # none at this moment
+            return False
+
+    codes = [_get(node.http_port, "/readyz")[0]]
+    while not (codes[-1] == 200 and replaced()):
+        assert time.monotonic() - killed < 60, node.log()[-2000:]
+        time.sleep(0.2)
+        codes.append(_get(node.http_port, "/readyz")[0])
+    print(f"ready again {time.monotonic() - killed:.1f} s after the kill")
+    assert 503 in codes  # not ready while the fresh process loads the model
+    said = f"the analysis process {child} ended while idle (killed by SIGKILL); restarting it"
+    assert node.log().count(said) == 1
+    assert node.terminate() == 0
+
+
+def test_sighup_is_logged_and_ignored(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path
+) -> None:
+    """SIGHUP to every process of the node (``systemctl kill -s HUP``, a closed terminal) leaves
+    them all running, and the node says that the configuration is read only at start (its
+    default action had ended the node, which Restart=on-failure does not restart); SIGTERM
+    then stops it as usual."""
+    import signal
+
+    from tests.peers import analysis_process
+
+    node = node_factory(
+        model={"path": str(tiny_model_dir)}, inference={"device": "cpu"}, jobs={"isolate": True}
+    )
+    assert node.proc is not None
+    children = [int(pid) for pid in _children(node.proc.pid)]
+    analysis = analysis_process(node.proc.pid)
+    assert analysis in children and len(children) == 2  # and multiprocessing's resource tracker
+    for pid in children:
+        os.kill(pid, signal.SIGHUP)
+    node.proc.send_signal(signal.SIGHUP)
+    said = (
+        "received SIGHUP and ignored it: the configuration is read only at start;"
+        " restart the service to apply changes"
+    )
+    deadline = time.monotonic() + 10
+    while said not in node.log():
+        assert node.proc.poll() is None, node.log()[-2000:]
+        assert time.monotonic() < deadline, node.log()[-2000:]
+        time.sleep(0.05)
+    assert '"level": "WARNING"' in next(line for line in node.log().splitlines() if said in line)
+    time.sleep(0.5)
+    assert all(pid_alive(pid) for pid in children)
+    assert _get(node.http_port, "/readyz")[0] == 200
+    assert node.terminate() == 0
+    assert node.log().rstrip().endswith('"msg": "stopped"}')
+    assert "died unexpectedly" not in node.log()
+
+
+def _children(pid: int) -> list[str]:
+    """The pids of ``pid``'s child processes (Linux)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [c for t in tasks for c in (t / "children").read_text(encoding="ascii").split()]
 
 
 def test_audit_log_records_who_sent_what_and_security_events(
@@ -249,6 +335,67 @@ def test_a_port_in_use_stops_the_start_with_a_clear_reason(tmp_path: Path) -> No
         done = _serve_once(node)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+@pytest.mark.parametrize("taken", ["http", "dicom"])
+def test_a_start_that_fails_after_the_analysis_process_started_exits_and_leaves_nothing(
+    tmp_path: Path, tiny_model_dir: Path, taken: str
+) -> None:
+    """A port taken (HTTP or DICOM) once the analysis process is up: the node says which, exits
+    non-zero within seconds (it had hung for ever, ignoring SIGTERM, its DICOM port open) and
+    leaves neither a listening port nor its analysis process behind."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        node = NodeProcess(
+            root=tmp_path / "node",
+            settings={
+                "model": {"path": str(tiny_model_dir)},
+                "inference": {"device": "cpu"},
+                "jobs": {"isolate": True},
+            },
+            **({"http_port": port} if taken == "http" else {"port": port}),
+        )
+        node.root.mkdir(parents=True)
+        node.write_config()
+        with node.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_node.cli",
+                    "serve",
+                    "--config",
+                    str(node.config_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        try:
+            said = f"cannot listen{' for HTTP' if taken == 'http' else ''} on 127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while said not in node.log() and proc.poll() is None:
+                assert time.monotonic() < deadline, node.log()[-2000:]
+                time.sleep(0.05)
+            failed = time.monotonic()
+            code = proc.wait(15)
+            exited = time.monotonic() - failed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    text = node.log()
+    assert code == 1, text[-2000:]
+    assert exited < 10, exited
+    assert f"dicom-node: {said}" in text
+    child = re.search(r"analysis process (\d+) ready", text)
+    assert child is not None, text[-2000:]
+    assert not pid_alive(int(child.group(1)))
+    mine = node.port if taken == "http" else node.http_port
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", mine), 1):
+        pass
 
 
 def test_a_setting_the_analysis_process_refuses_stops_the_node_with_status_2(
