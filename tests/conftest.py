@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.peers import NodeProcess, node_starter
+from tests.peers import NodeProcess, StoreSCP, node_starter
 from tests.peers import dciodvfy as run_dciodvfy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,3 +146,20 @@ def phantom_series(tmp_path: Path) -> Callable[..., list[Path]]:
 def dciodvfy() -> Callable[[Path], tuple[list[str], list[str]]]:
     """Run dicom3tools' dciodvfy on a file; returns its (errors, warnings) lines."""
     return run_dciodvfy
+
+
+@pytest.fixture
+def scps(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Start dcmtk storescp peers (``scps("name", *options, port=...)``); all stop after."""
+    started: list[StoreSCP] = []
+
+    def make(name: str, *options: str, port: int | None = None) -> StoreSCP:
+        scp = StoreSCP(tmp_path / name, options)
+        if port is not None:
+            scp.port = port
+        started.append(scp)
+        return scp.start()
+
+    yield make
+    for scp in started:
+        scp.stop()

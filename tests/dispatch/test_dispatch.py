@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,22 +15,6 @@ from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, OutputFile
 from dicom_node.store.outbox import DeliveryState, Outbox
 from tests.peers import StoreSCP, free_port, node_cli
-
-
-@pytest.fixture
-def scps(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
-    started: list[StoreSCP] = []
-
-    def make(name: str, *options: str, port: int | None = None) -> StoreSCP:
-        scp = StoreSCP(tmp_path / name, options)
-        if port is not None:
-            scp.port = port
-        started.append(scp)
-        return scp.start()
-
-    yield make
-    for scp in started:
-        scp.stop()
 
 
 def _config(tmp_path: Path, destinations: dict[str, int], **dispatch: object) -> Config:

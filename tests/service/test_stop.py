@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
-from pydicom import dcmread
 
 from dicom_node.config import Config, load_config
 from dicom_node.pipeline import InventoryPipeline, StudyInput, StudyResult
 from dicom_node.service import Node
-from dicom_node.store.jobs import InstanceRecord, JobState, JobStore, OutputFile
+from dicom_node.store.jobs import JobState, JobStore
 from dicom_node.store.outbox import DeliveryState, Outbox
+from tests.dispatch.test_dispatch import _job_with_outputs
 from tests.peers import StoreSCP, free_port
-
-
-@pytest.fixture
-def scps(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
-    started: list[StoreSCP] = []
-
-    def make(name: str, *options: str, port: int | None = None) -> StoreSCP:
-        scp = StoreSCP(tmp_path / name, options)
-        if port is not None:
-            scp.port = port
-        started.append(scp)
-        return scp.start()
-
-    yield make
-    for scp in started:
-        scp.stop()
+from tests.test_worker import _queued_job
 
 
 def _config(tmp_path: Path, pacs_port: int, **sections: Any) -> Config:
@@ -50,32 +33,6 @@ def _config(tmp_path: Path, pacs_port: int, **sections: Any) -> Config:
             **sections,
         },
     )
-
-
-def _sending_job(store: JobStore, outputs: list[Path]) -> int:
-    """A job that 'produced' ``outputs`` for the destination ``pacs``."""
-    ds = dcmread(outputs[0])
-    store.record_instance(
-        InstanceRecord(
-            sop_instance_uid="1.2.3.4.5",
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid="1.2.3.4",
-            sop_class_uid=str(ds.SOPClassUID),
-            modality="CT",
-            path=outputs[0],
-            size=1,
-            calling_ae="PACS",
-            received_at=time.time(),
-        )
-    )
-    job = store.complete_study(str(ds.StudyInstanceUID), reason="test")
-    assert job is not None and store.claim_next_job() is not None
-    files = [
-        OutputFile(p, str(dcmread(p).SOPClassUID), str(dcmread(p).SOPInstanceUID)) for p in outputs
-    ]
-    done = store.finish_with_outputs(job.id, result={}, outputs=files, destinations=["pacs"])
-    assert done.state == JobState.SENDING
-    return job.id
 
 
 def _non_daemon_threads() -> list[threading.Thread]:
@@ -107,7 +64,7 @@ def test_a_stop_aborts_a_send_to_a_stalling_pacs_and_the_next_start_delivers_it(
     config = _config(tmp_path, slow.port)
     node = Node(config, pipeline=InventoryPipeline())
     node.start()
-    job_id = _sending_job(node.store, files)
+    job_id = _job_with_outputs(node.store, files, ["pacs"])
     node.dispatcher.wake.set()
     _wait(lambda: any(i.state == DeliveryState.SENDING for i in node.outbox.items(job_id)))
     time.sleep(1.0)  # the C-STORE is with the PACS, which sleeps
@@ -149,25 +106,6 @@ class _Blocking:
         return StudyResult(summary={"series": []})
 
 
-def _queued_job(store: JobStore) -> int:
-    store.record_instance(
-        InstanceRecord(
-            sop_instance_uid="1.1",
-            study_uid="1.2.3",
-            series_uid="1.2.3.4",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            modality="CT",
-            path=Path("/nonexistent/1.1.dcm"),
-            size=10,
-            calling_ae="PACS",
-            received_at=time.time(),
-        )
-    )
-    job = store.complete_study("1.2.3", reason="quiet")
-    assert job is not None
-    return job.id
-
-
 def test_a_stop_parks_a_job_an_analysis_in_this_process_still_runs(tmp_path: Path) -> None:
     """jobs.isolate: false, the node stopped while an analysis runs past the drain time, four
     times: each stop parks the job (queued, its attempt given back), so it is never
@@ -184,7 +122,7 @@ def test_a_stop_parks_a_job_an_analysis_in_this_process_still_runs(tmp_path: Pat
         )
         node.start()
         if round_ == 0:
-            job_id = _queued_job(node.store)
+            job_id = _queued_job(node.store, tmp_path)
             node.worker.wake.set()
         assert analysis.started.wait(30)
         assert node.store.job(job_id).state == JobState.RUNNING
