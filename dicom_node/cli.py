@@ -459,10 +459,11 @@ def _load(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from dicom_node.logs import setup_logging
     from dicom_node.preflight import preflight
-    from dicom_node.service import Node
+    from dicom_node.service import Node, ignore_hangups
 
     config = _load(args)
     setup_logging(config.logging)
+    ignore_hangups()  # also while the analysis process loads the model
     # what the node writes (spool, job store, results: patient data) is not for every user,
     # as the unit's UMask=0027 has it, however the node is started
     os.umask(os.umask(0o027) | 0o027)

@@ -60,6 +60,20 @@ def open_store(config: Config, *, read_only: bool = False) -> JobStore:
     return JobStore(path, read_only=read_only)
 
 
+def _on_hangup(_signum: int, _frame: FrameType | None) -> None:
+    logger.warning(
+        "received SIGHUP and ignored it: the configuration is read only at start;"
+        " restart the service to apply changes"
+    )
+
+
+def ignore_hangups() -> None:
+    """Log and ignore SIGHUP, whose default action would end the node with a status that
+    ``Restart=on-failure`` does not restart. ``serve`` calls it before the model loads, and
+    :meth:`Node.serve_forever` again."""
+    signal.signal(signal.SIGHUP, _on_hangup)
+
+
 class Node:
     """One node process.
 
@@ -254,15 +268,9 @@ class Node:
             logger.info("received %s", signal.Signals(signum).name)
             stop.set()
 
-        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
-            logger.warning(
-                "received SIGHUP and ignored it: the configuration is read only at start;"
-                " restart the service to apply changes"
-            )
-
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, on_hangup)  # its default would end the node, status "failed"
+        ignore_hangups()
         try:
             self.start()
             self._run_until(stop)

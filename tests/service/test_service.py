@@ -173,6 +173,47 @@ def test_sighup_is_logged_and_ignored(
     assert "died unexpectedly" not in node.log()
 
 
+def test_sighup_while_the_model_loads_is_ignored_too(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A SIGHUP that arrives while the analysis process still loads the model, before the
+    node's loop runs, is ignored as well: the node comes up and says so."""
+    import signal
+    import threading
+
+    node = NodeProcess(
+        root=tmp_path / "node",
+        settings={
+            "model": {"path": str(tiny_model_dir)},
+            "inference": {"device": "cpu"},
+            "jobs": {"isolate": True},
+        },
+    )
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            node.start()
+        except BaseException as exc:  # the node ended before it listened
+            failure.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while node.proc is None or not _children(node.proc.pid):  # the analysis process
+            assert starting.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "analysis process" not in node.log()  # not ready yet: still loading
+        node.proc.send_signal(signal.SIGHUP)
+        starting.join(90)
+        assert not failure, node.log()[-2000:]
+        assert "received SIGHUP and ignored it" in node.log()
+        assert node.terminate() == 0
+    finally:
+        starting.join(90)
+        if node.proc is not None and node.proc.poll() is None:
+            node.kill()
+
+
 def _children(pid: int) -> list[str]:
     """The pids of ``pid``'s child processes (Linux)."""
     tasks = Path(f"/proc/{pid}/task").iterdir()
