@@ -317,6 +317,11 @@ class JobSettings(_Section):
     #: so it never slows receiving, but on a machine kept busy by other work it starves and its
     #: jobs run into ``job_timeout_seconds``.
     analysis_cpu_policy: Literal["normal", "batch", "idle"] = "normal"
+    #: Most memory the analysis of one series may need, MB (estimated from its voxels before it
+    #: is decoded); ``null``: what the machine has available (MemAvailable, and the service's
+    #: cgroup limit). A series over it is set aside with the figures, and the next series that
+    #: covers the chest analysed in its place.
+    max_analysis_memory_mb: Annotated[int, Field(ge=1)] | None = None
 
 
 def _check_device(value: str) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from dicom_node.analysis.inference import InferenceEngine
 from dicom_node.analysis.lesions import Lesion, LesionRule, find_lesions
+from dicom_node.analysis.memory import check_fits
 from dicom_node.analysis.network import image_calls
 from dicom_node.config import Config, resolve_model_path
 from dicom_node.errors import (
@@ -327,6 +328,12 @@ class AnalysisPipeline:
         present_series: Collection[str] = (),
     ) -> SeriesFindings:
         seconds: dict[str, float] = {}
+        check_fits(
+            candidate.plan,
+            label=candidate.label,
+            probability_dtype=self.config.inference.probability_dtype,
+            limit_mb=self.config.jobs.max_analysis_memory_mb,
+        )
         t = time.perf_counter()
         volume = load_volume(candidate.plan)
         seconds["volume"] = time.perf_counter() - t

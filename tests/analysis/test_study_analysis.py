@@ -16,7 +16,7 @@ from pydicom.uid import RLELossless, generate_uid
 
 from dicom_node.analysis.pipeline import AnalysisPipeline
 from dicom_node.config import load_config
-from dicom_node.errors import VolumeDecodeError
+from dicom_node.errors import StudySkipped, VolumeDecodeError
 from dicom_node.training.ctseries import (
     SeriesSpec,
     StudyIdentity,
@@ -135,6 +135,31 @@ def test_best_falls_back_to_the_next_series_when_the_chosen_one_cannot_be_decode
     [note] = findings.not_analysed
     assert note.startswith("series 3: ") and thin[20].name in note
     with pytest.raises(VolumeDecodeError):
+        pipeline.analyse(thin, out_dir=tmp_path / "alone")
+
+
+def test_a_series_too_large_for_its_memory_is_set_aside_before_it_is_decoded(
+    tiny_model_dir: Path, chest: list[Path], tmp_path: Path
+) -> None:
+    """Policy ``best`` with ``jobs.max_analysis_memory_mb`` of 3: the thinner series (48 slices
+    of 96², about 4.6 MB to analyse) is set aside with its size and need, and the 2 mm one
+    (24 slices, about 2.3 MB) is analysed in its place; alone, the study is skipped saying so."""
+    thin = _chest(tmp_path / "thin", slices=48, spacing=1.0, number=3, description="Lung 1mm")
+    config = load_config(
+        overrides={
+            "model": {"path": str(tiny_model_dir)},
+            "inference": {"device": "cpu", "batch_size": 8},
+            "jobs": {"max_analysis_memory_mb": 3},
+        }
+    )
+    pipeline = AnalysisPipeline(config)
+    findings = pipeline.analyse(thin + chest, out_dir=tmp_path / "out")
+    assert [f.label for f in findings.series] == ["series 2"]
+    assert findings.not_analysed == (
+        "series 3: too large to analyse here (48 slices of 96x96: about 5 MB needed, 3 MB"
+        " jobs.max_analysis_memory_mb)",
+    )
+    with pytest.raises(StudySkipped, match=r"series 3: too large to analyse here"):
         pipeline.analyse(thin, out_dir=tmp_path / "alone")
 
 
