@@ -546,6 +546,11 @@ class OrthancPacs:
             "DicomModalities": {},
             "LuaScripts": [str(p) for p in self.lua_scripts],
         }
+        if self.lua_scripts:
+            # where examples/orthanc/autoroute.lua notes what it routed (as the example's
+            # orthanc.json declares): without it the script sends each study again when the
+            # node's results arrive
+            cfg["UserMetadata"] = {"DicomNodeRouted": 1024}
         if self.node_port is not None:
             cfg["DicomModalities"] = {
                 self.modality: [self.node_aet, self.node_host, self.node_port]

@@ -50,8 +50,6 @@ def pacs_and_node(tmp_path: Path) -> Iterator[Callable[..., PacsAndNode]]:
             node_aet="DICOM_NODE",
             lua_scripts=[AUTOROUTE_LUA] if lua else [],
             stable_age=stable_age,
-            # where the script notes what it routed (as examples/orthanc/orthanc.json declares)
-            extra_config={"UserMetadata": {"DicomNodeRouted": 1024}} if lua else {},
         )
         pair = PacsAndNode(pacs=pacs, node=node)
         made.append(pair)
