@@ -11,7 +11,9 @@ The loader prepares the next batches while the device works on this one. On CUDA
 are ``non_blocking`` from pinned memory and the network runs under bf16/fp16 autocast; on every
 device it runs in ``channels_last`` (also on the CPU: oneDNN's convolutions are faster in NHWC),
 and ``torch.compile`` is available as an option. A batch that runs out of device
-memory is retried at half the batch size, down to 1; the rest of the run keeps the smaller size.
+memory is retried at half the batch size, down to 1; the rest of the run keeps the smaller size,
+and so do the next :data:`KEEP_REDUCED_RUNS` runs (the memory taken from the device, by another
+process say, is likely still taken), after which the full size is tried again.
 
 The interface (volume and spacing in, :class:`InferenceResult` out, no DICOM, no network) is one
 that a remote executor could serve.
@@ -49,6 +51,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+#: Runs that keep a batch size reduced for running out of memory before the full one is tried
+#: again.
+KEEP_REDUCED_RUNS = 10
 
 #: Batch size ``auto`` on the CPU: large batches do not run faster there, only use more memory.
 CPU_AUTO_BATCH_SIZE = 4
@@ -342,6 +348,8 @@ class InferenceEngine:
             self.batch_size = self._auto_batch_size()
         else:
             self.batch_size = self.settings.batch_size
+        #: A batch size reduced for running out of memory, and the runs since it was set.
+        self._reduced: tuple[int, int] | None = None
         if self.settings.compile:
             self._network = torch.compile(self._network, dynamic=False)  # type: ignore[assignment]
             self._compiled = True
@@ -435,7 +443,8 @@ class InferenceEngine:
             volume.shape, dtype=np.uint8 if quantise else np.float32
         )
         pooled: list[torch.Tensor] = []
-        state = _RunState(batch_size=self.batch_size)
+        state = _RunState(batch_size=self._reduced[0] if self._reduced else self.batch_size)
+        started_at = state.batch_size
         setup_s = time.perf_counter() - started
 
         loader = _Loader(
@@ -464,6 +473,7 @@ class InferenceEngine:
                     progress(min(first + batch.shape[0], depth), depth)
             image_probs = self._classify(torch.cat(pooled), spacing_mm[0], state)
 
+        self._remember_batch_size(started_at, state.batch_size)
         top_k = min(self.card.top_k, depth)
         study = study_probability(image_probs, top_k=top_k)
         total_s = time.perf_counter() - started
@@ -497,6 +507,21 @@ class InferenceEngine:
             model_name=self.card.name,
             model_version=self.card.version,
         )
+
+    def _remember_batch_size(self, started_at: int, ended_at: int) -> None:
+        """Keep a batch size reduced in this run for the next runs, and try the full one again
+        after :data:`KEEP_REDUCED_RUNS` of them."""
+        if ended_at < started_at:
+            self._reduced = (ended_at, 0)
+            logger.warning(
+                "the next %d runs keep batch size %d (configured %d)",
+                KEEP_REDUCED_RUNS,
+                ended_at,
+                self.batch_size,
+            )
+        elif self._reduced is not None:
+            size, runs = self._reduced
+            self._reduced = (size, runs + 1) if runs + 1 < KEEP_REDUCED_RUNS else None
 
     def _infer_batch(
         self,

@@ -246,6 +246,28 @@ def test_out_of_memory_halves_the_batch(
     np.testing.assert_allclose(result.image_probabilities, reference.image_probabilities, atol=1e-5)
 
 
+def test_a_reduced_batch_size_is_kept_for_the_next_runs_then_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a run that ran out of memory, the next runs start at the size that fitted (no
+    failed batch each study); after ``KEEP_REDUCED_RUNS`` of them the full size is tried again,
+    and kept once it fits."""
+    monkeypatch.setattr("dicom_node.analysis.inference.KEEP_REDUCED_RUNS", 2)
+    model, net = _oom_model(make_card(), limit=1, error=torch.OutOfMemoryError)
+    engine = _engine(model, batch_size=4)
+    assert engine.run(_volume(), SPACING).batch_size == 1
+    for _ in range(2):  # kept: no batch above 1 is tried
+        net.batch_sizes.clear()
+        assert engine.run(_volume(), SPACING).batch_size == 1
+        assert max(net.batch_sizes) == 1
+    net.limit = 4  # the memory is free again
+    net.batch_sizes.clear()
+    assert engine.run(_volume(), SPACING).batch_size == 4
+    assert net.batch_sizes[0] == 4
+    net.batch_sizes.clear()
+    assert engine.run(_volume(), SPACING).batch_size == 4
+
+
 def test_out_of_memory_at_batch_size_one_raises() -> None:
     """When even one slice does not fit, DeviceOutOfMemoryError (a PipelineError) is raised."""
     model, net = _oom_model(make_card(), limit=0, error=torch.OutOfMemoryError)
