@@ -34,7 +34,7 @@ from dicom_node.errors import (
 )
 from dicom_node.metrics import record_metrics
 from dicom_node.pipeline import ReportReference, StudyInput, StudyResult
-from dicom_node.results.writer import write_results
+from dicom_node.results.writer import SourceSlice, write_results
 from dicom_node.study.coverage import LungCoverage, lung_coverage
 from dicom_node.study.headers import InstanceHeader, read_header
 from dicom_node.study.selection import SeriesCandidate, select_series, series_label
@@ -381,6 +381,12 @@ class AnalysisPipeline:
         t = time.perf_counter()
         files = write_results(
             source_files=list(volume.source_paths),
+            slices=[
+                SourceSlice(sop_instance_uid=uid, position_mm=(float(x), float(y), float(z)))
+                for uid, (x, y, z) in zip(
+                    volume.sop_instance_uids, volume.slice_positions_mm, strict=True
+                )
+            ],
             labels=lesion_map.labels,
             probability=result.probability,
             lesions=lesion_map.lesions,

@@ -41,6 +41,7 @@ from dicom_node.uids import is_valid_uid
 __all__ = [
     "BUILD_CHARACTER_SET",
     "IDENTITY_KEYWORDS",
+    "TYPE_2_KEYWORDS",
     "OutputKind",
     "Producer",
     "ResultUIDs",
@@ -87,6 +88,9 @@ _TYPE_2: Final[tuple[str, ...]] = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+
+#: The Type 2 patient and study attributes highdicom reads from a source image.
+TYPE_2_KEYWORDS: Final = _TYPE_2
 
 # Namespace of the name-based (version 5) UUIDs under the "2.25" root.
 _NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-node:results")

@@ -8,7 +8,9 @@ largest lesion, labelled and tracked as ``"Lesion i"`` with a tracking UID share
 Each segment says what it is (category "Morphologically abnormal structure", type "Neoplasm",
 anatomic region "Lung") and which algorithm made it (family "Artificial Intelligence", the
 model's name and version). Each frame references its source image (Derivation Image Sequence),
-empty frames are left out, and patient and study attributes are copied from the source.
+empty frames are left out, and patient and study attributes are copied from the source. The
+source images (Referenced Series Sequence) are the slices a frame derives from, not the empty
+ones: given all 1000 images of a series, highdicom took ~1 s more inspecting and matching them.
 
 Speed: highdicom is given only the planes that hold a lesion (each segment's slice range) as a
 label map renumbered to segment numbers, with their plane positions taken from the source
@@ -365,9 +367,12 @@ def build_segmentation(
     if missing:
         raise ValueError(f"lesion labels {missing} do not occur in the label map")
 
-    images, headers, frames = source_slices(source_images, frame_numbers)
+    _, headers, frames = source_slices(source_images, frame_numbers)
     seg = hd.seg.Segmentation(
-        source_images=images,
+        # only the images a frame is derived from: highdicom's cost grows with every source
+        # image it is given (it inspects and matches each), and its Referenced Series
+        # Sequence then lists the images the frames reference
+        source_images=unique_images([headers[int(z)] for z in planes]),
         pixel_array=sub,
         segmentation_type=kind.value,
         segment_descriptions=[_segment_description(item, producer) for item in segments],

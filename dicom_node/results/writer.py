@@ -1,7 +1,9 @@
 """Write a job's results: the SEG (when there is a lesion) and the SR, as DICOM files.
 
 :func:`write_results` is the one call the pipeline makes once the model and the lesion step
-are done. It reads the analysed series' headers (no pixel data), derives the job's UIDs, builds
+are done. It reads the analysed series' headers (no pixel data; given the slices' UIDs and
+positions, only of the slices the objects describe, see :class:`SourceSlice`), derives the job's
+UIDs, builds
 the Segmentation and then the Structured Report (which references the SEG), and writes both with
 ``enforce_file_format=True`` (a 128-byte preamble, ``DICM`` and File Meta Information). Each
 file is written to a temporary name, flushed to disk and renamed, so a file under its final
@@ -26,11 +28,11 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_node.analysis.lesions import Lesion
 from dicom_node.config import ResultsSettings
 from dicom_node.pipeline import ReportReference
-from dicom_node.results.identity import Producer, ResultUIDs
+from dicom_node.results.identity import TYPE_2_KEYWORDS, Producer, ResultUIDs
 from dicom_node.results.seg import SegmentationType, build_segmentation, plan_segments
 from dicom_node.results.sr import build_report
 
-__all__ = ["ResultFiles", "read_headers", "write_results"]
+__all__ = ["ResultFiles", "SourceSlice", "read_headers", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,22 @@ class ResultFiles:
     sr_seconds: float
 
 
+@dataclass(frozen=True)
+class SourceSlice:
+    """What the caller already knows of one slice, so that its file need not be read again.
+
+    Attributes
+    ----------
+    sop_instance_uid
+        The slice's image.
+    position_mm
+        Its Image Position (Patient), LPS mm.
+    """
+
+    sop_instance_uid: str
+    position_mm: tuple[float, float, float]
+
+
 def read_headers(source_files: Sequence[Path]) -> list[Dataset]:
     """Read each file's header, stopping before the pixel data (in the order given).
 
@@ -83,6 +101,75 @@ def read_headers(source_files: Sequence[Path]) -> list[Dataset]:
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
     if len(series) != 1:
         raise ValueError(f"the source files belong to {len(series)} series, not one")
+    return headers
+
+
+def _described_slices(
+    n_slices: int,
+    lesions: Sequence[Lesion],
+    *,
+    uids: ResultUIDs,
+    max_segments: int,
+    image_probabilities: Sequence[float] | None,
+) -> set[int]:
+    """The slices the SEG and SR take more than a UID from: the first and last, each segment's
+    slice range (its frames and the SR's references to them), each measurement slice and the
+    slice of highest probability (the SR's image library)."""
+    wanted = {0, n_slices - 1}
+    for item in plan_segments(lesions, uids=uids, max_segments=max_segments):
+        first = max(0, item.lesion.first_slice)
+        last = min(n_slices - 1, item.lesion.last_slice)
+        wanted.update(range(first, last + 1))
+        wanted.add(min(max(0, item.lesion.axis_slice), n_slices - 1))
+    if image_probabilities is not None and len(image_probabilities) == n_slices:
+        wanted.add(int(np.argmax(np.asarray(image_probabilities, dtype=np.float64))))
+    return wanted
+
+
+def _slice_headers(
+    source_files: Sequence[Path],
+    slices: Sequence[SourceSlice],
+    described: Collection[int],
+    first: Dataset,
+) -> list[Dataset]:
+    """Per slice, its file's header where the slice is ``described`` (or shares a file with
+    one that is), else a header made from ``slices``: its SOP Instance UID and Image Position
+    (Patient), with the SOP class, study and series of the first slice's image (``first``, its
+    header; the slices are of one series) and, from it too, the patient and study attributes
+    and Slice Thickness (what :func:`~dicom_node.results.identity.source_header` and the
+    slice thickness check look for). Of such a header only its UIDs are written (SR
+    evidence)."""
+    if len(slices) != len(source_files):
+        raise ValueError(f"{len(slices)} slices for {len(source_files)} source files")
+    order = {path: k for k, path in reversed(list(enumerate(source_files)))}
+    wanted = sorted({source_files[k] for k in described} - {source_files[0]}, key=order.__getitem__)
+    by_path = {source_files[0]: first}
+    if wanted:
+        # read with the first header again: read_headers refuses files of another series
+        by_path.update(zip(wanted, read_headers([source_files[0], *wanted])[1:], strict=True))
+    template = first
+    shared = [
+        template[keyword]
+        for keyword in (
+            "SpecificCharacterSet",
+            "SOPClassUID",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SliceThickness",
+            *TYPE_2_KEYWORDS,
+        )
+        if keyword in template
+    ]
+    headers: list[Dataset] = []
+    for path, item in zip(source_files, slices, strict=True):
+        header = by_path.get(path)
+        if header is None:
+            header = Dataset()
+            for element in shared:
+                header.add(element)
+            header.SOPInstanceUID = item.sop_instance_uid
+            header.ImagePositionPatient = [float(v) for v in item.position_mm]
+        headers.append(header)
     return headers
 
 
@@ -153,6 +240,7 @@ def write_results(
     earlier_reports: Sequence[ReportReference] = (),
     analysed_series: Collection[str] = (),
     present_series: Collection[str] = (),
+    slices: Sequence[SourceSlice] | None = None,
 ) -> ResultFiles:
     """Build and write the SEG and SR of one analysed series.
 
@@ -199,6 +287,11 @@ def write_results(
         Series Instance UIDs this version of the study analyses (this one among them).
     present_series
         Series Instance UIDs of every instance this version of the study holds.
+    slices
+        Each slice's SOP Instance UID and position (what the volume plan read), in the order of
+        ``source_files``. Given, only the files of the slices the SEG and SR describe are read
+        (the first and last, the lesions' slices, the image of highest probability); of the
+        others, the SR lists the UID as evidence. Without, every file's header is read.
 
     Returns
     -------
@@ -213,9 +306,11 @@ def write_results(
         A file cannot be read or written.
     """
     started = time.perf_counter()
-    headers = read_headers(source_files)
-    read_seconds = time.perf_counter() - started
-    first = headers[0]
+    if slices is None:
+        headers = read_headers(source_files)
+        first = headers[0]
+    else:
+        first = read_headers(source_files[:1])[0]
     uids = ResultUIDs.derive(
         root=uid_root,
         study_instance_uid=str(first.StudyInstanceUID),
@@ -223,6 +318,16 @@ def write_results(
         job_version=job_version,
         model_version=model_version,
     )
+    if slices is not None:
+        described = _described_slices(
+            len(source_files),
+            lesions,
+            uids=uids,
+            max_segments=settings.max_segments,
+            image_probabilities=image_probabilities,
+        )
+        headers = _slice_headers(source_files, slices, described, first)
+    read_seconds = time.perf_counter() - started
     producer = Producer(
         model_name=model_name,
         model_version=model_version,

@@ -15,7 +15,7 @@ import pytest
 from dicom_node.config import ResultsSettings
 from dicom_node.pipeline import ReportReference, earlier_reports
 from dicom_node.results import codes
-from dicom_node.results.writer import ResultFiles, write_results
+from dicom_node.results.writer import ResultFiles, SourceSlice, write_results
 from tests.results.conftest import TWO_SPHERES, CTCase, Dciodvfy, make_case, report_content
 
 
@@ -28,6 +28,7 @@ def _write(
     earlier_reports: tuple[ReportReference, ...] = (),
     analysed_series: tuple[str, ...] = (),
     present_series: tuple[str, ...] = (),
+    slices: list[SourceSlice] | None = None,
 ) -> ResultFiles:
     return write_results(
         source_files=case.files,
@@ -46,6 +47,7 @@ def _write(
         earlier_reports=earlier_reports,
         analysed_series=analysed_series,
         present_series=present_series,
+        slices=slices,
     )
 
 
@@ -81,6 +83,79 @@ def test_writes_seg_and_sr_that_read_back(
     assert sr.SeriesNumber == 9102
     assert len(report_content(sr).get_volumetric_roi_measurement_groups()) == 2
     assert files.read_seconds >= 0 and files.seg_seconds > 0 and files.sr_seconds > 0
+
+
+def _without_times(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` without what differs between two builds: creation times, highdicom's random
+    Dimension Organization UID."""
+    for keyword in (
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "SeriesDate",
+        "SeriesTime",
+        "ContributingEquipmentSequence",
+        "DimensionOrganizationSequence",
+        "DimensionIndexSequence",
+    ):
+        if keyword in ds:
+            del ds[keyword]
+    return ds
+
+
+def test_given_the_slices_only_their_lesions_files_are_read_and_the_results_are_the_same(
+    tmp_path: Path, dciodvfy: Dciodvfy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With each slice's UID and position from the caller, only the files of the first and
+    last slice and of the lesions' slices are read, and the SEG and SR are those written from
+    every header: the same frames, references and report. The SEG references just the images
+    its frames derive from, and reads back to the label map."""
+    case = make_case(tmp_path / "ct", [(9.0, 32.0, 20.0, 5.0)], slices=20, size=64)
+    [lesion] = case.lesion_map.lesions
+    assert lesion.first_slice > 1 and lesion.last_slice < 18
+    slices = [
+        SourceSlice(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            position_mm=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
+        )
+        for ds in case.headers
+    ]
+    everything = _write(case, tmp_path / "all")
+    read: list[Path] = []
+    dcmread = pydicom.dcmread
+
+    def counting(path: Path, **kwargs: object) -> pydicom.Dataset:
+        read.append(Path(path))
+        return dcmread(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    files = _write(case, tmp_path / "some", slices=slices)
+    monkeypatch.undo()
+    lesion_slices = range(lesion.first_slice, lesion.last_slice + 1)
+    assert set(read) == {case.files[k] for k in (0, len(case.files) - 1, *lesion_slices)}
+
+    assert files.seg is not None and everything.seg is not None
+    for path in (files.seg, files.sr):
+        _check_file(path, dciodvfy)
+    assert _without_times(pydicom.dcmread(files.sr)) == _without_times(
+        pydicom.dcmread(everything.sr)
+    )
+    seg, before = pydicom.dcmread(files.seg), pydicom.dcmread(everything.seg)
+    assert seg.PixelData == before.PixelData
+    assert seg.PerFrameFunctionalGroupsSequence == before.PerFrameFunctionalGroupsSequence
+    assert seg.SegmentSequence == before.SegmentSequence
+
+    holding = {str(case.headers[k].SOPInstanceUID) for k in lesion_slices}
+    [series] = seg.ReferencedSeriesSequence
+    assert {str(i.ReferencedSOPInstanceUID) for i in series.ReferencedInstanceSequence} == holding
+    read_back = hd.seg.segread(files.seg)
+    assert {uid for _, _, uid in read_back.get_source_image_uids()} == holding
+    volume = read_back.get_volume(combine_segments=True)
+    assert volume is not None
+    labels = case.lesion_map.labels[lesion.first_slice : lesion.last_slice + 1]
+    assert volume.array.shape[:3] == labels.shape
+    assert (volume.array.astype(bool) == (labels == lesion.label)).all()
 
 
 def test_no_lesion_writes_only_the_sr(tmp_path: Path, dciodvfy: Dciodvfy) -> None:
