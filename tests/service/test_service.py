@@ -181,11 +181,7 @@ def test_sighup_while_the_model_loads_is_ignored_too(tmp_path: Path, tiny_model_
 
     node = NodeProcess(
         root=tmp_path / "node",
-        settings={
-            "model": {"path": str(tiny_model_dir)},
-            "inference": {"device": "cpu"},
-            "jobs": {"isolate": True},
-        },
+        settings=_isolated_analysis(tiny_model_dir),
     )
     failure: list[BaseException] = []
 
@@ -212,6 +208,15 @@ def test_sighup_while_the_model_loads_is_ignored_too(tmp_path: Path, tiny_model_
         starting.join(90)
         if node.proc is not None and node.proc.poll() is None:
             node.kill()
+
+
+def _isolated_analysis(model: Path) -> dict[str, object]:
+    """Node settings: the tiny model on the CPU, in an analysis process of its own."""
+    return {
+        "model": {"path": str(model)},
+        "inference": {"device": "cpu"},
+        "jobs": {"isolate": True},
+    }
 
 
 def _children(pid: int) -> list[str]:
@@ -391,11 +396,7 @@ def test_a_start_that_fails_after_the_analysis_process_started_exits_and_leaves_
         port = other.getsockname()[1]
         node = NodeProcess(
             root=tmp_path / "node",
-            settings={
-                "model": {"path": str(tiny_model_dir)},
-                "inference": {"device": "cpu"},
-                "jobs": {"isolate": True},
-            },
+            settings=_isolated_analysis(tiny_model_dir),
             **({"http_port": port} if taken == "http" else {"port": port}),
         )
         node.root.mkdir(parents=True)
