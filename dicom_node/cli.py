@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -458,7 +459,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from dicom_node.logs import setup_logging
-    from dicom_node.preflight import preflight
+    from dicom_node.preflight import preflight, unresolved_peers
     from dicom_node.service import Node, ignore_hangups
 
     config = _load(args)
@@ -468,6 +469,8 @@ def _serve(args: argparse.Namespace) -> int:
     # as the unit's UMask=0027 has it, however the node is started
     os.umask(os.umask(0o027) | 0o027)
     preflight(config, analysis=False)  # the analysis process checks its device as it starts
+    for warning in unresolved_peers(config):
+        logging.getLogger("dicom_node.preflight").warning("%s", warning)
     return Node(config).serve_forever()
 
 
@@ -475,9 +478,12 @@ def _check_config(args: argparse.Namespace) -> int:
     path = args.path
     if path is None and os.environ.get("DICOM_NODE_CONFIG"):
         path = Path(os.environ["DICOM_NODE_CONFIG"])
-    from dicom_node.preflight import preflight
+    from dicom_node.preflight import preflight, unresolved_peers
 
-    preflight(load_config(path), analysis=True)
+    config = load_config(path)
+    preflight(config, analysis=True)
+    for warning in unresolved_peers(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path or 'embedded defaults'}: valid")
     return EXIT_OK
 

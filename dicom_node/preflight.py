@@ -15,7 +15,13 @@ from dicom_node.config import Config, known_peer_tls_key, resolve_model_path
 from dicom_node.errors import ConfigError
 from dicom_node.receive.tls import client_context, server_context
 
-__all__ = ["check_addresses", "check_model_folder", "check_tls", "preflight"]
+__all__ = [
+    "check_addresses",
+    "check_model_folder",
+    "check_tls",
+    "preflight",
+    "unresolved_peers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,27 @@ def check_addresses(config: Config) -> None:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise ConfigError(f"{key}: {host!r} does not resolve ({exc.strerror})") from exc
+
+
+def unresolved_peers(config: Config) -> list[str]:
+    """The destinations and known peers whose host does not resolve now, each as a sentence
+    naming its key. Not an error: a name server may be out of reach for now, and results wait
+    in the outbox until it resolves; but a misspelt host is better heard at once."""
+    peers = [(f"destinations[{d.name}].host", d.host) for d in config.destinations]
+    peers += [
+        (f"dispatch.known_peers[{p.ae_title.strip()}].host", p.host)
+        for p in config.dispatch.known_peers
+    ]
+    found = []
+    for key, host in peers:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            found.append(
+                f"{key}: {host!r} does not resolve ({exc.strerror}); results for it wait in"
+                " the outbox until it does"
+            )
+    return found
 
 
 def check_tls(config: Config) -> None:

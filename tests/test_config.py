@@ -201,6 +201,30 @@ def test_check_config_refuses_what_serve_refuses(
         assert expected in served.stderr
 
 
+def test_check_config_warns_of_a_destination_host_that_does_not_resolve(tmp_path: Path) -> None:
+    """A destination or known peer whose host does not resolve is named as a warning (a name
+    server may be out of reach for now: the configuration stays valid, exit 0)."""
+    path = _site(
+        tmp_path,
+        destinations=[  # type: ignore[arg-type]
+            {"name": "pacs", "ae_title": "PACS", "host": "pacs.invalid", "port": 104},
+            {"name": "here", "ae_title": "HERE", "host": "127.0.0.1", "port": 104},
+        ],
+        dispatch={
+            "known_peers": [{"ae_title": "CT1", "host": "ct1.invalid", "port": 104}],
+        },
+    )
+    done = node_cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.splitlines()
+    assert [w.split(" (")[0] for w in warnings] == [  # the reason is the resolver's own words
+        "warning: destinations[pacs].host: 'pacs.invalid' does not resolve",
+        "warning: dispatch.known_peers[CT1].host: 'ct1.invalid' does not resolve",
+    ]
+    assert all(w.endswith("results for it wait in the outbox until it does") for w in warnings)
+    assert done.stdout.strip().endswith(": valid")
+
+
 def _keys(value: object, prefix: str = "") -> set[str]:
     if isinstance(value, dict):
         out = set()
