@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -459,7 +458,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from dicom_node.logs import setup_logging
-    from dicom_node.preflight import preflight, unresolved_peers
+    from dicom_node.preflight import preflight
     from dicom_node.service import Node, ignore_hangups
 
     config = _load(args)
@@ -469,8 +468,6 @@ def _serve(args: argparse.Namespace) -> int:
     # as the unit's UMask=0027 has it, however the node is started
     os.umask(os.umask(0o027) | 0o027)
     preflight(config, analysis=False)  # the analysis process checks its device as it starts
-    for warning in unresolved_peers(config):
-        logging.getLogger("dicom_node.preflight").warning("%s", warning)
     return Node(config).serve_forever()
 
 
