@@ -12,13 +12,11 @@ retried, three times over.
 
 from __future__ import annotations
 
-import logging
+import math
 from pathlib import Path
 
 from dicom_node.errors import StudySkipped
 from dicom_node.study.volume import VolumePlan
-
-logger = logging.getLogger(__name__)
 
 #: Bytes a voxel besides the HU volume and the probability map: the lesion labels kept (2),
 #: and the largest transient (the lesions' region labelled and measured, up to 6).
@@ -29,7 +27,7 @@ _MIB = 1024 * 1024
 
 def analysis_bytes(plan: VolumePlan, *, probability_dtype: str) -> int:
     """Peak bytes the analysis of ``plan``'s volume needs (the model itself aside)."""
-    voxels = plan.nbytes_float32 // 4
+    voxels = math.prod(plan.shape)
     hu = 2 if plan.exact_int16 else 4
     probability = 1 if probability_dtype == "uint8" else 4
     return voxels * (hu + probability + _OTHER_BYTES_PER_VOXEL)

@@ -463,15 +463,17 @@ def test_a_refused_older_version_holds_back_every_newer_row_of_its_study(
     assert {i.job_id for i in outbox.claim("a")} == {oldest.job_id}
 
 
-def _listed_as(uid: int, path: Path) -> int:
-    """In a forked child running as user ``uid``: open ``path`` read-only and list its jobs;
-    the exit status says how (0 listed one job, 3 refused as JobStoreError, 4 anything else)."""
+def _listed_as(uid: int | None, path: Path) -> int:
+    """In a forked child, running as user ``uid`` (``None``: this user), open ``path``
+    read-only and list its jobs; the exit status says how (0 listed one job, 3 refused as
+    JobStoreError, 4 anything else)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         code = 4
         try:
-            os.setgid(uid)
-            os.setuid(uid)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
             store = JobStore(path, read_only=True)
             code = 0 if len(store.jobs()) == 1 and store.counts() else 4
         except JobStoreError:
@@ -481,29 +483,39 @@ def _listed_as(uid: int, path: Path) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to list as another user")
 def test_a_user_who_may_only_read_the_store_can_list_it(tmp_path: Path) -> None:
     """An operator in the service's group reads the store's files and cannot write them or
     their folder (the unit's 0750 state folder, UMask 0027): the listing opens it read-only,
-    with the node running (its WAL files exist) and stopped (they do not)."""
+    with the node running (its WAL files exist) and stopped (they do not). Root, whom file
+    modes do not hold back, lists as ``nobody`` (others: read and search only); another user
+    lists its own store with the write permissions taken away."""
+    reader = 65534 if os.geteuid() == 0 else None
     folder = Path(tempfile.mkdtemp(prefix="ro-store-"))
+
+    def read_only(files: int, own: int) -> None:
+        for file in folder.iterdir():
+            file.chmod(files)
+        folder.chmod(own)
+
+    locked = (0o644, 0o755) if reader is not None else (0o444, 0o555)
     try:
-        folder.chmod(0o755)  # others: read and search, no write (like the group in the unit)
         path = folder / "jobs.sqlite"
         node = JobStore(path)
         node.record_instance(_rec(folder, "1.1"))
         assert node.complete_study("1.2.3", reason="test") is not None
-        for file in folder.iterdir():
-            file.chmod(0o644)
+        read_only(*locked)
         assert (folder / "jobs.sqlite-wal").exists()
-        assert _listed_as(65534, path) == 0  # the node running
+        assert _listed_as(reader, path) == 0  # the node running
+        read_only(0o644, 0o755)  # the node may end its write-ahead log
         node.close()
         assert not (folder / "jobs.sqlite-wal").exists()
-        assert _listed_as(65534, path) == 0  # the node stopped
-        reader = JobStore(path, read_only=True)
-        with pytest.raises(sqlite3.OperationalError, match="readonly"), reader.reading() as db:
+        read_only(*locked)
+        assert _listed_as(reader, path) == 0  # the node stopped
+        listing = JobStore(path, read_only=True)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"), listing.reading() as db:
             db.execute("DELETE FROM jobs")
     finally:
+        folder.chmod(0o755)
         shutil.rmtree(folder)
 
 
