@@ -30,6 +30,11 @@ from tests.peers import DCMTK, PEER_ENV, NodeProcess, echoscu
 HANDSHAKE_SECONDS = 3.0
 
 
+def _node_tls(certs: Certs) -> dict[str, str]:
+    """The node's ``tls`` section: its certificate and key, and the test CA."""
+    return {"cert": str(certs.node_cert), "key": str(certs.node_key), "ca": str(certs.ca)}
+
+
 @pytest.fixture(scope="module")
 def tls_node(module_nodes: Callable[..., NodeProcess], certs: Certs) -> Iterator[Baseline]:
     """A node whose port speaks TLS only and requires client certificates from the test CA."""
@@ -38,12 +43,7 @@ def tls_node(module_nodes: Callable[..., NodeProcess], certs: Certs) -> Iterator
         node={
             "acse_timeout_seconds": HANDSHAKE_SECONDS,
             "network_timeout_seconds": 5.0,
-            "tls": {
-                "cert": str(certs.node_cert),
-                "key": str(certs.node_key),
-                "ca": str(certs.ca),
-                "require_client_cert": True,
-            },
+            "tls": {**_node_tls(certs), "require_client_cert": True},
         },
     )
     yield baseline(node, tls=certs.client_context())
@@ -272,11 +272,7 @@ def test_a_certificate_name_ties_an_ae_title_to_one_certificate(
         "bound",
         node={
             "allowed_callers": [{"ae_title": "MODALITY1", "certificate_name": "client"}],
-            "tls": {
-                "cert": str(certs.node_cert),
-                "key": str(certs.node_key),
-                "ca": str(certs.ca),
-            },
+            "tls": _node_tls(certs),
         },
     )
     files = write_study(slices=2, size=16)
@@ -349,11 +345,7 @@ def test_a_refused_tls_caller_leaves_no_certificate_behind(
     node = receiver_in_process(
         node={
             "allowed_callers": [{"ae_title": "MODALITY1", "certificate_name": "client"}],
-            "tls": {
-                "cert": str(certs.node_cert),
-                "key": str(certs.node_key),
-                "ca": str(certs.ca),
-            },
+            "tls": _node_tls(certs),
         }
     )
     for called, calling in (("DICOM_NODE", "INTRUDER"), ("ELSEWHERE", "MODALITY1")) * 3:
